@@ -1,0 +1,1 @@
+"""The ``fmt-audit`` command line: thin click commands over the :mod:`fmt_audit` library."""

@@ -1,0 +1,32 @@
+"""fmt-audit: find and remove neural backdoors in ONNX image classifiers with Feature Map Testing.
+
+The public API is imported lazily, so ``import fmt_audit`` costs nothing until a
+name is used, and torch is imported only by the stages that need it (the
+PyTorch bridge and what builds on it).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "loading", "LoadedModel": "loading",
+    "conv_layers": "graph", "node_names": "graph", "ConvLayer": "graph", "ImageInput": "graph",
+    "instrument": "instrument", "mask_input_name": "instrument", "feature_output_name": "instrument",
+    "create_session": "runtime", "Session": "runtime",
+    "to_torch": "bridge", "write_back": "bridge", "TorchBridge": "bridge",
+    "load_data": "data", "Dataset": "data", "Preprocessing": "data",
+    "summarize": "inspection", "ModelSummary": "inspection",
+    "FmtAuditError": "errors", "ModelLoadError": "errors", "UnsupportedModelError": "errors",
+    "DataError": "errors", "DeviceError": "errors", "BridgeError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'fmt_audit' has no attribute {name!r}")

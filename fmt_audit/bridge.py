@@ -1,0 +1,207 @@
+"""The PyTorch bridge: ONNX graph -> ``torch.nn.Module`` for gradients and fine-tuning,
+and trained values -> the original graph's initializers.
+
+Conversion goes through onnx2torch after normalising the graph (Constant-node
+tensors lifted to initializers, graphs newer than onnx2torch's opset range
+down-converted, ``Reshape(allowzero=1)`` relaxed where provably equivalent).
+Every trainable parameter and BatchNorm statistic of the module is tied to the
+ONNX tensor it came from, so :func:`write_back` can copy values into the
+*original* graph: same nodes, names, opset and metadata, only tensor values
+change, and a parameter that did not change keeps its exact original bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
+from .errors import BridgeError
+from .graph import constant_tensors, conv_layers, opset_version, with_node_names
+
+
+@dataclass(frozen=True)
+class ParameterSource:
+    """Where a module tensor came from in the ONNX graph, and how it was transformed.
+
+    ``torch value = (onnx value * scale)`` then transposed if ``transpose``.
+    """
+
+    tensor: str                 # initializer name, or output name of a Constant node
+    original: np.ndarray = field(repr=False)  # torch value right after conversion
+    transpose: bool = False
+    scale: float = 1.0
+
+    def to_onnx(self, value: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            value = value.T
+        if self.scale != 1.0:
+            value = value / self.scale
+        return value
+
+
+@dataclass
+class TorchBridge:
+    """A converted module and its ties back to the ONNX graph."""
+
+    module: torch.nn.Module
+    sources: dict[str, ParameterSource]     # state_dict key -> ONNX tensor
+    conv_modules: dict[str, torch.nn.Module]  # Conv node name -> module whose output is the Conv's
+    steps: list[str]                        # normalisation applied before conversion
+
+    def conv_weights(self, layer: str) -> torch.nn.Conv2d:
+        module = self.conv_modules[layer]
+        return module[-1] if isinstance(module, torch.nn.Sequential) else module
+
+
+def _lift_constants(model: onnx.ModelProto) -> int:
+    """Move Constant-node tensors into initializers (onnx2torch reads weights only from there)."""
+    lifted = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        tensor = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if tensor is None:
+            continue
+        initializer = onnx.TensorProto()
+        initializer.CopyFrom(tensor)
+        initializer.name = node.output[0]
+        model.graph.initializer.append(initializer)
+        model.graph.node.remove(node)
+        lifted += 1
+    return lifted
+
+
+def _relax_allowzero(model: onnx.ModelProto) -> int:
+    """Set Reshape ``allowzero`` to 0 where the target shape is constant and has no 0.
+
+    With no 0 in the shape the attribute changes nothing, and onnx2torch rejects it.
+    """
+    stored = constant_tensors(model.graph)
+    relaxed = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored:
+            continue
+        for attr in node.attribute:
+            if attr.name == "allowzero" and attr.i == 1 and 0 not in numpy_helper.to_array(stored[node.input[1]]):
+                attr.i = 0
+                relaxed += 1
+    return relaxed
+
+
+def prepare_for_torch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The normalised copy of ``model`` that onnx2torch converts, and the steps taken."""
+    prepared = with_node_names(model)
+    steps: list[str] = []
+    if lifted := _lift_constants(prepared):
+        steps.append(f"lifted {lifted} Constant tensors to initializers")
+    opset = opset_version(prepared) or 0
+    if opset > MAX_BRIDGE_OPSET and (needing := unsupported_ops(prepared, downconvert=False)):
+        try:
+            prepared = onnx.version_converter.convert_version(prepared, MAX_BRIDGE_OPSET)
+        except Exception as error:
+            raise BridgeError(f"cannot convert the graph from opset {opset} to {MAX_BRIDGE_OPSET} for the "
+                              f"PyTorch bridge ({', '.join(needing)} need it): {error}") from error
+        steps.append(f"converted opset {opset} -> {MAX_BRIDGE_OPSET} (for {', '.join(needing)})")
+    if relaxed := _relax_allowzero(prepared):
+        steps.append(f"relaxed allowzero on {relaxed} Reshape nodes")
+    if missing := unsupported_ops(prepared, downconvert=False):
+        raise BridgeError(f"the PyTorch bridge (onnx2torch) cannot convert these ops: {', '.join(missing)}")
+    return prepared, steps
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy().copy()
+
+
+def _sources_by_node(prepared: onnx.ModelProto, modules: dict[str, torch.nn.Module]
+                     ) -> dict[str, ParameterSource]:
+    """Tie module tensors to ONNX tensors, node by node, for the ops onnx2torch turns into layers."""
+    sources: dict[str, ParameterSource] = {}
+    for node in prepared.graph.node:
+        entry = modules.get(node.output[0]) if node.output else None
+        if entry is None:
+            continue
+        prefix, module = entry
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        inner = module[-1] if isinstance(module, torch.nn.Sequential) else module
+        inner_prefix = f"{prefix}.{len(module) - 1}" if isinstance(module, torch.nn.Sequential) else prefix
+        ties: list[tuple[str, str, bool, float]] = []  # (module tensor, onnx input, transpose, scale)
+        if node.op_type in ("Conv", "ConvTranspose") and isinstance(inner, torch.nn.modules.conv._ConvNd):
+            ties = [("weight", node.input[1], False, 1.0)]
+            if len(node.input) > 2 and node.input[2]:
+                ties.append(("bias", node.input[2], False, 1.0))
+        elif node.op_type == "Gemm" and isinstance(inner, torch.nn.Linear):
+            ties = [("weight", node.input[1], not attrs.get("transB", 0), float(attrs.get("alpha", 1.0)))]
+            if len(node.input) > 2 and node.input[2]:
+                ties.append(("bias", node.input[2], False, float(attrs.get("beta", 1.0))))
+        elif node.op_type == "BatchNormalization" and isinstance(inner, torch.nn.modules.batchnorm._BatchNorm):
+            ties = [(name, node.input[i], False, 1.0)
+                    for i, name in enumerate(("weight", "bias", "running_mean", "running_var"), start=1)]
+        for attr, onnx_name, transpose, scale in ties:
+            sources[f"{inner_prefix}.{attr}"] = ParameterSource(
+                onnx_name, _array(getattr(inner, attr)), transpose=transpose, scale=scale)
+    return sources
+
+
+def to_torch(model: onnx.ModelProto) -> TorchBridge:
+    """Convert ``model`` to an eval-mode ``torch.nn.Module`` tied back to its ONNX tensors.
+
+    Raises :class:`BridgeError` naming the ops that cannot be converted.
+    """
+    from onnx2torch import convert
+
+    prepared, steps = prepare_for_torch(model)
+    try:
+        module = convert(prepared, attach_onnx_mapping=True)
+    except Exception as error:  # onnx2torch reports unsupported attributes as NotImplementedError etc.
+        raise BridgeError(f"the PyTorch bridge (onnx2torch) failed: {error}") from error
+    # onnx2torch names modules after nodes; the first output name identifies the node reliably
+    by_output = {}
+    for prefix, sub in module.named_modules():
+        mapping = getattr(sub, "onnx_mapping", None)
+        if mapping is not None and mapping.outputs:
+            by_output[mapping.outputs[0]] = (prefix, sub)
+    sources = _sources_by_node(prepared, by_output)
+    conv_modules = {}
+    for layer in conv_layers(with_node_names(model)):
+        if layer.output not in by_output:
+            raise BridgeError(f"Conv {layer.name!r} was not converted to a PyTorch layer")
+        conv_modules[layer.name] = by_output[layer.output][1]
+    return TorchBridge(module=module.eval(), sources=sources, conv_modules=conv_modules, steps=steps)
+
+
+def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProto:
+    """A copy of ``original`` whose tensors hold the bridge module's current values.
+
+    Nodes, names, opset and metadata are untouched; a tensor whose value did not
+    change keeps its original bytes.
+    """
+    updated = onnx.ModelProto()
+    updated.CopyFrom(original)
+    slots = constant_tensors(updated.graph)
+    state = bridge.module.state_dict()
+    for key, source in bridge.sources.items():
+        value = _array(state[key])
+        if value.shape == source.original.shape and np.array_equal(value, source.original):
+            continue
+        slot = slots.get(source.tensor)
+        if slot is None:
+            raise BridgeError(f"tensor {source.tensor!r} (for {key}) is not stored in the original graph")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(slot.data_type)
+        new_value = source.to_onnx(value).astype(dtype)
+        if tuple(new_value.shape) != tuple(slot.dims):
+            raise BridgeError(f"{key}: shape {new_value.shape} does not match ONNX tensor "
+                              f"{source.tensor!r} {tuple(slot.dims)}")
+        replacement = numpy_helper.from_array(new_value, slot.name)
+        slot.ClearField("float_data")
+        slot.ClearField("double_data")
+        slot.ClearField("int32_data")
+        slot.ClearField("external_data")
+        slot.data_location = onnx.TensorProto.DEFAULT
+        slot.raw_data = replacement.raw_data
+    return updated

@@ -1,0 +1,263 @@
+"""Read-only queries on an ONNX graph: node names, Conv layers, the image input.
+
+Layers are identified everywhere (reports, options, mask names) by their ONNX
+Conv node name. Exporters may leave nodes unnamed or give two nodes one name, so
+:func:`node_names` derives a stable, unique name for every node from the graph
+alone: same file, same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UnsupportedModelError
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+}
+
+Dim = int | str | None  # a static size, a symbolic name, or unknown
+
+
+def node_names(graph: onnx.GraphProto) -> list[str]:
+    """One unique, non-empty name per node, in node order.
+
+    A named node keeps its name; an unnamed one becomes ``<OpType>_<index>``
+    (index = position in the graph); a repeated name gets ``__<k>`` appended.
+    """
+    taken = {node.name for node in graph.node if node.name}
+    seen: set[str] = set()
+    names = []
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if name in seen or (not node.name and name in taken):
+            k = 1
+            while f"{name}__{k}" in seen or f"{name}__{k}" in taken:
+                k += 1
+            name = f"{name}__{k}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose nodes all carry their :func:`node_names` name."""
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for node, name in zip(named.graph.node, node_names(named.graph)):
+        node.name = name
+    return named
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
+    """The imported opset version of ``domain`` ("" is the default ONNX domain)."""
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return entry.version
+    return None
+
+
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Tensors stored in the graph: initializers and Constant-node values, by value name."""
+    tensors = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    tensors[node.output[0]] = attr.t
+    return tensors
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and element type of a graph input or output."""
+
+    name: str
+    shape: tuple[Dim, ...] | None
+    dtype: str
+
+    @classmethod
+    def from_value_info(cls, value: onnx.ValueInfoProto) -> TensorSpec:
+        elem = value.type.tensor_type.elem_type
+        dtype = FLOAT_TYPES.get(elem) or onnx.TensorProto.DataType.Name(elem).lower()
+        return cls(value.name, _dims(value), dtype)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape) if self.shape is not None else None,
+                "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ImageInput(TensorSpec):
+    """The model's single image input, NCHW."""
+
+    @property
+    def channels(self) -> int | None:
+        return _static(self.shape[1]) if self.shape else None
+
+    @property
+    def height(self) -> int | None:
+        return _static(self.shape[2]) if self.shape else None
+
+    @property
+    def width(self) -> int | None:
+        return _static(self.shape[3]) if self.shape else None
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch size, or None when the batch dimension is free."""
+        return _static(self.shape[0]) if self.shape else None
+
+
+def _static(dim: Dim) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs, not initializers listed as inputs (IR < 4)."""
+    initializers = {init.name for init in graph.initializer}
+    return [value for value in graph.input if value.name not in initializers]
+
+
+def image_input(model: onnx.ModelProto) -> ImageInput:
+    """The one 4-D floating-point input; :class:`UnsupportedModelError` otherwise."""
+    inputs = graph_inputs(model.graph)
+    if not inputs:
+        raise UnsupportedModelError("the model has no graph input; expected one 4-D float image input")
+    images = []
+    for value in inputs:
+        spec = ImageInput.from_value_info(value)
+        is_float = value.type.tensor_type.elem_type in FLOAT_TYPES
+        if is_float and spec.shape is not None and len(spec.shape) == 4:
+            images.append(spec)
+    if not images:
+        described = ", ".join(f"{s.name} {s.dtype}{list(s.shape) if s.shape else '[?]'}"
+                              for s in map(TensorSpec.from_value_info, inputs))
+        raise UnsupportedModelError(f"no 4-D float image input; the model's inputs are: {described}")
+    if len(images) > 1:
+        names = ", ".join(spec.name for spec in images)
+        raise UnsupportedModelError(f"several image inputs ({names}); expected exactly one")
+    if len(inputs) > 1:
+        others = ", ".join(v.name for v in inputs if v.name != images[0].name)
+        raise UnsupportedModelError(
+            f"the model has inputs besides the image input {images[0].name!r}: {others}; "
+            "expected a single-input image classifier")
+    return images[0]
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    return [TensorSpec.from_value_info(value) for value in model.graph.output]
+
+
+def num_classes(model: onnx.ModelProto) -> int | None:
+    """Number of classes from the first output's last static dimension, if declared."""
+    outputs = graph_outputs(model)
+    if not outputs or not outputs[0].shape:
+        return None
+    return _static(outputs[0].shape[-1])
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One Conv node, as the tool sees it."""
+
+    name: str
+    index: int                   # position of the node in the graph (execution order)
+    output: str                  # the Conv's output value name
+    weight: str                  # value name of the weight (initializer, Constant or computed)
+    bias: str | None
+    out_channels: int
+    in_channels: int | None      # per-group input channels x groups
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    groups: int
+    weight_stored: bool          # False when the weight is computed by other nodes
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.in_channels == self.groups
+
+    @property
+    def grouped(self) -> bool:
+        return self.groups > 1
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "out_channels": self.out_channels, "in_channels": self.in_channels,
+                "kernel": list(self.kernel), "strides": list(self.strides), "groups": self.groups,
+                "depthwise": self.depthwise, "weight_stored": self.weight_stored}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a best effort here; the loader already validated
+        inferred = model
+    graph = inferred.graph
+    return {v.name: _dims(v) for v in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
+    """Every 2-D Conv node of the main graph, in execution (node) order."""
+    graph = model.graph
+    stored = constant_tensors(graph)
+    shapes: dict[str, tuple[Dim, ...] | None] | None = None
+    layers = []
+    for index, (node, name) in enumerate(zip(graph.node, node_names(graph))):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.input[1]
+        if weight in stored:
+            wshape: Sequence[Dim] = tuple(stored[weight].dims)
+        else:
+            shapes = shapes if shapes is not None else _inferred_shapes(model)
+            wshape = shapes.get(weight) or ()
+        if len(wshape) != 4 or not all(isinstance(d, int) for d in wshape):
+            if len(wshape) not in (0, 4):
+                continue  # 1-D or 3-D convolution: not an image feature map
+            raise UnsupportedModelError(
+                f"Conv {name!r}: cannot determine the weight shape of {weight!r}")
+        groups = int(_attr(node, "group", 1))
+        out_c, in_per_group = int(wshape[0]), int(wshape[1])
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        layers.append(ConvLayer(
+            name=name, index=index, output=node.output[0], weight=weight, bias=bias,
+            out_channels=out_c, in_channels=in_per_group * groups,
+            kernel=tuple(int(k) for k in wshape[2:]),
+            strides=tuple(int(s) for s in _attr(node, "strides", [1, 1])),
+            groups=groups, weight_stored=weight in stored,
+        ))
+    return layers
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)

@@ -1,0 +1,164 @@
+"""Loading and validating untrusted ONNX files.
+
+A model file comes from someone else: it may be truncated, not ONNX at all, or
+point its external data at files elsewhere on the machine. :func:`load_model`
+reads it, refuses external data outside the model's own folder, runs the full
+ONNX checker and shape inference, and finds the image input and the Conv layers
+— everything later stages need to trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, UnsupportedModelError
+from .graph import ConvLayer, ImageInput, conv_layers, image_input, num_classes
+
+_TWO_GIB = 2**31
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model and what the tool needs to know about it.
+
+    ``proto`` is the model as stored (external data read in), untouched: repaired
+    weights are written back into a copy of it, so names and structure survive.
+    """
+
+    path: Path
+    sha256: str
+    proto: onnx.ModelProto = field(repr=False)
+    image_input: ImageInput
+    num_classes: int | None
+    layers: tuple[ConvLayer, ...]
+    external_data: tuple[str, ...]  # external data files, relative to the model's folder
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else text
+
+
+def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor that can hold data: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors_with_data(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors_with_data(sub)
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    raise ModelLoadError(f"tensor {tensor.name!r} is marked external but names no location")
+
+
+def check_external_data(model: onnx.ModelProto, folder: Path) -> tuple[str, ...]:
+    """Refuse external-data locations that are absolute, climb with '..', or leave ``folder``.
+
+    Returns the distinct locations, all inside ``folder``.
+    """
+    root = folder.resolve()
+    locations: list[str] = []
+    for tensor in _tensors_with_data(model.graph):
+        location = _external_location(tensor)
+        if location is None or location in locations:
+            continue
+        parts = Path(location).parts
+        if Path(location).is_absolute() or location.startswith(("/", "\\")) or ".." in parts \
+                or ":" in location:
+            raise ModelLoadError(
+                f"external data location {location!r} of tensor {tensor.name!r} is not a plain "
+                "relative path inside the model's folder; refused")
+        resolved = (root / location).resolve()
+        if not resolved.is_relative_to(root):
+            raise ModelLoadError(
+                f"external data {location!r} resolves outside the model's folder ({resolved}); refused")
+        if not resolved.is_file():
+            raise ModelLoadError(f"external data file {location!r} (for tensor {tensor.name!r}) is missing")
+        locations.append(location)
+    return tuple(locations)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_model(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto, tuple[str, ...]]:
+    """Parse ``path`` and read its external data, refusing anything outside its folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, TypeError) as error:
+        raise ModelLoadError(f"{path} is not an ONNX model (protobuf parse failed: {_first_line(error)})") \
+            from error
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {path}: {_first_line(error)}") from error
+    if not model.HasField("graph") or not model.graph.node:
+        raise ModelLoadError(f"{path} is not an ONNX model (it has no graph nodes)")
+    if not model.opset_import:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (it imports no opset)")
+    external = check_external_data(model, path.parent)
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as error:  # a truncated or unreadable data file
+            raise ModelLoadError(f"cannot read the external data of {path}: {_first_line(error)}") from error
+    return path, model, external
+
+
+def validate(model: onnx.ModelProto, path: Path) -> None:
+    """The full ONNX checker (with strict shape inference) on the in-memory model."""
+    try:
+        if model.ByteSize() < _TWO_GIB:
+            onnx.checker.check_model(model, full_check=True)
+        else:  # protobuf cannot serialise > 2 GiB in memory; check the file with its data beside it
+            onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ModelLoadError(f"{path} fails the ONNX checker: {_first_line(error)}") from error
+    except Exception as error:
+        raise ModelLoadError(f"{path} fails the ONNX checker: {_first_line(error)}") from error
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Read, validate and describe an ONNX image classifier.
+
+    Raises :class:`ModelLoadError` for files that are not valid ONNX and
+    :class:`UnsupportedModelError` for valid models the tool cannot audit.
+    """
+    path, model, external = read_model(path)
+    validate(model, path)
+    image = image_input(model)
+    layers = tuple(conv_layers(model))
+    if not layers:
+        raise UnsupportedModelError(f"{path} has no 2-D Conv node; feature map testing needs convolutions")
+    return LoadedModel(path=path, sha256=sha256_of(path), proto=model, image_input=image,
+                       num_classes=num_classes(model), layers=layers, external_data=external)

@@ -1,0 +1,143 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import build_synthetic, sample_images, synthetic_images
+from onnx import TensorProto, helper, numpy_helper
+
+from fmt_audit.bridge import prepare_for_torch, to_torch, write_back
+from fmt_audit.bridge_ops import live_registry, snapshot, unsupported_ops
+from fmt_audit.errors import BridgeError
+from fmt_audit.graph import conv_layers
+from fmt_audit.loading import load_model
+from fmt_audit.runtime import create_session
+
+
+def _torch_logits(bridge, x):
+    with torch.no_grad():
+        return bridge.module(torch.from_numpy(x)).numpy()
+
+
+def _ort_logits(model, x):
+    session = create_session(model, "cpu")
+    return session.run({session.input_names[0]: x})[0]
+
+
+def test_snapshot_matches_installed_onnx2torch():
+    assert snapshot() == live_registry(), "regenerate with: python -m fmt_audit.bridge_ops"
+
+
+def test_parity_on_every_sample(sample_path):
+    model = load_model(sample_path).proto
+    x = sample_images(n=64)
+    bridge = to_torch(model)
+    assert np.abs(_torch_logits(bridge, x) - _ort_logits(model, x)).max() <= 1e-4
+    assert set(bridge.conv_modules) == {layer.name for layer in conv_layers(model)}
+
+
+@pytest.mark.parametrize("constant_weight", [False, True])
+def test_parity_on_batchnorm_depthwise_grouped_graph(constant_weight):
+    model = build_synthetic(constant_weight=constant_weight)
+    x = synthetic_images()
+    bridge = to_torch(model)
+    assert np.abs(_torch_logits(bridge, x) - _ort_logits(model, x)).max() <= 1e-4
+    if constant_weight:
+        assert any("Constant" in step for step in bridge.steps)
+
+
+def test_opset18_graph_is_down_converted():
+    model = load_model("sample_models/badnets_op18.onnx").proto
+    _, steps = prepare_for_torch(model)
+    assert any("opset 18 -> 17" in step for step in steps)
+    assert any("allowzero" in step for step in steps)
+
+
+def _initializers(model):
+    return {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+def test_round_trip_without_changes_is_byte_identical(sample_path):
+    model = load_model(sample_path).proto
+    restored = write_back(model, to_torch(model))
+    assert restored.SerializeToString() == model.SerializeToString()
+
+
+def test_round_trip_byte_identical_with_constant_node_weights():
+    model = build_synthetic(constant_weight=True)
+    assert write_back(model, to_torch(model)).SerializeToString() == model.SerializeToString()
+
+
+def test_every_trainable_tensor_is_tied_to_an_onnx_tensor():
+    bridge = to_torch(build_synthetic())
+    trainable = {name for name, p in bridge.module.named_parameters() if p.requires_grad}
+    assert trainable <= set(bridge.sources)
+    tied = {source.tensor for source in bridge.sources.values()}
+    assert {"conv1.w", "conv1.b", "dw.w", "conv3.w", "fc.w", "fc.b",
+            "bn.scale", "bn.bias", "bn.mean", "bn.var"} <= tied
+
+
+def _train_a_little(bridge, x, steps=3):
+    bridge.module.train()
+    optimizer = torch.optim.SGD(bridge.module.parameters(), lr=0.05)
+    target = torch.zeros(len(x), dtype=torch.long)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(bridge.module(torch.from_numpy(x)), target).backward()
+        optimizer.step()
+    bridge.module.eval()
+
+
+@pytest.mark.parametrize("build", ["synthetic", "badnets_op13", "badnets_op18"])
+def test_write_back_after_training_matches_torch(build):
+    if build == "synthetic":
+        model, x = build_synthetic(), synthetic_images()
+    else:
+        model, x = load_model(f"sample_models/{build}.onnx").proto, sample_images(n=32)
+    bridge = to_torch(model)
+    _train_a_little(bridge, x)
+    layer = conv_layers(model)[0]
+    with torch.no_grad():  # zero one output channel, as repair will
+        conv = bridge.conv_weights(layer.name)
+        conv.weight[0].zero_()
+        if conv.bias is not None:
+            conv.bias[0] = 0.0
+    updated = write_back(model, bridge)
+    onnx.checker.check_model(updated, full_check=True)
+    assert np.abs(_ort_logits(updated, x) - _torch_logits(bridge, x)).max() <= 1e-4
+    # structure untouched: same nodes, names, opset and metadata; only tensor values change
+    assert [n.SerializeToString() for n in updated.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert list(updated.opset_import) == list(model.opset_import)
+    assert (updated.producer_name, updated.ir_version) == (model.producer_name, model.ir_version)
+    assert [t.name for t in updated.graph.initializer] == [t.name for t in model.graph.initializer]
+    weight = {t.name: numpy_helper.to_array(t) for t in updated.graph.initializer}[layer.weight]
+    assert np.all(weight[0] == 0)
+    assert _initializers(updated) != _initializers(model)
+
+
+def test_batchnorm_statistics_written_back_after_train_mode():
+    model = build_synthetic()
+    bridge = to_torch(model)
+    _train_a_little(bridge, synthetic_images(n=32))
+    updated = write_back(model, bridge)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in updated.graph.initializer}
+    assert not np.array_equal(before["bn.mean"], after["bn.mean"])
+    np.testing.assert_allclose(after["bn.var"], bridge.module.state_dict()["bn1.running_var"].numpy())
+
+
+def test_unsupported_op_is_named():
+    model = build_synthetic()
+    hardmax = helper.make_node("Hardmax", ["logits_raw"], ["logits"], name="hardmax")
+    model.graph.node[-1].output[0] = "logits_raw"
+    model.graph.node.append(hardmax)
+    assert unsupported_ops(model) == ["Hardmax"]
+    with pytest.raises(BridgeError, match="cannot convert these ops: Hardmax"):
+        to_torch(model)
+
+
+def test_custom_domain_op_is_unsupported():
+    model = build_synthetic()
+    model.graph.node[2].domain = "com.vendor"
+    model.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    assert unsupported_ops(model) == ["com.vendor::Relu"]
+    assert isinstance(TensorProto.FLOAT, int)
