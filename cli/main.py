@@ -51,9 +51,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import inspect_cmd
+    from . import inspect_cmd, scan_cmd
 
     main.add_command(inspect_cmd.inspect)
+    main.add_command(scan_cmd.scan)
 
 
 _register()

@@ -30,3 +30,11 @@ class DeviceError(FmtAuditError):
 
 class BridgeError(FmtAuditError):
     """The ONNX graph cannot be converted to PyTorch (or written back)."""
+
+
+class ConfigError(FmtAuditError):
+    """An option is out of range or options contradict each other."""
+
+
+class OutputError(FmtAuditError):
+    """An output cannot be written where asked (missing folder, would overwrite an input)."""

@@ -1,0 +1,130 @@
+"""Feature map testing, gradient mode (the published method).
+
+For every Conv layer l and output channel c: from a random start x0 inside the
+L-inf ball around the clean images x, one signed-gradient step on
+``MSE(F_lc(x0), F_lc(x))`` at two sizes (alpha, 2*alpha), each projected back
+onto the eps ball and [0, 1]; the channel's scores are the model's top-1
+accuracy on the two candidate batches.
+
+Speed without changing results: the forward pass stops at layer l (nothing
+after it affects the gradient), and ``k`` channels are tested at once on ``k``
+stacked replicas of the batch — replicas are independent in eval mode, so the
+gradient of the summed loss with respect to replica r is exactly channel r's
+own gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .bridge import TorchBridge
+from .data import Preprocessing
+from .graph import ConvLayer
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end the forward pass at the layer under test."""
+
+
+@dataclass(frozen=True)
+class GradientTestConfig:
+    eps: float = 0.06
+    alpha: float = 0.02
+    seed: int = 0
+    max_batch: int = 2048   # images per forward/backward chunk (replicas x samples)
+
+
+def random_start(x: np.ndarray, alpha: float, seed: int) -> np.ndarray:
+    """x0 = clip(x + alpha * sign(U(-alpha, alpha)), 0, 1), seeded."""
+    noise = np.random.default_rng(seed).uniform(-alpha, alpha, size=x.shape).astype(np.float32)
+    return np.clip(x + alpha * np.sign(noise), 0.0, 1.0).astype(np.float32)
+
+
+class FeatureMapTester:
+    """Scores the channels of Conv layers of one model on one clean batch."""
+
+    def __init__(self, bridge: TorchBridge, x: np.ndarray, y: np.ndarray, preprocessing: Preprocessing,
+                 config: GradientTestConfig, device: str = "cpu"):
+        self.bridge = bridge
+        self.module = bridge.module.eval().to(device)
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.device = device
+        self.config = config
+        self.x = torch.from_numpy(x).to(device)
+        self.y = torch.from_numpy(y).to(device)
+        self.x0 = torch.from_numpy(random_start(x, config.alpha, config.seed)).to(device)
+        mean = preprocessing.mean or (0.0,)
+        std = preprocessing.std or (1.0,)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._mean) / self._std
+
+    def features(self, layer: str, x: torch.Tensor) -> torch.Tensor:
+        """The Conv layer's output for pixel-space images ``x``; the forward stops there."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output)
+            raise _Stop
+
+        handle = self.bridge.conv_modules[layer].register_forward_hook(hook)
+        try:
+            self.module(self._model_input(x))
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def correct(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image top-1 correctness against the labels (x holds whole replicas of the batch)."""
+        n = len(self.y)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(x), self.config.max_batch):
+                out.append(self.module(self._model_input(x[start:start + self.config.max_batch])).argmax(1))
+        predictions = torch.cat(out).view(-1, n)
+        return predictions == self.y.view(1, n)
+
+    def clean_accuracy(self) -> float:
+        return float(self.correct(self.x).float().mean())
+
+    def score_layer(self, layer: ConvLayer, channels: Sequence[int] | None = None,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """``[C, 2]`` accuracies on the alpha and 2*alpha candidates of each channel."""
+        cfg = self.config
+        n = len(self.y)
+        channels = list(range(layer.out_channels)) if channels is None else list(channels)
+        with torch.no_grad():
+            reference = self.features(layer.name, self.x)        # F_l(x): [N, C, h, w]
+        per_chunk = max(1, cfg.max_batch // n)
+        scores = np.zeros((len(channels), 2), dtype=np.float64)
+        lower = (self.x - cfg.eps).clamp(0.0, 1.0)
+        upper = (self.x + cfg.eps).clamp(0.0, 1.0)
+        for start in range(0, len(channels), per_chunk):
+            chunk = channels[start:start + per_chunk]
+            k = len(chunk)
+            index = torch.tensor(chunk, device=self.device)
+            x0 = self.x0.repeat(k, 1, 1, 1).requires_grad_(True)
+            with torch.enable_grad():
+                feature = self.features(layer.name, x0)
+                feature = feature.view(k, n, *feature.shape[1:])[torch.arange(k, device=self.device), :, index]
+                target = reference[:, index].transpose(0, 1)    # [k, N, h, w]
+                loss = ((feature - target) ** 2).flatten(1).mean(1).sum()
+                (grad,) = torch.autograd.grad(loss, x0)
+            step = grad.sign()
+            x0 = x0.detach()
+            lo, hi = lower.repeat(k, 1, 1, 1), upper.repeat(k, 1, 1, 1)
+            for column, size in enumerate((cfg.alpha, 2 * cfg.alpha)):
+                candidate = torch.minimum(torch.maximum(x0 + size * step, lo), hi)
+                scores[start:start + k, column] = self.correct(candidate).double().mean(1).cpu().numpy()
+            if progress:
+                progress(k)
+        return scores
