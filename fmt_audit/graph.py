@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import UnsupportedModelError
 
@@ -257,7 +255,3 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
             groups=groups, weight_stored=weight in stored,
         ))
     return layers
-
-
-def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor)
