@@ -20,7 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
-from .errors import BridgeError
+from .errors import BridgeError, DeviceError
 from .graph import constant_tensors, conv_layers, opset_version, with_node_names
 
 
@@ -56,6 +56,13 @@ class TorchBridge:
     def conv_weights(self, layer: str) -> torch.nn.Conv2d:
         module = self.conv_modules[layer]
         return module[-1] if isinstance(module, torch.nn.Sequential) else module
+
+
+def torch_device(requested: str) -> str:
+    """The torch device for ``auto`` | ``cpu`` | ``cuda``; :class:`DeviceError` if CUDA is asked but absent."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("CUDA was requested but PyTorch sees no usable GPU")
+    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def _lift_constants(model: onnx.ModelProto) -> int:

@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .graph import opset_version
 from .loading import LoadedModel, load_model
 from .report import LayerResult, ScanReport
+from .runtime import DEVICES
 from .selection import SELECTIONS, select
 
 
@@ -43,8 +44,8 @@ class ScanConfig:
             raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
         if self.outlier_threshold <= 0:
             raise ConfigError(f"the outlier threshold must be positive; got {self.outlier_threshold}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda; got {self.device!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1; got {self.max_batch}")
         if self.skip_layers is not None:
@@ -58,23 +59,13 @@ class ScanConfig:
         return Preprocessing(self.mean, self.std)
 
 
-def torch_device(requested: str) -> str:
-    import torch
-
-    from .errors import DeviceError
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA was requested but PyTorch sees no usable GPU")
-    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-
-
 def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, config: ScanConfig | None = None,
          progress: Callable[[str, int, int], None] | None = None) -> ScanReport:
     """Feature map testing of ``model`` on the clean labelled images in ``data``.
 
     ``progress(layer, done, total)`` is called as channels are tested.
     """
-    from .bridge import to_torch
+    from .bridge import to_torch, torch_device
     from .testing import FeatureMapTester, GradientTestConfig
 
     config = config or ScanConfig()
@@ -84,8 +75,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, config
     preprocessing.check_channels(loaded.image_input.channels)
     dataset = load_data(data, loaded.image_input, loaded.num_classes).take(config.samples, seed=config.seed)
     skip = re.compile(config.skip_layers) if config.skip_layers else None
-    layers = [layer for layer in loaded.layers if not (skip and skip.search(layer.name))]
     skipped = [layer.name for layer in loaded.layers if skip and skip.search(layer.name)]
+    layers = [layer for layer in loaded.layers if layer.name not in skipped]
     if not layers:
         raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
     device = torch_device(config.device)
@@ -114,9 +105,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, config
     return ScanReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
                "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None}},
-        config={"mode": "gradient", **asdict(config), "samples": len(dataset),
-                "mean": list(config.mean) if config.mean else None,
-                "std": list(config.std) if config.std else None,
+        config={"mode": "gradient", **asdict(config), "samples": len(dataset), **preprocessing.to_dict(),
                 "torch_device": device, "bridge_steps": bridge.steps},
         layers=results, clean_accuracy=tester.clean_accuracy(), skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(finished - prepared, 3),
