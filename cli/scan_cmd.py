@@ -6,46 +6,96 @@ import sys
 
 import click
 
+# Options left unset (None) take the preset's value; see fmt_audit.scan.PRESETS.
+SCAN_OPTIONS = [
+    click.option("--data", required=True, type=click.Path(path_type=str),
+                 help="Clean labelled images: .npz (x, y) or an image folder root/<class>/*."),
+    click.option("--preset", type=click.Choice(["default", "gradient", "paper"]), default="default",
+                 show_default=True,
+                 help="default: mask mode, class-shift scores, outlier rule; gradient: iterated FMT with a "
+                      "calibrated eps; paper: the published method (eps 0.06, one step, accuracy, 2-means)."),
+    click.option("--mode", type=click.Choice(["gradient", "mask"]), default=None,
+                 help="mask: remove/amplify/invert each channel, forward passes only (ONNX Runtime); "
+                      "gradient: adversarial inputs per feature map (PyTorch).  [default: mask]"),
+    click.option("--samples", type=int, default=None, help="Number of clean images to test with.  [default: 256]"),
+    click.option("--eps", default=None,
+                 help="Gradient mode: L-inf radius in [0,1] pixel space, or 'auto'.  [default: auto]"),
+    click.option("--alpha", type=float, default=None, help="Gradient mode: signed-gradient step.  [default: eps/3]"),
+    click.option("--steps", type=int, default=None, help="Gradient mode: steps per channel.  [default: 5; paper: 1]"),
+    click.option("--gain", type=float, default=None, help="Mask mode: amplification of a channel.  [default: 10]"),
+    click.option("--score", type=click.Choice(["shift", "accuracy"]), default=None,
+                 help="What selection ranks: class shift or accuracy drop.  [default: shift]"),
+    click.option("--selection", type=click.Choice(["outlier", "kmeans"]), default=None,
+                 help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule.  "
+                      "[default: outlier]"),
+    click.option("--skip-layers", default=None, help="Regular expression of Conv node names not to test."),
+    click.option("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465."),
+    click.option("--std", default=None, help="Per-channel std the model expects."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]"),
+    click.option("--seed", type=int, default=None, help="[default: 0]"),
+]
+
+
+def scan_options(command):
+    """Attach the scan options (``repair`` reuses them)."""
+    for option in reversed(SCAN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None, **options):
+    """A ScanConfig from the scan options, validated by the library."""
+    from fmt_audit.data import parse_channel_values
+    from fmt_audit.errors import ConfigError
+    from fmt_audit.scan import AUTO, ScanConfig
+
+    if eps is not None and eps != AUTO:
+        try:
+            eps = float(eps)
+        except ValueError:
+            raise ConfigError(f"--eps must be 'auto' or a number in (0, 1]; got {eps!r}") from None
+    return ScanConfig.from_preset(preset, eps=eps, mean=parse_channel_values(mean, "--mean"),
+                                  std=parse_channel_values(std, "--std"), **options)
+
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--data", required=True, type=click.Path(path_type=str),
-              help="Clean labelled images: .npz (x, y) or an image folder root/<class>/*.")
-@click.option("--samples", default=256, show_default=True, help="Number of clean images to test with.")
-@click.option("--eps", default=0.06, show_default=True, help="L-inf radius in [0,1] pixel space.")
-@click.option("--alpha", default=0.02, show_default=True, help="Signed-gradient step (candidates: alpha, 2*alpha).")
-@click.option("--selection", type=click.Choice(["outlier", "kmeans"]), default="outlier", show_default=True,
-              help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule.")
-@click.option("--skip-layers", default=None, help="Regular expression of Conv node names not to test.")
-@click.option("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465.")
-@click.option("--std", default=None, help="Per-channel std the model expects.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@scan_options
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str), help="Write the JSON report here.")
-def scan(model: str, data: str, samples: int, eps: float, alpha: float, selection: str, skip_layers: str | None,
-         mean: str | None, std: str | None, device: str, seed: int, output: str | None) -> None:
+def scan(model: str, data: str, output: str | None, **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
-    from fmt_audit.data import parse_channel_values
     from fmt_audit.outputs import check_output_path, write_atomic
-    from fmt_audit.scan import ScanConfig
     from fmt_audit.scan import scan as run_scan
 
-    config = ScanConfig(samples=samples, eps=eps, alpha=alpha, selection=selection, skip_layers=skip_layers,
-                        mean=parse_channel_values(mean, "--mean"), std=parse_channel_values(std, "--std"),
-                        device=device, seed=seed)
+    config = scan_config(**options)
     if output:
         check_output_path(output, inputs=[model, data])
-    progress = _progress_bar() if sys.stderr.isatty() else None
+    progress = ProgressLine() if sys.stderr.isatty() else None
     report = run_scan(model, data, config, progress=progress)
     if progress:
-        click.echo("", err=True)
+        progress.close()
     if output:
         write_atomic(output, report.to_json().encode())
     click.echo(report.format_text())
 
 
-def _progress_bar():
-    def show(layer: str, done: int, total: int) -> None:
-        click.echo(f"\rtesting channels {done}/{total} ({layer})\x1b[K", err=True, nl=False)
+class ProgressLine:
+    """One self-rewriting stderr line: channels done, rate and time left (terminals only)."""
 
-    return show
+    def __init__(self):
+        import time
+
+        self._clock = time.perf_counter
+        self._started = self._clock()
+
+    def __call__(self, layer: str, done: int, total: int) -> None:
+        elapsed = self._clock() - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else 0.0
+        width = 24
+        filled = int(width * done / max(total, 1))
+        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} channels "
+                   f"{rate:.1f}/s, {left:.0f} s left ({layer})\x1b[K", err=True, nl=False)
+
+    def close(self) -> None:
+        click.echo("", err=True)

@@ -19,6 +19,8 @@ _EXPORTS = {
     "to_torch": "bridge", "write_back": "bridge", "TorchBridge": "bridge",
     "load_data": "data", "Dataset": "data", "Preprocessing": "data",
     "summarize": "inspection", "ModelSummary": "inspection",
+    "ScanConfig": "scan", "ScanReport": "report", "MaskedModel": "masked",
+    "trigger_response": "oracle",
     "FmtAuditError": "errors", "ModelLoadError": "errors", "UnsupportedModelError": "errors",
     "DataError": "errors", "DeviceError": "errors", "BridgeError": "errors",
 }

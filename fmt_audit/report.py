@@ -11,13 +11,14 @@ class LayerResult:
     name: str
     channels: int
     depthwise: bool
-    scores: list[list[float]]
+    scores: list[list[float]]       # accuracy on each of the channel's two candidate batches
+    shift: list[list[float]]        # class shift on each candidate batch (see fmt_audit.scores)
     flagged: list[int]
     selection: dict
 
     def to_dict(self) -> dict:
         return {"name": self.name, "channels": self.channels, "depthwise": self.depthwise,
-                "scores": self.scores, "flagged": self.flagged, "selection": self.selection}
+                "scores": self.scores, "shift": self.shift, "flagged": self.flagged, "selection": self.selection}
 
 
 @dataclass
@@ -52,17 +53,21 @@ class ScanReport:
 
     def format_text(self) -> str:
         s = self.summary
-        lines = [f"{'layer':40s} {'channels':>8s} {'flagged':>8s}  min/median score"]
+        c = self.config
+        column = "accuracy" if c["score"] == "accuracy" else "class shift"
+        lines = [f"{'layer':40s} {'channels':>8s} {'flagged':>8s}  median/worst {column}"]
         for layer in self.layers:
-            means = [sum(pair) / len(pair) for pair in layer.scores]
-            ordered = sorted(means)
+            # a channel's worst candidate batch: lowest accuracy or largest shift
+            values = [min(row) for row in layer.scores] if c["score"] == "accuracy" else [max(r) for r in layer.shift]
+            ordered = sorted(values, reverse=c["score"] != "accuracy")
             note = "  (all scores equal)" if layer.selection.get("degenerate") else ""
             lines.append(f"{layer.name:40s} {layer.channels:8d} {len(layer.flagged):8d}  "
-                         f"{ordered[0]:.3f}/{ordered[len(ordered) // 2]:.3f}{note}")
+                         f"{ordered[len(ordered) // 2]:.3f}/{ordered[0]:.3f}{note}")
+        how = (f"eps {c['eps']}, {c['steps']} step(s)" if c["mode"] == "gradient" else f"gain {c['gain']}")
         lines.append(f"{s['flagged']} of {s['channels_tested']} channels flagged in {s['layers_tested']} layers "
-                     f"({self.config['mode']} mode, {self.config['selection']} selection); "
-                     f"clean accuracy {s['clean_accuracy']:.4f} on {self.config['samples']} images")
+                     f"(preset {c['preset']}: {c['mode']} mode, {how}, {c['score']} scores, "
+                     f"{c['selection']} selection); clean accuracy {s['clean_accuracy']:.4f} on {c['samples']} images")
         if s["degenerate_layers"]:
             lines.append(f"warning: in {len(s['degenerate_layers'])} layer(s) every channel scored the same; "
-                         "the perturbation moved no prediction there (try a larger --eps)")
+                         "the test moved no prediction there (try a larger --eps, or --eps auto)")
         return "\n".join(lines)

@@ -6,83 +6,203 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from .data import Preprocessing, load_data
+import numpy as np
+
+from .data import Dataset, Preprocessing, load_data
 from .errors import ConfigError
-from .graph import opset_version
+from .graph import ConvLayer, opset_version
 from .loading import LoadedModel, load_model
 from .report import LayerResult, ScanReport
 from .runtime import DEVICES
+from .scores import ChannelScores
 from .selection import SELECTIONS, select
+
+MODES = ("gradient", "mask")
+SCORES = ("accuracy", "shift")
+AUTO = "auto"
+# eps values tried by calibration, in [0,1] pixel space (the published 0.06 among them)
+EPS_GRID = (0.02, 0.03, 0.045, 0.06, 0.09, 0.13, 0.2, 0.3)
 
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Every parameter of a scan; defaults are the published method's."""
+    """Every parameter of a scan. The defaults are the ``default`` preset; ``paper`` is the published method."""
 
+    mode: str = "mask"
     samples: int = 256
-    eps: float = 0.06
-    alpha: float = 0.02
+    eps: float | str = AUTO
+    alpha: float | None = None          # None: eps / 3, the published ratio (0.02 at eps 0.06)
+    steps: int = 5
+    gain: float = 10.0
+    score: str = "shift"
     selection: str = "outlier"
     outlier_threshold: float = 3.5
+    calibration_drop: float = 0.25
     skip_layers: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     device: str = "auto"
     seed: int = 0
     max_batch: int = 2048
+    preset: str = "default"
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1; got {self.samples}")
-        if not 0 < self.eps <= 1:
-            raise ConfigError(f"--eps must be in (0, 1] (pixel space); got {self.eps}")
-        if not 0 < self.alpha <= self.eps:
+        if self.eps != AUTO and not (isinstance(self.eps, (int, float)) and 0 < self.eps <= 1):
+            raise ConfigError(f"--eps must be 'auto' or in (0, 1] (pixel space); got {self.eps}")
+        if self.alpha is not None and not 0 < self.alpha <= (self.eps if self.eps != AUTO else 1):
             raise ConfigError(f"--alpha must be in (0, eps={self.eps}]; got {self.alpha}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1; got {self.steps}")
+        if not np.isfinite(self.gain) or self.gain in (0.0, 1.0):
+            raise ConfigError(f"--gain must be finite and not 0 or 1 (those remove or keep a channel); got {self.gain}")
+        if self.score not in SCORES:
+            raise ConfigError(f"--score must be one of {', '.join(SCORES)}; got {self.score!r}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
         if self.outlier_threshold <= 0:
             raise ConfigError(f"the outlier threshold must be positive; got {self.outlier_threshold}")
+        if not 0 < self.calibration_drop < 1:
+            raise ConfigError(f"calibration_drop must be in (0, 1); got {self.calibration_drop}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1; got {self.max_batch}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         if self.skip_layers is not None:
             try:
                 re.compile(self.skip_layers)
             except re.error as error:
                 raise ConfigError(f"--skip-layers is not a valid regular expression: {error}") from None
 
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides) -> ScanConfig:
+        """The preset's settings, with ``overrides`` (``None`` values are ignored) on top."""
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**PRESETS[preset], **given, "preset": preset})
+
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.mean, self.std)
 
+    def step_size(self, eps: float) -> float:
+        return self.alpha if self.alpha is not None else eps / 3
 
-def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, config: ScanConfig | None = None,
+
+# The published method with the public reference code's defaults, and ours (see README, "Presets").
+PRESETS: dict[str, dict] = {
+    "paper": {"mode": "gradient", "eps": 0.06, "alpha": 0.02, "steps": 1, "score": "accuracy",
+              "selection": "kmeans"},
+    "default": {},
+    # iterated FMT: the gradient method with a calibrated eps, 5 steps and class-shift scores
+    "gradient": {"mode": "gradient"},
+}
+
+
+def _suspicion(scores: ChannelScores, score: str) -> np.ndarray:
+    """The ``[C, 2]`` matrix selection works on, higher = more suspicious."""
+    return 1.0 - scores.accuracy if score == "accuracy" else scores.shift
+
+
+class _Scanner:
+    """Builds the tester for a mode and scores layers with it."""
+
+    def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig):
+        self.config = config
+        self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
+        preprocessing = config.preprocessing
+        if config.mode == "gradient":
+            from .bridge import to_torch, torch_device
+
+            self.device = torch_device(config.device)
+            self.bridge = to_torch(loaded.proto)
+            self.provider = None
+        else:
+            from .masked import MaskedModel
+
+            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
+            self.device = self.masked.session.device
+            self.provider = self.masked.provider
+        self.dataset = dataset
+
+    def tester(self, eps: float | None = None):
+        """The mode's tester; gradient mode needs ``eps`` except to measure clean accuracy."""
+        config = self.config
+        eps = 0.06 if eps is None else eps
+        if config.mode == "gradient":
+            from .testing import FeatureMapTester, GradientTestConfig
+
+            settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed, config.max_batch)
+            return FeatureMapTester(self.bridge, self.dataset.x, self.dataset.y, self.num_classes,
+                                    config.preprocessing, settings, self.device)
+        from .mask_testing import MaskTestConfig, MaskTester
+
+        return MaskTester(self.masked, self.dataset.x, self.dataset.y, self.num_classes,
+                          MaskTestConfig(config.gain, config.max_batch))
+
+
+def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: float) -> tuple[float, list[dict]]:
+    """The smallest eps of :data:`EPS_GRID` at which testing moves predictions.
+
+    Scores a seeded sample of channels at each eps in turn and stops at the first
+    where the sample's median accuracy drop (2*alpha candidate) reaches
+    ``calibration_drop`` of the clean accuracy: below that, most perturbations
+    change nothing and every channel looks alike; far above it, every channel
+    collapses the model and again they look alike.
+    """
+    config = scanner.config
+    rng = np.random.default_rng(config.seed)
+    pairs = [(layer, c) for layer in layers for c in range(layer.out_channels)]
+    sample = sorted(rng.choice(len(pairs), size=min(32, len(pairs)), replace=False))
+    by_layer: dict[str, tuple[ConvLayer, list[int]]] = {}
+    for i in sample:
+        layer, channel = pairs[i]
+        by_layer.setdefault(layer.name, (layer, []))[1].append(channel)
+    trace = []
+    for eps in EPS_GRID:
+        tester = scanner.tester(eps)
+        accuracy = np.concatenate([tester.score_layer(layer, channels).accuracy[:, 1]
+                                   for layer, channels in by_layer.values()])
+        drop = float(np.median(clean_accuracy - accuracy)) / max(clean_accuracy, 1e-12)
+        trace.append({"eps": eps, "median_relative_drop": round(drop, 4)})
+        if drop >= config.calibration_drop:
+            return eps, trace
+    return EPS_GRID[-1], trace
+
+
+def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
+         config: ScanConfig | None = None,
          progress: Callable[[str, int, int], None] | None = None) -> ScanReport:
     """Feature map testing of ``model`` on the clean labelled images in ``data``.
 
     ``progress(layer, done, total)`` is called as channels are tested.
     """
-    from .bridge import to_torch, torch_device
-    from .testing import FeatureMapTester, GradientTestConfig
-
     config = config or ScanConfig()
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    preprocessing = config.preprocessing
-    preprocessing.check_channels(loaded.image_input.channels)
-    dataset = load_data(data, loaded.image_input, loaded.num_classes).take(config.samples, seed=config.seed)
+    config.preprocessing.check_channels(loaded.image_input.channels)
+    dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+    dataset = dataset.take(config.samples, seed=config.seed)
     skip = re.compile(config.skip_layers) if config.skip_layers else None
     skipped = [layer.name for layer in loaded.layers if skip and skip.search(layer.name)]
     layers = [layer for layer in loaded.layers if layer.name not in skipped]
     if not layers:
         raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
-    device = torch_device(config.device)
-    bridge = to_torch(loaded.proto)
-    tester = FeatureMapTester(bridge, dataset.x, dataset.y, preprocessing,
-                              GradientTestConfig(config.eps, config.alpha, config.seed, config.max_batch), device)
+    scanner = _Scanner(loaded, dataset, config)
+    clean_accuracy = scanner.tester().clean_accuracy()
+    calibration: list[dict] = []
+    eps = config.eps
+    if config.mode == "gradient" and eps == AUTO:
+        eps, calibration = calibrate_eps(scanner, layers, clean_accuracy)
+    tester = scanner.tester(None if eps == AUTO else eps)
     prepared = time.perf_counter()
     results = []
     total = sum(layer.out_channels for layer in layers)
@@ -95,19 +215,29 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, config
                 progress(name, done, total)
 
         scores = tester.score_layer(layer, progress=advance)
-        chosen = select(scores, config.selection, seed=config.seed, threshold=config.outlier_threshold,
-                        samples=len(dataset))
+        chosen = select(_suspicion(scores, config.score), config.selection, seed=config.seed,
+                        threshold=config.outlier_threshold, samples=len(dataset))
         results.append(LayerResult(layer.name, layer.out_channels, layer.depthwise,
-                                   [[round(float(v), 6) for v in row] for row in scores],
-                                   chosen.flagged, chosen.to_dict()))
+                                   _rounded(scores.accuracy), _rounded(scores.shift), chosen.flagged,
+                                   chosen.to_dict()))
     finished = time.perf_counter()
     shape = loaded.image_input.shape
+    resolved = replace(config, eps=eps) if config.mode == "gradient" else config
+    used = asdict(resolved)
+    if config.mode == "gradient":
+        used["alpha"] = config.step_size(eps)
     return ScanReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
                "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None}},
-        config={"mode": "gradient", **asdict(config), "samples": len(dataset), **preprocessing.to_dict(),
-                "torch_device": device, "bridge_steps": bridge.steps},
-        layers=results, clean_accuracy=tester.clean_accuracy(), skipped_layers=skipped,
+        config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
+                "device_used": scanner.device, "ort_provider": scanner.provider,
+                "bridge_steps": scanner.bridge.steps if config.mode == "gradient" else None,
+                "calibration": calibration},
+        layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(finished - prepared, 3),
                 "total_s": round(time.perf_counter() - started, 3)},
     )
+
+
+def _rounded(values: np.ndarray) -> list[list[float]]:
+    return [[round(float(v), 6) for v in row] for row in values]

@@ -1,10 +1,12 @@
-"""Feature map testing, gradient mode (the published method).
+"""Feature map testing, gradient mode (the published method), and the scores both modes share.
 
 For every Conv layer l and output channel c: from a random start x0 inside the
 L-inf ball around the clean images x, one signed-gradient step on
 ``MSE(F_lc(x0), F_lc(x))`` at two sizes (alpha, 2*alpha), each projected back
 onto the eps ball and [0, 1]; the channel's scores are the model's top-1
-accuracy on the two candidate batches.
+accuracy on the two candidate batches. ``steps > 1`` first takes ``steps - 1``
+projected steps of size alpha on the same loss (iterated FMT; ``steps=1`` is
+the published method exactly).
 
 Speed without changing results: the forward pass stops at layer l (nothing
 after it affects the gradient), and ``k`` channels are tested at once on ``k``
@@ -24,6 +26,7 @@ import torch
 from .bridge import TorchBridge
 from .data import Preprocessing
 from .graph import ConvLayer
+from .scores import ChannelScores, prediction_scores
 
 
 class _Stop(Exception):
@@ -34,6 +37,7 @@ class _Stop(Exception):
 class GradientTestConfig:
     eps: float = 0.06
     alpha: float = 0.02
+    steps: int = 1
     seed: int = 0
     max_batch: int = 2048   # images per forward/backward chunk (replicas x samples)
 
@@ -47,8 +51,8 @@ def random_start(x: np.ndarray, alpha: float, seed: int) -> np.ndarray:
 class FeatureMapTester:
     """Scores the channels of Conv layers of one model on one clean batch."""
 
-    def __init__(self, bridge: TorchBridge, x: np.ndarray, y: np.ndarray, preprocessing: Preprocessing,
-                 config: GradientTestConfig, device: str = "cpu"):
+    def __init__(self, bridge: TorchBridge, x: np.ndarray, y: np.ndarray, num_classes: int,
+                 preprocessing: Preprocessing, config: GradientTestConfig, device: str = "cpu"):
         self.bridge = bridge
         self.module = bridge.module.eval().to(device)
         for parameter in self.module.parameters():
@@ -57,6 +61,8 @@ class FeatureMapTester:
         self.config = config
         self.x = torch.from_numpy(x).to(device)
         self.y = torch.from_numpy(y).to(device)
+        self.labels = y
+        self.num_classes = num_classes
         self.x0 = torch.from_numpy(random_start(x, config.alpha, config.seed)).to(device)
         mean = preprocessing.mean or (0.0,)
         std = preprocessing.std or (1.0,)
@@ -83,48 +89,58 @@ class FeatureMapTester:
             handle.remove()
         return captured[0]
 
-    def correct(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image top-1 correctness against the labels (x holds whole replicas of the batch)."""
-        n = len(self.y)
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        """``[replicas, N]`` top-1 predictions (x holds whole replicas of the batch)."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), self.config.max_batch):
                 out.append(self.module(self._model_input(x[start:start + self.config.max_batch])).argmax(1))
-        predictions = torch.cat(out).view(-1, n)
-        return predictions == self.y.view(1, n)
+        return torch.cat(out).view(-1, len(self.y)).cpu().numpy()
 
     def clean_accuracy(self) -> float:
-        return float(self.correct(self.x).float().mean())
+        return float((self.predict(self.x) == self.labels).mean())
+
+    def _feature_loss(self, layer: str, x: torch.Tensor, reference: torch.Tensor, index: torch.Tensor
+                      ) -> torch.Tensor:
+        """Sum over the k replicas in ``x`` of MSE(F_l,c_r(x_r), F_l,c_r(x)), c_r the replica's channel."""
+        k, n = len(index), len(self.y)
+        feature = self.features(layer, x)
+        feature = feature.view(k, n, *feature.shape[1:])[torch.arange(k, device=self.device), :, index]
+        target = reference[:, index].transpose(0, 1)    # [k, N, h, w]
+        return ((feature - target) ** 2).flatten(1).mean(1).sum()
 
     def score_layer(self, layer: ConvLayer, channels: Sequence[int] | None = None,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """``[C, 2]`` accuracies on the alpha and 2*alpha candidates of each channel."""
+                    progress: Callable[[int], None] | None = None) -> ChannelScores:
+        """Accuracy and class shift on the alpha and 2*alpha candidates of each channel."""
         cfg = self.config
         n = len(self.y)
         channels = list(range(layer.out_channels)) if channels is None else list(channels)
         with torch.no_grad():
             reference = self.features(layer.name, self.x)        # F_l(x): [N, C, h, w]
         per_chunk = max(1, cfg.max_batch // n)
-        scores = np.zeros((len(channels), 2), dtype=np.float64)
+        accuracy = np.zeros((len(channels), 2), dtype=np.float64)
+        shift = np.zeros((len(channels), 2), dtype=np.float64)
         lower = (self.x - cfg.eps).clamp(0.0, 1.0)
         upper = (self.x + cfg.eps).clamp(0.0, 1.0)
         for start in range(0, len(channels), per_chunk):
             chunk = channels[start:start + per_chunk]
             k = len(chunk)
             index = torch.tensor(chunk, device=self.device)
-            x0 = self.x0.repeat(k, 1, 1, 1).requires_grad_(True)
-            with torch.enable_grad():
-                feature = self.features(layer.name, x0)
-                feature = feature.view(k, n, *feature.shape[1:])[torch.arange(k, device=self.device), :, index]
-                target = reference[:, index].transpose(0, 1)    # [k, N, h, w]
-                loss = ((feature - target) ** 2).flatten(1).mean(1).sum()
-                (grad,) = torch.autograd.grad(loss, x0)
-            step = grad.sign()
-            x0 = x0.detach()
             lo, hi = lower.repeat(k, 1, 1, 1), upper.repeat(k, 1, 1, 1)
-            for column, size in enumerate((cfg.alpha, 2 * cfg.alpha)):
-                candidate = torch.minimum(torch.maximum(x0 + size * step, lo), hi)
-                scores[start:start + k, column] = self.correct(candidate).double().mean(1).cpu().numpy()
+            x0 = self.x0.repeat(k, 1, 1, 1)
+            for step in range(cfg.steps):
+                x0 = x0.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    (grad,) = torch.autograd.grad(self._feature_loss(layer.name, x0, reference, index), x0)
+                direction = grad.sign()
+                x0 = x0.detach()
+                if step < cfg.steps - 1:
+                    x0 = torch.minimum(torch.maximum(x0 + cfg.alpha * direction, lo), hi)
+            predictions = [self.predict(torch.minimum(torch.maximum(x0 + size * direction, lo), hi))
+                           for size in (cfg.alpha, 2 * cfg.alpha)]
+            for column, batch in enumerate(predictions):
+                accuracy[start:start + k, column], shift[start:start + k, column] = prediction_scores(
+                    batch, self.labels, self.num_classes)
             if progress:
                 progress(k)
-        return scores
+        return ChannelScores(accuracy, shift)

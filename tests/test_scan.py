@@ -12,20 +12,22 @@ from fmt_audit.data import load_data
 from fmt_audit.errors import ConfigError
 from fmt_audit.loading import load_model
 from fmt_audit.runtime import create_session
-from fmt_audit.scan import ScanConfig, scan
+from fmt_audit.scan import EPS_GRID, ScanConfig, scan
+from fmt_audit.scores import prediction_scores
 from fmt_audit.selection import select_kmeans, select_outliers
 from fmt_audit.testing import random_start
 
 N = 48
+PAPER = ScanConfig.from_preset("paper", samples=N, seed=5)
 
 
 @pytest.fixture(scope="module")
 def badnets_report():
-    return scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=N, seed=5))
+    return scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER)
 
 
-def _slow_scores(model_path, layer_name, channel, config):
-    """The published per-channel loop, written independently: full forward, one grad, ORT accuracy."""
+def _slow_scores(model_path, layer_name, channel, config, steps=1):
+    """The per-channel loop, written independently: full forward, one grad per step, ORT accuracy."""
     loaded = load_model(model_path)
     data = load_data(SAMPLES / "defender.npz", loaded.image_input, 10).take(config.samples, seed=config.seed)
     bridge = to_torch(loaded.proto)
@@ -35,10 +37,15 @@ def _slow_scores(model_path, layer_name, channel, config):
     with torch.no_grad():
         bridge.module(x)
     clean = captured["f"][:, channel].clone()
-    x0 = torch.from_numpy(random_start(data.x, config.alpha, config.seed)).requires_grad_(True)
-    bridge.module(x0)
-    loss = torch.nn.functional.mse_loss(captured["f"][:, channel], clean)
-    (grad,) = torch.autograd.grad(loss, x0)
+    x0 = torch.from_numpy(random_start(data.x, config.alpha, config.seed))
+    for step in range(steps):
+        x0 = x0.detach().requires_grad_(True)
+        bridge.module(x0)
+        loss = torch.nn.functional.mse_loss(captured["f"][:, channel], clean)
+        (grad,) = torch.autograd.grad(loss, x0)
+        if step < steps - 1:
+            x0 = torch.clamp(torch.minimum(torch.maximum(x0 + config.alpha * grad.sign(), x - config.eps),
+                                           x + config.eps), 0, 1)
     handle.remove()
     session = create_session(loaded.proto, "cpu")
     scores = []
@@ -53,20 +60,35 @@ def _slow_scores(model_path, layer_name, channel, config):
 @pytest.mark.parametrize(("layer_index", "channel"), [(0, 3), (3, 11), (5, 30)])
 def test_report_matches_a_direct_slow_computation(badnets_report, layer_index, channel):
     layer = badnets_report.layers[layer_index]
-    expected = _slow_scores(SAMPLES / "badnets_op13.onnx", layer.name, channel, ScanConfig(samples=N, seed=5))
+    expected = _slow_scores(SAMPLES / "badnets_op13.onnx", layer.name, channel, PAPER)
     assert layer.scores[channel] == pytest.approx(expected, abs=1.01 / N)
+
+
+def test_iterated_steps_match_a_direct_slow_computation():
+    config = ScanConfig.from_preset("gradient", eps=0.1, samples=N, seed=2, skip_layers="block2")
+    report = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config)
+    assert report.config["steps"] == 5 and report.config["alpha"] == pytest.approx(0.1 / 3)
+    layer = report.layers[1]
+    slow_config = ScanConfig.from_preset("gradient", eps=0.1, alpha=0.1 / 3, samples=N, seed=2)
+    for channel in (2, 9):
+        expected = _slow_scores(SAMPLES / "badnets_op13.onnx", layer.name, channel, slow_config, steps=5)
+        assert layer.scores[channel] == pytest.approx(expected, abs=1.01 / N)
 
 
 def test_report_structure(badnets_report):
     report = badnets_report.to_dict()
     assert report["model"]["opset"] == 13 and report["model"]["input"]["name"] == "input"
     assert report["config"]["mode"] == "gradient" and report["config"]["samples"] == N
+    assert report["config"]["preset"] == "paper" and report["config"]["eps"] == 0.06
     layers = report["layers"]
     assert [layer["name"] for layer in layers] == [layer.name for layer in load_model(
         SAMPLES / "badnets_op13.onnx").layers]
     for layer in layers:
         assert len(layer["scores"]) == layer["channels"]
         assert all(len(pair) == 2 and all(0 <= v <= 1 for v in pair) for pair in layer["scores"])
+        assert len(layer["shift"]) == layer["channels"]
+        # an image pushed into a wrong class is an image the model got wrong
+        assert all(s <= 1 - a + 1e-9 for pairs in zip(layer["shift"], layer["scores"]) for s, a in zip(*pairs))
         assert all(0 <= c < layer["channels"] for c in layer["flagged"])
     assert report["summary"]["channels_tested"] == 144
     assert report["summary"]["flagged"] == sum(len(layer["flagged"]) for layer in layers)
@@ -74,7 +96,7 @@ def test_report_structure(badnets_report):
 
 
 def test_same_seed_same_report(badnets_report):
-    again = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=N, seed=5))
+    again = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER)
     first, second = badnets_report.to_dict(), again.to_dict()
     first.pop("timing"), second.pop("timing")
     assert first == second
@@ -82,7 +104,7 @@ def test_same_seed_same_report(badnets_report):
 
 def test_exporters_give_the_same_scores():
     """The legacy (opset 13) and dynamo (opset 18) exports of one model score alike."""
-    config = ScanConfig(samples=32, seed=1)
+    config = ScanConfig.from_preset("paper", samples=32, seed=1)
     a = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", config)
     b = scan(SAMPLES / "clean_op18.onnx", SAMPLES / "defender.npz", config)
     # the exporters fold BatchNorm with different rounding: a gradient sign may flip on a pixel, so
@@ -92,42 +114,69 @@ def test_exporters_give_the_same_scores():
     assert diff.max() <= 1 / 32 + 1e-9 and diff.mean() < 0.01
 
 
-def test_outlier_rule_flags_fewer_on_clean_than_badnets(badnets_report):
-    clean = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=N, seed=5))
-    assert clean.flagged_count < badnets_report.flagged_count
+def test_outlier_rule_flags_fewer_on_clean_than_badnets():
+    config = ScanConfig.from_preset("paper", selection="outlier", samples=200, seed=5)
+    clean = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", config)
+    badnets = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config)
+    assert clean.flagged_count < badnets.flagged_count
 
 
 def test_skip_layers_and_config_validation():
     report = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz",
-                  ScanConfig(samples=8, skip_layers="block"))
+                  ScanConfig(samples=8, eps=0.06, skip_layers="block"))
     assert [layer.name for layer in report.layers] == ["/stem/stem.0/Conv"]
     assert len(report.skipped_layers) == 5
     with pytest.raises(ConfigError, match="skips every Conv"):
         scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=8, skip_layers="."))
-    for bad in ({"eps": 0}, {"alpha": 0.5}, {"samples": 0}, {"selection": "x"}, {"skip_layers": "("}):
+    for bad in ({"eps": 0}, {"eps": 0.1, "alpha": 0.5}, {"samples": 0}, {"selection": "x"}, {"skip_layers": "("},
+                {"mode": "x"}, {"steps": 0}, {"gain": 1.0}, {"score": "x"}, {"preset": "x"}):
         with pytest.raises(ConfigError):
             ScanConfig(**bad)
 
 
 def test_kmeans_flags_the_smaller_cluster():
-    scores = np.array([[0.9, 0.9]] * 6 + [[0.2, 0.1]] * 2)
-    assert select_kmeans(scores).flagged == [6, 7]
+    suspicion = 1 - np.array([[0.9, 0.9]] * 6 + [[0.2, 0.1]] * 2)
+    assert select_kmeans(suspicion).flagged == [6, 7]
 
 
 def test_outlier_rule_flags_nothing_without_outliers():
     rng = np.random.default_rng(0)
-    scores = 0.8 + 0.02 * rng.standard_normal((32, 2))
-    assert select_outliers(scores).flagged == []
-    scores[[4, 9]] = 0.2
-    assert select_outliers(scores).flagged == [4, 9]
+    suspicion = 0.2 + 0.02 * rng.standard_normal((32, 2))
+    assert select_outliers(suspicion).flagged == []
+    suspicion[[4, 9]] = 0.8
+    assert select_outliers(suspicion).flagged == [4, 9]
 
 
 def test_outlier_rule_ignores_sampling_noise_when_most_channels_tie():
-    scores = np.ones((16, 2))
-    scores[3] = 1 - 1 / 48          # one image of 48 changed: noise
-    assert select_outliers(scores, samples=48).flagged == []
-    scores[7] = 0.5                 # half the batch misclassified: an outlier
-    assert select_outliers(scores, samples=48).flagged == [7]
+    suspicion = np.zeros((16, 2))
+    suspicion[3] = 1 / 48           # one image of 48 changed: noise
+    assert select_outliers(suspicion, samples=48).flagged == []
+    suspicion[7] = 0.5              # half the batch misclassified: an outlier
+    assert select_outliers(suspicion, samples=48).flagged == [7]
+
+
+def test_prediction_scores():
+    labels = np.array([0, 1, 2, 3])
+    predictions = np.array([[0, 1, 2, 3],       # all right
+                            [5, 5, 5, 3],       # three pushed into class 5
+                            [1, 0, 2, 2]])      # errors scattered: one image per wrong class
+    accuracy, shift = prediction_scores(predictions, labels, 6)
+    assert accuracy.tolist() == [1.0, 0.25, 0.25]
+    assert shift.tolist() == [0.0, 0.75, 0.25]
+    # an image predicted as its own label never counts towards a shift into that class
+    accuracy, shift = prediction_scores(np.array([[0, 0, 0, 0]]), labels, 6)
+    assert accuracy.tolist() == [0.25] and shift.tolist() == [0.75]
+
+
+def test_eps_calibration_picks_the_first_eps_that_moves_predictions():
+    report = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz",
+                  ScanConfig(mode="gradient", samples=32, steps=1, skip_layers="block2"))
+    trace = report.config["calibration"]
+    assert report.config["eps_requested"] == "auto" and report.config["eps"] == trace[-1]["eps"]
+    drops = [step["median_relative_drop"] for step in trace]
+    assert all(d < 0.25 for d in drops[:-1])
+    assert drops[-1] >= 0.25 or trace[-1]["eps"] == EPS_GRID[-1]
+    assert [step["eps"] for step in trace] == list(EPS_GRID[:len(trace)])
 
 
 def test_degenerate_layer_is_reported_not_flagged():
@@ -166,3 +215,31 @@ def test_cli_scan_bad_data_exit_2(tmp_path):
     np.savez(bad, x=np.zeros((2, 8, 8), np.uint8), y=np.zeros(2, np.int64))
     result = CliRunner().invoke(main, ["scan", str(SAMPLES / "clean_op13.onnx"), "--data", str(bad)])
     assert result.exit_code == 2 and "differ" in result.output
+
+
+def test_cli_presets_and_overrides(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["scan", str(SAMPLES / "clean_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--samples", "8",
+            "--skip-layers", "block", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--preset", "paper", "--selection", "outlier"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(out.read_text())["config"]
+    assert (config["preset"], config["mode"], config["eps"], config["steps"], config["score"], config["selection"]) \
+        == ("paper", "gradient", 0.06, 1, "accuracy", "outlier")
+    out.unlink()
+    result = CliRunner().invoke(main, [*args, "--gain", "4"])
+    config = json.loads(out.read_text())["config"]
+    assert result.exit_code == 0 and (config["mode"], config["gain"], config["score"]) == ("mask", 4.0, "shift")
+    assert "preset default: mask mode, gain 4.0" in result.output
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--eps", "wide"], "--eps must be 'auto' or a number"),
+    (["--gain", "1"], "--gain must be"),
+    (["--mode", "gradient", "--steps", "0"], "--steps must be"),
+])
+def test_cli_scan_bad_method_options_exit_2(extra, message):
+    args = ["scan", str(SAMPLES / "clean_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--samples", "4"]
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1
