@@ -108,7 +108,7 @@ def main() -> None:
             rng = np.random.default_rng(args.seed)
             random = {layer.name: sorted(rng.choice(layer.channels, len(layer.flagged), replace=False).tolist())
                       for layer in report.layers}
-            hits = sum(len(set(flagged[name]) & set(c)) for name, c in response.channels.items())
+            hits = response.hits(flagged)
             n_flagged = report.flagged_count
             values = [label, preset, report.config["samples"], total,
                       response.count, n_flagged, round(100 * n_flagged / total, 1),

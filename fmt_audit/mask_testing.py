@@ -61,8 +61,8 @@ class MaskTester:
             for r, (channel, value) in enumerate(replicas):
                 mask[r * n:(r + 1) * n, channel] = value
             x = np.concatenate([self.x] * len(replicas))
-            masks = {**self.model.masks(), layer.name: mask}
-            predictions = self.model.predict(x, masks=masks).reshape(len(chunk), len(self.settings), n)
+            # layers not named in the masks run with ones
+            predictions = self.model.predict(x, masks={layer.name: mask}).reshape(len(chunk), len(self.settings), n)
             for column in range(len(self.settings)):
                 accuracy[start:start + len(chunk), column], shift[start:start + len(chunk), column] = \
                     prediction_scores(predictions[:, column], self.labels, self.num_classes)

@@ -35,25 +35,21 @@ class MaskedModel:
         self.session: Session = create_session(instrument(named), device, threads=threads)
         self.logits_name = named.graph.output[0].name
         self.batch_size = batch_size if self.image.batch is None else self.image.batch
-        self._by_name = {layer.name: layer for layer in self.layers}
         self._ones = {layer.name: np.ones((1, layer.out_channels, 1, 1), np.float32) for layer in self.layers}
 
     @property
     def provider(self) -> str:
         return self.session.provider
 
-    def layer(self, name: str) -> ConvLayer:
-        return self._by_name[name]
-
-    def masks(self, removed: ChannelSet | None = None, batch: int = 1) -> dict[str, np.ndarray]:
+    def masks(self, removed: ChannelSet | None = None) -> dict[str, np.ndarray]:
         """Mask arrays for every layer: ones, with the ``removed`` channels at 0."""
         out = {}
         for layer in self.layers:
             channels = (removed or {}).get(layer.name, ())
-            if not channels and batch == 1:
+            if not channels:
                 out[layer.name] = self._ones[layer.name]
                 continue
-            mask = np.ones((batch, layer.out_channels, 1, 1), np.float32)
+            mask = np.ones((1, layer.out_channels, 1, 1), np.float32)
             mask[:, list(channels)] = 0.0
             out[layer.name] = mask
         return out

@@ -33,10 +33,13 @@ class TriggerResponse:
     def count(self) -> int:
         return sum(len(c) for c in self.channels.values())
 
+    def hits(self, flagged: dict[str, list[int]]) -> int:
+        """How many trigger-responsive channels are in ``flagged``."""
+        return sum(len(set(c) & set(flagged.get(name, ()))) for name, c in self.channels.items())
+
     def coverage(self, flagged: dict[str, list[int]]) -> float:
         """Share of trigger-responsive channels in ``flagged`` (``nan`` when there are none)."""
-        hits = sum(len(set(c) & set(flagged.get(name, ()))) for name, c in self.channels.items())
-        return hits / self.count if self.count else float("nan")
+        return self.hits(flagged) / self.count if self.count else float("nan")
 
 
 def trigger_response(model: MaskedModel, clean: np.ndarray, triggered: np.ndarray,

@@ -11,7 +11,7 @@ class LayerResult:
     name: str
     channels: int
     depthwise: bool
-    scores: list[list[float]]       # accuracy on each of the channel's two candidate batches
+    scores: list[list[float]]       # accuracy on each of the channel's candidate batches (layout per mode)
     shift: list[list[float]]        # class shift on each candidate batch (see fmt_audit.scores)
     flagged: list[int]
     selection: dict

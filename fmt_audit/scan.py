@@ -129,6 +129,7 @@ class _Scanner:
             from .masked import MaskedModel
 
             self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
+            self.bridge = None
             self.device = self.masked.session.device
             self.provider = self.masked.provider
         self.dataset = dataset
@@ -231,7 +232,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None}},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,
-                "bridge_steps": scanner.bridge.steps if config.mode == "gradient" else None,
+                "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
                 "calibration": calibration},
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(finished - prepared, 3),

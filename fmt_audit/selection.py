@@ -1,7 +1,7 @@
 """Which channels of a layer to flag, from their feature-map test scores.
 
-Selection works on a ``[C, 2]`` score matrix oriented so that *higher is more
-suspicious*: ``1 - accuracy`` (the published score) or the class shift (see
+Selection works on a ``[C, k]`` score matrix (one column per candidate batch)
+oriented so that *higher is more suspicious*: ``1 - accuracy`` (the published score) or the class shift (see
 :mod:`fmt_audit.scores`).
 
 ``kmeans`` is the paper's rule: 2-means on the channels' score pairs, flag the
@@ -69,7 +69,7 @@ def select_outliers(scores: np.ndarray, threshold: float = 3.5, samples: int | N
     if _degenerate(values):
         return Selection([], True, {"rule": "outlier", "threshold": threshold})
     median, mad, noise = _robust_center_scale(values, samples)
-    z = robust_z(values, samples)
+    z = _z(values, median, mad, noise)
     flagged = np.flatnonzero(z > threshold).tolist()
     return Selection(flagged, False, {
         "rule": "outlier", "threshold": threshold, "median": round(median, 6), "mad": round(mad, 6),
@@ -88,7 +88,10 @@ def _robust_center_scale(values: np.ndarray, samples: int | None) -> tuple[float
 
 def robust_z(values: np.ndarray, samples: int | None = None) -> np.ndarray:
     """(value - median) / max(1.4826 * MAD, binomial noise floor), per channel of one layer."""
-    median, mad, noise = _robust_center_scale(values, samples)
+    return _z(values, *_robust_center_scale(values, samples))
+
+
+def _z(values: np.ndarray, median: float, mad: float, noise: float) -> np.ndarray:
     return (values - median) / max(MAD_TO_SIGMA * mad, noise, 1e-12)
 
 

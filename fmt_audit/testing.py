@@ -1,4 +1,4 @@
-"""Feature map testing, gradient mode (the published method), and the scores both modes share.
+"""Feature map testing, gradient mode (the published method).
 
 For every Conv layer l and output channel c: from a random start x0 inside the
 L-inf ball around the clean images x, one signed-gradient step on
@@ -60,7 +60,6 @@ class FeatureMapTester:
         self.device = device
         self.config = config
         self.x = torch.from_numpy(x).to(device)
-        self.y = torch.from_numpy(y).to(device)
         self.labels = y
         self.num_classes = num_classes
         self.x0 = torch.from_numpy(random_start(x, config.alpha, config.seed)).to(device)
@@ -95,7 +94,7 @@ class FeatureMapTester:
         with torch.inference_mode():
             for start in range(0, len(x), self.config.max_batch):
                 out.append(self.module(self._model_input(x[start:start + self.config.max_batch])).argmax(1))
-        return torch.cat(out).view(-1, len(self.y)).cpu().numpy()
+        return torch.cat(out).view(-1, len(self.labels)).cpu().numpy()
 
     def clean_accuracy(self) -> float:
         return float((self.predict(self.x) == self.labels).mean())
@@ -103,7 +102,7 @@ class FeatureMapTester:
     def _feature_loss(self, layer: str, x: torch.Tensor, reference: torch.Tensor, index: torch.Tensor
                       ) -> torch.Tensor:
         """Sum over the k replicas in ``x`` of MSE(F_l,c_r(x_r), F_l,c_r(x)), c_r the replica's channel."""
-        k, n = len(index), len(self.y)
+        k, n = len(index), len(self.labels)
         feature = self.features(layer, x)
         feature = feature.view(k, n, *feature.shape[1:])[torch.arange(k, device=self.device), :, index]
         target = reference[:, index].transpose(0, 1)    # [k, N, h, w]
@@ -113,7 +112,7 @@ class FeatureMapTester:
                     progress: Callable[[int], None] | None = None) -> ChannelScores:
         """Accuracy and class shift on the alpha and 2*alpha candidates of each channel."""
         cfg = self.config
-        n = len(self.y)
+        n = len(self.labels)
         channels = list(range(layer.out_channels)) if channels is None else list(channels)
         with torch.no_grad():
             reference = self.features(layer.name, self.x)        # F_l(x): [N, C, h, w]
