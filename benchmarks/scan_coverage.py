@@ -20,39 +20,14 @@ Prints a Markdown table and writes the rows to ``benchmarks/results/``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from cases import arguments, cases, publish
 
-HERE = Path(__file__).resolve().parent
-SAMPLES = HERE.parent / "sample_models"
 HEADER = ["model", "preset", "N", "channels", "oracle", "flagged", "flagged %", "recall %", "precision %",
           "base rate %", "AUC", "ACC", "ASR", "ACC pruned", "ASR pruned", "ACC random", "ASR random", "time s"]
-
-
-def cases(name: str):
-    """(label, model path, defender data, target, clean test set, triggered versions of its images)."""
-    from fmt_audit.data import load_npz
-
-    if name == "sample":
-        manifest = json.loads((SAMPLES / "manifest.json").read_text())
-        targets = {m["attack"]: m["target"] for m in manifest["models"] if m["attack"] != "none"}
-        clean = load_npz(SAMPLES / "test.npz")
-        for attack in ("badnets", "blended"):
-            yield (f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz", targets[attack],
-                   clean, load_npz(SAMPLES / f"{attack}_test.npz").x)
-        return
-    import cifar_models
-
-    attack = name.removeprefix("cifar10_")
-    folder = cifar_models.build(attack).parent
-    test = load_npz(folder / "test.npz").take(2000, seed=1)
-    triggered = cifar_models.apply_trigger((test.x * 255).round().astype(np.uint8), attack).astype(np.float32) / 255
-    yield name, folder / "model.onnx", folder / "defender.npz", cifar_models.TARGET, test, triggered
 
 
 def ranking_auc(report, response) -> float:
@@ -79,12 +54,7 @@ def acc_asr(model, test, triggered, target, removed) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["sample"])
-    parser.add_argument("--presets", default="default,gradient,paper")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = arguments(__doc__, "default,gradient,paper", 200).parse_args()
 
     from fmt_audit.loading import load_model
     from fmt_audit.masked import MaskedModel
@@ -104,7 +74,7 @@ def main() -> None:
             started = time.perf_counter()
             report = scan(loaded, defender, config)
             seconds = time.perf_counter() - started
-            flagged = {layer.name: layer.flagged for layer in report.layers}
+            flagged = report.flagged
             rng = np.random.default_rng(args.seed)
             random = {layer.name: sorted(rng.choice(layer.channels, len(layer.flagged), replace=False).tolist())
                       for layer in report.layers}
@@ -119,14 +89,8 @@ def main() -> None:
                       *acc_asr(masked, test, triggered, target, random), round(seconds, 1)]
             rows.append(dict(zip(HEADER, values)))
             print(json.dumps(rows[-1]), flush=True)
-    print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
-    for row in rows:
-        print("| " + " | ".join(str(row[h]) for h in HEADER) + " |")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"scan_coverage_{'_'.join(args.models)}_n{args.samples}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    publish(rows, HEADER, f"scan_coverage_{'_'.join(args.models)}_n{args.samples}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     main()

@@ -51,10 +51,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import inspect_cmd, scan_cmd
+    from . import evaluate_cmd, inspect_cmd, repair_cmd, scan_cmd
 
     main.add_command(inspect_cmd.inspect)
     main.add_command(scan_cmd.scan)
+    main.add_command(repair_cmd.repair)
+    main.add_command(evaluate_cmd.evaluate)
 
 
 _register()

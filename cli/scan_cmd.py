@@ -43,18 +43,24 @@ def scan_options(command):
     return command
 
 
+def parse_eps(eps: str | None, option: str = "--eps") -> float | str | None:
+    """'auto' stays 'auto'; anything else must be a number (the library checks its range)."""
+    from fmt_audit.errors import ConfigError
+
+    if eps is None or eps == "auto":
+        return eps
+    try:
+        return float(eps)
+    except ValueError:
+        raise ConfigError(f"{option} must be 'auto' or a number in (0, 1]; got {eps!r}") from None
+
+
 def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None, **options):
     """A ScanConfig from the scan options, validated by the library."""
     from fmt_audit.data import parse_channel_values
-    from fmt_audit.errors import ConfigError
-    from fmt_audit.scan import AUTO, ScanConfig
+    from fmt_audit.scan import ScanConfig
 
-    if eps is not None and eps != AUTO:
-        try:
-            eps = float(eps)
-        except ValueError:
-            raise ConfigError(f"--eps must be 'auto' or a number in (0, 1]; got {eps!r}") from None
-    return ScanConfig.from_preset(preset, eps=eps, mean=parse_channel_values(mean, "--mean"),
+    return ScanConfig.from_preset(preset, eps=parse_eps(eps), mean=parse_channel_values(mean, "--mean"),
                                   std=parse_channel_values(std, "--std"), **options)
 
 

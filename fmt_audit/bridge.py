@@ -20,6 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
+from .data import Dataset, Preprocessing
 from .errors import BridgeError, DeviceError
 from .graph import constant_tensors, conv_layers, opset_version, with_node_names
 
@@ -52,10 +53,47 @@ class TorchBridge:
     sources: dict[str, ParameterSource]     # state_dict key -> ONNX tensor
     conv_modules: dict[str, torch.nn.Module]  # Conv node name -> module whose output is the Conv's
     steps: list[str]                        # normalisation applied before conversion
+    # Conv node name -> module whose output carries the Conv's channels to the rest of the
+    # network: the BatchNormalization that is the Conv output's only consumer, else the Conv
+    channel_modules: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def conv_weights(self, layer: str) -> torch.nn.Conv2d:
         module = self.conv_modules[layer]
         return module[-1] if isinstance(module, torch.nn.Sequential) else module
+
+
+class BridgedClassifier:
+    """The bridge's module taking [0, 1] pixel-space images: preprocessing applied inside."""
+
+    def __init__(self, bridge: TorchBridge, preprocessing: Preprocessing, device: str = "cpu"):
+        self.bridge = bridge
+        self.module = bridge.module.to(device)
+        self.device = device
+        self.preprocessing = preprocessing
+        mean = preprocessing.mean or (0.0,)
+        std = preprocessing.std or (1.0,)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel-space images -> what the ONNX model takes."""
+        return (x - self._mean) / self._std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.normalize(x))
+
+    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Eval-mode logits for a float NCHW [0, 1] array."""
+        self.module.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(self.device)
+                out.append(self(batch).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def accuracy(self, data: Dataset, batch_size: int = 256) -> float:
+        return float((self.logits(data.x, batch_size).argmax(1) == data.y).mean())
 
 
 def torch_device(requested: str) -> str:
@@ -174,12 +212,21 @@ def to_torch(model: onnx.ModelProto) -> TorchBridge:
         if mapping is not None and mapping.outputs:
             by_output[mapping.outputs[0]] = (prefix, sub)
     sources = _sources_by_node(prepared, by_output)
-    conv_modules = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in prepared.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    conv_modules, channel_modules = {}, {}
     for layer in conv_layers(with_node_names(model)):
         if layer.output not in by_output:
             raise BridgeError(f"Conv {layer.name!r} was not converted to a PyTorch layer")
-        conv_modules[layer.name] = by_output[layer.output][1]
-    return TorchBridge(module=module.eval(), sources=sources, conv_modules=conv_modules, steps=steps)
+        conv_modules[layer.name] = channel_modules[layer.name] = by_output[layer.output][1]
+        following = consumers.get(layer.output, [])
+        if (len(following) == 1 and following[0].op_type == "BatchNormalization"
+                and following[0].output[0] in by_output):
+            channel_modules[layer.name] = by_output[following[0].output[0]][1]
+    return TorchBridge(module=module.eval(), sources=sources, conv_modules=conv_modules, steps=steps,
+                       channel_modules=channel_modules)
 
 
 def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProto:

@@ -40,6 +40,15 @@ class Dataset:
             order = np.sort(order[:n])
         return Dataset(self.x[order], self.y[order], self.source)
 
+    def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """A seeded split into (the rest, a held-back ``fraction``); each keeps the original order."""
+        held = round(len(self) * fraction)
+        if fraction > 0:
+            held = min(max(held, 1), len(self) - 1)
+        order = np.random.default_rng(seed).permutation(len(self))
+        rest, back = np.sort(order[held:]), np.sort(order[:held])
+        return (Dataset(self.x[rest], self.y[rest], self.source), Dataset(self.x[back], self.y[back], self.source))
+
 
 @dataclass(frozen=True)
 class Preprocessing:

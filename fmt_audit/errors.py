@@ -38,3 +38,7 @@ class ConfigError(FmtAuditError):
 
 class OutputError(FmtAuditError):
     """An output cannot be written where asked (missing folder, would overwrite an input)."""
+
+
+class RepairError(FmtAuditError):
+    """The repaired model failed verification (checker, ONNX Runtime, torch parity, removed channels)."""

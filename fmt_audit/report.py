@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
 
 
 @dataclass
@@ -31,6 +35,11 @@ class ScanReport:
     timing: dict = field(default_factory=dict)
 
     @property
+    def flagged(self) -> dict[str, list[int]]:
+        """Flagged channel indices per layer (layers with none left out)."""
+        return {layer.name: list(layer.flagged) for layer in self.layers if layer.flagged}
+
+    @property
     def flagged_count(self) -> int:
         return sum(len(layer.flagged) for layer in self.layers)
 
@@ -51,6 +60,34 @@ class ScanReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
+    @classmethod
+    def from_dict(cls, saved: dict, where: str = "scan report") -> ScanReport:
+        """A report back from :meth:`to_dict`'s JSON (checked: it may come from anywhere)."""
+        try:
+            layers = [LayerResult(str(e["name"]), int(e["channels"]), bool(e["depthwise"]), e["scores"], e["shift"],
+                                  [int(c) for c in e["flagged"]], dict(e["selection"])) for e in saved["layers"]]
+            summary = saved["summary"]
+            report = cls(dict(saved["model"]), dict(saved["config"]), layers, float(summary["clean_accuracy"]),
+                         list(summary.get("skipped_layers", [])), dict(saved.get("timing", {})))
+            str(report.model["sha256"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DataError(f"{where} is not an fmt-audit scan report: missing or malformed "
+                            f"{error.args[0] if isinstance(error, KeyError) else 'field'} "
+                            f"({type(error).__name__})") from error
+        return report
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ScanReport:
+        """Read a report written by ``fmt-audit scan -o``."""
+        path = Path(path)
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"cannot read the scan report {path}: {str(error).splitlines()[0]}") from error
+        if not isinstance(saved, dict):
+            raise DataError(f"{path} is not an fmt-audit scan report: expected a JSON object")
+        return cls.from_dict(saved, str(path))
+
     def format_text(self) -> str:
         s = self.summary
         c = self.config
@@ -70,4 +107,68 @@ class ScanReport:
         if s["degenerate_layers"]:
             lines.append(f"warning: in {len(s['degenerate_layers'])} layer(s) every channel scored the same; "
                          "the test moved no prediction there (try a larger --eps, or --eps auto)")
+        return "\n".join(lines)
+
+
+@dataclass
+class RepairReport:
+    """What a repair removed, how fine-tuning went, and how the result was verified (schema in README)."""
+
+    model: dict
+    config: dict
+    flagged: dict[str, list[int]]
+    source: str                     # "scan" | "report" | "given"
+    channels_total: int
+    data: dict
+    accuracy: dict                  # holdout accuracy: before, after_removal, after (None without a holdout)
+    epochs: list[dict]
+    verification: dict
+    regrowth: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)
+    output: dict | None = None      # path and sha256 of the written model, filled in by whoever writes it
+
+    @property
+    def flagged_count(self) -> int:
+        return sum(len(channels) for channels in self.flagged.values())
+
+    def record_output(self, path: str | os.PathLike, payload: bytes) -> None:
+        """Note where the repaired model was written, and its sha256."""
+        import hashlib
+
+        self.output = {"path": str(path), "sha256": hashlib.sha256(payload).hexdigest()}
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "output": self.output, "config": self.config,
+                "flagged": {"source": self.source, "count": self.flagged_count, "channels_total": self.channels_total,
+                            "layers": self.flagged},
+                "data": self.data, "accuracy": self.accuracy, "epochs": self.epochs,
+                "verification": self.verification, "regrowth": self.regrowth, "warnings": self.warnings,
+                "timing": self.timing}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    def format_text(self) -> str:
+        def fmt(value):
+            return "-" if value is None else f"{value:.4f}"
+
+        c, a, v = self.config, self.accuracy, self.verification
+        lines = [f"removed      {self.flagged_count} of {self.channels_total} channels in {len(self.flagged)} layers "
+                 f"(from {self.source})"]
+        lines += [f"  {name}: {', '.join(map(str, channels))}" for name, channels in self.flagged.items()]
+        lines.append(f"fine-tuned   {c['epochs']} epochs, {c['steps']} steps, batch {c['batch_size_used']}, "
+                     f"lr {c['lr']} -> {c['final_lr']}, augment {'on' if c['augment'] else 'off'}, "
+                     f"flip {'on' if c['flip_decision'].get('flip', c['flip_decision']['setting'] == 'on') else 'off'}"
+                     f"{', channels free to regrow' if c['allow_regrowth'] else ''}")
+        unlearning = c.get("unlearning") or {}
+        if unlearning.get("eps") is not None:
+            lines.append(f"unlearning   on feature-map perturbations, eps {unlearning['eps']} "
+                         f"({unlearning['eps_from']}), {unlearning['steps']} steps")
+        lines.append(f"holdout      {self.data['holdout']} images: accuracy {fmt(a['before'])} before, "
+                     f"{fmt(a['after_removal'])} after removal, {fmt(a['after'])} after fine-tuning")
+        lines.append(f"verified     ONNX checker passed; ONNX Runtime ({v['ort_provider']}) matches torch "
+                     f"(max |logit difference| {v['max_abs_logit_difference']:.2g})"
+                     f"{'; removed channels exactly zero' if v['removed_exactly_zero'] else ''}")
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)

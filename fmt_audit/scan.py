@@ -179,6 +179,13 @@ def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: fl
     return EPS_GRID[-1], trace
 
 
+def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:
+    """The gradient-mode eps :func:`calibrate_eps` picks for this model and data, whatever ``config.mode``."""
+    gradient = replace(config, mode="gradient", eps=AUTO)
+    scanner = _Scanner(loaded, dataset.take(gradient.samples, seed=gradient.seed), gradient)
+    return calibrate_eps(scanner, list(loaded.layers), scanner.tester().clean_accuracy())
+
+
 def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
          config: ScanConfig | None = None,
          progress: Callable[[str, int, int], None] | None = None) -> ScanReport:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bridge import TorchBridge
+from .bridge import BridgedClassifier, TorchBridge
 from .data import Preprocessing
 from .graph import ConvLayer
 from .scores import ChannelScores, prediction_scores
@@ -40,6 +40,24 @@ class GradientTestConfig:
     steps: int = 1
     seed: int = 0
     max_batch: int = 2048   # images per forward/backward chunk (replicas x samples)
+
+
+def layer_output(classifier: BridgedClassifier, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """Conv layer ``layer``'s output for pixel-space images ``x``; the forward pass stops there."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output)
+        raise _Stop
+
+    handle = classifier.bridge.conv_modules[layer].register_forward_hook(hook)
+    try:
+        classifier(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def random_start(x: np.ndarray, alpha: float, seed: int) -> np.ndarray:
@@ -63,37 +81,18 @@ class FeatureMapTester:
         self.labels = y
         self.num_classes = num_classes
         self.x0 = torch.from_numpy(random_start(x, config.alpha, config.seed)).to(device)
-        mean = preprocessing.mean or (0.0,)
-        std = preprocessing.std or (1.0,)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self._mean) / self._std
+        self.classifier = BridgedClassifier(bridge, preprocessing, device)
 
     def features(self, layer: str, x: torch.Tensor) -> torch.Tensor:
         """The Conv layer's output for pixel-space images ``x``; the forward stops there."""
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, output):
-            captured.append(output)
-            raise _Stop
-
-        handle = self.bridge.conv_modules[layer].register_forward_hook(hook)
-        try:
-            self.module(self._model_input(x))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        return layer_output(self.classifier, layer, x)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         """``[replicas, N]`` top-1 predictions (x holds whole replicas of the batch)."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), self.config.max_batch):
-                out.append(self.module(self._model_input(x[start:start + self.config.max_batch])).argmax(1))
+                out.append(self.module(self.classifier.normalize(x[start:start + self.config.max_batch])).argmax(1))
         return torch.cat(out).view(-1, len(self.labels)).cpu().numpy()
 
     def clean_accuracy(self) -> float:
@@ -143,3 +142,50 @@ class FeatureMapTester:
             if progress:
                 progress(k)
         return ChannelScores(accuracy, shift)
+
+
+class FeatureMapPerturbation:
+    """Images that each disturb one random feature map: FMT's test inputs, made for training.
+
+    For a batch, one Conv layer is drawn (in proportion to its channel count, so
+    every channel is equally likely) and one of its channels per image; from a
+    random start, ``steps`` signed-gradient steps of size ``alpha`` on the squared
+    change of that image's feature map, inside the L-inf ball of radius ``eps``
+    and [0, 1]. The model is run in eval mode for this and restored after.
+    Repair fine-tunes on these images with their true labels: disturbing a
+    backdoor feature map sends predictions to the attack's target, so training
+    them back to the true class unlearns the trigger's effect.
+    """
+
+    def __init__(self, classifier: BridgedClassifier, layers: Sequence[ConvLayer], eps: float, alpha: float,
+                 steps: int, seed: int = 0):
+        self.classifier = classifier
+        self.layers = list(layers)
+        self.eps, self.alpha, self.steps = eps, alpha, steps
+        self.rng = np.random.default_rng(seed)
+        sizes = np.array([layer.out_channels for layer in self.layers], dtype=np.float64)
+        self.layer_share = sizes / sizes.sum()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.classifier.module
+        training = module.training
+        module.eval()
+        try:
+            layer = self.layers[self.rng.choice(len(self.layers), p=self.layer_share)]
+            channel = torch.from_numpy(self.rng.integers(0, layer.out_channels, size=len(x))).to(x.device)
+            rows = torch.arange(len(x), device=x.device)
+            self.last = (layer.name, channel)       # what the latest batch disturbed
+            with torch.no_grad():
+                reference = layer_output(self.classifier, layer.name, x)[rows, channel]
+            start = torch.from_numpy(random_start(x.detach().cpu().numpy(), self.alpha, int(self.rng.integers(2**31))))
+            x0 = start.to(x.device)
+            lower, upper = (x - self.eps).clamp(0.0, 1.0), (x + self.eps).clamp(0.0, 1.0)
+            for _ in range(self.steps):
+                x0 = x0.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    feature = layer_output(self.classifier, layer.name, x0)[rows, channel]
+                    (grad,) = torch.autograd.grad(((feature - reference) ** 2).sum(), x0)
+                x0 = torch.minimum(torch.maximum(x0.detach() + self.alpha * grad.sign(), lower), upper)
+            return x0.detach()
+        finally:
+            module.train(training)

@@ -1,0 +1,118 @@
+"""What does a repair do? ACC / ASR / RA before and after, FMT next to fine-tuning alone.
+
+For each model with a known trigger, on the same defender data, holdout split,
+seed and fine-tuning recipe:
+
+* ``fine-tuning``: no channel removed, fine-tuned (the baseline defense);
+* ``unlearning only``: no channel removed, fine-tuned with feature-map perturbations;
+* ``FMT <preset> (published repair)``: the scan's flagged channels removed, held at zero, fine-tuned;
+* ``FMT <preset>, regrowth``: the same channels zeroed but free to regrow (the reference code);
+* ``removal only``: the flagged channels removed, no fine-tuning;
+* ``FMT <preset> + unlearning``: removal and fine-tuning with feature-map perturbations (the default).
+
+Scans run once per model and preset on the repair's training split and are cached
+next to the model (``scan_<preset>_n<N>_seed<S>.json``), so reruns only fine-tune.
+
+    python benchmarks/repair_cifar.py sample --presets gradient
+    python benchmarks/repair_cifar.py cifar10_badnets cifar10_blended --presets default
+
+Prints a Markdown table and writes the rows to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cases import arguments, cases, publish
+
+HEADER = ["model", "method", "removed", "ACC", "ASR", "RA", "DER", "holdout ACC", "time s"]
+
+
+def cached_scan(model_path: Path, train, preset: str, samples: int, seed: int, cache: Path | None):
+    """The scan report of ``model_path`` on ``train`` (read from ``cache`` if it was made before)."""
+    from fmt_audit.report import ScanReport
+    from fmt_audit.scan import ScanConfig, scan
+
+    target = cache / f"scan_{preset}_n{samples}_seed{seed}.json" if cache else None
+    if target and target.exists():
+        return ScanReport.read(target)
+    report = scan(model_path, train, ScanConfig.from_preset(preset, samples=samples, seed=seed))
+    if target:
+        target.write_text(report.to_json())
+    return report
+
+
+def main() -> None:
+    parser = arguments(__doc__, "default", 256)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+
+    import onnx
+
+    from fmt_audit.data import Dataset, load_npz
+    from fmt_audit.evaluation import evaluate
+    from fmt_audit.finetune import FineTuneConfig
+    from fmt_audit.loading import load_model
+    from fmt_audit.repair import RepairConfig, repair, unlearning_eps
+    from fmt_audit.scan import ScanConfig
+
+    rows = []
+    for label, model_path, defender, target, test, triggered in (c for n in args.models for c in cases(n)):
+        loaded = load_model(model_path)
+        data = load_npz(defender)
+        poisoned = Dataset(triggered, test.y)
+        config = RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed), unlearn=True)
+        train, _ = data.split(config.holdout, seed=args.seed)
+        scan_config = ScanConfig(seed=args.seed)
+        cache = Path(model_path).parent if "cifar10" in label else None
+        before = evaluate(loaded, test, poisoned, target)
+
+        def record(method, removed, result, seconds, label=label, test=test, poisoned=poisoned, target=target,
+                   loaded=loaded):
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "repaired.onnx"
+                onnx.save(result.model, str(path))
+                after = evaluate(path, test, poisoned, target, baseline=loaded)
+            m = after.metrics
+            row = {"model": label, "method": method, "removed": removed, "ACC": round(m.acc, 4),
+                   "ASR": round(m.asr, 4), "RA": round(m.ra, 4), "DER": round(after.der, 4),
+                   "holdout ACC": result.report.accuracy["after"], "time s": round(seconds, 1),
+                   "epochs": result.report.epochs}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "epochs"}), flush=True)
+
+        b = before.metrics
+        rows.append({"model": label, "method": "none (backdoored)", "removed": 0, "ACC": round(b.acc, 4),
+                     "ASR": round(b.asr, 4), "RA": round(b.ra, 4), "DER": "-", "holdout ACC": "-", "time s": 0})
+        published = RepairConfig(config.fine_tune, unlearn=False)
+        # the unlearning eps, calibrated once per model as repair would (see fmt_audit.repair)
+        eps, trace, _ = unlearning_eps(config, None, loaded, train, scan_config)
+        print(json.dumps({"model": label, "unlearn_eps": eps, "calibration": trace}), flush=True)
+        config = replace(config, unlearn_eps=eps)
+        started = time.perf_counter()
+        record("fine-tuning", 0, repair(loaded, data, published, scan_config, flagged={}),
+               time.perf_counter() - started)
+        started = time.perf_counter()
+        record("unlearning only", 0, repair(loaded, data, config, scan_config, flagged={}),
+               time.perf_counter() - started)
+        for preset in args.presets.split(","):
+            started = time.perf_counter()
+            report = cached_scan(model_path, train, preset, args.samples, args.seed, cache)
+            scanned = time.perf_counter() - started
+            n = report.flagged_count
+            for method, settings in (
+                    (f"FMT {preset} (published repair)", published),
+                    (f"FMT {preset}, regrowth", RepairConfig(config.fine_tune, allow_regrowth=True, unlearn=False)),
+                    (f"{preset} removal only", RepairConfig(FineTuneConfig(epochs=0))),
+                    (f"FMT {preset} + unlearning (fmt-audit default)", config)):
+                started = time.perf_counter()
+                result = repair(loaded, data, settings, scan_config, flagged=report)
+                record(method, n, result, time.perf_counter() - started + scanned)
+    publish(rows, HEADER, f"repair_{'_'.join(args.models)}_{args.presets.replace(',', '-')}_n{args.samples}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``fmt-audit repair MODEL --data CLEAN -o REPAIRED.onnx``: scan, remove, fine-tune, write back, verify."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .scan_cmd import ProgressLine, parse_eps, scan_config, scan_options
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@scan_options
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Write the repaired ONNX model here (never the input file).")
+@click.option("--from-report", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Remove the channels flagged in this scan report (from `fmt-audit scan -o`) instead of scanning.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs (0: removal only).")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Initial SGD learning rate (cosine to 1e-4).")
+@click.option("--batch-size", type=int, default=None,
+              help="Fine-tuning batch size.  [default: 256, or about ten steps per epoch on small data sets]")
+@click.option("--no-augment", is_flag=True, help="Fine-tune without random crops and flips.")
+@click.option("--flip", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Horizontal-flip augmentation; auto: only if the model reads mirrored images as well.")
+@click.option("--allow-regrowth", is_flag=True,
+              help="Let removed channels train again (the reference code's behaviour, for comparison).")
+@click.option("--unlearn/--no-unlearn", default=None,
+              help="Also fine-tune on feature-map perturbations with their true labels.  [default: on, off under "
+                   "--preset paper]")
+@click.option("--unlearn-eps", default="auto", show_default=True,
+              help="L-inf radius of those perturbations in [0,1] pixel space; auto: the scan's calibrated eps.")
+@click.option("--holdout", type=float, default=0.1, show_default=True,
+              help="Share of the clean data kept out of scanning and training, to measure accuracy.")
+@click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
+              help="Write the repair report (JSON) here.")
+def repair(model: str, data: str, output: str, from_report: str | None, epochs: int, lr: float,
+           batch_size: int | None, no_augment: bool, flip: str, allow_regrowth: bool, unlearn: bool | None,
+           unlearn_eps: str, holdout: float, report_path: str | None, **options) -> None:
+    """Remove MODEL's flagged channels, fine-tune it on clean data, and write the repaired model."""
+    from fmt_audit.finetune import FineTuneConfig
+    from fmt_audit.outputs import check_output_path, write_atomic
+    from fmt_audit.repair import RepairConfig
+    from fmt_audit.repair import repair as run_repair
+    from fmt_audit.report import ScanReport
+
+    config = scan_config(**options)
+    settings = RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
+                                           augment=not no_augment, flip=flip, seed=config.seed),
+                            allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn,
+                            unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"))
+    inputs = [model, data, *([from_report] if from_report else [])]
+    check_output_path(output, inputs=inputs)
+    if report_path:
+        check_output_path(report_path, inputs=[*inputs, output])
+    flagged = ScanReport.read(from_report) if from_report else None
+    progress = ProgressLine() if sys.stderr.isatty() else None
+    result = run_repair(model, data, settings, config, flagged=flagged, progress=progress,
+                        on_epoch=_echo_epoch if sys.stderr.isatty() else None)
+    if progress:
+        progress.close()
+    payload = result.model.SerializeToString()
+    write_atomic(output, payload)
+    result.report.record_output(output, payload)
+    if report_path:
+        write_atomic(report_path, result.report.to_json().encode())
+    click.echo(result.report.format_text())
+    click.echo(f"wrote {output}")
+
+
+def _echo_epoch(record) -> None:
+    held = "" if record.holdout_accuracy is None else f", holdout accuracy {record.holdout_accuracy:.4f}"
+    click.echo(f"epoch {record.epoch}: loss {record.loss:.4f}, train accuracy {record.accuracy:.4f}{held}", err=True)

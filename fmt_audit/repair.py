@@ -1,0 +1,290 @@
+"""``repair``: remove the flagged channels, fine-tune on clean data, write back, verify.
+
+1. The flagged channels come from a scan run here on the training part of the
+   data, from a scan report, or from the caller.
+2. Removal makes each channel's output exactly zero: its Conv filter and bias,
+   and the scale and shift of a BatchNormalization that directly follows.
+3. Fine-tuning (:mod:`fmt_audit.finetune`) through the PyTorch bridge, removed
+   channels held at zero unless regrowth is allowed.
+4. Write-back into the original graph (:func:`fmt_audit.bridge.write_back`):
+   same nodes, names, opset and metadata, only initializer values change.
+5. Verification before anything is returned: the ONNX checker passes, ONNX
+   Runtime runs the repaired graph, its logits match the torch module's, and the
+   removed channels' tensors are exactly zero in the graph.
+
+A part of the clean data (``holdout``) is kept out of scanning and training and
+measures accuracy before removal, after removal and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .data import Dataset, load_data
+from .errors import ConfigError, RepairError
+from .finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
+from .graph import constant_tensors, conv_layers, with_node_names
+from .loading import LoadedModel, load_model
+from .report import RepairReport, ScanReport
+from .scan import ScanConfig
+from .testing import FeatureMapPerturbation
+
+ChannelSet = Mapping[str, Sequence[int]]
+# fewer optimizer steps than this and fine-tuning barely moves the weights (the
+# published recipe takes about 100: 2,500 images, batch 256, 10 epochs)
+MIN_STEPS = 30
+# images for calibrating the unlearning eps when no gradient scan did: a median accuracy
+# drop over 32 channels needs far fewer images than scoring every channel does
+CALIBRATION_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Repair settings beyond the scan's (the scan's device, seed and preprocessing apply)."""
+
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    allow_regrowth: bool = False
+    holdout: float = 0.1
+    tolerance: float = 1e-4        # ORT vs torch logits, relative to max(1, largest |logit|)
+    # unlearning: fine-tune on feature-map perturbations too (FeatureMapPerturbation);
+    # None: on, except under the scan preset "paper" (the published repair)
+    unlearn: bool | None = None
+    unlearn_eps: float | str = "auto"   # auto: the scan's gradient-mode eps, else calibrated here
+    unlearn_steps: int = 5
+
+    def __post_init__(self):
+        if self.unlearn_eps != "auto" and not (isinstance(self.unlearn_eps, (int, float))
+                                               and 0 < self.unlearn_eps <= 1):
+            raise ConfigError(f"--unlearn-eps must be 'auto' or in (0, 1]; got {self.unlearn_eps}")
+        if self.unlearn_steps < 1:
+            raise ConfigError(f"--unlearn-steps must be at least 1; got {self.unlearn_steps}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"--holdout must be in [0, 1); got {self.holdout}")
+        if not self.tolerance > 0:
+            raise ConfigError(f"the verification tolerance must be positive; got {self.tolerance}")
+
+
+@dataclass
+class RepairResult:
+    """The repaired graph, its report, and the scan that chose the channels (if one ran)."""
+
+    model: onnx.ModelProto
+    report: RepairReport
+    scan: ScanReport | None = None
+
+
+def check_channels(loaded: LoadedModel, channels: ChannelSet, where: str = "flagged channels") -> dict[str, list[int]]:
+    """Validate a layer -> channel indices map against the model; sorted, deduplicated, empty layers dropped."""
+    sizes = {layer.name: layer.out_channels for layer in loaded.layers}
+    out = {}
+    for name, indices in channels.items():
+        if name not in sizes:
+            raise ConfigError(f"{where}: {name!r} is not a Conv layer of this model "
+                              f"(it has {len(sizes)}: {', '.join(list(sizes)[:5])}{', ...' if len(sizes) > 5 else ''})")
+        values = sorted({int(c) for c in indices})
+        bad = [c for c in values if not 0 <= c < sizes[name]]
+        if bad:
+            raise ConfigError(f"{where}: layer {name!r} has channels 0..{sizes[name] - 1}; got {bad[:5]}")
+        if values:
+            out[name] = values
+    return out
+
+
+def channel_tensors(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Per Conv layer, the stored tensors whose slice along axis 0 makes up a channel's output:
+    the Conv weight and bias, and the scale and shift of a BatchNormalization that directly follows."""
+    named = with_node_names(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in named.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out = {}
+    for layer in conv_layers(named):
+        tensors = [layer.weight] + ([layer.bias] if layer.bias else [])
+        following = consumers.get(layer.output, [])
+        if len(following) == 1 and following[0].op_type == "BatchNormalization":
+            tensors += list(following[0].input[1:3])
+        out[layer.name] = tensors
+    return out
+
+
+def nonzero_removed(model: onnx.ModelProto, removed: ChannelSet) -> list[str]:
+    """The removed channels whose tensors in ``model`` are not exactly zero, as ``layer[c]: tensor`` strings."""
+    stored = constant_tensors(model.graph)
+    tensors = channel_tensors(model)
+    problems = []
+    for layer, channels in removed.items():
+        for name in tensors[layer]:
+            if name not in stored:
+                problems.append(f"{layer}: tensor {name!r} is computed, not stored")
+                continue
+            value = numpy_helper.to_array(stored[name])
+            for c in channels:
+                if np.any(value[c] != 0):
+                    problems.append(f"{layer}[{c}]: {name}")
+    return problems
+
+
+def remove_channels(bridge, removed: ChannelSet) -> None:
+    """Zero the removed channels' parameters in the bridged module (filter, bias, following BN scale/shift)."""
+    import torch
+
+    with torch.no_grad():
+        for layer, channels in removed.items():
+            index = list(channels)
+            conv = bridge.conv_weights(layer)
+            conv.weight[index] = 0
+            if conv.bias is not None:
+                conv.bias[index] = 0
+            norm = bridge.channel_modules[layer]
+            if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                norm.weight[index] = 0
+                norm.bias[index] = 0
+
+
+def verify(repaired: onnx.ModelProto, classifier, loaded: LoadedModel, x: np.ndarray, removed: ChannelSet,
+           device: str, tolerance: float, expect_zero: bool) -> dict:
+    """Check the repaired graph; :class:`RepairError` with the reason if it fails."""
+    from .runtime import create_session, run_batched
+
+    try:
+        onnx.checker.check_model(repaired, full_check=True)
+    except Exception as error:
+        raise RepairError(f"the repaired model fails the ONNX checker: {str(error).splitlines()[0]}") from error
+    session = create_session(repaired, device)
+    image = loaded.image_input
+    preprocess = classifier.preprocessing.apply
+    ort_logits = run_batched(session, image.name, preprocess(x), fixed_batch=image.batch,
+                             outputs=[repaired.graph.output[0].name])[0]
+    torch_logits = classifier.logits(x)
+    difference = float(np.abs(ort_logits - torch_logits).max())
+    allowed = tolerance * max(1.0, float(np.abs(torch_logits).max()))
+    if not difference <= allowed:
+        raise RepairError(f"the repaired ONNX model disagrees with the fine-tuned PyTorch module: "
+                          f"max |logit difference| {difference:.3g} > {allowed:.3g}")
+    problems = nonzero_removed(repaired, removed) if expect_zero else []
+    if problems:
+        raise RepairError(f"removed channels are not zero in the repaired model: {', '.join(problems[:5])}")
+    return {"checker": "passed", "ort_provider": session.provider, "images": len(x),
+            "max_abs_logit_difference": difference, "allowed": allowed,
+            "removed_exactly_zero": expect_zero}
+
+
+def regrowth(bridge, removed: ChannelSet) -> dict[str, list[float]]:
+    """L2 norm of each removed channel's filter after fine-tuning (non-zero only when regrowth is allowed)."""
+    return {layer: [round(float(bridge.conv_weights(layer).weight[c].norm()), 6) for c in channels]
+            for layer, channels in removed.items()}
+
+
+def unlearning_eps(config: RepairConfig, scanned, loaded: LoadedModel, train: Dataset,
+                 scan_config: ScanConfig) -> tuple[float, list[dict], str]:
+    """The unlearning eps, its calibration trace, and where it came from."""
+    from .scan import calibrated_eps
+
+    if config.unlearn_eps != "auto":
+        return float(config.unlearn_eps), [], "given"
+    if isinstance(scanned, ScanReport) and scanned.config.get("mode") == "gradient":
+        return float(scanned.config["eps"]), list(scanned.config.get("calibration") or []), "scan"
+    eps, trace = calibrated_eps(loaded, train, replace(scan_config, samples=min(scan_config.samples,
+                                                                              CALIBRATION_SAMPLES)))
+    return eps, trace, "calibrated"
+
+
+def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
+           config: RepairConfig | None = None, scan_config: ScanConfig | None = None,
+           flagged: ScanReport | ChannelSet | None = None,
+           progress: Callable[[str, int, int], None] | None = None,
+           on_epoch: Callable[[EpochRecord], None] | None = None) -> RepairResult:
+    """Repair ``model`` with the clean labelled images in ``data``.
+
+    ``flagged``: the channels to remove — a scan report of this model, or a
+    ``{layer: [channels]}`` map (``{}`` is fine-tuning alone); ``None`` runs a
+    scan with ``scan_config`` on the training part of the data first.
+    ``progress`` is passed to that scan; ``on_epoch`` gets each epoch's record.
+    """
+    from .bridge import BridgedClassifier, to_torch, torch_device, write_back
+    from .scan import scan
+
+    config = config or RepairConfig()
+    scan_config = scan_config or ScanConfig()
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    preprocessing = scan_config.preprocessing
+    preprocessing.check_channels(loaded.image_input.channels)
+    dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+    if len(dataset) < 2:
+        raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
+    train, holdout = dataset.split(config.holdout, seed=scan_config.seed)
+
+    scan_report = None
+    if flagged is None:
+        scan_report = scan(loaded, train, scan_config, progress=progress)
+        source, removed = "scan", scan_report.flagged
+    elif isinstance(flagged, ScanReport):
+        if flagged.model.get("sha256") != loaded.sha256:
+            made_for = str(flagged.model.get("sha256"))[:12]
+            raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
+                              f"this model {loaded.sha256[:12]}...)")
+        source, removed = "report", flagged.flagged
+    else:
+        source, removed = "given", flagged
+    removed = check_channels(loaded, removed)
+    scanned = time.perf_counter()
+
+    device = torch_device(scan_config.device)
+    bridge = to_torch(loaded.proto)
+    classifier = BridgedClassifier(bridge, preprocessing, device)
+    measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
+    accuracy = {"before": measure()}
+    flip, flip_info = flip_decision(classifier, train, config.fine_tune.flip)
+    remove_channels(bridge, removed)
+    accuracy["after_removal"] = measure()
+    unlearn = config.unlearn if config.unlearn is not None else scan_config.preset != "paper"
+    perturb, unlearning = None, {"enabled": unlearn}
+    if unlearn and config.fine_tune.epochs:
+        eps, trace, origin = unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)
+        perturb = FeatureMapPerturbation(classifier, loaded.layers, eps, eps / 3, config.unlearn_steps,
+                                         seed=config.fine_tune.seed)
+        unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
+                           "calibration": trace})
+    hold = (contextlib.nullcontext() if config.allow_regrowth
+            else removed_held_at_zero(bridge.channel_modules, removed))
+    with hold:
+        history = fine_tune(classifier, train, config.fine_tune, flip, holdout if len(holdout) else None,
+                            progress=on_epoch, perturb=perturb)
+        accuracy["after"] = measure()
+        trained = time.perf_counter()
+        repaired = write_back(loaded.proto, bridge)
+        check_images = (holdout if len(holdout) else train).x[:64]
+        verification = verify(repaired, classifier, loaded, check_images, removed, scan_config.device,
+                              config.tolerance, expect_zero=not config.allow_regrowth)
+
+    steps = config.fine_tune.epochs * config.fine_tune.steps_per_epoch(len(train))
+    batch_size = config.fine_tune.batch_for(len(train))
+    warnings = []
+    if 0 < steps < MIN_STEPS:
+        warnings.append(f"fine-tuning took only {steps} optimizer steps ({len(train)} training images, batch "
+                        f"{batch_size}, {config.fine_tune.epochs} epochs); a smaller --batch-size "
+                        "or more --epochs gives it more")
+    report = RepairReport(
+        model={"path": str(loaded.path), "sha256": loaded.sha256},
+        config={**asdict(config.fine_tune), "allow_regrowth": config.allow_regrowth, "holdout": config.holdout,
+                "tolerance": config.tolerance, "device_used": device, **preprocessing.to_dict(),
+                "flip_decision": flip_info, "unlearning": unlearning, "steps": steps, "batch_size_used": batch_size,
+                "scan": scan_report.config if scan_report else None},
+        flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
+        data={"images": len(dataset), "train": len(train), "holdout": len(holdout), "source": dataset.source},
+        accuracy=accuracy, epochs=[record.to_dict() for record in history], verification=verification,
+        regrowth=regrowth(bridge, removed) if config.allow_regrowth else None, warnings=warnings,
+        timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned, 3),
+                "total_s": round(time.perf_counter() - started, 3)},
+    )
+    return RepairResult(repaired, report, scan_report)
