@@ -51,3 +51,15 @@ def publish(rows: list[dict], header: list[str], name: str) -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def model_paths(name: str):
+    """(label, model path, defender data) for every model of ``name``: ``sample`` or ``cifar10_<attack>``."""
+    if name == "sample":
+        for attack in ("clean", "badnets", "blended"):
+            yield f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz"
+        return
+    import cifar_models
+
+    folder = cifar_models.build(name.removeprefix("cifar10_")).parent
+    yield name, folder / "model.onnx", folder / "defender.npz"

@@ -21,8 +21,10 @@ _EXPORTS = {
     "summarize": "inspection", "ModelSummary": "inspection",
     "ScanConfig": "scan", "ScanReport": "report", "MaskedModel": "masked",
     "trigger_response": "oracle",
+    "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
+    "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",
     "FmtAuditError": "errors", "ModelLoadError": "errors", "UnsupportedModelError": "errors",
-    "DataError": "errors", "DeviceError": "errors", "BridgeError": "errors",
+    "DataError": "errors", "DeviceError": "errors", "BridgeError": "errors", "RepairError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
