@@ -73,7 +73,8 @@ def peak_rss_mib() -> float:
 
 
 def main() -> None:
-    parser = arguments(__doc__, "gradient,mask", 256)
+    # methods: gradient (candidates in ONNX Runtime), gradient-torch (in the torch module), mask
+    parser = arguments(__doc__, "gradient,gradient-torch,mask", 256)
     args = parser.parse_args()
 
     from fmt_audit.bridge import to_torch
@@ -94,8 +95,10 @@ def main() -> None:
                      "feature maps/s": round(channels / baseline, 1), "speed-up": 1.0, "max |Δ acc|": 0.0,
                      "peak RSS MiB": round(peak_rss_mib())})
         print(json.dumps(rows[-1]), flush=True)
-        for mode in args.presets.split(","):
-            config = ScanConfig.from_preset("paper", mode=mode, samples=len(data), seed=args.seed, device="cpu")
+        for method in args.presets.split(","):
+            mode, _, predict_with = method.partition("-")
+            config = ScanConfig.from_preset("paper", mode=mode, samples=len(data), seed=args.seed, device="cpu",
+                                            predict_with=predict_with or "onnxruntime")
             started = time.perf_counter()
             report = scan(loaded, data, config)
             seconds = time.perf_counter() - started
@@ -103,7 +106,7 @@ def main() -> None:
             if mode == "gradient":
                 got = np.concatenate([np.asarray(layer.scores) for layer in report.layers])
                 difference = float(np.abs(got - expected).max())
-            rows.append({**base, "method": f"fmt-audit {mode}", "time s": round(seconds, 2),
+            rows.append({**base, "method": f"fmt-audit {method}", "time s": round(seconds, 2),
                          "feature maps/s": round(channels / seconds, 1), "speed-up": round(baseline / seconds, 1),
                          "max |Δ acc|": difference, "peak RSS MiB": round(peak_rss_mib())})
             print(json.dumps(rows[-1]), flush=True)

@@ -20,6 +20,7 @@ from .scores import ChannelScores
 from .selection import SELECTIONS, select
 
 MODES = ("gradient", "mask")
+PREDICTORS = ("onnxruntime", "torch")
 SCORES = ("accuracy", "shift")
 AUTO = "auto"
 # eps values tried by calibration, in [0,1] pixel space (the published 0.06 among them)
@@ -47,6 +48,7 @@ class ScanConfig:
     seed: int = 0
     max_batch: int = 2048
     preset: str = "default"
+    predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,6 +73,8 @@ class ScanConfig:
             raise ConfigError(f"calibration_drop must be in (0, 1); got {self.calibration_drop}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.predict_with not in PREDICTORS:
+            raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1; got {self.max_batch}")
         if self.preset not in PRESETS:
@@ -119,19 +123,19 @@ class _Scanner:
         self.config = config
         self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
         preprocessing = config.preprocessing
+        from .masked import MaskedModel
+
+        # both modes predict through ONNX Runtime: gradient mode's candidate batches too
+        self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
+        self.provider = self.masked.provider
         if config.mode == "gradient":
             from .bridge import to_torch, torch_device
 
             self.device = torch_device(config.device)
             self.bridge = to_torch(loaded.proto)
-            self.provider = None
         else:
-            from .masked import MaskedModel
-
-            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
             self.bridge = None
             self.device = self.masked.session.device
-            self.provider = self.masked.provider
         self.dataset = dataset
 
     def tester(self, eps: float | None = None):
@@ -143,7 +147,8 @@ class _Scanner:
 
             settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed, config.max_batch)
             return FeatureMapTester(self.bridge, self.dataset.x, self.dataset.y, self.num_classes,
-                                    config.preprocessing, settings, self.device)
+                                    config.preprocessing, settings, self.device,
+                                    predictor=self.masked.predict if config.predict_with == "onnxruntime" else None)
         from .mask_testing import MaskTestConfig, MaskTester
 
         return MaskTester(self.masked, self.dataset.x, self.dataset.y, self.num_classes,

@@ -243,3 +243,15 @@ def test_cli_scan_bad_method_options_exit_2(extra, message):
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.count("\n") == 1
+
+
+def test_candidate_batches_score_the_same_in_onnxruntime_and_torch():
+    """Gradient mode predicts its candidates through ORT by default; the torch module must agree."""
+    config = ScanConfig.from_preset("paper", samples=32, skip_layers="block", seed=2)
+    by_ort = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config)
+    by_torch = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz",
+                    ScanConfig.from_preset("paper", samples=32, skip_layers="block", seed=2, predict_with="torch"))
+    assert [layer.scores for layer in by_ort.layers] == [layer.scores for layer in by_torch.layers]
+    assert by_ort.config["predict_with"] == "onnxruntime" and by_torch.config["predict_with"] == "torch"
+    with pytest.raises(ConfigError, match="predict_with"):
+        ScanConfig(predict_with="tensorflow")
