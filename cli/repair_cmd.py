@@ -54,6 +54,8 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
     if report_path:
         check_output_path(report_path, inputs=[*inputs, output])
     flagged = ScanReport.read(from_report) if from_report else None
+    if flagged is not None:
+        config = inherit_preprocessing(config, flagged)
     progress = ProgressLine() if sys.stderr.isatty() else None
     result = run_repair(model, data, settings, config, flagged=flagged, progress=progress,
                         on_epoch=_echo_epoch if sys.stderr.isatty() else None)
@@ -71,3 +73,20 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
 def _echo_epoch(record) -> None:
     held = "" if record.holdout_accuracy is None else f", holdout accuracy {record.holdout_accuracy:.4f}"
     click.echo(f"epoch {record.epoch}: loss {record.loss:.4f}, train accuracy {record.accuracy:.4f}{held}", err=True)
+
+
+def inherit_preprocessing(config, report):
+    """The scan report's --mean/--std when none are given; refuse different ones (the channels were
+    chosen on the model fed that way)."""
+    from dataclasses import replace
+
+    from fmt_audit.errors import ConfigError
+
+    saved = (report.config.get("mean"), report.config.get("std"))
+    saved = tuple(tuple(v) if v else None for v in saved)
+    if config.mean is None and saved[0] is not None:
+        return replace(config, mean=saved[0], std=saved[1])
+    if (config.mean, config.std) != saved:
+        raise ConfigError(f"--mean/--std differ from the scan report's ({saved[0]}, {saved[1]}); "
+                          "give the same values or leave them out")
+    return config

@@ -224,6 +224,20 @@ def test_cli_repair_from_report_and_evaluate(tmp_path):
     assert metrics["baseline"]["metrics"]["asr"] == pytest.approx(1.0) and 0 <= metrics["der"] <= 1
 
 
+def test_cli_repair_takes_the_reports_normalisation(tmp_path):
+    model, data = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
+    scanned = _invoke("scan", model, "--data", data, "--samples", 32, "--mean", "0.1", "--std", "0.9",
+                      "-o", tmp_path / "scan.json")
+    assert scanned.exit_code == 0, scanned.output
+    common = ["repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 0,
+              "-o", tmp_path / "r.onnx", "--report", tmp_path / "r.json"]
+    assert _invoke(*common).exit_code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["mean"] == [0.1] and report["config"]["std"] == [0.9]
+    refused = _invoke(*common, "--mean", "0.2", "--std", "0.9")
+    assert refused.exit_code == 2 and "differ from the scan report" in refused.output
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["repair", "{model}", "--data", "{data}", "-o", "{model}"], "refusing to overwrite the input"),
     (["repair", "{model}", "--data", "{data}", "-o", "{tmp}/r.onnx", "--from-report", "{data}"], "scan report"),
