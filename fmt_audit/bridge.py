@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
 from .data import Dataset, Preprocessing
 from .errors import BridgeError, DeviceError
-from .graph import constant_tensors, conv_layers, opset_version, with_node_names
+from .graph import batchnorm_after, constant_tensors, conv_layers, opset_version, with_node_names
 
 
 @dataclass(frozen=True)
@@ -212,19 +212,16 @@ def to_torch(model: onnx.ModelProto) -> TorchBridge:
         if mapping is not None and mapping.outputs:
             by_output[mapping.outputs[0]] = (prefix, sub)
     sources = _sources_by_node(prepared, by_output)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in prepared.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    layers = conv_layers(with_node_names(model))
+    norms = batchnorm_after(prepared.graph, layers)     # value names survive the preparation
     conv_modules, channel_modules = {}, {}
-    for layer in conv_layers(with_node_names(model)):
+    for layer in layers:
         if layer.output not in by_output:
             raise BridgeError(f"Conv {layer.name!r} was not converted to a PyTorch layer")
         conv_modules[layer.name] = channel_modules[layer.name] = by_output[layer.output][1]
-        following = consumers.get(layer.output, [])
-        if (len(following) == 1 and following[0].op_type == "BatchNormalization"
-                and following[0].output[0] in by_output):
-            channel_modules[layer.name] = by_output[following[0].output[0]][1]
+        norm = norms.get(layer.name)
+        if norm is not None and norm.output[0] in by_output:
+            channel_modules[layer.name] = by_output[norm.output[0]][1]
     return TorchBridge(module=module.eval(), sources=sources, conv_modules=conv_modules, steps=steps,
                        channel_modules=channel_modules)
 

@@ -53,16 +53,14 @@ def defense_effectiveness(before: Metrics, after: Metrics) -> float:
     return (max(0.0, before.asr - after.asr) - max(0.0, before.acc - after.acc) + 1) / 2
 
 
-def predict(loaded: LoadedModel, x: np.ndarray, preprocessing: Preprocessing | None = None,
-            device: str = "auto", batch_size: int = 256) -> tuple[np.ndarray, str]:
-    """Top-1 predictions of the unmodified model for [0, 1] images, and the ORT provider used."""
-    from .runtime import create_session, run_batched
+def logits(session, loaded: LoadedModel, x: np.ndarray, preprocessing: Preprocessing | None = None,
+           batch_size: int = 256) -> np.ndarray:
+    """The model's logits (first output) for [0, 1] images, run by ``session`` as the graph stands."""
+    from .runtime import run_batched
 
-    session = create_session(loaded.proto, device)
     x = (preprocessing or Preprocessing()).apply(x).astype(np.float32, copy=False)
-    logits = run_batched(session, loaded.image_input.name, x, batch_size, fixed_batch=loaded.image_input.batch,
-                         outputs=[loaded.proto.graph.output[0].name])[0]
-    return logits.argmax(1), session.provider
+    return run_batched(session, loaded.image_input.name, x, batch_size, fixed_batch=loaded.image_input.batch,
+                       outputs=[loaded.proto.graph.output[0].name])[0]
 
 
 @dataclass
@@ -101,13 +99,15 @@ class Evaluation:
 
 def _metrics(loaded: LoadedModel, clean: Dataset, poisoned: Dataset | None, target: int | None,
              preprocessing: Preprocessing, device: str) -> tuple[Metrics, str]:
-    predicted, provider = predict(loaded, clean.x, preprocessing, device)
-    acc = float((predicted == clean.y).mean())
+    from .runtime import create_session
+
+    session = create_session(loaded.proto, device)
+    acc = float((logits(session, loaded, clean.x, preprocessing).argmax(1) == clean.y).mean())
     if poisoned is None:
-        return Metrics(acc, None, None, len(clean), 0), provider
-    triggered, _ = predict(loaded, poisoned.x, preprocessing, device)
+        return Metrics(acc, None, None, len(clean), 0), session.provider
+    triggered = logits(session, loaded, poisoned.x, preprocessing).argmax(1)
     asr, ra, n = attack_metrics(triggered, poisoned.y, target)
-    return Metrics(acc, asr, ra, len(clean), n), provider
+    return Metrics(acc, asr, ra, len(clean), n), session.provider
 
 
 def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,

@@ -9,7 +9,7 @@ Removed channels stay removed: a forward hook multiplies each removed channel's
 output by 0 — at the BatchNormalization that follows the Conv when there is one,
 else at the Conv — so no gradient reaches the channel's filter, bias or BN
 parameters and their zeroed values do not move. The reference implementation
-lets them regrow; ``hold_removed=False`` reproduces that for comparison.
+lets them regrow; training outside :func:`removed_held_at_zero` reproduces that.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def flip_decision(classifier: BridgedClassifier, data: Dataset, setting: str) ->
     :data:`FLIP_TOLERANCE` of the original accuracy.
     """
     if setting != "auto":
-        return setting == "on", {"setting": setting}
+        return setting == "on", {"setting": setting, "flip": setting == "on"}
     original = classifier.accuracy(data)
     mirrored = classifier.accuracy(Dataset(np.ascontiguousarray(data.x[..., ::-1]), data.y))
     use = mirrored >= original - FLIP_TOLERANCE
@@ -174,7 +174,7 @@ def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneCon
     A last batch of a single image is dropped (BatchNorm cannot train on it).
     """
     module = classifier.module
-    parameters = [p for p in module.parameters()]
+    parameters = list(module.parameters())
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)

@@ -63,6 +63,21 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
     return None
 
 
+def batchnorm_after(graph: onnx.GraphProto, layers: Sequence[ConvLayer]) -> dict[str, onnx.NodeProto]:
+    """Per Conv layer, the BatchNormalization node that is its output's only consumer (layers without one
+    are left out): the node whose scale and shift, with the Conv's filter and bias, make up a channel."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out = {}
+    for layer in layers:
+        following = consumers.get(layer.output, [])
+        if len(following) == 1 and following[0].op_type == "BatchNormalization":
+            out[layer.name] = following[0]
+    return out
+
+
 def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Tensors stored in the graph: initializers and Constant-node values, by value name."""
     tensors = {init.name: init for init in graph.initializer}

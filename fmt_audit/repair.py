@@ -26,15 +26,17 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
+from .bridge import BridgedClassifier, TorchBridge, to_torch, torch_device, write_back
 from .data import Dataset, load_data
 from .errors import ConfigError, RepairError
 from .finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
-from .graph import constant_tensors, conv_layers, with_node_names
+from .graph import batchnorm_after, constant_tensors, conv_layers, with_node_names
 from .loading import LoadedModel, load_model
 from .report import RepairReport, ScanReport
-from .scan import ScanConfig
+from .scan import ScanConfig, calibrated_eps, scan
 from .testing import FeatureMapPerturbation
 
 ChannelSet = Mapping[str, Sequence[int]]
@@ -102,18 +104,11 @@ def channel_tensors(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Per Conv layer, the stored tensors whose slice along axis 0 makes up a channel's output:
     the Conv weight and bias, and the scale and shift of a BatchNormalization that directly follows."""
     named = with_node_names(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in named.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    out = {}
-    for layer in conv_layers(named):
-        tensors = [layer.weight] + ([layer.bias] if layer.bias else [])
-        following = consumers.get(layer.output, [])
-        if len(following) == 1 and following[0].op_type == "BatchNormalization":
-            tensors += list(following[0].input[1:3])
-        out[layer.name] = tensors
-    return out
+    layers = conv_layers(named)
+    norms = batchnorm_after(named.graph, layers)
+    return {layer.name: [layer.weight] + ([layer.bias] if layer.bias else [])
+            + (list(norms[layer.name].input[1:3]) if layer.name in norms else [])
+            for layer in layers}
 
 
 def nonzero_removed(model: onnx.ModelProto, removed: ChannelSet) -> list[str]:
@@ -133,10 +128,8 @@ def nonzero_removed(model: onnx.ModelProto, removed: ChannelSet) -> list[str]:
     return problems
 
 
-def remove_channels(bridge, removed: ChannelSet) -> None:
+def remove_channels(bridge: TorchBridge, removed: ChannelSet) -> None:
     """Zero the removed channels' parameters in the bridged module (filter, bias, following BN scale/shift)."""
-    import torch
-
     with torch.no_grad():
         for layer, channels in removed.items():
             index = list(channels)
@@ -150,20 +143,18 @@ def remove_channels(bridge, removed: ChannelSet) -> None:
                 norm.bias[index] = 0
 
 
-def verify(repaired: onnx.ModelProto, classifier, loaded: LoadedModel, x: np.ndarray, removed: ChannelSet,
-           device: str, tolerance: float, expect_zero: bool) -> dict:
+def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, loaded: LoadedModel, x: np.ndarray,
+           removed: ChannelSet, device: str, tolerance: float, expect_zero: bool) -> dict:
     """Check the repaired graph; :class:`RepairError` with the reason if it fails."""
-    from .runtime import create_session, run_batched
+    from .evaluation import logits
+    from .runtime import create_session
 
     try:
         onnx.checker.check_model(repaired, full_check=True)
     except Exception as error:
         raise RepairError(f"the repaired model fails the ONNX checker: {str(error).splitlines()[0]}") from error
     session = create_session(repaired, device)
-    image = loaded.image_input
-    preprocess = classifier.preprocessing.apply
-    ort_logits = run_batched(session, image.name, preprocess(x), fixed_batch=image.batch,
-                             outputs=[repaired.graph.output[0].name])[0]
+    ort_logits = logits(session, loaded, x, classifier.preprocessing)   # same inputs and outputs as loaded
     torch_logits = classifier.logits(x)
     difference = float(np.abs(ort_logits - torch_logits).max())
     allowed = tolerance * max(1.0, float(np.abs(torch_logits).max()))
@@ -178,7 +169,7 @@ def verify(repaired: onnx.ModelProto, classifier, loaded: LoadedModel, x: np.nda
             "removed_exactly_zero": expect_zero}
 
 
-def regrowth(bridge, removed: ChannelSet) -> dict[str, list[float]]:
+def regrowth(bridge: TorchBridge, removed: ChannelSet) -> dict[str, list[float]]:
     """L2 norm of each removed channel's filter after fine-tuning (non-zero only when regrowth is allowed)."""
     return {layer: [round(float(bridge.conv_weights(layer).weight[c].norm()), 6) for c in channels]
             for layer, channels in removed.items()}
@@ -187,8 +178,6 @@ def regrowth(bridge, removed: ChannelSet) -> dict[str, list[float]]:
 def unlearning_eps(config: RepairConfig, scanned, loaded: LoadedModel, train: Dataset,
                  scan_config: ScanConfig) -> tuple[float, list[dict], str]:
     """The unlearning eps, its calibration trace, and where it came from."""
-    from .scan import calibrated_eps
-
     if config.unlearn_eps != "auto":
         return float(config.unlearn_eps), [], "given"
     if isinstance(scanned, ScanReport) and scanned.config.get("mode") == "gradient":
@@ -210,9 +199,6 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     scan with ``scan_config`` on the training part of the data first.
     ``progress`` is passed to that scan; ``on_epoch`` gets each epoch's record.
     """
-    from .bridge import BridgedClassifier, to_torch, torch_device, write_back
-    from .scan import scan
-
     config = config or RepairConfig()
     scan_config = scan_config or ScanConfig()
     started = time.perf_counter()

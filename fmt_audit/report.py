@@ -159,7 +159,7 @@ class RepairReport:
         lines += [f"  {name}: {', '.join(map(str, channels))}" for name, channels in self.flagged.items()]
         lines.append(f"fine-tuned   {c['epochs']} epochs, {c['steps']} steps, batch {c['batch_size_used']}, "
                      f"lr {c['lr']} -> {c['final_lr']}, augment {'on' if c['augment'] else 'off'}, "
-                     f"flip {'on' if c['flip_decision'].get('flip', c['flip_decision']['setting'] == 'on') else 'off'}"
+                     f"flip {'on' if c['flip_decision']['flip'] else 'off'}"
                      f"{', channels free to regrow' if c['allow_regrowth'] else ''}")
         unlearning = c.get("unlearning") or {}
         if unlearning.get("eps") is not None:

@@ -125,9 +125,11 @@ class _Scanner:
         preprocessing = config.preprocessing
         from .masked import MaskedModel
 
-        # both modes predict through ONNX Runtime: gradient mode's candidate batches too
-        self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
-        self.provider = self.masked.provider
+        # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
+        self.masked = None
+        if config.mode == "mask" or config.predict_with == "onnxruntime":
+            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
+        self.provider = self.masked.provider if self.masked else None
         if config.mode == "gradient":
             from .bridge import to_torch, torch_device
 
@@ -148,7 +150,7 @@ class _Scanner:
             settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed, config.max_batch)
             return FeatureMapTester(self.bridge, self.dataset.x, self.dataset.y, self.num_classes,
                                     config.preprocessing, settings, self.device,
-                                    predictor=self.masked.predict if config.predict_with == "onnxruntime" else None)
+                                    predictor=self.masked.predict if self.masked else None)
         from .mask_testing import MaskTestConfig, MaskTester
 
         return MaskTester(self.masked, self.dataset.x, self.dataset.y, self.num_classes,

@@ -41,7 +41,7 @@ class GradientTestConfig:
     alpha: float = 0.02
     steps: int = 1
     seed: int = 0
-    max_batch: int = 2048   # images per forward/backward chunk (replicas x samples)
+    max_batch: int = 2048   # candidate images per prediction call (2 per channel x samples)
 
 
 def layer_output(classifier: BridgedClassifier, layer: str, x: torch.Tensor) -> torch.Tensor:
@@ -74,33 +74,31 @@ class FeatureMapTester:
     def __init__(self, bridge: TorchBridge, x: np.ndarray, y: np.ndarray, num_classes: int,
                  preprocessing: Preprocessing, config: GradientTestConfig, device: str = "cpu",
                  predictor: Callable[[np.ndarray], np.ndarray] | None = None):
-        self.bridge = bridge
         # top-1 predictions for [0, 1] images, e.g. MaskedModel.predict (ONNX Runtime runs
         # the candidate batches 2-4x faster than the torch module on a CPU); None: the module
         self.predictor = predictor
-        self.module = bridge.module.eval().to(device)
-        for parameter in self.module.parameters():
+        self.classifier = BridgedClassifier(bridge, preprocessing, device)
+        self.classifier.module.eval()
+        for parameter in self.classifier.module.parameters():
             parameter.requires_grad_(False)
-        self.device = device
         self.config = config
         self.x = torch.from_numpy(x).to(device)
         self.labels = y
         self.num_classes = num_classes
         self.x0 = torch.from_numpy(random_start(x, config.alpha, config.seed)).to(device)
-        self.classifier = BridgedClassifier(bridge, preprocessing, device)
 
     def features(self, layer: str, x: torch.Tensor) -> torch.Tensor:
         """The Conv layer's output for pixel-space images ``x``; the forward stops there."""
         return layer_output(self.classifier, layer, x)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
-        """``[replicas, N]`` top-1 predictions (x holds whole replicas of the batch)."""
+        """``[k, N]`` top-1 predictions (x holds k candidate batches of the N images, one after another)."""
         if self.predictor is not None:
             return self.predictor(x.detach().cpu().numpy()).reshape(-1, len(self.labels))
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), self.config.max_batch):
-                out.append(self.module(self.classifier.normalize(x[start:start + self.config.max_batch])).argmax(1))
+                out.append(self.classifier(x[start:start + self.config.max_batch]).argmax(1))
         return torch.cat(out).view(-1, len(self.labels)).cpu().numpy()
 
     def clean_accuracy(self) -> float:
