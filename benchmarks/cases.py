@@ -54,7 +54,13 @@ def publish(rows: list[dict], header: list[str], name: str) -> None:
 
 
 def model_paths(name: str):
-    """(label, model path, defender data) for every model of ``name``: ``sample`` or ``cifar10_<attack>``."""
+    """(label, model path, defender data) for every model of ``name``: ``sample``, ``cifar10_<attack>``
+    or an architecture of ``architectures.py`` (random weights)."""
+    import architectures
+
+    if name in architectures.ARCHITECTURES:
+        yield from architectures.model_paths(name)
+        return
     if name == "sample":
         for attack in ("clean", "badnets", "blended"):
             yield f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz"

@@ -1,12 +1,16 @@
 """``fmt-audit`` entry point: the command group and the error policy.
 
 Exit codes: 0 success; 2 usage or input error (one line on stderr); 3 internal
-error. ``--debug`` shows the traceback instead.
+error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM) — neither leaves a
+partial output file. ``--debug`` shows the traceback instead of the one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -14,6 +18,33 @@ from fmt_audit.errors import FmtAuditError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``, atomic writes) runs as for Ctrl-C."""
+
+
+def _raise_terminated(_signum, _frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (messages quoting other tools can run long)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 class AuditGroup(click.Group):
@@ -21,23 +52,26 @@ class AuditGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _sigterm_raises():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except FmtAuditError as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {one_line(error)}", err=True)
             ctx.exit(EXIT_INPUT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except Exception as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            first = str(error).splitlines()[0] if str(error) else ""
-            click.echo(f"internal error: {type(error).__name__}: {first} (rerun with --debug for the traceback)",
-                       err=True)
+            click.echo(f"internal error: {type(error).__name__}: {one_line(error)} "
+                       "(rerun with --debug for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL_ERROR)
 
 

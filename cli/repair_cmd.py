@@ -39,6 +39,7 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
            unlearn_eps: str, holdout: float, report_path: str | None, **options) -> None:
     """Remove MODEL's flagged channels, fine-tune it on clean data, and write the repaired model."""
     from fmt_audit.finetune import FineTuneConfig
+    from fmt_audit.loading import model_files
     from fmt_audit.outputs import check_output_path, write_atomic
     from fmt_audit.repair import RepairConfig
     from fmt_audit.repair import repair as run_repair
@@ -49,7 +50,7 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
                                            augment=not no_augment, flip=flip, seed=config.seed),
                             allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn,
                             unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"))
-    inputs = [model, data, *([from_report] if from_report else [])]
+    inputs = [*model_files(model), data, *([from_report] if from_report else [])]
     check_output_path(output, inputs=inputs)
     if report_path:
         check_output_path(report_path, inputs=[*inputs, output])

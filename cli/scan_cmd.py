@@ -33,6 +33,9 @@ SCAN_OPTIONS = [
     click.option("--std", default=None, help="Per-channel std the model expects."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]"),
     click.option("--seed", type=int, default=None, help="[default: 0]"),
+    click.option("--max-memory", default=None, metavar="SIZE",
+                 help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); "
+                      "batch sizes follow from it.  [default: half of what is free]"),
 ]
 
 
@@ -55,13 +58,32 @@ def parse_eps(eps: str | None, option: str = "--eps") -> float | str | None:
         raise ConfigError(f"{option} must be 'auto' or a number in (0, 1]; got {eps!r}") from None
 
 
-def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None, **options):
+SIZE_UNITS = {"K": 2**-10, "M": 1.0, "G": 2**10, "T": 2**20}
+
+
+def parse_size(text: str | None, option: str = "--max-memory") -> float | None:
+    """'512M', '4G', '1.5g', '800' (MiB) as MiB; the library checks that it is positive."""
+    from fmt_audit.errors import ConfigError
+
+    if text is None:
+        return None
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = SIZE_UNITS.get(value[-1:], None)
+    try:
+        return float(value[:-1] if unit else value) * (unit or 1.0)
+    except ValueError:
+        raise ConfigError(f"{option} must be a size such as 512M or 4G; got {text!r}") from None
+
+
+def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None, max_memory: str | None = None,
+                **options):
     """A ScanConfig from the scan options, validated by the library."""
     from fmt_audit.data import parse_channel_values
     from fmt_audit.scan import ScanConfig
 
     return ScanConfig.from_preset(preset, eps=parse_eps(eps), mean=parse_channel_values(mean, "--mean"),
-                                  std=parse_channel_values(std, "--std"), **options)
+                                  std=parse_channel_values(std, "--std"), max_memory=parse_size(max_memory),
+                                  **options)
 
 
 @click.command()
@@ -70,12 +92,13 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str), help="Write the JSON report here.")
 def scan(model: str, data: str, output: str | None, **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
+    from fmt_audit.loading import model_files
     from fmt_audit.outputs import check_output_path, write_atomic
     from fmt_audit.scan import scan as run_scan
 
     config = scan_config(**options)
     if output:
-        check_output_path(output, inputs=[model, data])
+        check_output_path(output, inputs=[*model_files(model), data])
     progress = ProgressLine() if sys.stderr.isatty() else None
     report = run_scan(model, data, config, progress=progress)
     if progress:

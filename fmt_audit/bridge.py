@@ -121,6 +121,36 @@ def _lift_constants(model: onnx.ModelProto) -> int:
     return lifted
 
 
+def _stored_identities(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Identity nodes that copy a stored tensor, by output name.
+
+    torch's exporter writes a tensor once and gives every further use an Identity
+    of it (e.g. the equal biases of freshly folded BatchNorms); onnx2torch reads a
+    Conv's or Gemm's parameters only from initializers.
+    """
+    stored = constant_tensors(graph)
+    outputs = {value.name for value in graph.output}
+    return {node.output[0]: node for node in graph.node
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input
+            and node.input[0] in stored and node.output[0] not in outputs}
+
+
+def _materialize_identity(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
+    """Replace ``node`` (an Identity of a stored tensor) by an initializer of its output's name."""
+    copy = onnx.TensorProto()
+    copy.CopyFrom(constant_tensors(graph)[node.input[0]])
+    copy.name = node.output[0]
+    graph.initializer.append(copy)
+    graph.node.remove(node)
+
+
+def _inline_identities(model: onnx.ModelProto) -> int:
+    identities = _stored_identities(model.graph)
+    for node in identities.values():
+        _materialize_identity(model.graph, node)
+    return len(identities)
+
+
 def _relax_allowzero(model: onnx.ModelProto) -> int:
     """Set Reshape ``allowzero`` to 0 where the target shape is constant and has no 0.
 
@@ -144,6 +174,8 @@ def prepare_for_torch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     steps: list[str] = []
     if lifted := _lift_constants(prepared):
         steps.append(f"lifted {lifted} Constant tensors to initializers")
+    if inlined := _inline_identities(prepared):
+        steps.append(f"made {inlined} Identity copies of stored tensors initializers")
     opset = opset_version(prepared) or 0
     if opset > MAX_BRIDGE_OPSET and (needing := unsupported_ops(prepared, downconvert=False)):
         try:
@@ -235,11 +267,15 @@ def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProt
     updated = onnx.ModelProto()
     updated.CopyFrom(original)
     slots = constant_tensors(updated.graph)
+    identities = _stored_identities(updated.graph)
     state = bridge.module.state_dict()
     for key, source in bridge.sources.items():
         value = _array(state[key])
         if value.shape == source.original.shape and np.array_equal(value, source.original):
             continue
+        if source.tensor not in slots and source.tensor in identities:   # the copy gets its own values
+            _materialize_identity(updated.graph, identities.pop(source.tensor))
+            slots = constant_tensors(updated.graph)
         slot = slots.get(source.tensor)
         if slot is None:
             raise BridgeError(f"tensor {source.tensor!r} (for {key}) is not stored in the original graph")

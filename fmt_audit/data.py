@@ -9,7 +9,6 @@ at the last moment, never twice.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,7 @@ def _to_nchw_unit(x: np.ndarray, where: str) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise DataError(f"{where}: images contain NaN or Inf")
-        if x.min() < 0 or x.max() > 1:
+        if x.size and (x.min() < 0 or x.max() > 1):
             raise DataError(f"{where}: float images must lie in [0, 1] (uint8 for 0..255); "
                             f"got values in [{x.min():.3g}, {x.max():.3g}]")
         return x
@@ -136,20 +135,31 @@ def load_npz(path: Path) -> Dataset:
             x, y = archive["x"], archive["y"]
     except DataError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as error:
+    except MemoryError:
+        raise DataError(f"{path}: the arrays it declares do not fit in memory") from None
+    except Exception as error:  # any failure to parse an untrusted file (zip, zlib, header) is the file's fault
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "pickle" in message.lower():
             message = "it holds object arrays, which are refused (no pickle)"
         raise DataError(f"{path} is not a readable .npz data file: {message}") from error
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: 'y' must be a 1-D integer label array; got {y.dtype} shape {y.shape}")
+    x = _to_nchw_unit(x, str(path))
     if len(x) != len(y):
         raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
-    return Dataset(_to_nchw_unit(x, str(path)), y.astype(np.int64), str(path))
+    return Dataset(x, y.astype(np.int64), str(path))
 
 
 def load_image_folder(root: Path, channels: int, size: tuple[int, int]) -> Dataset:
     """ImageFolder layout ``root/<class>/<image>``; class index = position of the sorted folder name."""
+
+    try:
+        return _read_image_folder(root, channels, size)
+    except OSError as error:    # a folder that cannot be listed: permissions, a broken link
+        raise DataError(f"cannot read the image folder {root}: {error.strerror or error}") from error
+
+
+def _read_image_folder(root: Path, channels: int, size: tuple[int, int]) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
@@ -170,7 +180,7 @@ def load_image_folder(root: Path, channels: int, size: tuple[int, int]) -> Datas
                     if image.size != (width, height):
                         image = image.resize((width, height), Image.BILINEAR)
                     pixels = np.asarray(image, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as error:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
                 raise DataError(f"cannot read image {file}: {str(error).splitlines()[0]}") from error
             images.append(pixels if pixels.ndim == 3 else pixels[:, :, None])
             labels.append(label)

@@ -53,16 +53,6 @@ def defense_effectiveness(before: Metrics, after: Metrics) -> float:
     return (max(0.0, before.asr - after.asr) - max(0.0, before.acc - after.acc) + 1) / 2
 
 
-def logits(session, loaded: LoadedModel, x: np.ndarray, preprocessing: Preprocessing | None = None,
-           batch_size: int = 256) -> np.ndarray:
-    """The model's logits (first output) for [0, 1] images, run by ``session`` as the graph stands."""
-    from .runtime import run_batched
-
-    x = (preprocessing or Preprocessing()).apply(x).astype(np.float32, copy=False)
-    return run_batched(session, loaded.image_input.name, x, batch_size, fixed_batch=loaded.image_input.batch,
-                       outputs=[loaded.proto.graph.output[0].name])[0]
-
-
 @dataclass
 class Evaluation:
     model: dict
@@ -99,15 +89,15 @@ class Evaluation:
 
 def _metrics(loaded: LoadedModel, clean: Dataset, poisoned: Dataset | None, target: int | None,
              preprocessing: Preprocessing, device: str) -> tuple[Metrics, str]:
-    from .runtime import create_session
+    from .runtime import OrtClassifier
 
-    session = create_session(loaded.proto, device)
-    acc = float((logits(session, loaded, clean.x, preprocessing).argmax(1) == clean.y).mean())
+    classifier = OrtClassifier(loaded.proto, device, preprocessing)
+    acc = float((classifier.predict(clean.x) == clean.y).mean())
     if poisoned is None:
-        return Metrics(acc, None, None, len(clean), 0), session.provider
-    triggered = logits(session, loaded, poisoned.x, preprocessing).argmax(1)
+        return Metrics(acc, None, None, len(clean), 0), classifier.provider
+    triggered = classifier.predict(poisoned.x)
     asr, ra, n = attack_metrics(triggered, poisoned.y, target)
-    return Metrics(acc, asr, ra, len(clean), n), session.provider
+    return Metrics(acc, asr, ra, len(clean), n), classifier.provider
 
 
 def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,

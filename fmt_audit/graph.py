@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from .errors import UnsupportedModelError
@@ -23,6 +24,9 @@ FLOAT_TYPES = {
 }
 
 Dim = int | str | None  # a static size, a symbolic name, or unknown
+# a fixed batch beyond this is not a deployment choice but a broken or hostile model
+# (every call would be padded to it)
+MAX_FIXED_BATCH = 4096
 
 
 def node_names(graph: onnx.GraphProto) -> list[str]:
@@ -87,6 +91,23 @@ def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     tensors[node.output[0]] = attr.t
     return tensors
+
+
+def nonfinite_weights(graph: onnx.GraphProto) -> list[str]:
+    """Names of stored floating-point tensors that hold NaN or Inf (a broken or tampered model)."""
+    from onnx import numpy_helper
+
+    found = []
+    for name, tensor in constant_tensors(graph).items():
+        if tensor.data_type not in FLOAT_TYPES:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception:   # a malformed tensor: the checker's business, not this query's
+            continue
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            found.append(name)
+    return found
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
@@ -173,6 +194,13 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
     if len(images) > 1:
         names = ", ".join(spec.name for spec in images)
         raise UnsupportedModelError(f"several image inputs ({names}); expected exactly one")
+    bad = [d for d in images[0].shape if isinstance(d, int) and d <= 0]
+    if bad:
+        raise UnsupportedModelError(f"the image input {images[0].name!r} declares shape {list(images[0].shape)}; "
+                                    "expected positive sizes or symbolic names")
+    if images[0].batch is not None and images[0].batch > MAX_FIXED_BATCH:
+        raise UnsupportedModelError(f"the image input {images[0].name!r} declares a fixed batch of "
+                                    f"{images[0].batch}; expected a free batch dimension or at most {MAX_FIXED_BATCH}")
     if len(inputs) > 1:
         others = ", ".join(v.name for v in inputs if v.name != images[0].name)
         raise UnsupportedModelError(

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .bridge_ops import unsupported_ops
-from .graph import ConvLayer, TensorSpec, constant_tensors, graph_outputs
+from .graph import ConvLayer, TensorSpec, constant_tensors, graph_outputs, nonfinite_weights
 from .loading import LoadedModel
 
 
@@ -31,6 +31,7 @@ class ModelSummary:
     op_counts: dict[str, int]
     bridge_unsupported: list[str]
     external_data: list[str]
+    nonfinite_weights: list[str]
 
     @property
     def conv_channels(self) -> int:
@@ -50,6 +51,7 @@ class ModelSummary:
             "batchnorm": {"nodes": self.batchnorm_nodes, "folded": self.batchnorm_nodes == 0},
             "parameters": self.parameters, "op_counts": self.op_counts,
             "bridge_unsupported_ops": self.bridge_unsupported, "external_data": self.external_data,
+            "nonfinite_weights": self.nonfinite_weights,
         }
 
     def format_text(self, verbose: bool = False) -> str:
@@ -81,6 +83,9 @@ class ModelSummary:
         ]
         if self.external_data:
             lines.append(f"external     {', '.join(self.external_data)}")
+        if self.nonfinite_weights:
+            lines.append(f"warning      NaN or Inf in weights: {', '.join(self.nonfinite_weights[:5])}"
+                         + (f" and {len(self.nonfinite_weights) - 5} more" if len(self.nonfinite_weights) > 5 else ""))
         if verbose:
             lines.append("")
             lines.append(f"{'layer':40s} {'out':>5s} {'in':>5s} {'kernel':>7s} {'stride':>7s} {'groups':>6s}")
@@ -110,5 +115,5 @@ def summarize(model: LoadedModel) -> ModelSummary:
         num_classes=model.num_classes, layers=list(model.layers),
         batchnorm_nodes=op_counts.get("BatchNormalization", 0), parameters=parameters,
         op_counts=dict(sorted(op_counts.items())), bridge_unsupported=unsupported_ops(proto),
-        external_data=list(model.external_data),
+        external_data=list(model.external_data), nonfinite_weights=nonfinite_weights(graph),
     )

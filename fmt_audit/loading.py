@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from .errors import ModelLoadError, UnsupportedModelError
 from .graph import ConvLayer, ImageInput, conv_layers, image_input, num_classes
@@ -64,6 +65,20 @@ def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors_with_data(sub)
 
 
+def _undecodable_text(message) -> str | None:
+    """The first string field that protobuf could not decode as UTF-8 (it then hands back bytes), if any."""
+    for descriptor, value in message.ListFields():
+        values = [value] if isinstance(value, (str, bytes, Message)) else value    # one value or a repeated field
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in values):
+                return descriptor.name
+        elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in values:
+                if (found := _undecodable_text(item)) is not None:
+                    return found
+    return None
+
+
 def _external_location(tensor: onnx.TensorProto) -> str | None:
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
@@ -90,14 +105,32 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> tuple[str, ...]
             raise ModelLoadError(
                 f"external data location {location!r} of tensor {tensor.name!r} is not a plain "
                 "relative path inside the model's folder; refused")
-        resolved = (root / location).resolve()
-        if not resolved.is_relative_to(root):
+        try:
+            resolved = (root / location).resolve()
+            inside, present = resolved.is_relative_to(root), resolved.is_file()
+        except (ValueError, OSError) as error:    # a NUL byte, a name too long for the file system
+            raise ModelLoadError(f"external data location {location!r} of tensor {tensor.name!r} is not a "
+                                 f"usable file name ({_first_line(error)}); refused") from error
+        if not inside:
             raise ModelLoadError(
                 f"external data {location!r} resolves outside the model's folder ({resolved}); refused")
-        if not resolved.is_file():
+        if not present:
             raise ModelLoadError(f"external data file {location!r} (for tensor {tensor.name!r}) is missing")
         locations.append(location)
     return tuple(locations)
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and the external data files it names: what an output must never overwrite.
+
+    Best effort: a model that cannot be parsed is reported by :func:`load_model` later.
+    """
+    path = Path(path)
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+        return [path, *(path.parent / location for location in check_external_data(model, path.parent))]
+    except Exception:
+        return [path]
 
 
 def sha256_of(path: Path) -> str:
@@ -126,6 +159,8 @@ def read_model(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto, tuple[st
         raise ModelLoadError(f"{path} is not an ONNX model (it has no graph nodes)")
     if not model.opset_import:
         raise ModelLoadError(f"{path} is not a valid ONNX model (it imports no opset)")
+    if (field := _undecodable_text(model)) is not None:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (its {field} is not UTF-8 text)")
     external = check_external_data(model, path.parent)
     if external:
         try:

@@ -27,13 +27,18 @@ def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
 def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see a partial file."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as error:
+        raise OutputError(f"cannot write in {path.parent or '.'}: {error.strerror or error}") from error
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:     # Ctrl-C and SIGTERM included: no temporary file is left
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
         raise

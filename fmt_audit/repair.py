@@ -31,9 +31,9 @@ from onnx import numpy_helper
 
 from .bridge import BridgedClassifier, TorchBridge, to_torch, torch_device, write_back
 from .data import Dataset, load_data
-from .errors import ConfigError, RepairError
+from .errors import ConfigError, RepairError, UnsupportedModelError
 from .finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
-from .graph import batchnorm_after, constant_tensors, conv_layers, with_node_names
+from .graph import batchnorm_after, constant_tensors, conv_layers, nonfinite_weights, with_node_names
 from .loading import LoadedModel, load_model
 from .report import RepairReport, ScanReport
 from .scan import ScanConfig, calibrated_eps, scan
@@ -143,18 +143,17 @@ def remove_channels(bridge: TorchBridge, removed: ChannelSet) -> None:
                 norm.bias[index] = 0
 
 
-def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, loaded: LoadedModel, x: np.ndarray,
+def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarray,
            removed: ChannelSet, device: str, tolerance: float, expect_zero: bool) -> dict:
     """Check the repaired graph; :class:`RepairError` with the reason if it fails."""
-    from .evaluation import logits
-    from .runtime import create_session
+    from .runtime import OrtClassifier
 
     try:
         onnx.checker.check_model(repaired, full_check=True)
     except Exception as error:
         raise RepairError(f"the repaired model fails the ONNX checker: {str(error).splitlines()[0]}") from error
-    session = create_session(repaired, device)
-    ort_logits = logits(session, loaded, x, classifier.preprocessing)   # same inputs and outputs as loaded
+    in_ort = OrtClassifier(repaired, device, classifier.preprocessing)
+    ort_logits = in_ort.logits(x)
     torch_logits = classifier.logits(x)
     difference = float(np.abs(ort_logits - torch_logits).max())
     allowed = tolerance * max(1.0, float(np.abs(torch_logits).max()))
@@ -164,7 +163,7 @@ def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, loaded: Loa
     problems = nonzero_removed(repaired, removed) if expect_zero else []
     if problems:
         raise RepairError(f"removed channels are not zero in the repaired model: {', '.join(problems[:5])}")
-    return {"checker": "passed", "ort_provider": session.provider, "images": len(x),
+    return {"checker": "passed", "ort_provider": in_ort.provider, "images": len(x),
             "max_abs_logit_difference": difference, "allowed": allowed,
             "removed_exactly_zero": expect_zero}
 
@@ -203,6 +202,10 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     scan_config = scan_config or ScanConfig()
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    broken = nonfinite_weights(loaded.proto.graph)
+    if broken:
+        raise UnsupportedModelError(f"NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
+                                    "repair refused: fine-tuning cannot be trusted to fix a broken model")
     preprocessing = scan_config.preprocessing
     preprocessing.check_channels(loaded.image_input.channels)
     dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
@@ -250,7 +253,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         trained = time.perf_counter()
         repaired = write_back(loaded.proto, bridge)
         check_images = (holdout if len(holdout) else train).x[:64]
-        verification = verify(repaired, classifier, loaded, check_images, removed, scan_config.device,
+        verification = verify(repaired, classifier, check_images, removed, scan_config.device,
                               config.tolerance, expect_zero=not config.allow_regrowth)
 
     steps = config.fine_tune.epochs * config.fine_tune.steps_per_epoch(len(train))

@@ -33,6 +33,7 @@ class ScanReport:
     clean_accuracy: float
     skipped_layers: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)   # memory plan and peaks: machine-dependent, like timing
 
     @property
     def flagged(self) -> dict[str, list[int]]:
@@ -55,7 +56,7 @@ class ScanReport:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "config": self.config, "layers": [layer.to_dict() for layer in self.layers],
-                "summary": self.summary, "timing": self.timing}
+                "summary": self.summary, "timing": self.timing, "resources": self.resources}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -68,7 +69,8 @@ class ScanReport:
                                   [int(c) for c in e["flagged"]], dict(e["selection"])) for e in saved["layers"]]
             summary = saved["summary"]
             report = cls(dict(saved["model"]), dict(saved["config"]), layers, float(summary["clean_accuracy"]),
-                         list(summary.get("skipped_layers", [])), dict(saved.get("timing", {})))
+                         list(summary.get("skipped_layers", [])), dict(saved.get("timing", {})),
+                         dict(saved.get("resources", {})))
             str(report.model["sha256"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise DataError(f"{where} is not an fmt-audit scan report: missing or malformed "
@@ -107,6 +109,10 @@ class ScanReport:
         if s["degenerate_layers"]:
             lines.append(f"warning: in {len(s['degenerate_layers'])} layer(s) every channel scored the same; "
                          "the test moved no prediction there (try a larger --eps, or --eps auto)")
+        broken = self.model.get("nonfinite_weights")
+        if broken:
+            lines.append(f"warning: NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
+                         "the scores above come from a broken model")
         return "\n".join(lines)
 
 

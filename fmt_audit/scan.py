@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from .cost import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from .data import Dataset, Preprocessing, load_data
 from .errors import ConfigError
-from .graph import ConvLayer, opset_version
+from .graph import ConvLayer, nonfinite_weights, opset_version
 from .loading import LoadedModel, load_model
 from .report import LayerResult, ScanReport
 from .runtime import DEVICES
@@ -46,7 +47,7 @@ class ScanConfig:
     std: tuple[float, ...] | None = None
     device: str = "auto"
     seed: int = 0
-    max_batch: int = 2048
+    max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
     preset: str = "default"
     predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
 
@@ -75,8 +76,8 @@ class ScanConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.predict_with not in PREDICTORS:
             raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
-        if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be at least 1; got {self.max_batch}")
+        if self.max_memory is not None and not (np.isfinite(self.max_memory) and self.max_memory > 0):
+            raise ConfigError(f"--max-memory must be a positive size such as 512M or 4G; got {self.max_memory} MiB")
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         if self.skip_layers is not None:
@@ -119,42 +120,61 @@ def _suspicion(scores: ChannelScores, score: str) -> np.ndarray:
 class _Scanner:
     """Builds the tester for a mode and scores layers with it."""
 
-    def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig):
+    def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]):
         self.config = config
         self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
         preprocessing = config.preprocessing
-        from .masked import MaskedModel
-
-        # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
-        self.masked = None
-        if config.mode == "mask" or config.predict_with == "onnxruntime":
-            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, batch_size=config.max_batch)
-        self.provider = self.masked.provider if self.masked else None
-        if config.mode == "gradient":
-            from .bridge import to_torch, torch_device
-
-            self.device = torch_device(config.device)
-            self.bridge = to_torch(loaded.proto)
-        else:
-            self.bridge = None
-            self.device = self.masked.session.device
+        self.plan = memory_plan(loaded, dataset, config, layers)
         self.dataset = dataset
+        # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
+        self.masked = self.onnx = None
+        if config.mode == "mask":
+            from .masked import MaskedModel
+
+            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
+            self.provider, self.device = self.masked.provider, self.masked.session.device
+            self.bridge = None
+            return
+        from .bridge import to_torch, torch_device
+
+        if config.predict_with == "onnxruntime":
+            from .runtime import OrtClassifier
+
+            self.onnx = OrtClassifier(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
+        self.provider = self.onnx.provider if self.onnx else None
+        self.device = torch_device(config.device)
+        self.bridge = to_torch(loaded.proto)
 
     def tester(self, eps: float | None = None):
         """The mode's tester; gradient mode needs ``eps`` except to measure clean accuracy."""
-        config = self.config
+        config, plan = self.config, self.plan
         eps = 0.06 if eps is None else eps
         if config.mode == "gradient":
             from .testing import FeatureMapTester, GradientTestConfig
 
-            settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed, config.max_batch)
+            settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed,
+                                          plan.candidate_batch, plan.gradient_batch, plan.predict_batch)
             return FeatureMapTester(self.bridge, self.dataset.x, self.dataset.y, self.num_classes,
                                     config.preprocessing, settings, self.device,
-                                    predictor=self.masked.predict if self.masked else None)
+                                    predictor=self.onnx.predict if self.onnx else None)
         from .mask_testing import MaskTestConfig, MaskTester
 
         return MaskTester(self.masked, self.dataset.x, self.dataset.y, self.num_classes,
-                          MaskTestConfig(config.gain, config.max_batch))
+                          MaskTestConfig(config.gain, plan.candidate_batch))
+
+
+def memory_plan(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]) -> MemoryPlan:
+    """Batch sizes for this scan under ``config.max_memory`` (half the free memory when not given)."""
+    from .runtime import cuda_available
+
+    device = config.device
+    if device == "auto":   # where the heavy arrays will live
+        device = "cuda" if cuda_available() else "cpu"
+    budget = (config.max_memory * 2**20 if config.max_memory is not None
+              else available_memory(device) / 2)
+    height, width = dataset.x.shape[2:]
+    cost = graph_cost(loaded.proto, height, width)
+    return plan_memory(cost, [layer.name for layer in layers], len(dataset), dataset.x[0].nbytes, budget, device)
 
 
 def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: float) -> tuple[float, list[dict]]:
@@ -189,8 +209,9 @@ def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: fl
 def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:
     """The gradient-mode eps :func:`calibrate_eps` picks for this model and data, whatever ``config.mode``."""
     gradient = replace(config, mode="gradient", eps=AUTO)
-    scanner = _Scanner(loaded, dataset.take(gradient.samples, seed=gradient.seed), gradient)
-    return calibrate_eps(scanner, list(loaded.layers), scanner.tester().clean_accuracy())
+    layers = list(loaded.layers)
+    scanner = _Scanner(loaded, dataset.take(gradient.samples, seed=gradient.seed), gradient, layers)
+    return calibrate_eps(scanner, layers, scanner.tester().clean_accuracy())
 
 
 def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
@@ -211,7 +232,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     layers = [layer for layer in loaded.layers if layer.name not in skipped]
     if not layers:
         raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
-    scanner = _Scanner(loaded, dataset, config)
+    scanner = _Scanner(loaded, dataset, config, layers)
     clean_accuracy = scanner.tester().clean_accuracy()
     calibration: list[dict] = []
     eps = config.eps
@@ -243,7 +264,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         used["alpha"] = config.step_size(eps)
     return ScanReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
-               "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None}},
+               "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None},
+               "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
@@ -251,6 +273,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(finished - prepared, 3),
                 "total_s": round(time.perf_counter() - started, 3)},
+        resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
     )
 
 

@@ -42,6 +42,11 @@ class GradientTestConfig:
     steps: int = 1
     seed: int = 0
     max_batch: int = 2048   # candidate images per prediction call (2 per channel x samples)
+    # images whose forward pass is kept for the backward passes at once; None: all of them.
+    # Each image's gradient is its own (eval mode), so splitting changes no result except,
+    # possibly, by float rounding where a kernel differs with the batch size.
+    gradient_batch: int | None = None
+    predict_batch: int = 256    # images per call when the torch module predicts
 
 
 def layer_output(classifier: BridgedClassifier, layer: str, x: torch.Tensor) -> torch.Tensor:
@@ -97,24 +102,34 @@ class FeatureMapTester:
             return self.predictor(x.detach().cpu().numpy()).reshape(-1, len(self.labels))
         out = []
         with torch.inference_mode():
-            for start in range(0, len(x), self.config.max_batch):
-                out.append(self.classifier(x[start:start + self.config.max_batch]).argmax(1))
+            for start in range(0, len(x), self.config.predict_batch):
+                out.append(self.classifier(x[start:start + self.config.predict_batch]).argmax(1))
         return torch.cat(out).view(-1, len(self.labels)).cpu().numpy()
 
     def clean_accuracy(self) -> float:
         return float((self.predict(self.x) == self.labels).mean())
 
-    def _gradient(self, layer: str, x0: torch.Tensor, reference: torch.Tensor, channel: int,
+    def _gradient(self, layer: str, x0: torch.Tensor, reference: torch.Tensor, channel: int, normaliser: int,
                   feature: torch.Tensor | None = None) -> torch.Tensor:
-        """d MSE(F_lc(x0), F_lc(x)) / d x0; ``feature`` reuses a retained forward pass of ``x0``."""
+        """d MSE(F_lc(x0), F_lc(x)) / d x0; ``feature`` reuses a retained forward pass of ``x0``.
+
+        The MSE is over all N images' maps (``normaliser`` elements) even when ``x0``
+        holds a part of them, so a part's gradient is the same as the whole batch's.
+        """
         if feature is None:
             x0 = x0.detach().requires_grad_(True)
             with torch.enable_grad():
                 feature = self.features(layer, x0)
         with torch.enable_grad():
-            loss = ((feature[:, channel] - reference[:, channel]) ** 2).mean()
+            loss = ((feature[:, channel] - reference[:, channel]) ** 2).sum() / normaliser
             (grad,) = torch.autograd.grad(loss, x0, retain_graph=True)
         return grad
+
+    def _retained(self, layer: str, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random start of images ``part`` and its forward pass to ``layer``, kept for backward passes."""
+        x0 = self.x0[part].detach().requires_grad_(True)
+        with torch.enable_grad():
+            return x0, self.features(layer, x0)
 
     def score_layer(self, layer: ConvLayer, channels: Sequence[int] | None = None,
                     progress: Callable[[int], None] | None = None) -> ChannelScores:
@@ -122,33 +137,37 @@ class FeatureMapTester:
         cfg = self.config
         n = len(self.labels)
         channels = list(range(layer.out_channels)) if channels is None else list(channels)
+        step = min(cfg.gradient_batch or n, n)
+        parts = [slice(start, min(start + step, n)) for start in range(0, n, step)]
         with torch.no_grad():
-            reference = self.features(layer.name, self.x)        # F_l(x): [N, C, h, w]
+            reference = torch.cat([self.features(layer.name, self.x[part]) for part in parts])   # F_l(x)
+        normaliser = reference[:, 0].numel()
         lower = (self.x - cfg.eps).clamp(0.0, 1.0)
         upper = (self.x + cfg.eps).clamp(0.0, 1.0)
-
-        def project(z: torch.Tensor) -> torch.Tensor:
-            return torch.minimum(torch.maximum(z, lower), upper)
-
-        # every channel's first step starts from the same x0: one forward pass, kept
-        x0 = self.x0.detach().requires_grad_(True)
-        with torch.enable_grad():
-            shared = self.features(layer.name, x0)
+        # every channel's first step starts from the same x0: one forward pass, kept (per part
+        # and chunk when the images are split, since only one part's graph is kept at a time)
+        retained = self._retained(layer.name, parts[0]) if len(parts) == 1 else None
         per_chunk = max(1, cfg.max_batch // (2 * n))     # channels whose candidates go in one prediction call
         accuracy = np.zeros((len(channels), 2), dtype=np.float64)
         shift = np.zeros((len(channels), 2), dtype=np.float64)
         for start in range(0, len(channels), per_chunk):
             chunk = channels[start:start + per_chunk]
-            candidates = []
-            for channel in chunk:
-                grad = self._gradient(layer.name, x0, reference, channel, feature=shared)
-                point = x0.detach()
-                for _ in range(cfg.steps - 1):
-                    point = project(point + cfg.alpha * grad.sign())
-                    grad = self._gradient(layer.name, point, reference, channel)
-                direction = grad.sign()
-                candidates += [project(point + size * direction) for size in (cfg.alpha, 2 * cfg.alpha)]
-            predictions = self.predict(torch.cat(candidates)).reshape(len(chunk), 2, n)
+            candidates = torch.empty((len(chunk), 2, *self.x.shape), dtype=self.x.dtype, device=self.x.device)
+            for part in parts:
+                x0, shared = retained or self._retained(layer.name, part)
+                low, high = lower[part], upper[part]
+                for row, channel in enumerate(chunk):
+                    grad = self._gradient(layer.name, x0, reference[part], channel, normaliser, feature=shared)
+                    point = x0.detach()
+                    for _ in range(cfg.steps - 1):
+                        point = torch.minimum(torch.maximum(point + cfg.alpha * grad.sign(), low), high)
+                        grad = self._gradient(layer.name, point, reference[part], channel, normaliser)
+                    direction = grad.sign()
+                    for column, size in enumerate((cfg.alpha, 2 * cfg.alpha)):
+                        candidates[row, column, part] = torch.minimum(torch.maximum(point + size * direction, low),
+                                                                      high)
+                del shared
+            predictions = self.predict(candidates.view(-1, *self.x.shape[1:])).reshape(len(chunk), 2, n)
             for column in range(2):
                 accuracy[start:start + len(chunk), column], shift[start:start + len(chunk), column] = \
                     prediction_scores(predictions[:, column], self.labels, self.num_classes)

@@ -140,3 +140,36 @@ def test_custom_domain_op_is_unsupported():
     model.graph.node[2].domain = "com.vendor"
     model.opset_import.append(helper.make_opsetid("com.vendor", 1))
     assert unsupported_ops(model) == ["com.vendor::Relu"]
+
+
+def _exported_with_shared_biases() -> onnx.ModelProto:
+    """torch's legacy exporter on Conv+BN pairs with fresh BatchNorms: the folded biases are equal, so it
+    stores one tensor and gives every further Conv an Identity of it (a pattern onnx2torch cannot read)."""
+    import io
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                              torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16), buffer, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=13, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_identity_copies_of_stored_tensors_convert_and_take_their_own_values():
+    model = _exported_with_shared_biases()
+    identities = [n for n in model.graph.node if n.op_type == "Identity"]
+    assert identities, "the exporter no longer shares tensors through Identity: this test needs another model"
+    bridge = to_torch(model)
+    assert any("Identity" in step for step in bridge.steps)
+    x = sample_images(n=16)
+    assert np.abs(_ort_logits(model, x) - _torch_logits(bridge, x)).max() <= 1e-4
+    with torch.no_grad():   # the two Convs' biases, once one shared tensor, now differ
+        for i, layer in enumerate(conv_layers(model)):
+            bridge.conv_weights(layer.name).bias += 0.1 * (i + 1)
+    updated = write_back(model, bridge)
+    onnx.checker.check_model(updated, full_check=True)
+    assert np.abs(_ort_logits(updated, x) - _torch_logits(bridge, x)).max() <= 1e-4
+    assert len([n for n in updated.graph.node if n.op_type == "Identity"]) < len(identities)

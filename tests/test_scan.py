@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,7 +99,8 @@ def test_report_structure(badnets_report):
 def test_same_seed_same_report(badnets_report):
     again = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER)
     first, second = badnets_report.to_dict(), again.to_dict()
-    first.pop("timing"), second.pop("timing")
+    for key in ("timing", "resources"):
+        first.pop(key), second.pop(key)
     assert first == second
 
 
@@ -235,6 +237,9 @@ def test_cli_presets_and_overrides(tmp_path):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--eps", "wide"], "--eps must be 'auto' or a number"),
+    (["--max-memory", "lots"], "--max-memory must be a size"),
+    (["--max-memory", "-2G"], "--max-memory must be a positive size"),
+    (["--max-memory", "0"], "--max-memory must be a positive size"),
     (["--gain", "1"], "--gain must be"),
     (["--mode", "gradient", "--steps", "0"], "--steps must be"),
 ])
@@ -255,3 +260,23 @@ def test_candidate_batches_score_the_same_in_onnxruntime_and_torch():
     assert by_ort.config["predict_with"] == "onnxruntime" and by_torch.config["predict_with"] == "torch"
     with pytest.raises(ConfigError, match="predict_with"):
         ScanConfig(predict_with="tensorflow")
+
+
+def test_a_small_memory_budget_splits_batches_and_changes_no_score(badnets_report):
+    """Under --max-memory the kept forward pass covers a few images at a time: same scores, smaller peaks."""
+    tight = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", replace(PAPER, max_memory=0.25))
+    plan = tight.resources["memory_plan"]
+    assert plan["budget_mib"] == 0.25 and plan["gradient_batch"] < N and plan["predict_batch"] < N
+    assert plan["candidate_batch"] == 2 * N
+    assert [layer.scores for layer in tight.layers] == [layer.scores for layer in badnets_report.layers]
+    roomy = badnets_report.resources
+    assert roomy["memory_plan"]["gradient_batch"] == N and roomy["peak_rss_mib"] > 0
+
+
+def test_cli_max_memory_reaches_the_report(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["scan", str(SAMPLES / "clean_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--samples", "8"]
+    result = CliRunner().invoke(main, [*args, "--skip-layers", "block", "--max-memory", "1.5G", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["config"]["max_memory"] == 1536.0 and report["resources"]["memory_plan"]["budget_mib"] == 1536.0
