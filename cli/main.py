@@ -1,8 +1,9 @@
 """``fmt-audit`` entry point: the command group and the error policy.
 
-Exit codes: 0 success; 2 usage or input error (one line on stderr); 3 internal
-error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM) — neither leaves a
-partial output file. ``--debug`` shows the traceback instead of the one line.
+Exit codes: 0 success; 1 suspicious (``scan --fail-on-suspicious``); 2 usage or
+input error (one line on stderr); 3 internal error; 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM) — neither leaves a partial output file. ``--debug``
+shows the traceback instead of the one line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import click
 
 from fmt_audit.errors import FmtAuditError
 
+EXIT_SUSPICIOUS = 1     # scan --fail-on-suspicious
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130

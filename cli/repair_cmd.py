@@ -40,7 +40,7 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
     """Remove MODEL's flagged channels, fine-tune it on clean data, and write the repaired model."""
     from fmt_audit.finetune import FineTuneConfig
     from fmt_audit.loading import model_files
-    from fmt_audit.outputs import check_output_path, write_atomic
+    from fmt_audit.outputs import check_output_path, write_atomic, write_model
     from fmt_audit.repair import RepairConfig
     from fmt_audit.repair import repair as run_repair
     from fmt_audit.report import ScanReport
@@ -62,9 +62,7 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
                         on_epoch=_echo_epoch if sys.stderr.isatty() else None)
     if progress:
         progress.close()
-    payload = result.model.SerializeToString()
-    write_atomic(output, payload)
-    result.report.record_output(output, payload)
+    result.report.record_output(output, write_model(output, result.model))
     if report_path:
         write_atomic(report_path, result.report.to_json().encode())
     click.echo(result.report.format_text())

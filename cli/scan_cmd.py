@@ -90,7 +90,11 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @scan_options
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str), help="Write the JSON report here.")
-def scan(model: str, data: str, output: str | None, **options) -> None:
+@click.option("--fail-on-suspicious", is_flag=True,
+              help="Exit with code 1 when any channel is flagged (for pipeline gates).")
+@click.pass_context
+def scan(ctx: click.Context, model: str, data: str, output: str | None, fail_on_suspicious: bool,
+         **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
     from fmt_audit.loading import model_files
     from fmt_audit.outputs import check_output_path, write_atomic
@@ -106,6 +110,11 @@ def scan(model: str, data: str, output: str | None, **options) -> None:
     if output:
         write_atomic(output, report.to_json().encode())
     click.echo(report.format_text())
+    if fail_on_suspicious and report.flagged_count:
+        from .main import EXIT_SUSPICIOUS
+
+        click.echo(f"suspicious: {report.flagged_count} channel(s) flagged", err=True)
+        ctx.exit(EXIT_SUSPICIOUS)
 
 
 class ProgressLine:

@@ -21,8 +21,8 @@ from onnx import numpy_helper
 
 from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
 from .data import Dataset, Preprocessing
-from .errors import BridgeError, DeviceError
-from .graph import batchnorm_after, constant_tensors, conv_layers, opset_version, with_node_names
+from .errors import BridgeError, DeviceError, UnsupportedModelError
+from .graph import ImageInput, batchnorm_after, constant_tensors, conv_layers, opset_version, with_node_names
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,26 @@ class BridgedClassifier:
 
     def accuracy(self, data: Dataset, batch_size: int = 256) -> float:
         return float((self.logits(data.x, batch_size).argmax(1) == data.y).mean())
+
+
+def check_free_batch(bridge: TorchBridge, image: ImageInput, why: str) -> None:
+    """:class:`UnsupportedModelError` if the graph only runs at its declared fixed batch size.
+
+    Exporters given a fixed input shape fold the batch size into Reshape targets
+    (``[1, -1]``); ONNX Runtime is then fed batches of exactly that size, but
+    training needs larger ones. Probed with one forward pass at batch size + 1.
+    """
+    if image.batch is None or image.height is None or image.width is None:
+        return
+    probe = torch.zeros(image.batch + 1, image.channels or 3, image.height, image.width)
+    try:
+        with torch.no_grad():
+            bridge.module(probe)
+    except Exception as error:
+        raise UnsupportedModelError(
+            f"the graph is fixed to batch size {image.batch} ({str(error).splitlines()[0]}); {why} needs larger "
+            "batches: re-export it with a free batch dimension (torch: dynamic_axes={'input': {0: 'n'}})"
+        ) from error
 
 
 def torch_device(requested: str) -> str:
@@ -188,6 +208,11 @@ def prepare_for_torch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
         steps.append(f"relaxed allowzero on {relaxed} Reshape nodes")
     if missing := unsupported_ops(prepared, downconvert=False):
         raise BridgeError(f"the PyTorch bridge (onnx2torch) cannot convert these ops: {', '.join(missing)}")
+    computed = [layer.name for layer in conv_layers(prepared) if not layer.weight_stored]
+    if computed:   # e.g. DequantizeLinear of int8 weights; onnx2torch reads Conv weights only from initializers
+        raise BridgeError(f"{len(computed)} Conv layer(s) compute their weights from other nodes ({computed[0]!r}"
+                          f"{' and others' if len(computed) > 1 else ''}); the PyTorch bridge needs stored "
+                          "weights, so gradient mode and repair cannot run on this model (mask mode can)")
     return prepared, steps
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .graph import image_input, node_names
+from .graph import image_input, node_names, shape_skeleton
 
 _ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
                   onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
@@ -52,9 +52,8 @@ class GraphCost:
 
 def graph_cost(model: onnx.ModelProto, height: int, width: int) -> GraphCost:
     """Per-image FLOPs and activation memory of ``model`` for ``height`` x ``width`` images."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    image = image_input(fixed)
+    fixed = shape_skeleton(model)
+    image = image_input(model)
     for value in fixed.graph.input:
         if value.name == image.name:
             dims = value.type.tensor_type.shape.dim

@@ -50,6 +50,41 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
+# protobuf cannot serialise a message of 2 GiB or more; larger models live with external data
+PROTOBUF_LIMIT = 2**31 - 2**20
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` can be serialised in one piece (ONNX checker, ORT from bytes, a single file)."""
+    return model.ByteSize() < PROTOBUF_LIMIT
+
+
+def shape_skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference, small whatever the model's size.
+
+    Stored tensors over ``keep_bytes`` become graph inputs of the same type and
+    shape: their values decide no shape (the small ones, such as Reshape targets,
+    are kept). Their data is never copied.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    source, graph = model.graph, skeleton.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    declared = {value.name for value in source.input}
+    for tensor in source.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() <= keep_bytes:
+            graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return skeleton
+
+
 def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose nodes all carry their :func:`node_names` name."""
     named = onnx.ModelProto()
@@ -260,7 +295,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model))
     except Exception:  # inference is a best effort here; the loader already validated
         inferred = model
     graph = inferred.graph

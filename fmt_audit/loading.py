@@ -20,9 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .errors import ModelLoadError, UnsupportedModelError
-from .graph import ConvLayer, ImageInput, conv_layers, image_input, num_classes
-
-_TWO_GIB = 2**31
+from .graph import ConvLayer, ImageInput, conv_layers, fits_in_protobuf, image_input, num_classes
 
 
 @dataclass(frozen=True)
@@ -170,13 +168,31 @@ def read_model(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto, tuple[st
     return path, model, external
 
 
+def run_checker(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """The full ONNX checker (with strict shape inference).
+
+    A model of 2 GiB or more cannot be serialised in one piece: it is checked as
+    the file ``path`` (with its external data), or as a temporary copy.
+    """
+    if fits_in_protobuf(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    if path is not None:
+        onnx.checker.check_model(str(path), full_check=True)
+        return
+    import tempfile
+
+    from .outputs import save_with_external_data
+
+    with tempfile.TemporaryDirectory(prefix="fmt-audit-") as folder:
+        save_with_external_data(model, Path(folder) / "model.onnx")
+        onnx.checker.check_model(str(Path(folder) / "model.onnx"), full_check=True)
+
+
 def validate(model: onnx.ModelProto, path: Path) -> None:
-    """The full ONNX checker (with strict shape inference) on the in-memory model."""
+    """The full ONNX checker on the model as loaded (its file, when it is 2 GiB or more)."""
     try:
-        if model.ByteSize() < _TWO_GIB:
-            onnx.checker.check_model(model, full_check=True)
-        else:  # protobuf cannot serialise > 2 GiB in memory; check the file with its data beside it
-            onnx.checker.check_model(str(path), full_check=True)
+        run_checker(model, path)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ModelLoadError(f"{path} fails the ONNX checker: {_first_line(error)}") from error
     except Exception as error:

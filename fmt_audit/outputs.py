@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import onnx
+
 from .errors import OutputError
+from .graph import fits_in_protobuf
+from .loading import sha256_of
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -42,3 +48,40 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
         if isinstance(error, OSError):
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
         raise
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Save ``model`` as ``path`` plus ``<name>.data`` beside it (any size; ``model`` is not modified)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)    # onnx.save_model moves the tensors of the model it is given out to the file
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+
+
+def write_model(path: str | os.PathLike, model: onnx.ModelProto) -> str:
+    """Write ``model`` atomically; returns the model file's sha256.
+
+    A model under protobuf's 2 GiB limit is one file. A larger one is the model
+    file plus ``<name>.data`` (ONNX external data) beside it: both are written in
+    a temporary folder next to ``path`` and renamed into place, the data first,
+    so the model file never names data that is not there.
+    """
+    path = Path(path)
+    if fits_in_protobuf(model):
+        payload = model.SerializeToString()
+        write_atomic(path, payload)
+        return hashlib.sha256(payload).hexdigest()
+    data = path.with_name(f"{path.name}.data")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent or "."))
+    except OSError as error:
+        raise OutputError(f"cannot write in {path.parent or '.'}: {error.strerror or error}") from error
+    try:
+        save_with_external_data(model, staging / path.name)
+        os.replace(staging / data.name, data)
+        os.replace(staging / path.name, path)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sha256_of(path)

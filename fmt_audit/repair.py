@@ -29,12 +29,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .bridge import BridgedClassifier, TorchBridge, to_torch, torch_device, write_back
+from .bridge import BridgedClassifier, TorchBridge, check_free_batch, to_torch, torch_device, write_back
 from .data import Dataset, load_data
 from .errors import ConfigError, RepairError, UnsupportedModelError
 from .finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
 from .graph import batchnorm_after, constant_tensors, conv_layers, nonfinite_weights, with_node_names
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, run_checker
 from .report import RepairReport, ScanReport
 from .scan import ScanConfig, calibrated_eps, scan
 from .testing import FeatureMapPerturbation
@@ -149,7 +149,7 @@ def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarr
     from .runtime import OrtClassifier
 
     try:
-        onnx.checker.check_model(repaired, full_check=True)
+        run_checker(repaired)
     except Exception as error:
         raise RepairError(f"the repaired model fails the ONNX checker: {str(error).splitlines()[0]}") from error
     in_ort = OrtClassifier(repaired, device, classifier.preprocessing)
@@ -212,6 +212,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     if len(dataset) < 2:
         raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
     train, holdout = dataset.split(config.holdout, seed=scan_config.seed)
+    bridge = to_torch(loaded.proto)     # before the scan: a model that cannot be fine-tuned fails fast
+    check_free_batch(bridge, loaded.image_input, "fine-tuning")
 
     scan_report = None
     if flagged is None:
@@ -229,7 +231,6 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     scanned = time.perf_counter()
 
     device = torch_device(scan_config.device)
-    bridge = to_torch(loaded.proto)
     classifier = BridgedClassifier(bridge, preprocessing, device)
     measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
     accuracy = {"before": measure()}

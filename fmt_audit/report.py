@@ -138,11 +138,9 @@ class RepairReport:
     def flagged_count(self) -> int:
         return sum(len(channels) for channels in self.flagged.values())
 
-    def record_output(self, path: str | os.PathLike, payload: bytes) -> None:
+    def record_output(self, path: str | os.PathLike, sha256: str) -> None:
         """Note where the repaired model was written, and its sha256."""
-        import hashlib
-
-        self.output = {"path": str(path), "sha256": hashlib.sha256(payload).hexdigest()}
+        self.output = {"path": str(path), "sha256": sha256}
 
     def to_dict(self) -> dict:
         return {"model": self.model, "output": self.output, "config": self.config,

@@ -8,14 +8,17 @@ reported, never assumed.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .errors import DeviceError, UnsupportedModelError
-from .graph import image_input, with_node_names
+from .graph import fits_in_protobuf, image_input, with_node_names
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
@@ -90,7 +93,25 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
     given = [node.name for node in model.graph.node if node.name]
     if len(set(given)) != len(given):  # ORT refuses duplicate node names; the checker allows them
         model = with_node_names(model)
-    payload = model.SerializeToString()
+    with _serialized(model) as payload:
+        return _session(ort, payload, options, device)
+
+
+@contextlib.contextmanager
+def _serialized(model: onnx.ModelProto):
+    """What ORT loads: the bytes, or for a model of 2 GiB or more a file with external data (kept until loaded)."""
+    if fits_in_protobuf(model):
+        yield model.SerializeToString()
+        return
+    from .outputs import save_with_external_data
+
+    with tempfile.TemporaryDirectory(prefix="fmt-audit-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_with_external_data(model, path)
+        yield str(path)
+
+
+def _session(ort, payload: bytes | str, options, device: str) -> Session:
     if device in ("auto", "cuda") and cuda_available():
         try:
             session = ort.InferenceSession(payload, options, providers=[CUDA, CPU])

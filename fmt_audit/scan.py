@@ -144,6 +144,10 @@ class _Scanner:
         self.provider = self.onnx.provider if self.onnx else None
         self.device = torch_device(config.device)
         self.bridge = to_torch(loaded.proto)
+        if config.predict_with == "torch":
+            from .bridge import check_free_batch
+
+            check_free_batch(self.bridge, loaded.image_input, "predicting candidates with torch")
 
     def tester(self, eps: float | None = None):
         """The mode's tester; gradient mode needs ``eps`` except to measure clean accuracy."""

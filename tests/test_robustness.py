@@ -152,3 +152,84 @@ def test_names_that_are_not_utf8_are_a_load_error(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(payload)
     _one_line_exit_2(_invoke("inspect", path), "is not UTF-8 text")
+
+
+def _fixed_batch_export(path: Path) -> Path:
+    """torch's legacy exporter with a fixed input shape folds the batch size into the Reshape target."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 16 * 16, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Net().eval(), torch.zeros(1, 1, 16, 16), str(path), input_names=["input"],
+                      output_names=["logits"], opset_version=13, dynamo=False)
+    return path
+
+
+def test_a_graph_fixed_to_batch_1_scans_and_refuses_fine_tuning_in_one_line(tmp_path):
+    path = _fixed_batch_export(tmp_path / "fixed.onnx")
+    assert load_model(path).image_input.batch == 1
+    for mode in ("mask", "gradient"):   # ONNX Runtime is fed batches of 1; gradients stop at the Conv
+        result = _invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", mode)
+        assert result.exit_code == 0, result.output
+    refused = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", tmp_path / "out.onnx")
+    _one_line_exit_2(refused, "fixed to batch size 1")
+
+
+def test_absurd_declared_dimensions_are_one_line_errors(tmp_path):
+    for dims, message in (([1, 1, 2**40, 16], "height differ"), ([0, 1, 16, 16], "expected positive sizes"),
+                          ([10**6, 1, 16, 16], "fixed batch of 1000000")):
+        model = onnx.load(SAMPLES / "clean_op13.onnx")
+        for dim, size in zip(model.graph.input[0].type.tensor_type.shape.dim, dims):
+            dim.Clear()
+            dim.dim_value = size
+        path = tmp_path / "m.onnx"
+        path.write_bytes(model.SerializeToString())
+        _one_line_exit_2(_invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "2"), message)
+
+
+def test_computed_conv_weights_scan_in_mask_mode_and_fail_in_one_line_elsewhere(tmp_path):
+    from onnx import helper
+
+    model = onnx.load(SAMPLES / "clean_op13.onnx")
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), "one"))
+    model.graph.node.insert(0, helper.make_node("Mul", [conv.input[1], "one"], ["computed_weight"], name="scale"))
+    conv.input[1] = "computed_weight"
+    path = tmp_path / "computed.onnx"
+    onnx.save(model, path)
+    data = ["--data", SAMPLES / "defender.npz"]
+    assert _invoke("scan", path, *data, "--samples", "4", "--skip-layers", "block").exit_code == 0
+    _one_line_exit_2(_invoke("scan", path, *data, "--samples", "4", "--mode", "gradient"),
+                     "compute their weights from other nodes")
+    _one_line_exit_2(_invoke("repair", path, *data, "-o", tmp_path / "out.onnx"), "compute their weights")
+
+
+def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_path, monkeypatch):
+    """Every path a model of 2 GiB or more takes (checker on a file, ORT from a file, shape inference on a
+    skeleton, output as model + .data), exercised on the sample by lowering the limit."""
+    import hashlib
+    import json
+
+    import fmt_audit.graph
+
+    monkeypatch.setattr(fmt_audit.graph, "PROTOBUF_LIMIT", 1000)
+    out, report = tmp_path / "repaired.onnx", tmp_path / "repair.json"
+    result = _invoke("repair", SAMPLES / "badnets_op13.onnx", "--data", SAMPLES / "defender.npz", "--epochs", "1",
+                     "--samples", "32", "--no-unlearn", "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repair.json", "repaired.onnx", "repaired.onnx.data"]
+    assert out.stat().st_size < 10_000 < (tmp_path / "repaired.onnx.data").stat().st_size
+    saved = json.loads(report.read_text())["output"]
+    assert saved["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    repaired = load_model(out)
+    assert repaired.external_data == ("repaired.onnx.data",)
+    scanned = _invoke("scan", out, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", "gradient",
+                      "--steps", "1", "--eps", "0.1")
+    assert scanned.exit_code == 0, scanned.output

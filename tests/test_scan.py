@@ -280,3 +280,11 @@ def test_cli_max_memory_reaches_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["config"]["max_memory"] == 1536.0 and report["resources"]["memory_plan"]["budget_mib"] == 1536.0
+
+
+def test_fail_on_suspicious_exit_codes():
+    data = ["--data", str(SAMPLES / "defender.npz"), "--fail-on-suspicious"]
+    quiet = CliRunner().invoke(main, ["scan", str(SAMPLES / "clean_op13.onnx"), *data, "--skip-layers", "block"])
+    assert quiet.exit_code == 0 and "0 of 16 channels flagged" in quiet.output
+    flagged = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), *data])
+    assert flagged.exit_code == 1 and "suspicious: 3 channel(s) flagged" in flagged.output
