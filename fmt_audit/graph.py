@@ -56,7 +56,10 @@ PROTOBUF_LIMIT = 2**31 - 2**20
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:
     """Whether ``model`` can be serialised in one piece (ONNX checker, ORT from bytes, a single file)."""
-    return model.ByteSize() < PROTOBUF_LIMIT
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except Exception:   # protobuf cannot even size it (EncodeError): far past the limit
+        return False
 
 
 def shape_skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:

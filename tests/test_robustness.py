@@ -233,3 +233,19 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     scanned = _invoke("scan", out, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", "gradient",
                       "--steps", "1", "--eps", "0.1")
     assert scanned.exit_code == 0, scanned.output
+
+
+@pytest.mark.parametrize("damage", ["cycle", "missing initializer", "duplicate output name"])
+def test_broken_graphs_are_one_line_errors(tmp_path, damage):
+    model = onnx.load(SAMPLES / "clean_op13.onnx")
+    nodes = model.graph.node
+    if damage == "cycle":          # the first node reads the output of the last
+        nodes[0].input[0] = nodes[-1].output[0]
+    elif damage == "missing initializer":
+        model.graph.initializer.remove(model.graph.initializer[0])
+    else:                          # two nodes produce one value
+        nodes[1].output[0] = nodes[0].output[0]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    for command in (["inspect", path], ["scan", path, "--data", SAMPLES / "defender.npz"]):
+        _one_line_exit_2(_invoke(*command), "fails the ONNX checker")
