@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import click
 
+from .config_file import config_option
+from .console import STDOUT, say, write_report
+
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@config_option
 @click.option("--data", required=True, type=click.Path(path_type=str), help="Clean labelled test images.")
 @click.option("--poisoned", default=None, type=click.Path(path_type=str),
               help="The test images with the trigger applied, labelled with their true classes.")
@@ -16,8 +20,9 @@ import click
 @click.option("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465.")
 @click.option("--std", default=None, help="Per-channel std the model expects.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(model: str, data: str, poisoned: str | None, target: int | None, baseline: str | None,
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (and nothing else) on stdout.")
+@click.pass_context
+def evaluate(ctx: click.Context, model: str, data: str, poisoned: str | None, target: int | None, baseline: str | None,
              mean: str | None, std: str | None, device: str, as_json: bool) -> None:
     """Measure MODEL's clean accuracy and, given triggered data, its attack success rate."""
     from fmt_audit.data import Preprocessing, parse_channel_values
@@ -25,4 +30,7 @@ def evaluate(model: str, data: str, poisoned: str | None, target: int | None, ba
 
     preprocessing = Preprocessing(parse_channel_values(mean, "--mean"), parse_channel_values(std, "--std"))
     result = run_evaluate(model, data, poisoned, target, baseline, preprocessing, device)
-    click.echo(result.to_json().rstrip() if as_json else result.format_text())
+    if as_json:
+        write_report(STDOUT, result.to_json())
+    else:
+        say(ctx, result.format_text())

@@ -80,10 +80,27 @@ class AuditGroup(click.Group):
 @click.group(cls=AuditGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fmt-audit")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More messages on stderr (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No summary and no progress: errors only (and exit codes).")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
     """Audit ONNX image classifiers for backdoors with Feature Map Testing."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "verbosity": -1 if quiet else verbose}
+    _log_to_stderr(-1 if quiet else verbose)
+
+
+def _log_to_stderr(verbosity: int) -> None:
+    """The library logs its steps under ``fmt_audit``; -v shows INFO, -vv DEBUG, default WARNING."""
+    import logging
+
+    class ToStderr(logging.Handler):   # click's stderr of the moment (test runners swap it)
+        def emit(self, record: logging.LogRecord) -> None:
+            click.echo(self.format(record), err=True)
+
+    logger = logging.getLogger("fmt_audit")
+    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
+        logger.addHandler(ToStderr())
+    logger.setLevel({-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
 
 
 def _register() -> None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from .scan_cmd import ProgressLine, parse_eps, scan_config, scan_options
+from .config_file import config_option
+from .console import STDOUT, progress, say, verbosity, write_report
+from .scan_cmd import parse_eps, scan_config, scan_options
 
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @scan_options
+@config_option
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Write the repaired ONNX model here (never the input file).")
 @click.option("--from-report", default=None, type=click.Path(dir_okay=False, path_type=str),
@@ -32,15 +33,16 @@ from .scan_cmd import ProgressLine, parse_eps, scan_config, scan_options
               help="L-inf radius of those perturbations in [0,1] pixel space; auto: the scan's calibrated eps.")
 @click.option("--holdout", type=float, default=0.1, show_default=True,
               help="Share of the clean data kept out of scanning and training, to measure accuracy.")
-@click.option("--report", "report_path", default=None, type=click.Path(path_type=str),
-              help="Write the repair report (JSON) here.")
-def repair(model: str, data: str, output: str, from_report: str | None, epochs: int, lr: float,
+@click.option("--report", "--json", "report_path", default=None, type=click.Path(path_type=str), metavar="FILE",
+              help="Write the repair report (JSON) here ('-': to stdout, the summary then goes to stderr).")
+@click.pass_context
+def repair(ctx: click.Context, model: str, data: str, output: str, from_report: str | None, epochs: int, lr: float,
            batch_size: int | None, no_augment: bool, flip: str, allow_regrowth: bool, unlearn: bool | None,
            unlearn_eps: str, holdout: float, report_path: str | None, **options) -> None:
     """Remove MODEL's flagged channels, fine-tune it on clean data, and write the repaired model."""
     from fmt_audit.finetune import FineTuneConfig
     from fmt_audit.loading import model_files
-    from fmt_audit.outputs import check_output_path, write_atomic, write_model
+    from fmt_audit.outputs import check_output_path, write_model
     from fmt_audit.repair import RepairConfig
     from fmt_audit.repair import repair as run_repair
     from fmt_audit.report import ScanReport
@@ -52,21 +54,20 @@ def repair(model: str, data: str, output: str, from_report: str | None, epochs: 
                             unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"))
     inputs = [*model_files(model), data, *([from_report] if from_report else [])]
     check_output_path(output, inputs=inputs)
-    if report_path:
+    if report_path and report_path != STDOUT:
         check_output_path(report_path, inputs=[*inputs, output])
     flagged = ScanReport.read(from_report) if from_report else None
     if flagged is not None:
         config = inherit_preprocessing(config, flagged)
-    progress = ProgressLine() if sys.stderr.isatty() else None
-    result = run_repair(model, data, settings, config, flagged=flagged, progress=progress,
-                        on_epoch=_echo_epoch if sys.stderr.isatty() else None)
-    if progress:
-        progress.close()
+    bar = progress(ctx)
+    result = run_repair(model, data, settings, config, flagged=flagged, progress=bar,
+                        on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None)
+    if bar:
+        bar.close()
     result.report.record_output(output, write_model(output, result.model))
     if report_path:
-        write_atomic(report_path, result.report.to_json().encode())
-    click.echo(result.report.format_text())
-    click.echo(f"wrote {output}")
+        write_report(report_path, result.report.to_json())
+    say(ctx, f"{result.report.format_text()}\nwrote {output}", json_to_stdout=report_path == STDOUT)
 
 
 def _echo_epoch(record) -> None:

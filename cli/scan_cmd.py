@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
+
+from .config_file import config_option
+from .console import STDOUT, progress, say, write_report
 
 # Options left unset (None) take the preset's value; see fmt_audit.scan.PRESETS.
 SCAN_OPTIONS = [
@@ -89,7 +90,9 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @scan_options
-@click.option("-o", "--output", default=None, type=click.Path(path_type=str), help="Write the JSON report here.")
+@config_option
+@click.option("-o", "--json", "output", default=None, type=click.Path(path_type=str), metavar="FILE",
+              help="Write the JSON report here ('-': to stdout, the summary then goes to stderr).")
 @click.option("--fail-on-suspicious", is_flag=True,
               help="Exit with code 1 when any channel is flagged (for pipeline gates).")
 @click.pass_context
@@ -97,43 +100,21 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, fail_on_
          **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
     from fmt_audit.loading import model_files
-    from fmt_audit.outputs import check_output_path, write_atomic
+    from fmt_audit.outputs import check_output_path
     from fmt_audit.scan import scan as run_scan
 
     config = scan_config(**options)
-    if output:
+    if output and output != STDOUT:
         check_output_path(output, inputs=[*model_files(model), data])
-    progress = ProgressLine() if sys.stderr.isatty() else None
-    report = run_scan(model, data, config, progress=progress)
-    if progress:
-        progress.close()
+    bar = progress(ctx)
+    report = run_scan(model, data, config, progress=bar)
+    if bar:
+        bar.close()
     if output:
-        write_atomic(output, report.to_json().encode())
-    click.echo(report.format_text())
+        write_report(output, report.to_json())
+    say(ctx, report.format_text(), json_to_stdout=output == STDOUT)
     if fail_on_suspicious and report.flagged_count:
         from .main import EXIT_SUSPICIOUS
 
         click.echo(f"suspicious: {report.flagged_count} channel(s) flagged", err=True)
         ctx.exit(EXIT_SUSPICIOUS)
-
-
-class ProgressLine:
-    """One self-rewriting stderr line: channels done, rate and time left (terminals only)."""
-
-    def __init__(self):
-        import time
-
-        self._clock = time.perf_counter
-        self._started = self._clock()
-
-    def __call__(self, layer: str, done: int, total: int) -> None:
-        elapsed = self._clock() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (total - done) / rate if rate > 0 else 0.0
-        width = 24
-        filled = int(width * done / max(total, 1))
-        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} channels "
-                   f"{rate:.1f}/s, {left:.0f} s left ({layer})\x1b[K", err=True, nl=False)
-
-    def close(self) -> None:
-        click.echo("", err=True)

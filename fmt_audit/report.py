@@ -64,9 +64,13 @@ class ScanReport:
     @classmethod
     def from_dict(cls, saved: dict, where: str = "scan report") -> ScanReport:
         """A report back from :meth:`to_dict`'s JSON (checked: it may come from anywhere)."""
+        def table(rows) -> list[list[float]]:   # [[score per candidate batch] per channel]
+            return [[float(v) for v in row] for row in rows]
+
         try:
-            layers = [LayerResult(str(e["name"]), int(e["channels"]), bool(e["depthwise"]), e["scores"], e["shift"],
-                                  [int(c) for c in e["flagged"]], dict(e["selection"])) for e in saved["layers"]]
+            layers = [LayerResult(str(e["name"]), int(e["channels"]), bool(e["depthwise"]), table(e["scores"]),
+                                  table(e["shift"]), [int(c) for c in e["flagged"]], dict(e["selection"]))
+                      for e in saved["layers"]]
             summary = saved["summary"]
             report = cls(dict(saved["model"]), dict(saved["config"]), layers, float(summary["clean_accuracy"]),
                          list(summary.get("skipped_layers", [])), dict(saved.get("timing", {})),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,6 +21,7 @@ from .runtime import DEVICES
 from .scores import ChannelScores
 from .selection import SELECTIONS, select
 
+log = logging.getLogger(__name__)
 MODES = ("gradient", "mask")
 PREDICTORS = ("onnxruntime", "torch")
 SCORES = ("accuracy", "shift")
@@ -237,11 +239,18 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     if not layers:
         raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
     scanner = _Scanner(loaded, dataset, config, layers)
+    log.info("scanning %d channels in %d layers on %d images, %s mode on %s; batches %s", sum(
+        layer.out_channels for layer in layers), len(layers), len(dataset), config.mode, scanner.device,
+        scanner.plan.to_dict())
+    if scanner.bridge is not None and scanner.bridge.steps:
+        log.info("PyTorch bridge: %s", "; ".join(scanner.bridge.steps))
     clean_accuracy = scanner.tester().clean_accuracy()
     calibration: list[dict] = []
     eps = config.eps
     if config.mode == "gradient" and eps == AUTO:
         eps, calibration = calibrate_eps(scanner, layers, clean_accuracy)
+        log.info("calibrated eps %s (%s)", eps, ", ".join(f"{t['eps']}: drop {t['median_relative_drop']}"
+                                                          for t in calibration))
     tester = scanner.tester(None if eps == AUTO else eps)
     prepared = time.perf_counter()
     results = []

@@ -249,3 +249,15 @@ def test_broken_graphs_are_one_line_errors(tmp_path, damage):
     path.write_bytes(model.SerializeToString())
     for command in (["inspect", path], ["scan", path, "--data", SAMPLES / "defender.npz"]):
         _one_line_exit_2(_invoke(*command), "fails the ONNX checker")
+
+
+@pytest.mark.parametrize("damage", [{"scores": "abc"}, {"scores": [["x", 1]]}, {"flagged": [None]}, {"shift": 3}])
+def test_malformed_scan_reports_are_data_errors(damage):
+    from fmt_audit.report import ScanReport
+
+    layer = {"name": "conv", "channels": 2, "depthwise": False, "scores": [[1, 1], [1, 1]],
+             "shift": [[0, 0], [0, 0]], "flagged": [], "selection": {}}
+    saved = {"model": {"sha256": "0"}, "config": {}, "summary": {"clean_accuracy": 1.0},
+             "layers": [{**layer, **damage}]}
+    with pytest.raises(DataError, match="not an fmt-audit scan report"):
+        ScanReport.from_dict(saved)

@@ -1,0 +1,79 @@
+"""``--config FILE``: option values from a TOML file; options given on the command line win.
+
+The file holds one table per command (``[scan]``, ``[repair]``, ``[evaluate]``)
+whose keys are the long option names (``max-memory`` or ``max_memory``), and may
+hold keys at the top level that apply to every command having that option::
+
+    device = "cpu"
+    seed = 1
+
+    [scan]
+    preset = "gradient"
+    samples = 512
+    mean = [0.4914, 0.4822, 0.4465]
+
+    [repair]
+    epochs = 20
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+COMMANDS = ("scan", "repair", "evaluate")
+
+
+def _read(path: str) -> dict:
+    from fmt_audit.errors import ConfigError
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:     # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read the config file {path}: {error.strerror or error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {str(error).splitlines()[0]}") from None
+
+
+def _value(value):
+    """TOML arrays (a --mean, say) become the comma-separated text the option takes."""
+    return ",".join(str(v) for v in value) if isinstance(value, list) else value
+
+
+def apply_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
+    """Turn the file's values for this command into the command's defaults (eager: before other options)."""
+    if path is None:
+        return None
+    from fmt_audit.errors import ConfigError
+
+    table = _read(path)
+    command = ctx.command.name
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config"}
+    values = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            if key not in COMMANDS:
+                raise ConfigError(f"{path}: unknown table [{key}]; expected {', '.join(f'[{c}]' for c in COMMANDS)}")
+            continue
+        name = key.replace("-", "_")
+        if name in options:
+            values[name] = _value(value)
+    for key, value in table.get(command, {}).items():
+        name = key.replace("-", "_")
+        if name not in options:
+            known = ", ".join(sorted(n.replace("_", "-") for n in options))
+            raise ConfigError(f"{path}: [{command}] has no option {key!r}; expected one of {known}")
+        values[name] = _value(value)
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False, path_type=str), default=None, is_eager=True, expose_value=False,
+    callback=apply_config, help="Read option values from this TOML file ([scan], [repair], [evaluate] tables); "
+                                "options given here win.")

@@ -1,0 +1,62 @@
+"""Where the CLI's output goes: the machine-readable report, the human summary, progress.
+
+A report written to ``-`` owns stdout: nothing else goes there, and the human
+summary moves to stderr. ``-q`` silences the summary and progress (errors and the
+``--fail-on-suspicious`` line remain); progress is drawn only on a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+STDOUT = "-"
+
+
+def verbosity(ctx: click.Context) -> int:
+    """-1 quiet, 0 normal, 1+ verbose (set by the ``fmt-audit`` group's ``-q`` / ``-v``)."""
+    root = ctx.find_root()
+    return (root.obj or {}).get("verbosity", 0)
+
+
+def say(ctx: click.Context, text: str, json_to_stdout: bool = False) -> None:
+    """The human summary: stdout, or stderr when the report goes to stdout; nothing under ``-q``."""
+    if verbosity(ctx) >= 0:
+        click.echo(text, err=json_to_stdout)
+
+
+def write_report(destination: str, text: str) -> None:
+    """A JSON report to a file (atomically) or, for ``-``, to stdout."""
+    if destination == STDOUT:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    from fmt_audit.outputs import write_atomic
+
+    write_atomic(destination, text.encode())
+
+
+def progress(ctx: click.Context) -> ProgressLine | None:
+    """A progress line when stderr is a terminal and ``-q`` was not given."""
+    return ProgressLine() if sys.stderr.isatty() and verbosity(ctx) >= 0 else None
+
+
+class ProgressLine:
+    """One self-rewriting stderr line: items done, rate and time left."""
+
+    def __init__(self, unit: str = "channels"):
+        self.unit = unit
+        self._started = time.perf_counter()
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self._started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else 0.0
+        width = 24
+        filled = int(width * done / max(total, 1))
+        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {self.unit} "
+                   f"{rate:.1f}/s, {left:.0f} s left ({step})\x1b[K", err=True, nl=False)
+
+    def close(self) -> None:
+        click.echo("", err=True)

@@ -1,0 +1,60 @@
+"""The CLI's output channels (report to stdout, summary to stderr, -q, -v) and --config files."""
+
+import json
+
+from click.testing import CliRunner
+from conftest import SAMPLES
+from fmt_audit_cli.main import main
+
+SCAN = ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"),
+        "--skip-layers", "block", "--samples", "16"]
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_json_to_stdout_owns_stdout():
+    result = _run(*SCAN, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)       # nothing but the report on stdout
+    assert report["summary"]["channels_tested"] == 16
+    assert "channels flagged" in result.stderr
+
+
+def test_quiet_prints_nothing_and_verbose_logs_the_steps():
+    quiet = _run("-q", *SCAN)
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    verbose = _run("-v", *SCAN, "--mode", "gradient", "--steps", "1")
+    assert verbose.exit_code == 0 and "scanning 16 channels in 1 layers on 16 images" in verbose.stderr
+    assert "calibrated eps" in verbose.stderr and "channels flagged" in verbose.stdout
+
+
+def test_repair_report_to_stdout(tmp_path):
+    result = _run("repair", *SCAN[1:], "--epochs", "1", "--no-unlearn", "-o", tmp_path / "r.onnx", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output"]["path"] == str(tmp_path / "r.onnx")
+    assert "wrote" in result.stderr
+
+
+def test_config_file_values_and_command_line_precedence(tmp_path):
+    config = tmp_path / "audit.toml"
+    config.write_text('seed = 3\nepochs = 99\n\n[scan]\npreset = "paper"\nsamples = 12\nskip-layers = "block"\n'
+                      'mean = [0.5]\nstd = [0.25]\ndata = "%s"\n' % (SAMPLES / "defender.npz"))
+    out = tmp_path / "r.json"
+    result = _run("scan", SAMPLES / "clean_op13.onnx", "--config", config, "--samples", "8", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    used = json.loads(out.read_text())["config"]
+    assert (used["preset"], used["samples"], used["seed"], used["mean"], used["std"]) == ("paper", 8, 3, [0.5],
+                                                                                            [0.25])
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    bad_key, bad_toml, bad_table = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"
+    bad_key.write_text("[scan]\nsampels = 3\n")
+    bad_toml.write_text("[scan\n")
+    bad_table.write_text("[scna]\nsamples = 3\n")
+    for path, message in ((bad_key, "has no option 'sampels'"), (bad_toml, "is not valid TOML"),
+                          (bad_table, "unknown table [scna]"), (tmp_path / "none.toml", "cannot read the config")):
+        result = _run(*SCAN, "--config", path)
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
