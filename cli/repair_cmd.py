@@ -35,10 +35,12 @@ from .scan_cmd import parse_eps, scan_config, scan_options
               help="Share of the clean data kept out of scanning and training, to measure accuracy.")
 @click.option("--report", "--json", "report_path", default=None, type=click.Path(path_type=str), metavar="FILE",
               help="Write the repair report (JSON) here ('-': to stdout, the summary then goes to stderr).")
+@click.option("--html", "html_path", default=None, type=click.Path(path_type=str), metavar="FILE",
+              help="Also write a self-contained HTML report (removed channels, accuracy, training curve, scan).")
 @click.pass_context
 def repair(ctx: click.Context, model: str, data: str, output: str, from_report: str | None, epochs: int, lr: float,
            batch_size: int | None, no_augment: bool, flip: str, allow_regrowth: bool, unlearn: bool | None,
-           unlearn_eps: str, holdout: float, report_path: str | None, **options) -> None:
+           unlearn_eps: str, holdout: float, report_path: str | None, html_path: str | None, **options) -> None:
     """Remove MODEL's flagged channels, fine-tune it on clean data, and write the repaired model."""
     from fmt_audit.finetune import FineTuneConfig
     from fmt_audit.loading import model_files
@@ -54,8 +56,9 @@ def repair(ctx: click.Context, model: str, data: str, output: str, from_report: 
                             unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"))
     inputs = [*model_files(model), data, *([from_report] if from_report else [])]
     check_output_path(output, inputs=inputs)
-    if report_path and report_path != STDOUT:
-        check_output_path(report_path, inputs=[*inputs, output])
+    for path in (report_path, html_path):
+        if path and path != STDOUT:
+            check_output_path(path, inputs=[*inputs, output])
     flagged = ScanReport.read(from_report) if from_report else None
     if flagged is not None:
         config = inherit_preprocessing(config, flagged)
@@ -67,6 +70,10 @@ def repair(ctx: click.Context, model: str, data: str, output: str, from_report: 
     result.report.record_output(output, write_model(output, result.model))
     if report_path:
         write_report(report_path, result.report.to_json())
+    if html_path:
+        from fmt_audit.html_report import repair_html
+
+        write_report(html_path, repair_html(result.report, result.scan))
     say(ctx, f"{result.report.format_text()}\nwrote {output}", json_to_stdout=report_path == STDOUT)
 
 

@@ -93,25 +93,33 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 @config_option
 @click.option("-o", "--json", "output", default=None, type=click.Path(path_type=str), metavar="FILE",
               help="Write the JSON report here ('-': to stdout, the summary then goes to stderr).")
+@click.option("--html", "html_path", default=None, type=click.Path(path_type=str), metavar="FILE",
+              help="Also write a self-contained HTML report (tables and score plots) here.")
 @click.option("--fail-on-suspicious", is_flag=True,
               help="Exit with code 1 when any channel is flagged (for pipeline gates).")
 @click.pass_context
-def scan(ctx: click.Context, model: str, data: str, output: str | None, fail_on_suspicious: bool,
-         **options) -> None:
+def scan(ctx: click.Context, model: str, data: str, output: str | None, html_path: str | None,
+         fail_on_suspicious: bool, **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
     from fmt_audit.loading import model_files
     from fmt_audit.outputs import check_output_path
     from fmt_audit.scan import scan as run_scan
 
     config = scan_config(**options)
-    if output and output != STDOUT:
-        check_output_path(output, inputs=[*model_files(model), data])
+    inputs = [*model_files(model), data]
+    for path in (output, html_path):
+        if path and path != STDOUT:
+            check_output_path(path, inputs=inputs)
     bar = progress(ctx)
     report = run_scan(model, data, config, progress=bar)
     if bar:
         bar.close()
     if output:
         write_report(output, report.to_json())
+    if html_path:
+        from fmt_audit.html_report import scan_html
+
+        write_report(html_path, scan_html(report))
     say(ctx, report.format_text(), json_to_stdout=output == STDOUT)
     if fail_on_suspicious and report.flagged_count:
         from .main import EXIT_SUSPICIOUS

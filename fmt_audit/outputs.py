@@ -30,6 +30,16 @@ def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return path
 
 
+def _published_mode() -> int:
+    """0666 less the process umask: the mode a plain ``open(path, "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_PUBLISHED_MODE = _published_mode()
+
+
 def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see a partial file."""
     path = Path(path)
@@ -38,6 +48,7 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
     except OSError as error:
         raise OutputError(f"cannot write in {path.parent or '.'}: {error.strerror or error}") from error
     try:
+        os.chmod(temporary, _PUBLISHED_MODE)     # mkstemp's 0600 would make the result private
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
@@ -78,6 +89,8 @@ def write_model(path: str | os.PathLike, model: onnx.ModelProto) -> str:
         raise OutputError(f"cannot write in {path.parent or '.'}: {error.strerror or error}") from error
     try:
         save_with_external_data(model, staging / path.name)
+        for name in (data.name, path.name):
+            os.chmod(staging / name, _PUBLISHED_MODE)
         os.replace(staging / data.name, data)
         os.replace(staging / path.name, path)
     except OSError as error:
