@@ -34,6 +34,9 @@ SCAN_OPTIONS = [
     click.option("--std", default=None, help="Per-channel std the model expects."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]"),
     click.option("--seed", type=int, default=None, help="[default: 0]"),
+    click.option("--verdict-probe", type=int, default=None, metavar="K",
+                 help="Mask mode: channels the gradient test probes for the model-level verdict (0: no verdict). "
+                      "[default: 64]"),
     click.option("--max-memory", default=None, metavar="SIZE",
                  help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); "
                       "batch sizes follow from it.  [default: half of what is free]"),
@@ -96,7 +99,8 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 @click.option("--html", "html_path", default=None, type=click.Path(path_type=str), metavar="FILE",
               help="Also write a self-contained HTML report (tables and score plots) here.")
 @click.option("--fail-on-suspicious", is_flag=True,
-              help="Exit with code 1 when any channel is flagged (for pipeline gates).")
+              help="Exit with code 1 when the verdict is suspicious or inconclusive (without a verdict: when any "
+                   "channel is flagged), for pipeline gates.")
 @click.pass_context
 def scan(ctx: click.Context, model: str, data: str, output: str | None, html_path: str | None,
          fail_on_suspicious: bool, **options) -> None:
@@ -121,8 +125,19 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
 
         write_report(html_path, scan_html(report))
     say(ctx, report.format_text(), json_to_stdout=output == STDOUT)
-    if fail_on_suspicious and report.flagged_count:
+    reason = gate_failure(report) if fail_on_suspicious else None
+    if reason:
         from .main import EXIT_SUSPICIOUS
 
-        click.echo(f"suspicious: {report.flagged_count} channel(s) flagged", err=True)
+        click.echo(reason, err=True)
         ctx.exit(EXIT_SUSPICIOUS)
+
+
+def gate_failure(report) -> str | None:
+    """Why ``--fail-on-suspicious`` fails this report, or None: the verdict decides; without one, any flag."""
+    if report.verdict is None:
+        return f"suspicious: {report.flagged_count} channel(s) flagged" if report.flagged_count else None
+    if report.verdict["verdict"] == "clean":
+        return None
+    return (f"{report.verdict['verdict']}: suspicion {report.verdict['suspicion']}"
+            if report.verdict["suspicion"] is not None else "inconclusive: too few predictions moved for a verdict")

@@ -22,7 +22,7 @@ import numpy as np
 
 from .graph import ConvLayer
 from .masked import MaskedModel
-from .scores import ChannelScores, prediction_scores
+from .scores import ChannelScores
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,7 @@ class MaskTester:
         n = len(self.labels)
         channels = list(range(layer.out_channels)) if channels is None else list(channels)
         per_chunk = max(1, self.config.max_batch // (n * len(self.settings)))
-        accuracy = np.zeros((len(channels), len(self.settings)))
-        shift = np.zeros_like(accuracy)
+        scores = ChannelScores.empty(len(channels), len(self.settings))
         for start in range(0, len(channels), per_chunk):
             chunk = channels[start:start + per_chunk]
             replicas = [(channel, value) for channel in chunk for value in self.settings]
@@ -63,9 +62,7 @@ class MaskTester:
             x = np.concatenate([self.x] * len(replicas))
             # layers not named in the masks run with ones
             predictions = self.model.predict(x, masks={layer.name: mask}).reshape(len(chunk), len(self.settings), n)
-            for column in range(len(self.settings)):
-                accuracy[start:start + len(chunk), column], shift[start:start + len(chunk), column] = \
-                    prediction_scores(predictions[:, column], self.labels, self.num_classes)
+            scores.record(start, predictions, self.labels, self.num_classes)
             if progress:
                 progress(len(chunk))
-        return ChannelScores(accuracy, shift)
+        return scores

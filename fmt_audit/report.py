@@ -19,10 +19,12 @@ class LayerResult:
     shift: list[list[float]]        # class shift on each candidate batch (see fmt_audit.scores)
     flagged: list[int]
     selection: dict
+    sink: list[list[int]] = field(default_factory=list)   # the class each shift went to (-1: none)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "channels": self.channels, "depthwise": self.depthwise,
-                "scores": self.scores, "shift": self.shift, "flagged": self.flagged, "selection": self.selection}
+                "scores": self.scores, "shift": self.shift, "sink": self.sink, "flagged": self.flagged,
+                "selection": self.selection}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ScanReport:
     skipped_layers: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)   # memory plan and peaks: machine-dependent, like timing
+    verdict: dict | None = None     # model-level suspicion and verdict (fmt_audit.verdict); None: not computed
 
     @property
     def flagged(self) -> dict[str, list[int]]:
@@ -52,11 +55,13 @@ class ScanReport:
             "flagged_fraction": round(self.flagged_count / tested, 6) if tested else 0.0,
             "degenerate_layers": [layer.name for layer in self.layers if layer.selection.get("degenerate")],
             "skipped_layers": self.skipped_layers, "clean_accuracy": round(self.clean_accuracy, 6),
+            "suspicion": (self.verdict or {}).get("suspicion"), "verdict": (self.verdict or {}).get("verdict"),
         }
 
     def to_dict(self) -> dict:
         return {"model": self.model, "config": self.config, "layers": [layer.to_dict() for layer in self.layers],
-                "summary": self.summary, "timing": self.timing, "resources": self.resources}
+                "summary": self.summary, "verdict": self.verdict, "timing": self.timing,
+                "resources": self.resources}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -69,12 +74,14 @@ class ScanReport:
 
         try:
             layers = [LayerResult(str(e["name"]), int(e["channels"]), bool(e["depthwise"]), table(e["scores"]),
-                                  table(e["shift"]), [int(c) for c in e["flagged"]], dict(e["selection"]))
+                                  table(e["shift"]), [int(c) for c in e["flagged"]], dict(e["selection"]),
+                                  [[int(v) for v in row] for row in e.get("sink", [])])
                       for e in saved["layers"]]
             summary = saved["summary"]
             report = cls(dict(saved["model"]), dict(saved["config"]), layers, float(summary["clean_accuracy"]),
                          list(summary.get("skipped_layers", [])), dict(saved.get("timing", {})),
-                         dict(saved.get("resources", {})))
+                         dict(saved.get("resources", {})),
+                         None if saved.get("verdict") is None else dict(saved["verdict"]))
             str(report.model["sha256"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise DataError(f"{where} is not an fmt-audit scan report: missing or malformed "
@@ -113,6 +120,17 @@ class ScanReport:
         if s["degenerate_layers"]:
             lines.append(f"warning: in {len(s['degenerate_layers'])} layer(s) every channel scored the same; "
                          "the test moved no prediction there (try a larger --eps, or --eps auto)")
+        if self.verdict:
+            v = self.verdict
+            if v["verdict"] == "inconclusive" and not v["tested"]:
+                lines.append(f"verdict: inconclusive ({v['basis']})")
+            elif v["verdict"] == "inconclusive":
+                lines.append(f"verdict: inconclusive (only {v['counted']} of {v['tested']} disturbed candidate "
+                             "batches moved predictions; try a larger --eps)")
+            else:
+                lines.append(f"verdict: {v['verdict']} (suspicion {v['suspicion']:.2f}, threshold {v['threshold']}: "
+                             f"{v['suspicion']:.0%} of the disturbed predictions went to class {v['sink_class']}; "
+                             f"{v['basis']})")
         broken = self.model.get("nonfinite_weights")
         if broken:
             lines.append(f"warning: NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "

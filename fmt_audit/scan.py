@@ -13,13 +13,14 @@ import numpy as np
 
 from .cost import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from .data import Dataset, Preprocessing, load_data
-from .errors import ConfigError
+from .errors import BridgeError, ConfigError, UnsupportedModelError
 from .graph import ConvLayer, nonfinite_weights, opset_version
 from .loading import LoadedModel, load_model
 from .report import LayerResult, ScanReport
 from .runtime import DEVICES
 from .scores import ChannelScores
 from .selection import SELECTIONS, select
+from .verdict import Verdict, sink_concentration
 
 log = logging.getLogger(__name__)
 MODES = ("gradient", "mask")
@@ -50,6 +51,7 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
+    verdict_probe: int = 64             # mask mode: channels the gradient test probes for the verdict (0: none)
     preset: str = "default"
     predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
 
@@ -78,6 +80,8 @@ class ScanConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.predict_with not in PREDICTORS:
             raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
+        if self.verdict_probe < 0:
+            raise ConfigError(f"--verdict-probe must be 0 (no verdict in mask mode) or more; got {self.verdict_probe}")
         if self.max_memory is not None and not (np.isfinite(self.max_memory) and self.max_memory > 0):
             raise ConfigError(f"--max-memory must be a positive size such as 512M or 4G; got {self.max_memory} MiB")
         if self.preset not in PRESETS:
@@ -193,13 +197,7 @@ def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: fl
     collapses the model and again they look alike.
     """
     config = scanner.config
-    rng = np.random.default_rng(config.seed)
-    pairs = [(layer, c) for layer in layers for c in range(layer.out_channels)]
-    sample = sorted(rng.choice(len(pairs), size=min(32, len(pairs)), replace=False))
-    by_layer: dict[str, tuple[ConvLayer, list[int]]] = {}
-    for i in sample:
-        layer, channel = pairs[i]
-        by_layer.setdefault(layer.name, (layer, []))[1].append(channel)
+    by_layer = _sampled_channels(layers, 32, config.seed)
     trace = []
     for eps in EPS_GRID:
         tester = scanner.tester(eps)
@@ -210,6 +208,32 @@ def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: fl
         if drop >= config.calibration_drop:
             return eps, trace
     return EPS_GRID[-1], trace
+
+
+def _sampled_channels(layers: list[ConvLayer], count: int, seed: int) -> dict[str, tuple[ConvLayer, list[int]]]:
+    """A seeded sample of ``count`` channels over all layers, grouped by layer in layer order."""
+    rng = np.random.default_rng(seed)
+    pairs = [(layer, c) for layer in layers for c in range(layer.out_channels)]
+    chosen: dict[str, tuple[ConvLayer, list[int]]] = {}
+    for i in sorted(rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)):
+        layer, channel = pairs[i]
+        chosen.setdefault(layer.name, (layer, []))[1].append(channel)
+    return chosen
+
+
+def verdict_probe(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]) -> Verdict:
+    """The verdict of a mask-mode scan: the gradient test (eps calibrated) on ``config.verdict_probe`` channels."""
+    probe = replace(config, mode="gradient", predict_with="onnxruntime")
+    scanner = _Scanner(loaded, dataset, probe, layers)
+    eps = probe.eps
+    if eps == AUTO:
+        eps, _ = calibrate_eps(scanner, layers, scanner.tester().clean_accuracy())
+    tester = scanner.tester(eps)
+    results = [tester.score_layer(layer, channels)
+               for layer, channels in _sampled_channels(layers, config.verdict_probe, config.seed + 1).values()]
+    return sink_concentration([r.shift for r in results], [r.sink for r in results],
+                              basis=f"probe of {sum(len(r.shift) for r in results)} channels, gradient test at "
+                                    f"eps {eps}")
 
 
 def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:
@@ -268,7 +292,18 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                         threshold=config.outlier_threshold, samples=len(dataset))
         results.append(LayerResult(layer.name, layer.out_channels, layer.depthwise,
                                    _rounded(scores.accuracy), _rounded(scores.shift), chosen.flagged,
-                                   chosen.to_dict()))
+                                   chosen.to_dict(), scores.sink.tolist()))
+    if config.mode == "gradient":
+        verdict = sink_concentration([r.shift for r in results], [r.sink for r in results])
+    elif config.verdict_probe:
+        try:
+            verdict = verdict_probe(loaded, dataset, config, layers)
+        except (BridgeError, UnsupportedModelError) as error:   # the mask scan stands; the verdict cannot
+            verdict = Verdict(None, "inconclusive", None, 0, 0, f"no gradient probe: {error}")
+    else:
+        verdict = None
+    if verdict is not None:
+        log.info("verdict %s: suspicion %s (%s)", verdict.verdict, verdict.suspicion, verdict.basis)
     finished = time.perf_counter()
     shape = loaded.image_input.shape
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
@@ -287,6 +322,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(finished - prepared, 3),
                 "total_s": round(time.perf_counter() - started, 3)},
         resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
+        verdict=verdict.to_dict() if verdict else None,
     )
 
 

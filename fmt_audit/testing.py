@@ -28,7 +28,7 @@ import torch
 from .bridge import BridgedClassifier, TorchBridge
 from .data import Preprocessing
 from .graph import ConvLayer
-from .scores import ChannelScores, prediction_scores
+from .scores import ChannelScores
 
 
 class _Stop(Exception):
@@ -148,8 +148,7 @@ class FeatureMapTester:
         # and chunk when the images are split, since only one part's graph is kept at a time)
         retained = self._retained(layer.name, parts[0]) if len(parts) == 1 else None
         per_chunk = max(1, cfg.max_batch // (2 * n))     # channels whose candidates go in one prediction call
-        accuracy = np.zeros((len(channels), 2), dtype=np.float64)
-        shift = np.zeros((len(channels), 2), dtype=np.float64)
+        scores = ChannelScores.empty(len(channels), 2)
         for start in range(0, len(channels), per_chunk):
             chunk = channels[start:start + per_chunk]
             candidates = torch.empty((len(chunk), 2, *self.x.shape), dtype=self.x.dtype, device=self.x.device)
@@ -168,12 +167,10 @@ class FeatureMapTester:
                                                                       high)
                 del shared
             predictions = self.predict(candidates.view(-1, *self.x.shape[1:])).reshape(len(chunk), 2, n)
-            for column in range(2):
-                accuracy[start:start + len(chunk), column], shift[start:start + len(chunk), column] = \
-                    prediction_scores(predictions[:, column], self.labels, self.num_classes)
+            scores.record(start, predictions, self.labels, self.num_classes)
             if progress:
                 progress(len(chunk))
-        return ChannelScores(accuracy, shift)
+        return scores
 
 
 class FeatureMapPerturbation:

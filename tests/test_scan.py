@@ -162,12 +162,13 @@ def test_prediction_scores():
     predictions = np.array([[0, 1, 2, 3],       # all right
                             [5, 5, 5, 3],       # three pushed into class 5
                             [1, 0, 2, 2]])      # errors scattered: one image per wrong class
-    accuracy, shift = prediction_scores(predictions, labels, 6)
+    accuracy, shift, sink = prediction_scores(predictions, labels, 6)
     assert accuracy.tolist() == [1.0, 0.25, 0.25]
     assert shift.tolist() == [0.0, 0.75, 0.25]
+    assert sink.tolist() == [-1, 5, 0]      # nothing wrong; class 5; a tie goes to the lowest class
     # an image predicted as its own label never counts towards a shift into that class
-    accuracy, shift = prediction_scores(np.array([[0, 0, 0, 0]]), labels, 6)
-    assert accuracy.tolist() == [0.25] and shift.tolist() == [0.75]
+    accuracy, shift, sink = prediction_scores(np.array([[0, 0, 0, 0]]), labels, 6)
+    assert accuracy.tolist() == [0.25] and shift.tolist() == [0.75] and sink.tolist() == [0]
 
 
 def test_eps_calibration_picks_the_first_eps_that_moves_predictions():
@@ -282,9 +283,25 @@ def test_cli_max_memory_reaches_the_report(tmp_path):
     assert report["config"]["max_memory"] == 1536.0 and report["resources"]["memory_plan"]["budget_mib"] == 1536.0
 
 
-def test_fail_on_suspicious_exit_codes():
-    data = ["--data", str(SAMPLES / "defender.npz"), "--fail-on-suspicious"]
-    quiet = CliRunner().invoke(main, ["scan", str(SAMPLES / "clean_op13.onnx"), *data, "--skip-layers", "block"])
-    assert quiet.exit_code == 0 and "0 of 16 channels flagged" in quiet.output
+def test_fail_on_suspicious_follows_the_verdict():
+    data = ["--data", str(SAMPLES / "defender.npz"), "--fail-on-suspicious", "--samples", "64"]
+    quiet = CliRunner().invoke(main, ["scan", str(SAMPLES / "clean_op13.onnx"), *data])
+    assert quiet.exit_code == 0 and "verdict: clean" in quiet.output, quiet.output
     flagged = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), *data])
-    assert flagged.exit_code == 1 and "suspicious: 3 channel(s) flagged" in flagged.output
+    assert flagged.exit_code == 1 and "suspicious: suspicion" in flagged.output
+    # without a verdict (no probe in mask mode) the gate falls back to "any channel flagged"
+    no_verdict = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), *data, "--verdict-probe", "0"])
+    assert no_verdict.exit_code == 1 and "channel(s) flagged" in no_verdict.output
+
+
+@pytest.mark.parametrize("preset", ["default", "gradient"])
+def test_verdict_names_the_attack_target_and_passes_the_clean_model(preset):
+    targets = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
+               if m["attack"] != "none"}
+    config = ScanConfig.from_preset(preset, samples=64)
+    verdicts = {attack: scan(SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz", config).verdict
+                for attack in ("clean", "badnets", "blended")}
+    assert verdicts["clean"]["verdict"] == "clean"
+    for attack in ("badnets", "blended"):
+        assert verdicts[attack]["verdict"] == "suspicious" and verdicts[attack]["sink_class"] == targets[attack]
+        assert verdicts[attack]["suspicion"] > verdicts["clean"]["suspicion"] + 0.3
