@@ -40,9 +40,17 @@ def _read(path: str) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {str(error).splitlines()[0]}") from None
 
 
-def _value(value):
-    """TOML arrays (a --mean, say) become the comma-separated text the option takes."""
-    return ",".join(str(v) for v in value) if isinstance(value, list) else value
+def _value(path: str, key: str, value):
+    """A TOML value as the option takes it: scalars as they are, arrays (a --mean) as comma-separated text."""
+    from fmt_audit.errors import ConfigError
+
+    scalar = (str, int, float, bool)
+    if isinstance(value, list) and all(isinstance(v, scalar) for v in value):
+        return ",".join(str(v) for v in value)
+    if not isinstance(value, scalar):
+        raise ConfigError(f"{path}: {key} must be a string, number, boolean or array of those; "
+                          f"got {type(value).__name__}")
+    return value
 
 
 def apply_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
@@ -62,13 +70,17 @@ def apply_config(ctx: click.Context, _param: click.Parameter, path: str | None) 
             continue
         name = key.replace("-", "_")
         if name in options:
-            values[name] = _value(value)
+            values[name] = _value(path, key, value)
+    for command_name in COMMANDS:
+        if command_name in table and not isinstance(table[command_name], dict):
+            raise ConfigError(f"{path}: {command_name} must be a table ([{command_name}]); "
+                              f"got {type(table[command_name]).__name__}")
     for key, value in table.get(command, {}).items():
         name = key.replace("-", "_")
         if name not in options:
             known = ", ".join(sorted(n.replace("_", "-") for n in options))
             raise ConfigError(f"{path}: [{command}] has no option {key!r}; expected one of {known}")
-        values[name] = _value(value)
+        values[name] = _value(path, key, value)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return path
 

@@ -6,7 +6,7 @@ import click
 
 from .config_file import config_option
 from .console import STDOUT, progress, say, verbosity, write_report
-from .scan_cmd import parse_eps, scan_config, scan_options
+from .scan_cmd import parse_eps, refuse_html_to_stdout, scan_config, scan_options
 
 
 @click.command()
@@ -56,6 +56,8 @@ def repair(ctx: click.Context, model: str, data: str, output: str, from_report: 
                             unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"))
     inputs = [*model_files(model), data, *([from_report] if from_report else [])]
     check_output_path(output, inputs=inputs)
+    check_output_path(f"{output}.data", inputs=inputs)   # where a repaired model past 2 GiB keeps its weights
+    refuse_html_to_stdout(html_path)
     for path in (report_path, html_path):
         if path and path != STDOUT:
             check_output_path(path, inputs=[*inputs, output])

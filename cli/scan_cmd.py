@@ -111,6 +111,7 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
 
     config = scan_config(**options)
     inputs = [*model_files(model), data]
+    refuse_html_to_stdout(html_path)
     for path in (output, html_path):
         if path and path != STDOUT:
             check_output_path(path, inputs=inputs)
@@ -131,6 +132,13 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
 
         click.echo(reason, err=True)
         ctx.exit(EXIT_SUSPICIOUS)
+
+
+def refuse_html_to_stdout(html_path: str | None) -> None:
+    from fmt_audit.errors import ConfigError
+
+    if html_path == STDOUT:
+        raise ConfigError("--html needs a file path (stdout is for the JSON report: --json -)")
 
 
 def gate_failure(report) -> str | None:

@@ -328,6 +328,10 @@ def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProt
         if source.tensor not in slots and source.tensor in identities:   # the copy gets its own values
             _materialize_identity(updated.graph, identities.pop(source.tensor))
             slots = constant_tensors(updated.graph)
+        # other Identity copies of this tensor keep the values they had: give them their own first
+        for name in [name for name, node in identities.items() if node.input[0] == source.tensor]:
+            _materialize_identity(updated.graph, identities.pop(name))
+            slots = constant_tensors(updated.graph)
         slot = slots.get(source.tensor)
         if slot is None:
             raise BridgeError(f"tensor {source.tensor!r} (for {key}) is not stored in the original graph")

@@ -31,7 +31,7 @@ class GraphCost:
 
     names: tuple[str, ...]              # node names, in node order
     flops: tuple[int, ...]              # dense FLOPs of each node, per image
-    ancestors: dict[str, frozenset[int]]  # node name -> indices of the nodes it depends on (itself excluded)
+    ancestors: dict[str, int]           # node name -> bitmask of the node indices it depends on (itself excluded)
     peak_bytes: int                     # most activation bytes alive at once in a forward pass
     value_bytes: tuple[int, ...]        # bytes of each node's outputs
 
@@ -42,12 +42,16 @@ class GraphCost:
     def flops_to(self, node: str) -> int:
         """FLOPs of a forward pass that stops after ``node``."""
         index = self.names.index(node)
-        return self.flops[index] + sum(self.flops[i] for i in self.ancestors[node])
+        return self.flops[index] + sum(self.flops[i] for i in _bits(self.ancestors[node]))
 
     def retained_bytes(self, node: str) -> int:
         """Activation bytes a forward pass up to ``node`` keeps for its backward pass (an upper bound)."""
         index = self.names.index(node)
-        return self.value_bytes[index] + sum(self.value_bytes[i] for i in self.ancestors[node])
+        return self.value_bytes[index] + sum(self.value_bytes[i] for i in _bits(self.ancestors[node]))
+
+
+def _bits(mask: int) -> list[int]:
+    return [i for i in range(mask.bit_length()) if mask >> i & 1]
 
 
 def graph_cost(model: onnx.ModelProto, height: int, width: int) -> GraphCost:
@@ -91,8 +95,10 @@ def graph_cost(model: onnx.ModelProto, height: int, width: int) -> GraphCost:
     for i, node in enumerate(graph.node):
         flops.append(_node_flops(node, dims))
         value_bytes.append(sum(nbytes(out) for out in node.output if out))
-        parents = {producer[name] for name in node.input if name in producer}
-        ancestors[names[i]] = frozenset(parents.union(*(ancestors[names[p]] for p in parents)))
+        mask = 0    # an int bitmask: unions stay cheap on graphs of thousands of nodes
+        for parent in {producer[name] for name in node.input if name in producer}:
+            mask |= (1 << parent) | ancestors[names[parent]]
+        ancestors[names[i]] = mask
     return GraphCost(names, tuple(flops), ancestors, _peak_live(graph, nbytes, image.name, initializers),
                      tuple(value_bytes))
 
@@ -203,8 +209,9 @@ def available_memory(device: str) -> int:
     if device == "cuda":
         import torch
 
-        free, _total = torch.cuda.mem_get_info()
-        return int(free)
+        if torch.cuda.is_available():   # else ORT alone runs on the GPU: plan by host memory
+            free, _total = torch.cuda.mem_get_info()
+            return int(free)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .cost import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from .data import Dataset, Preprocessing, load_data
-from .errors import BridgeError, ConfigError, UnsupportedModelError
+from .errors import ConfigError, FmtAuditError
 from .graph import ConvLayer, nonfinite_weights, opset_version
 from .loading import LoadedModel, load_model
 from .report import LayerResult, ScanReport
@@ -298,7 +298,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     elif config.verdict_probe:
         try:
             verdict = verdict_probe(loaded, dataset, config, layers)
-        except (BridgeError, UnsupportedModelError) as error:   # the mask scan stands; the verdict cannot
+        except FmtAuditError as error:   # the mask scan stands (torch cannot convert, no CUDA, ...); the verdict not
             verdict = Verdict(None, "inconclusive", None, 0, 0, f"no gradient probe: {error}")
     else:
         verdict = None

@@ -261,3 +261,75 @@ def test_malformed_scan_reports_are_data_errors(damage):
              "layers": [{**layer, **damage}]}
     with pytest.raises(DataError, match="not an fmt-audit scan report"):
         ScanReport.from_dict(saved)
+
+
+def test_write_back_keeps_identity_copies_of_a_changed_tensor():
+    """Conv B's bias is an Identity of Conv A's stored bias: training A alone must not move B."""
+    import torch
+    from onnx import helper
+
+    from fmt_audit.bridge import to_torch, write_back
+    from fmt_audit.runtime import OrtClassifier
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w1", (4, 1, 3, 3)), ("b", (4,)), ("w2", (4, 4, 3, 3)), ("fc", (10, 4 * 16 * 16)))]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Identity", ["b"], ["b_copy"], name="copy"),
+             helper.make_node("Conv", ["c1", "w2", "b_copy"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c2"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", 1, ["n", 1, 16, 16])],
+                              [helper.make_tensor_value_info("logits", 1, ["n", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    bridge = to_torch(model)
+    with torch.no_grad():
+        bridge.conv_weights("conv1").bias += 5.0
+    updated = write_back(model, bridge)
+    x = np.random.default_rng(1).random((4, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = bridge.module(torch.from_numpy(x)).numpy()
+    assert np.abs(OrtClassifier(updated, "cpu").logits(x) - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("scan = 1\n", "scan must be a table"),
+    ("[scan]\nsamples = {a = 1}\n", "samples must be a string, number"),
+    ("seed = 1979-05-27\n", "seed must be a string, number"),
+])
+def test_config_values_of_the_wrong_shape_exit_2(tmp_path, content, message):
+    config = tmp_path / "c.toml"
+    config.write_text(content)
+    result = _invoke("scan", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--config", config)
+    _one_line_exit_2(result, message)
+
+
+def test_html_to_stdout_is_refused():
+    result = _invoke("scan", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--html", "-")
+    _one_line_exit_2(result, "--html needs a file path")
+
+
+def test_graph_costs_stay_cheap_on_long_graphs():
+    from onnx import helper
+
+    from fmt_audit.cost import graph_cost
+
+    nodes = [helper.make_node("Conv", ["input", "w"], ["v0"], name="conv", pads=[1, 1, 1, 1])]
+    nodes += [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"], name=f"relu{i}") for i in range(5000)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", 1, ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info("v5000", 1, ["n", 2, 8, 8])],
+                              [numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")])
+    cost = graph_cost(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), 8, 8)
+    assert cost.flops_to("relu4999") == cost.flops[0] == 2 * 2 * 8 * 8 * 9
+    assert cost.retained_bytes("relu4999") == 5001 * 2 * 8 * 8 * 4
+
+
+def test_cuda_requested_without_cuda_is_a_one_line_error():
+    from fmt_audit.runtime import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has CUDA")
+    for mode in ("mask", "gradient"):
+        result = _invoke("scan", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--samples", "4",
+                         "--mode", mode, "--device", "cuda")
+        _one_line_exit_2(result, "CUDA was requested")
