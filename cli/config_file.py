@@ -26,7 +26,7 @@ COMMANDS = ("scan", "repair", "evaluate")
 
 
 def _read(path: str) -> dict:
-    from fmt_audit.errors import ConfigError
+    from fmt_audit.errors import ConfigError, first_line
 
     try:
         import tomllib
@@ -37,7 +37,7 @@ def _read(path: str) -> dict:
     except OSError as error:
         raise ConfigError(f"cannot read the config file {path}: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid TOML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid TOML: {first_line(error)}") from None
 
 
 def _value(path: str, key: str, value):

@@ -15,7 +15,7 @@ import threading
 
 import click
 
-from fmt_audit.errors import FmtAuditError
+from fmt_audit.errors import FmtAuditError, first_line
 
 EXIT_SUSPICIOUS = 1     # scan --fail-on-suspicious
 EXIT_INPUT_ERROR = 2
@@ -44,11 +44,6 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def one_line(error: BaseException) -> str:
-    """The first non-empty line of an error's message (messages quoting other tools can run long)."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
 class AuditGroup(click.Group):
     """Turns library errors into one-line messages and documented exit codes."""
 
@@ -61,7 +56,7 @@ class AuditGroup(click.Group):
         except FmtAuditError as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {one_line(error)}", err=True)
+            click.echo(f"error: {first_line(error)}", err=True)
             ctx.exit(EXIT_INPUT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -72,7 +67,7 @@ class AuditGroup(click.Group):
         except Exception as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"internal error: {type(error).__name__}: {one_line(error)} "
+            click.echo(f"internal error: {type(error).__name__}: {first_line(error)} "
                        "(rerun with --debug for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL_ERROR)
 

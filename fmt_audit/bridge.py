@@ -12,10 +12,7 @@ change, and a parameter that did not change keeps its exact original bytes.
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,16 +21,16 @@ from onnx import numpy_helper
 
 from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
 from .data import Dataset, Preprocessing
-from .errors import BridgeError, DeviceError, UnsupportedModelError
+from .errors import BridgeError, DeviceError, UnsupportedModelError, first_line
 from .graph import (
     ImageInput,
     batchnorm_after,
     constant_tensors,
     conv_layers,
-    fits_in_protobuf,
     opset_version,
     with_node_names,
 )
+from .outputs import in_one_piece
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ def check_free_batch(bridge: TorchBridge, image: ImageInput, why: str) -> None:
             bridge.module(probe)
     except Exception as error:
         raise UnsupportedModelError(
-            f"the graph is fixed to batch size {image.batch} ({str(error).splitlines()[0]}); {why} needs larger "
+            f"the graph is fixed to batch size {image.batch} ({first_line(error)}); {why} needs larger "
             "batches: re-export it with a free batch dimension (torch: dynamic_axes={'input': {0: 'n'}})"
         ) from error
 
@@ -261,21 +258,6 @@ def _sources_by_node(prepared: onnx.ModelProto, modules: dict[str, torch.nn.Modu
     return sources
 
 
-@contextlib.contextmanager
-def _convertible(prepared: onnx.ModelProto):
-    """What onnx2torch converts: the model, or for 2 GiB and more a file with external data (onnx2torch
-    sizes a model it is given in memory with ByteSize(), which protobuf refuses past 2 GiB)."""
-    if fits_in_protobuf(prepared):
-        yield prepared
-        return
-    from .outputs import save_with_external_data
-
-    with tempfile.TemporaryDirectory(prefix="fmt-audit-") as folder:
-        path = Path(folder) / "model.onnx"
-        save_with_external_data(prepared, path)
-        yield str(path)
-
-
 def to_torch(model: onnx.ModelProto) -> TorchBridge:
     """Convert ``model`` to an eval-mode ``torch.nn.Module`` tied back to its ONNX tensors.
 
@@ -285,7 +267,8 @@ def to_torch(model: onnx.ModelProto) -> TorchBridge:
 
     prepared, steps = prepare_for_torch(model)
     try:
-        with _convertible(prepared) as source:
+        # onnx2torch sizes a model given in memory with ByteSize(): past 2 GiB it gets a file
+        with in_one_piece(prepared) as source:
             module = convert(source, attach_onnx_mapping=True)
     except Exception as error:  # onnx2torch reports unsupported attributes as NotImplementedError etc.
         raise BridgeError(f"the PyTorch bridge (onnx2torch) failed: {error}") from error

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .graph import ImageInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
@@ -138,7 +138,7 @@ def load_npz(path: Path) -> Dataset:
     except MemoryError:
         raise DataError(f"{path}: the arrays it declares do not fit in memory") from None
     except Exception as error:  # any failure to parse an untrusted file (zip, zlib, header) is the file's fault
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         if "pickle" in message.lower():
             message = "it holds object arrays, which are refused (no pickle)"
         raise DataError(f"{path} is not a readable .npz data file: {message}") from error
@@ -181,7 +181,7 @@ def _read_image_folder(root: Path, channels: int, size: tuple[int, int]) -> Data
                         image = image.resize((width, height), Image.BILINEAR)
                     pixels = np.asarray(image, dtype=np.uint8)
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-                raise DataError(f"cannot read image {file}: {str(error).splitlines()[0]}") from error
+                raise DataError(f"cannot read image {file}: {first_line(error)}") from error
             images.append(pixels if pixels.ndim == 3 else pixels[:, :, None])
             labels.append(label)
     if not images:

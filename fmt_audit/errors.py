@@ -42,3 +42,9 @@ class OutputError(FmtAuditError):
 
 class RepairError(FmtAuditError):
     """The repaired model failed verification (checker, ONNX Runtime, torch parity, removed channels)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message, else its type's name: messages quoting other tools
+    (protobuf, ONNX Runtime, onnx2torch) can run over many lines, or be empty."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, UnsupportedModelError, first_line
 from .graph import ConvLayer, ImageInput, conv_layers, fits_in_protobuf, image_input, num_classes
 
 
@@ -38,12 +38,6 @@ class LoadedModel:
     num_classes: int | None
     layers: tuple[ConvLayer, ...]
     external_data: tuple[str, ...]  # external data files, relative to the model's folder
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else text
 
 
 def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -108,7 +102,7 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> tuple[str, ...]
             inside, present = resolved.is_relative_to(root), resolved.is_file()
         except (ValueError, OSError) as error:    # a NUL byte, a name too long for the file system
             raise ModelLoadError(f"external data location {location!r} of tensor {tensor.name!r} is not a "
-                                 f"usable file name ({_first_line(error)}); refused") from error
+                                 f"usable file name ({first_line(error)}); refused") from error
         if not inside:
             raise ModelLoadError(
                 f"external data {location!r} resolves outside the model's folder ({resolved}); refused")
@@ -149,10 +143,10 @@ def read_model(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto, tuple[st
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, TypeError) as error:
-        raise ModelLoadError(f"{path} is not an ONNX model (protobuf parse failed: {_first_line(error)})") \
+        raise ModelLoadError(f"{path} is not an ONNX model (protobuf parse failed: {first_line(error)})") \
             from error
     except OSError as error:
-        raise ModelLoadError(f"cannot read {path}: {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot read {path}: {first_line(error)}") from error
     if not model.HasField("graph") or not model.graph.node:
         raise ModelLoadError(f"{path} is not an ONNX model (it has no graph nodes)")
     if not model.opset_import:
@@ -164,7 +158,7 @@ def read_model(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto, tuple[st
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as error:  # a truncated or unreadable data file
-            raise ModelLoadError(f"cannot read the external data of {path}: {_first_line(error)}") from error
+            raise ModelLoadError(f"cannot read the external data of {path}: {first_line(error)}") from error
     return path, model, external
 
 
@@ -174,19 +168,13 @@ def run_checker(model: onnx.ModelProto, path: Path | None = None) -> None:
     A model of 2 GiB or more cannot be serialised in one piece: it is checked as
     the file ``path`` (with its external data), or as a temporary copy.
     """
-    if fits_in_protobuf(model):
-        onnx.checker.check_model(model, full_check=True)
-        return
-    if path is not None:
+    if path is not None and not fits_in_protobuf(model):
         onnx.checker.check_model(str(path), full_check=True)
         return
-    import tempfile
+    from .outputs import in_one_piece
 
-    from .outputs import save_with_external_data
-
-    with tempfile.TemporaryDirectory(prefix="fmt-audit-") as folder:
-        save_with_external_data(model, Path(folder) / "model.onnx")
-        onnx.checker.check_model(str(Path(folder) / "model.onnx"), full_check=True)
+    with in_one_piece(model) as source:
+        onnx.checker.check_model(source, full_check=True)
 
 
 def validate(model: onnx.ModelProto, path: Path) -> None:
@@ -194,9 +182,9 @@ def validate(model: onnx.ModelProto, path: Path) -> None:
     try:
         run_checker(model, path)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ModelLoadError(f"{path} fails the ONNX checker: {_first_line(error)}") from error
+        raise ModelLoadError(f"{path} fails the ONNX checker: {first_line(error)}") from error
     except Exception as error:
-        raise ModelLoadError(f"{path} fails the ONNX checker: {_first_line(error)}") from error
+        raise ModelLoadError(f"{path} fails the ONNX checker: {first_line(error)}") from error
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:

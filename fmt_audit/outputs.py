@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -67,6 +68,20 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     copy.CopyFrom(model)    # onnx.save_model moves the tensors of the model it is given out to the file
     onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
+
+
+@contextlib.contextmanager
+def in_one_piece(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
+    """``model`` itself when protobuf can serialise it, else the path of a temporary copy saved with
+    external data (removed on exit): what the ONNX checker, ONNX Runtime and onnx2torch accept for a
+    model of 2 GiB or more (protobuf refuses to serialise one, even to size it)."""
+    if fits_in_protobuf(model):
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="fmt-audit-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_with_external_data(model, path)
+        yield str(path)
 
 
 def write_model(path: str | os.PathLike, model: onnx.ModelProto) -> str:

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 from .bridge import BridgedClassifier, TorchBridge, check_free_batch, to_torch, torch_device, write_back
 from .data import Dataset, load_data
-from .errors import ConfigError, RepairError, UnsupportedModelError
+from .errors import ConfigError, RepairError, UnsupportedModelError, first_line
 from .finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
 from .graph import batchnorm_after, constant_tensors, conv_layers, nonfinite_weights, with_node_names
 from .loading import LoadedModel, load_model, run_checker
@@ -151,7 +151,7 @@ def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarr
     try:
         run_checker(repaired)
     except Exception as error:
-        raise RepairError(f"the repaired model fails the ONNX checker: {str(error).splitlines()[0]}") from error
+        raise RepairError(f"the repaired model fails the ONNX checker: {first_line(error)}") from error
     in_ort = OrtClassifier(repaired, device, classifier.preprocessing)
     ort_logits = in_ort.logits(x)
     torch_logits = classifier.logits(x)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 
 @dataclass
@@ -96,7 +96,7 @@ class ScanReport:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DataError(f"cannot read the scan report {path}: {str(error).splitlines()[0]}") from error
+            raise DataError(f"cannot read the scan report {path}: {first_line(error)}") from error
         if not isinstance(saved, dict):
             raise DataError(f"{path} is not an fmt-audit scan report: expected a JSON object")
         return cls.from_dict(saved, str(path))

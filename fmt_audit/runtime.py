@@ -8,17 +8,15 @@ reported, never assumed.
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .errors import DeviceError, UnsupportedModelError
-from .graph import fits_in_protobuf, image_input, with_node_names
+from .errors import DeviceError, UnsupportedModelError, first_line
+from .graph import image_input, with_node_names
+from .outputs import in_one_piece
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
@@ -59,7 +57,7 @@ class Session:
         try:
             return self.session.run(list(outputs) if outputs is not None else None, dict(feeds))
         except _ort_errors() as error:  # a model ORT loads but cannot run on these inputs
-            raise UnsupportedModelError(f"ONNX Runtime cannot run this model: {_first_line(error)}") from error
+            raise UnsupportedModelError(f"ONNX Runtime cannot run this model: {first_line(error)}") from error
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -68,10 +66,6 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, name) for name in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented",
                                                    "InvalidGraph", "NoSuchFile", "ModelLoaded", "EPFail")
                  if isinstance(getattr(state, name, None), type))
-
-
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None) -> Session:
@@ -93,22 +87,9 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
     given = [node.name for node in model.graph.node if node.name]
     if len(set(given)) != len(given):  # ORT refuses duplicate node names; the checker allows them
         model = with_node_names(model)
-    with _serialized(model) as payload:
+    with in_one_piece(model) as source:
+        payload = source if isinstance(source, str) else source.SerializeToString()
         return _session(ort, payload, options, device)
-
-
-@contextlib.contextmanager
-def _serialized(model: onnx.ModelProto):
-    """What ORT loads: the bytes, or for a model of 2 GiB or more a file with external data (kept until loaded)."""
-    if fits_in_protobuf(model):
-        yield model.SerializeToString()
-        return
-    from .outputs import save_with_external_data
-
-    with tempfile.TemporaryDirectory(prefix="fmt-audit-") as folder:
-        path = Path(folder) / "model.onnx"
-        save_with_external_data(model, path)
-        yield str(path)
 
 
 def _session(ort, payload: bytes | str, options, device: str) -> Session:
@@ -131,7 +112,7 @@ def _session(ort, payload: bytes | str, options, device: str) -> Session:
     try:
         session = ort.InferenceSession(payload, options, providers=[CPU])
     except _ort_errors() as error:
-        raise UnsupportedModelError(f"ONNX Runtime cannot load this model: {_first_line(error)}") from error
+        raise UnsupportedModelError(f"ONNX Runtime cannot load this model: {first_line(error)}") from error
     return Session(session, CPU)
 
 

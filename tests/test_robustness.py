@@ -333,3 +333,10 @@ def test_cuda_requested_without_cuda_is_a_one_line_error():
         result = _invoke("scan", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--samples", "4",
                          "--mode", mode, "--device", "cuda")
         _one_line_exit_2(result, "CUDA was requested")
+
+
+def test_first_line_of_empty_and_long_messages():
+    from fmt_audit.errors import first_line
+
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(RuntimeError("\n  \nfirst\nsecond")) == "first"
