@@ -1,16 +1,19 @@
 """How well does the model-level verdict separate clean from backdoored models? A population study.
 
 Trains (and caches) a population of 16x16 digit classifiers on scikit-learn's
-``digits`` (no download): clean models with different seeds and two
-architectures, and backdoored ones with four attacks — a BadNets patch (random
-corner), a blended noise pattern, a sinusoidal signal (SIG) and a smooth warp
+``digits`` (no download): clean models with different seeds and three
+architectures (a small ResNet, a plain CNN, a wider VGG-style CNN), and
+backdoored ones with four attacks — a BadNets patch (random corner), a blended
+noise pattern, a sinusoidal signal (SIG) and a smooth warp
 (WaNet-style) — random targets and poison rates of 5% or 10%. A backdoored model
 whose attack did not take (ASR < 80%) is left out and listed.
 
 Each model is scanned with the tool's ``default`` preset (mask mode, verdict from
-the gradient probe); the threshold is fitted on the even-numbered models (the
-midpoint between the highest clean and lowest backdoored suspicion there) and
-the held-out odd-numbered models give the ROC-AUC and the false-positive rate.
+the gradient probe); the threshold is fitted on the even-numbered models of each
+group (the midpoint between the highest clean and lowest backdoored suspicion
+there) and the held-out odd-numbered models give the ROC-AUC and the
+false-positive rate. Each model's full report is cached beside it
+(``scan_default.json``), so other statistics can be studied without rescanning.
 
     python benchmarks/verdict_population.py [--models-per-group 6]
 """
@@ -77,9 +80,17 @@ def _stamp(x: np.ndarray, row: int, col: int) -> np.ndarray:
     return out
 
 
+ARCHITECTURES = ("resnet", "plain", "vgg")
+
+
 def network(architecture: str):
     import torch.nn as nn
 
+    if architecture == "vgg":
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        return nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 10))
     if architecture == "resnet":
         import sys
 
@@ -117,21 +128,26 @@ def train(x, y, architecture: str, seed: int):
     return model.eval()
 
 
-def build(index: int, attack: str, x, y, split) -> dict:
-    """Train, export and measure model ``index`` (cached)."""
+def folder_of(attack: str, number: int):
+    return CACHE / f"{attack}_{number:02d}"
+
+
+def build(attack: str, number: int, x, y, split) -> dict:
+    """Train, export and measure the ``number``-th model of the ``attack`` group (cached)."""
     import onnxruntime as ort
     import torch
 
-    folder = CACHE / f"{index:03d}_{attack}"
+    folder = folder_of(attack, number)
     facts_path = folder / "facts.json"
     if facts_path.exists():
         return json.loads(facts_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    index = 100 * ("clean", *ATTACKS).index(attack) + number     # the model's seed: stable as groups grow
     rng = np.random.default_rng(1000 + index)
-    architecture = ("resnet", "plain")[index % 2]
+    architecture = ARCHITECTURES[number % len(ARCHITECTURES)]
     train_idx, defender_idx, test_idx = split
     xt, yt = x[train_idx].copy(), y[train_idx].copy()
-    facts = {"index": index, "attack": attack, "architecture": architecture}
+    facts = {"index": index, "number": number, "attack": attack, "architecture": architecture}
     if attack != "clean":
         stamp = trigger(attack, rng)
         target = int(rng.integers(0, 10))
@@ -167,6 +183,8 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-per-group", type=int, default=6, help="clean models, and models per attack")
+    parser.add_argument("--gradient", action="store_true",
+                        help="also run and cache a full gradient-mode scan of every model")
     args = parser.parse_args()
     from fmt_audit.scan import ScanConfig, scan
 
@@ -174,27 +192,29 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(y))
     split = (order[:1100], order[1100:1300], order[1300:])
     rows = []
-    index = 0
     for attack in ("clean", *ATTACKS):
-        for _ in range(args.models_per_group):
+        for number in range(args.models_per_group):
             started = time.perf_counter()
-            facts = build(index, attack, x, y, split)
-            folder = CACHE / f"{index:03d}_{attack}"
+            facts = build(attack, number, x, y, split)
+            folder = folder_of(attack, number)
             report = scan(folder / "model.onnx", folder / "defender.npz", ScanConfig.from_preset("default"))
+            (folder / "scan_default.json").write_text(report.to_json())
+            if args.gradient:   # every channel through the gradient test, for studying the statistic
+                full = scan(folder / "model.onnx", folder / "defender.npz", ScanConfig.from_preset("gradient"))
+                (folder / "scan_gradient.json").write_text(full.to_json())
             verdict = report.verdict or {}
             rows.append({**facts, "suspicion": verdict.get("suspicion"), "verdict": verdict.get("verdict"),
                          "sink_class": verdict.get("sink_class"), "flagged": report.flagged_count,
                          "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(rows[-1]), flush=True)
-            index += 1
     usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
     failed = [r for r in rows if r not in usable]
 
     def scores(part, backdoored):
         return [r["suspicion"] or 0.0 for r in part if (r["attack"] != "clean") == backdoored]
 
-    fit = [r for r in usable if r["index"] % 2 == 0]
-    held = [r for r in usable if r["index"] % 2 == 1]
+    fit = [r for r in usable if r["number"] % 2 == 0]
+    held = [r for r in usable if r["number"] % 2 == 1]
     threshold = (max(scores(fit, False)) + min(scores(fit, True))) / 2
     clean_held, backdoored_held = scores(held, False), scores(held, True)
     summary = {

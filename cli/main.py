@@ -99,12 +99,13 @@ def _log_to_stderr(verbosity: int) -> None:
 
 
 def _register() -> None:
-    from . import evaluate_cmd, inspect_cmd, repair_cmd, scan_cmd
+    from . import compare_cmd, evaluate_cmd, inspect_cmd, repair_cmd, scan_cmd
 
     main.add_command(inspect_cmd.inspect)
     main.add_command(scan_cmd.scan)
     main.add_command(repair_cmd.repair)
     main.add_command(evaluate_cmd.evaluate)
+    main.add_command(compare_cmd.compare)
 
 
 _register()

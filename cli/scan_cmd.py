@@ -8,9 +8,8 @@ from .config_file import config_option
 from .console import STDOUT, progress, say, write_report
 
 # Options left unset (None) take the preset's value; see fmt_audit.scan.PRESETS.
+DATA_HELP = "Clean labelled images: .npz (x, y) or an image folder root/<class>/*."
 SCAN_OPTIONS = [
-    click.option("--data", required=True, type=click.Path(path_type=str),
-                 help="Clean labelled images: .npz (x, y) or an image folder root/<class>/*."),
     click.option("--preset", type=click.Choice(["default", "gradient", "paper"]), default="default",
                  show_default=True,
                  help="default: mask mode, class-shift scores, outlier rule; gradient: iterated FMT with a "
@@ -43,11 +42,15 @@ SCAN_OPTIONS = [
 ]
 
 
-def scan_options(command):
-    """Attach the scan options (``repair`` reuses them)."""
-    for option in reversed(SCAN_OPTIONS):
-        command = option(command)
-    return command
+def scan_options(command=None, *, data_help: str | None = None):
+    """Attach ``--data`` (required unless ``data_help`` says otherwise) and the scan options; ``repair``
+    and ``compare`` reuse them."""
+    def attach(command):
+        for option in reversed(SCAN_OPTIONS):
+            command = option(command)
+        return click.option("--data", required=data_help is None, default=None, type=click.Path(path_type=str),
+                            help=data_help or DATA_HELP)(command)
+    return attach(command) if command is not None else attach
 
 
 def parse_eps(eps: str | None, option: str = "--eps") -> float | str | None:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from .data import Dataset, Preprocessing, load_data
 from .errors import ConfigError, DataError
@@ -87,11 +88,12 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def _metrics(loaded: LoadedModel, clean: Dataset, poisoned: Dataset | None, target: int | None,
-             preprocessing: Preprocessing, device: str) -> tuple[Metrics, str]:
+def model_metrics(model: onnx.ModelProto, clean: Dataset, poisoned: Dataset | None, target: int | None,
+                  preprocessing: Preprocessing, device: str = "auto") -> tuple[Metrics, str]:
+    """``model``'s metrics run in ONNX Runtime, and the execution provider that ran it."""
     from .runtime import OrtClassifier
 
-    classifier = OrtClassifier(loaded.proto, device, preprocessing)
+    classifier = OrtClassifier(model, device, preprocessing)
     acc = float((classifier.predict(clean.x) == clean.y).mean())
     if poisoned is None:
         return Metrics(acc, None, None, len(clean), 0), classifier.provider
@@ -120,7 +122,7 @@ def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | D
 
     clean = load(data)
     triggered = load(poisoned) if poisoned is not None else None
-    metrics, provider = _metrics(loaded, clean, triggered, target, preprocessing, device)
+    metrics, provider = model_metrics(loaded.proto, clean, triggered, target, preprocessing, device)
     config = {"target": target, "device": device, "ort_provider": provider, **preprocessing.to_dict(),
               "data": clean.source, "poisoned": triggered.source if triggered else None}
     info = {"path": str(loaded.path), "sha256": loaded.sha256}
@@ -129,7 +131,7 @@ def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | D
     base = baseline if isinstance(baseline, LoadedModel) else load_model(baseline)
     if (base.image_input.shape or ())[1:] != (loaded.image_input.shape or ())[1:] or base.num_classes != num_classes:
         raise ConfigError("the baseline takes different inputs or has different classes than the model")
-    base_metrics, _ = _metrics(base, clean, triggered, target, preprocessing, device)
+    base_metrics, _ = model_metrics(base.proto, clean, triggered, target, preprocessing, device)
     der = defense_effectiveness(base_metrics, metrics) if triggered is not None else None
     return Evaluation(info, metrics, {"path": str(base.path), "sha256": base.sha256,
                                       "metrics": base_metrics.to_dict()}, der, config)

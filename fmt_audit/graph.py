@@ -336,3 +336,18 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
             groups=groups, weight_stored=weight in stored,
         ))
     return layers
+
+
+def last_conv_layers(model: onnx.ModelProto, layers: Sequence[ConvLayer]) -> list[ConvLayer]:
+    """The Conv layers with no Conv after them on any path to the outputs, in node order
+    (in a ResNet: the last block's second Conv and, if it has one, its projection shortcut)."""
+    graph = model.graph
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    conv_below = [False] * len(graph.node)     # some Conv consumes what this node computes, directly or later
+    for index in range(len(graph.node) - 1, -1, -1):
+        conv_below[index] = any(graph.node[c].op_type == "Conv" or conv_below[c]
+                                for output in graph.node[index].output for c in consumers.get(output, ()))
+    return [layer for layer in layers if not conv_below[layer.index]]

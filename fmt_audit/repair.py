@@ -1,7 +1,9 @@
 """``repair``: remove the flagged channels, fine-tune on clean data, write back, verify.
 
-1. The flagged channels come from a scan run here on the training part of the
-   data, from a scan report, or from the caller.
+1. The channels to remove depend on the method (:data:`METHODS`): ``fmt`` takes
+   them from a scan run here on the training part of the data, from a scan
+   report, or from the caller; ``ft`` removes none (fine-tuning alone); ``fp``
+   and ``clp`` choose them by the criteria of :mod:`fmt_audit.pruning`.
 2. Removal makes each channel's output exactly zero: its Conv filter and bias,
    and the scale and shift of a BatchNormalization that directly follows.
 3. Fine-tuning (:mod:`fmt_audit.finetune`) through the PyTorch bridge, removed
@@ -11,6 +13,9 @@
 5. Verification before anything is returned: the ONNX checker passes, ONNX
    Runtime runs the repaired graph, its logits match the torch module's, and the
    removed channels' tensors are exactly zero in the graph.
+
+``clp`` is data-free: it runs without data and never fine-tunes; given data, it
+only measures accuracy.
 
 A part of the clean data (``holdout``) is kept out of scanning and training and
 measures accuracy before removal, after removal and after fine-tuning.
@@ -33,8 +38,9 @@ from .bridge import BridgedClassifier, TorchBridge, check_free_batch, to_torch, 
 from .data import Dataset, load_data
 from .errors import ConfigError, RepairError, UnsupportedModelError, first_line
 from .finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
-from .graph import batchnorm_after, constant_tensors, conv_layers, nonfinite_weights, with_node_names
+from .graph import ImageInput, batchnorm_after, constant_tensors, conv_layers, nonfinite_weights, with_node_names
 from .loading import LoadedModel, load_model, run_checker
+from .pruning import PruningChoice, clp_channels, dormant_channels
 from .report import RepairReport, ScanReport
 from .scan import ScanConfig, calibrated_eps, scan
 from .testing import FeatureMapPerturbation
@@ -46,6 +52,10 @@ MIN_STEPS = 30
 # images for calibrating the unlearning eps when no gradient scan did: a median accuracy
 # drop over 32 channels needs far fewer images than scoring every channel does
 CALIBRATION_SAMPLES = 64
+# fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning
+METHODS = ("fmt", "ft", "fp", "clp")
+# images for checking ONNX Runtime against torch when a data-free repair has no data
+VERIFY_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,17 @@ class RepairConfig:
     unlearn: bool | None = None
     unlearn_eps: float | str = "auto"   # auto: the scan's gradient-mode eps, else calibrated here
     unlearn_steps: int = 5
+    method: str = "fmt"
+    prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
+    clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if not 0 < self.prune_drop < 1:
+            raise ConfigError(f"--prune-drop must be in (0, 1); got {self.prune_drop}")
+        if not (np.isfinite(self.clp_u) and self.clp_u > 0):
+            raise ConfigError(f"--clp-u must be a positive number; got {self.clp_u}")
         if self.unlearn_eps != "auto" and not (isinstance(self.unlearn_eps, (int, float))
                                                and 0 < self.unlearn_eps <= 1):
             raise ConfigError(f"--unlearn-eps must be 'auto' or in (0, 1]; got {self.unlearn_eps}")
@@ -186,95 +205,138 @@ def unlearning_eps(config: RepairConfig, scanned, loaded: LoadedModel, train: Da
     return eps, trace, "calibrated"
 
 
-def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
+def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Dataset | None,
+                        classifier: BridgedClassifier, scan_config: ScanConfig,
+                        flagged: ScanReport | ChannelSet | None,
+                        progress: Callable[[str, int, int], None] | None) -> tuple[str, ChannelSet, ScanReport | None,
+                                                                                    dict | None]:
+    """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp)."""
+    if config.method == "ft":
+        return "none (fine-tuning alone)", {}, None, None
+    if config.method in ("fp", "clp"):
+        choice: PruningChoice
+        if config.method == "clp":
+            choice = clp_channels(loaded.proto, loaded.layers, config.clp_u)
+        else:
+            choice = dormant_channels(classifier, loaded.proto, loaded.layers, train, config.prune_drop,
+                                      seed=scan_config.seed)
+        return {"fp": "fine-pruning", "clp": "clp"}[config.method], choice.channels, None, choice.evidence
+    if flagged is None:
+        report = scan(loaded, train, scan_config, progress=progress)
+        return "scan", report.flagged, report, None
+    if isinstance(flagged, ScanReport):
+        if flagged.model.get("sha256") != loaded.sha256:
+            made_for = str(flagged.model.get("sha256"))[:12]
+            raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
+                              f"this model {loaded.sha256[:12]}...)")
+        return "report", flagged.flagged, None, None
+    return "given", flagged, None, None
+
+
+def verification_images(image: ImageInput, seed: int) -> np.ndarray:
+    """Seeded uniform [0, 1] images of the model's input size, for checking a repair made without data."""
+    if image.height is None or image.width is None:
+        raise ConfigError("a repair without data needs a model with a fixed input height and width "
+                          "(to make images that check ONNX Runtime against torch); give --data")
+    shape = (VERIFY_IMAGES, image.channels or 3, image.height, image.width)
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset | None,
            config: RepairConfig | None = None, scan_config: ScanConfig | None = None,
            flagged: ScanReport | ChannelSet | None = None,
            progress: Callable[[str, int, int], None] | None = None,
            on_epoch: Callable[[EpochRecord], None] | None = None) -> RepairResult:
-    """Repair ``model`` with the clean labelled images in ``data``.
+    """Repair ``model`` with the clean labelled images in ``data`` by ``config.method``.
 
-    ``flagged``: the channels to remove — a scan report of this model, or a
-    ``{layer: [channels]}`` map (``{}`` is fine-tuning alone); ``None`` runs a
-    scan with ``scan_config`` on the training part of the data first.
-    ``progress`` is passed to that scan; ``on_epoch`` gets each epoch's record.
+    ``flagged`` (method ``fmt`` only): the channels to remove — a scan report of
+    this model, or a ``{layer: [channels]}`` map; ``None`` runs a scan with
+    ``scan_config`` on the training part of the data first. ``data`` may be
+    ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
+    ``on_epoch`` gets each epoch's record.
     """
     config = config or RepairConfig()
     scan_config = scan_config or ScanConfig()
+    method = config.method
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     broken = nonfinite_weights(loaded.proto.graph)
     if broken:
         raise UnsupportedModelError(f"NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
                                     "repair refused: fine-tuning cannot be trusted to fix a broken model")
+    if flagged is not None and method != "fmt":
+        raise ConfigError(f"given channels to remove (a scan report) go with --method fmt, not {method}")
+    if data is None and method != "clp":
+        raise ConfigError(f"--method {method} needs clean labelled data (--data); only clp is data-free")
     preprocessing = scan_config.preprocessing
     preprocessing.check_channels(loaded.image_input.channels)
-    dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
-    if len(dataset) < 2:
-        raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
-    train, holdout = dataset.split(config.holdout, seed=scan_config.seed)
+    dataset = None
+    if data is not None:
+        dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+        if len(dataset) < 2:
+            raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
+    empty = Dataset(np.zeros((0, 1, 1, 1), np.float32), np.zeros(0, np.int64))
+    train, holdout = dataset.split(config.holdout, seed=scan_config.seed) if dataset is not None else (empty, empty)
     bridge = to_torch(loaded.proto)     # before the scan: a model that cannot be fine-tuned fails fast
     check_free_batch(bridge, loaded.image_input, "fine-tuning")
-
-    scan_report = None
-    if flagged is None:
-        scan_report = scan(loaded, train, scan_config, progress=progress)
-        source, removed = "scan", scan_report.flagged
-    elif isinstance(flagged, ScanReport):
-        if flagged.model.get("sha256") != loaded.sha256:
-            made_for = str(flagged.model.get("sha256"))[:12]
-            raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
-                              f"this model {loaded.sha256[:12]}...)")
-        source, removed = "report", flagged.flagged
-    else:
-        source, removed = "given", flagged
+    device = torch_device(scan_config.device)
+    classifier = BridgedClassifier(bridge, preprocessing, device)
+    source, removed, scan_report, evidence = _channels_to_remove(config, loaded, train, classifier, scan_config,
+                                                                 flagged, progress)
     removed = check_channels(loaded, removed)
     scanned = time.perf_counter()
 
-    device = torch_device(scan_config.device)
-    classifier = BridgedClassifier(bridge, preprocessing, device)
     measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
     accuracy = {"before": measure()}
-    flip, flip_info = flip_decision(classifier, train, config.fine_tune.flip)
+    tuning = config.fine_tune if method != "clp" else replace(config.fine_tune, epochs=0)
+    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method != "clp"
+                       else (False, {"setting": tuning.flip, "flip": False}))
     remove_channels(bridge, removed)
     accuracy["after_removal"] = measure()
-    unlearn = config.unlearn if config.unlearn is not None else scan_config.preset != "paper"
+    unlearn = method == "fmt" and (config.unlearn if config.unlearn is not None else scan_config.preset != "paper")
     perturb, unlearning = None, {"enabled": unlearn}
-    if unlearn and config.fine_tune.epochs:
+    if unlearn and tuning.epochs:
         eps, trace, origin = unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)
         perturb = FeatureMapPerturbation(classifier, loaded.layers, eps, eps / 3, config.unlearn_steps,
-                                         seed=config.fine_tune.seed)
+                                         seed=tuning.seed)
         unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
                            "calibration": trace})
     hold = (contextlib.nullcontext() if config.allow_regrowth
             else removed_held_at_zero(bridge.channel_modules, removed))
     with hold:
-        history = fine_tune(classifier, train, config.fine_tune, flip, holdout if len(holdout) else None,
-                            progress=on_epoch, perturb=perturb)
+        history = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
+                            progress=on_epoch, perturb=perturb) if tuning.epochs else []
         accuracy["after"] = measure()
         trained = time.perf_counter()
         repaired = write_back(loaded.proto, bridge)
-        check_images = (holdout if len(holdout) else train).x[:64]
+        check_images = next((d.x[:64] for d in (holdout, train) if len(d)), None)
+        if check_images is None:
+            check_images = verification_images(loaded.image_input, scan_config.seed)
         verification = verify(repaired, classifier, check_images, removed, scan_config.device,
                               config.tolerance, expect_zero=not config.allow_regrowth)
 
-    steps = config.fine_tune.epochs * config.fine_tune.steps_per_epoch(len(train))
-    batch_size = config.fine_tune.batch_for(len(train))
+    steps = tuning.epochs * tuning.steps_per_epoch(len(train)) if len(train) else 0
+    batch_size = tuning.batch_for(len(train))
     warnings = []
     if 0 < steps < MIN_STEPS:
         warnings.append(f"fine-tuning took only {steps} optimizer steps ({len(train)} training images, batch "
-                        f"{batch_size}, {config.fine_tune.epochs} epochs); a smaller --batch-size "
+                        f"{batch_size}, {tuning.epochs} epochs); a smaller --batch-size "
                         "or more --epochs gives it more")
     report = RepairReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256},
-        config={**asdict(config.fine_tune), "allow_regrowth": config.allow_regrowth, "holdout": config.holdout,
-                "tolerance": config.tolerance, "device_used": device, **preprocessing.to_dict(),
-                "flip_decision": flip_info, "unlearning": unlearning, "steps": steps, "batch_size_used": batch_size,
-                "scan": scan_report.config if scan_report else None},
+        config={"method": method, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
+                "holdout": config.holdout, "tolerance": config.tolerance, "device_used": device,
+                **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning, "steps": steps,
+                "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
+                **({"prune_drop": config.prune_drop} if method == "fp" else {}),
+                **({"clp_u": config.clp_u} if method == "clp" else {})},
         flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
-        data={"images": len(dataset), "train": len(train), "holdout": len(holdout), "source": dataset.source},
+        data={"images": len(dataset) if dataset is not None else 0, "train": len(train), "holdout": len(holdout),
+              "source": dataset.source if dataset is not None else None},
         accuracy=accuracy, epochs=[record.to_dict() for record in history], verification=verification,
         regrowth=regrowth(bridge, removed) if config.allow_regrowth else None, warnings=warnings,
         timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned, 3),
                 "total_s": round(time.perf_counter() - started, 3)},
+        method=method, evidence=evidence,
     )
     return RepairResult(repaired, report, scan_report)

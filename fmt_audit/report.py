@@ -145,7 +145,7 @@ class RepairReport:
     model: dict
     config: dict
     flagged: dict[str, list[int]]
-    source: str                     # "scan" | "report" | "given"
+    source: str                     # "scan" | "report" | "given" | "none (fine-tuning alone)" | "fine-pruning" | "clp"
     channels_total: int
     data: dict
     accuracy: dict                  # holdout accuracy: before, after_removal, after (None without a holdout)
@@ -155,6 +155,8 @@ class RepairReport:
     warnings: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     output: dict | None = None      # path and sha256 of the written model, filled in by whoever writes it
+    method: str = "fmt"             # fmt | ft | fp | clp (fmt_audit.repair.METHODS)
+    evidence: dict | None = None    # what fp / clp chose the channels on (fmt_audit.pruning)
 
     @property
     def flagged_count(self) -> int:
@@ -165,9 +167,9 @@ class RepairReport:
         self.output = {"path": str(path), "sha256": sha256}
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "output": self.output, "config": self.config,
+        return {"model": self.model, "output": self.output, "method": self.method, "config": self.config,
                 "flagged": {"source": self.source, "count": self.flagged_count, "channels_total": self.channels_total,
-                            "layers": self.flagged},
+                            "layers": self.flagged, "evidence": self.evidence},
                 "data": self.data, "accuracy": self.accuracy, "epochs": self.epochs,
                 "verification": self.verification, "regrowth": self.regrowth, "warnings": self.warnings,
                 "timing": self.timing}
@@ -180,19 +182,26 @@ class RepairReport:
             return "-" if value is None else f"{value:.4f}"
 
         c, a, v = self.config, self.accuracy, self.verification
-        lines = [f"removed      {self.flagged_count} of {self.channels_total} channels in {len(self.flagged)} layers "
+        lines = [f"method       {self.method}",
+                 f"removed      {self.flagged_count} of {self.channels_total} channels in {len(self.flagged)} layers "
                  f"(from {self.source})"]
         lines += [f"  {name}: {', '.join(map(str, channels))}" for name, channels in self.flagged.items()]
-        lines.append(f"fine-tuned   {c['epochs']} epochs, {c['steps']} steps, batch {c['batch_size_used']}, "
-                     f"lr {c['lr']} -> {c['final_lr']}, augment {'on' if c['augment'] else 'off'}, "
-                     f"flip {'on' if c['flip_decision']['flip'] else 'off'}"
-                     f"{', channels free to regrow' if c['allow_regrowth'] else ''}")
+        if c["epochs"]:
+            lines.append(f"fine-tuned   {c['epochs']} epochs, {c['steps']} steps, batch {c['batch_size_used']}, "
+                         f"lr {c['lr']} -> {c['final_lr']}, augment {'on' if c['augment'] else 'off'}, "
+                         f"flip {'on' if c['flip_decision']['flip'] else 'off'}"
+                         f"{', channels free to regrow' if c['allow_regrowth'] else ''}")
+        else:
+            lines.append("fine-tuned   no" + (" (clp is data-free)" if self.method == "clp" else ""))
         unlearning = c.get("unlearning") or {}
         if unlearning.get("eps") is not None:
             lines.append(f"unlearning   on feature-map perturbations, eps {unlearning['eps']} "
                          f"({unlearning['eps_from']}), {unlearning['steps']} steps")
-        lines.append(f"holdout      {self.data['holdout']} images: accuracy {fmt(a['before'])} before, "
-                     f"{fmt(a['after_removal'])} after removal, {fmt(a['after'])} after fine-tuning")
+        if self.data["holdout"]:
+            lines.append(f"holdout      {self.data['holdout']} images: accuracy {fmt(a['before'])} before, "
+                         f"{fmt(a['after_removal'])} after removal, {fmt(a['after'])} after fine-tuning")
+        else:
+            lines.append("holdout      none: accuracy not measured")
         lines.append(f"verified     ONNX checker passed; ONNX Runtime ({v['ort_provider']}) matches torch "
                      f"(max |logit difference| {v['max_abs_logit_difference']:.2g})"
                      f"{'; removed channels exactly zero' if v['removed_exactly_zero'] else ''}")
