@@ -10,8 +10,7 @@ whose attack did not take (ASR < 80%) is left out and listed.
 
 Each model is scanned with the tool's ``default`` preset (mask mode, verdict from
 the gradient probe); the threshold is fitted on the even-numbered models of each
-group (the midpoint between the highest clean and lowest backdoored suspicion
-there) and the held-out odd-numbered models give the ROC-AUC and the
+group (largest TPR - FPR there) and the held-out odd-numbered models give the ROC-AUC and the
 false-positive rate. Each model's full report is cached beside it
 (``scan_default.json``), so other statistics can be studied without rescanning.
 
@@ -21,6 +20,7 @@ false-positive rate. Each model's full report is cached beside it
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -174,6 +174,17 @@ def build(attack: str, number: int, x, y, split) -> dict:
     return facts
 
 
+def fit_threshold(clean: list[float], backdoored: list[float]) -> float:
+    """The threshold with the largest TPR - FPR on these scores (Youden's J; ties: the highest threshold),
+    halfway between the two scores it separates."""
+    values = sorted(set(clean) | set(backdoored))
+    cuts = [(a + b) / 2 for a, b in itertools.pairwise(values)] or values
+
+    def youden(cut):
+        return np.mean([b >= cut for b in backdoored]) - np.mean([c >= cut for c in clean])
+    return max(reversed(cuts), key=youden)
+
+
 def auc(clean: list[float], backdoored: list[float]) -> float:
     """Probability that a backdoored model scores above a clean one (ties count half)."""
     pairs = [(b > c) + 0.5 * (b == c) for b in backdoored for c in clean]
@@ -215,7 +226,7 @@ def main() -> None:
 
     fit = [r for r in usable if r["number"] % 2 == 0]
     held = [r for r in usable if r["number"] % 2 == 1]
-    threshold = (max(scores(fit, False)) + min(scores(fit, True))) / 2
+    threshold = fit_threshold(scores(fit, False), scores(fit, True))
     clean_held, backdoored_held = scores(held, False), scores(held, True)
     summary = {
         "models": len(rows), "attacks_that_did_not_take": [(r["index"], r["attack"], r["asr"]) for r in failed],

@@ -1,0 +1,148 @@
+"""Which model-level statistic separates clean from backdoored models? Candidates, from the cached population.
+
+Reads the reports ``verdict_population.py --gradient`` cached beside each model
+and computes, per model, several candidate suspicion statistics; prints each
+one's ROC-AUC (all models, and the odd-numbered held-out half), per attack, and
+how often its class is the attack's target:
+
+* ``default`` (with ``--probe``): the shipped verdict of the ``default`` preset,
+  its probe run here;
+* ``probe``: the same, read from the ``default`` scan report cached beside the
+  model — the shipped statistic (:mod:`fmt_audit.verdict`, sink concentration)
+  on the gradient test of 64 random channels;
+* ``concentration``: the shipped statistic over the full gradient-mode scan;
+* ``agreement``: where the outlier channels send predictions (below,
+  :func:`outlier_agreement`);
+* ``top10``: ``concentration`` over each layer's 10% most disruptive channels;
+* ``noise``: ``concentration`` divided by the share of its class among the
+  errors random sign noise of the scan's eps causes (does it discount a clean
+  model's natural attractor class?).
+
+    python benchmarks/verdict_statistics.py [--probe]
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from verdict_population import ATTACKS, CACHE, auc, fit_threshold
+
+from fmt_audit.selection import select_outliers
+from fmt_audit.verdict import MIN_SHIFT
+
+
+def outlier_agreement(layers, samples: int, prior_weight: float = 1.0) -> tuple[float, int | None]:
+    """Where the outlier channels send predictions: over the channels the outlier rule flags in each layer
+    (robust z of the class shift > 3.5, as the scan's ``outlier`` selection), the shift-weighted sink votes;
+    the largest class's share, with ``prior_weight`` of votes added to the total (one or two outliers alone
+    are weak evidence). No outlier: 0."""
+    votes = np.zeros(10)
+    for layer in layers:
+        shift, sink = np.asarray(layer["shift"], float), np.asarray(layer["sink"], int)
+        for c in select_outliers(shift, 3.5, samples).flagged:
+            use = sink[c] >= 0
+            votes += np.bincount(sink[c][use], weights=shift[c][use], minlength=10)
+    if not votes.sum():
+        return 0.0, None
+    return float(votes.max() / (votes.sum() + prior_weight)), int(votes.argmax())
+
+
+def _top_channels(layers, share: float) -> np.ndarray:
+    """Shift-weighted sink votes of each layer's top ``share`` of channels by their largest shift."""
+    votes = np.zeros(10)
+    for layer in layers:
+        shift, sink = np.asarray(layer["shift"], float), np.asarray(layer["sink"], int)
+        keep = np.argsort(-shift.max(1))[:max(1, round(share * len(shift)))]
+        use = (shift[keep] >= MIN_SHIFT) & (sink[keep] >= 0)
+        votes += np.bincount(sink[keep][use], weights=shift[keep][use], minlength=10)
+    return votes
+
+
+def noise_share(folder, eps: float, sink: int) -> float:
+    """Share of ``sink`` among the wrong predictions under random sign noise of size ``eps``."""
+    from fmt_audit.data import Preprocessing, load_npz
+    from fmt_audit.loading import load_model
+    from fmt_audit.runtime import OrtClassifier
+
+    classifier = OrtClassifier(load_model(folder / "model.onnx").proto, "cpu", Preprocessing())
+    data = load_npz(folder / "defender.npz")
+    rng = np.random.default_rng(0)
+    counts = np.zeros(10)
+    for _ in range(8):
+        noisy = np.clip(data.x + eps * rng.choice([-1.0, 1.0], size=data.x.shape), 0, 1).astype(np.float32)
+        predicted = classifier.predict(noisy)
+        counts += np.bincount(predicted[predicted != data.y], minlength=10)
+    return float((counts[sink] + 1) / (counts.sum() + 10))     # add-one: no error at all is no evidence
+
+
+def probe_verdict(folder):
+    """The ``default`` preset's verdict: the mask-mode scan's probe, run alone."""
+    from fmt_audit.data import load_npz
+    from fmt_audit.loading import load_model
+    from fmt_audit.scan import ScanConfig, verdict_probe
+
+    loaded = load_model(folder / "model.onnx")
+    config = ScanConfig()
+    return verdict_probe(loaded, load_npz(folder / "defender.npz").take(config.samples, seed=config.seed), config,
+                         list(loaded.layers))
+
+
+def statistics(folder, probe_too: bool = False) -> dict:
+    """Candidate -> (value, its class) for the model in ``folder``."""
+    probe = json.loads((folder / "scan_default.json").read_text())["verdict"]
+    full = json.loads((folder / "scan_gradient.json").read_text())
+    layers = full["layers"]
+    agreement = outlier_agreement(layers, full["config"]["samples"])
+    everywhere = _top_channels(layers, 1.0)
+    concentration, sink = ((float(everywhere.max() / everywhere.sum()), int(everywhere.argmax()))
+                           if everywhere.sum() else (0.0, None))
+    top = _top_channels(layers, 0.1)
+    stats = {}
+    if probe_too:
+        shipped = probe_verdict(folder)
+        stats["default"] = (shipped.suspicion or 0.0, shipped.sink_class)
+    stats |= {"agreement": agreement,
+             "concentration": (concentration, sink),
+             "probe": (probe.get("concentration", probe["suspicion"]) or 0.0, probe["sink_class"]),
+             "top10": (float(top.max() / top.sum()) if top.sum() else 0.0, int(top.argmax()) if top.sum() else None),
+             "noise": (concentration / noise_share(folder, float(full["config"]["eps"]), sink), sink)
+             if sink is not None else (0.0, None)}
+    return stats
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probe", action="store_true", help="also run the default preset's verdict probe")
+    args = parser.parse_args()
+    rows = []
+    for attack in ("clean", *ATTACKS):
+        for folder in sorted(CACHE.glob(f"{attack}_*")):
+            if not (folder / "scan_gradient.json").exists():
+                continue
+            facts = json.loads((folder / "facts.json").read_text())
+            if attack != "clean" and facts["asr"] < 0.8:
+                continue
+            rows.append({**facts, "stats": statistics(folder, args.probe)})
+            print(folder.name, {k: (round(v, 3), c) for k, (v, c) in rows[-1]["stats"].items()}, flush=True)
+    for name in rows[0]["stats"]:
+        def scores(part, backdoored, name=name):
+            return [r["stats"][name][0] for r in part if (r["attack"] != "clean") == backdoored]
+        held = [r for r in rows if r["number"] % 2 == 1]
+        hits = sum(r["stats"][name][1] == r.get("target") for r in rows if r["attack"] != "clean")
+        per_attack = {a: round(auc(scores(rows, False), [r["stats"][name][0] for r in rows if r["attack"] == a]), 3)
+                      for a in ATTACKS}
+        fit = [r for r in rows if r["number"] % 2 == 0]
+        cut = fit_threshold(scores(fit, False), scores(fit, True))
+        fpr = np.mean([v >= cut for v in scores(held, False)])
+        tpr = np.mean([v >= cut for v in scores(held, True)])
+        print(f"{name:13s} AUC all {auc(scores(rows, False), scores(rows, True)):.3f}  held-out "
+              f"{auc(scores(held, False), scores(held, True)):.3f}  threshold fitted on the even half {cut:.3f}: "
+              f"held-out FPR {fpr:.2f} TPR {tpr:.2f}  class = target {hits}/"
+              f"{sum(r['attack'] != 'clean' for r in rows)}  per attack {per_attack}")
+
+
+if __name__ == "__main__":
+    main()
