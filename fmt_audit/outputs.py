@@ -84,20 +84,37 @@ def in_one_piece(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
         yield str(path)
 
 
+def _names_its_data(path: Path, data: Path) -> bool:
+    """Whether the model now at ``path`` keeps external data in ``data`` (read without loading that data)."""
+    if not (path.is_file() and data.is_file()):
+        return False
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+    except Exception:   # not a model we can read: leave whatever is beside it alone
+        return False
+    return any(entry.key == "location" and entry.value == data.name
+               for tensor in old.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+               for entry in tensor.external_data)
+
+
 def write_model(path: str | os.PathLike, model: onnx.ModelProto) -> str:
     """Write ``model`` atomically; returns the model file's sha256.
 
     A model under protobuf's 2 GiB limit is one file. A larger one is the model
     file plus ``<name>.data`` (ONNX external data) beside it: both are written in
     a temporary folder next to ``path`` and renamed into place, the data first,
-    so the model file never names data that is not there.
+    so the model file never names data that is not there. A small model written
+    over a large one removes the ``<name>.data`` the old model kept its weights in.
     """
     path = Path(path)
+    data = path.with_name(f"{path.name}.data")
     if fits_in_protobuf(model):
         payload = model.SerializeToString()
+        stale = _names_its_data(path, data)
         write_atomic(path, payload)
+        if stale:   # the model written over kept its weights there; nothing names them now
+            data.unlink(missing_ok=True)
         return hashlib.sha256(payload).hexdigest()
-    data = path.with_name(f"{path.name}.data")
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent or "."))
     except OSError as error:

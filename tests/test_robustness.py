@@ -233,6 +233,15 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     scanned = _invoke("scan", out, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", "gradient",
                       "--steps", "1", "--eps", "0.1")
     assert scanned.exit_code == 0, scanned.output
+    # a small model written over it takes its data file along; an unrelated file of that name stays
+    monkeypatch.setattr(fmt_audit.graph, "PROTOBUF_LIMIT", 2**31)
+    from fmt_audit.outputs import write_model
+
+    write_model(out, onnx.load(SAMPLES / "clean_op13.onnx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repair.json", "repaired.onnx"]
+    (tmp_path / "repaired.onnx.data").write_bytes(b"not ours")
+    write_model(out, onnx.load(SAMPLES / "clean_op13.onnx"))
+    assert (tmp_path / "repaired.onnx.data").read_bytes() == b"not ours"
 
 
 @pytest.mark.parametrize("damage", ["cycle", "missing initializer", "duplicate output name"])
