@@ -29,7 +29,7 @@ import numpy as np
 from verdict_population import ATTACKS, CACHE, auc, fit_threshold
 
 from fmt_audit.selection import select_outliers
-from fmt_audit.verdict import MIN_SHIFT
+from fmt_audit.verdict import MIN_SHIFT, sink_concentration
 
 
 def outlier_agreement(layers, samples: int, prior_weight: float = 1.0) -> tuple[float, int | None]:
@@ -94,9 +94,8 @@ def statistics(folder, probe_too: bool = False) -> dict:
     full = json.loads((folder / "scan_gradient.json").read_text())
     layers = full["layers"]
     agreement = outlier_agreement(layers, full["config"]["samples"])
-    everywhere = _top_channels(layers, 1.0)
-    concentration, sink = ((float(everywhere.max() / everywhere.sum()), int(everywhere.argmax()))
-                           if everywhere.sum() else (0.0, None))
+    shipped = sink_concentration([layer["shift"] for layer in layers], [layer["sink"] for layer in layers])
+    concentration, sink = shipped.suspicion or 0.0, shipped.sink_class
     top = _top_channels(layers, 0.1)
     stats = {}
     if probe_too:

@@ -44,19 +44,18 @@ def compare(ctx: click.Context, model: str, data: str, test_data: str, poisoned:
     inputs = [*model_files(model), data, test_data, *([poisoned] if poisoned else [])]
     if json_path and json_path != STDOUT:
         check_output_path(json_path, inputs=inputs)
-    targets = [Path(save_dir) / f"{name}.onnx" for name in names] if save_dir else []
+    targets = {name: Path(save_dir) / f"{name}.onnx" for name in names} if save_dir else {}
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-    for path in targets:
+    for path in targets.values():
         check_output_path(path, inputs=inputs)
         check_output_path(f"{path}.data", inputs=inputs)
     announce = (lambda name: click.echo(f"running {name} ...", err=True)) if verbosity(ctx) >= 0 else None
     result = run_compare(model, data, test_data, poisoned, target, names, settings, config, on_method=announce)
-    if save_dir:
-        for outcome in result.outcomes:
-            if outcome.model is not None:
-                outcome.repair.record_output(Path(save_dir) / f"{outcome.method}.onnx",
-                                             write_model(Path(save_dir) / f"{outcome.method}.onnx", outcome.model))
+    for outcome in result.outcomes:
+        if outcome.method in targets and outcome.model is not None:
+            path = targets[outcome.method]
+            outcome.repair.record_output(path, write_model(path, outcome.model))
     if json_path:
         write_report(json_path, result.to_json())
     say(ctx, result.format_text(), json_to_stdout=json_path == STDOUT)

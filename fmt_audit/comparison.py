@@ -93,6 +93,7 @@ def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Da
     if unknown or not methods:
         raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got "
                           f"{', '.join(methods) or 'none'}")
+    methods = list(dict.fromkeys(methods))     # each once, in the order given
     if (poisoned is None) != (target is None):
         raise ConfigError("--poisoned and --target go together: give both or neither")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -108,7 +109,7 @@ def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Da
     preprocessing = scan_config.preprocessing
     baseline, provider = model_metrics(loaded.proto, test_set, triggered, target, preprocessing, scan_config.device)
     outcomes = []
-    for method in dict.fromkeys(methods):
+    for method in methods:
         if on_method:
             on_method(method)
         started = time.perf_counter()
@@ -124,6 +125,6 @@ def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Da
                                       repair=result.report, model=result.model))
     return Comparison(
         model={"path": str(loaded.path), "sha256": loaded.sha256}, baseline=baseline, outcomes=outcomes,
-        config={"target": target, "methods": list(dict.fromkeys(methods)), "ort_provider": provider,
+        config={"target": target, "methods": methods, "ort_provider": provider,
                 "data": clean.source, "test": test_set.source, "poisoned": triggered.source if triggered else None,
                 "seed": scan_config.seed, "preset": scan_config.preset, **preprocessing.to_dict()})

@@ -14,7 +14,7 @@ import onnx
 
 from .errors import OutputError
 from .graph import fits_in_protobuf
-from .loading import sha256_of
+from .loading import check_external_data, sha256_of
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -89,12 +89,10 @@ def _names_its_data(path: Path, data: Path) -> bool:
     if not (path.is_file() and data.is_file()):
         return False
     try:
-        old = onnx.load(str(path), load_external_data=False)
+        locations = check_external_data(onnx.load(str(path), load_external_data=False), path.parent)
     except Exception:   # not a model we can read: leave whatever is beside it alone
         return False
-    return any(entry.key == "location" and entry.value == data.name
-               for tensor in old.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
-               for entry in tensor.external_data)
+    return data.name in locations
 
 
 def write_model(path: str | os.PathLike, model: onnx.ModelProto) -> str:

@@ -26,7 +26,7 @@ from .bridge import BridgedClassifier
 from .data import Dataset
 from .errors import UnsupportedModelError
 from .finetune import removed_held_at_zero
-from .graph import ConvLayer, batchnorm_after, constant_tensors, last_conv_layers, with_node_names
+from .graph import ConvLayer, batchnorm_after, constant_tensors, last_conv_layers
 
 # Fine-Pruning measures accuracy at most this many times while pruning (every
 # ceil(C / 64) channels), on at most this many of the defender's images
@@ -48,9 +48,8 @@ def lipschitz_bounds(model: onnx.ModelProto, layers: Sequence[ConvLayer]) -> dic
     The bound is the spectral norm of the channel's kernel seen as a ``[C_in/groups, kh*kw]``
     matrix, scaled by a directly following BatchNormalization (as CLP defines it).
     """
-    named = with_node_names(model)
-    stored = constant_tensors(named.graph)
-    norms = batchnorm_after(named.graph, layers)
+    stored = constant_tensors(model.graph)
+    norms = batchnorm_after(model.graph, layers)
     bounds = {}
     for layer in layers:
         if layer.weight not in stored:

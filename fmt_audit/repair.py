@@ -315,7 +315,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         verification = verify(repaired, classifier, check_images, removed, scan_config.device,
                               config.tolerance, expect_zero=not config.allow_regrowth)
 
-    steps = tuning.epochs * tuning.steps_per_epoch(len(train)) if len(train) else 0
+    steps = tuning.epochs * tuning.steps_per_epoch(len(train))
     batch_size = tuning.batch_for(len(train))
     warnings = []
     if 0 < steps < MIN_STEPS:
