@@ -14,7 +14,11 @@ group (largest TPR - FPR there) and the held-out odd-numbered models give the RO
 false-positive rate. Each model's full report is cached beside it
 (``scan_default.json``), so other statistics can be studied without rescanning.
 
-    python benchmarks/verdict_population.py [--models-per-group 6]
+    python benchmarks/verdict_population.py [--models-per-group 6] [--first 0]
+
+``--first N`` builds and scans only models N and up of each group: a fresh part
+of the population (new seeds, new triggers and targets) on which a statistic
+chosen on the models below N is tested once.
 """
 
 from __future__ import annotations
@@ -196,6 +200,9 @@ def main() -> None:
     parser.add_argument("--models-per-group", type=int, default=6, help="clean models, and models per attack")
     parser.add_argument("--gradient", action="store_true",
                         help="also run and cache a full gradient-mode scan of every model")
+    parser.add_argument("--groups", default=",".join(("clean", *ATTACKS)),
+                        help="comma-separated groups to build and scan (default: all)")
+    parser.add_argument("--first", type=int, default=0, help="build and scan models from this number up")
     args = parser.parse_args()
     from fmt_audit.scan import ScanConfig, scan
 
@@ -203,8 +210,8 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(y))
     split = (order[:1100], order[1100:1300], order[1300:])
     rows = []
-    for attack in ("clean", *ATTACKS):
-        for number in range(args.models_per_group):
+    for attack in args.groups.split(","):
+        for number in range(args.first, args.models_per_group):
             started = time.perf_counter()
             facts = build(attack, number, x, y, split)
             folder = folder_of(attack, number)
@@ -240,9 +247,11 @@ def main() -> None:
     print(json.dumps(summary), flush=True)
     header = ["index", "attack", "architecture", "target", "poison_rate", "acc", "asr", "suspicion", "verdict",
               "sink_class", "flagged", "seconds"]
+    part = f"{args.first}-" if args.first else ""
+    groups = "" if args.groups == ",".join(("clean", *ATTACKS)) else "_" + args.groups.replace(",", "-")
     publish([{h: r.get(h, "–") for h in header} for r in rows] + [{h: "" for h in header} | {"index": "summary",
-            "attack": json.dumps(summary)}], header, f"verdict_population_{args.models_per_group}_threads"
-            f"{os.cpu_count()}")
+            "attack": json.dumps(summary)}], header,
+            f"verdict_population_{part}{args.models_per_group}{groups}_threads{os.cpu_count()}")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ how often its class is the attack's target:
 * ``agreement``: where the outlier channels send predictions (below,
   :func:`outlier_agreement`);
 * ``top10``: ``concentration`` over each layer's 10% most disruptive channels;
+* ``combined``: the larger of ``concentration`` and ``agreement`` (and its
+  class). Chosen after seeing the first 50 models (``--first 10`` tests it on
+  models it was not chosen on);
 * ``noise``: ``concentration`` divided by the share of its class among the
   errors random sign noise of the scan's eps causes (does it discount a clean
   model's natural attractor class?).
 
-    python benchmarks/verdict_statistics.py [--probe]
+    python benchmarks/verdict_statistics.py [--probe] [--first N]
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ def statistics(folder, probe_too: bool = False) -> dict:
              "concentration": (concentration, sink),
              "probe": (probe.get("concentration", probe["suspicion"]) or 0.0, probe["sink_class"]),
              "top10": (float(top.max() / top.sum()) if top.sum() else 0.0, int(top.argmax()) if top.sum() else None),
+             "combined": max(agreement, (concentration, sink), key=lambda pair: pair[0]),
              "noise": (concentration / noise_share(folder, float(full["config"]["eps"]), sink), sink)
              if sink is not None else (0.0, None)}
     return stats
@@ -115,6 +119,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="also run the default preset's verdict probe")
+    parser.add_argument("--first", type=int, default=0, help="only models numbered from this up (a fresh part)")
     args = parser.parse_args()
     rows = []
     for attack in ("clean", *ATTACKS):
@@ -122,6 +127,8 @@ def main() -> None:
             if not (folder / "scan_gradient.json").exists():
                 continue
             facts = json.loads((folder / "facts.json").read_text())
+            if facts["number"] < args.first:
+                continue
             if attack != "clean" and facts["asr"] < 0.8:
                 continue
             rows.append({**facts, "stats": statistics(folder, args.probe)})

@@ -1,6 +1,6 @@
 """``--config FILE``: option values from a TOML file; options given on the command line win.
 
-The file holds one table per command (``[scan]``, ``[repair]``, ``[evaluate]``, ``[compare]``)
+The file holds one table per command (``[scan]``, ``[repair]``, ``[evaluate]``, ``[compare]``, ``[fleet]``)
 whose keys are the long option names (``max-memory`` or ``max_memory``), and may
 hold keys at the top level that apply to every command having that option::
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-COMMANDS = ("scan", "repair", "evaluate", "compare")
+COMMANDS = ("scan", "repair", "evaluate", "compare", "fleet")
 
 
 def _read(path: str) -> dict:

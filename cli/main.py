@@ -99,13 +99,14 @@ def _log_to_stderr(verbosity: int) -> None:
 
 
 def _register() -> None:
-    from . import compare_cmd, evaluate_cmd, inspect_cmd, repair_cmd, scan_cmd
+    from . import compare_cmd, evaluate_cmd, fleet_cmd, inspect_cmd, repair_cmd, scan_cmd
 
     main.add_command(inspect_cmd.inspect)
     main.add_command(scan_cmd.scan)
     main.add_command(repair_cmd.repair)
     main.add_command(evaluate_cmd.evaluate)
     main.add_command(compare_cmd.compare)
+    main.add_command(fleet_cmd.fleet)
 
 
 _register()

@@ -104,9 +104,13 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 @click.option("--fail-on-suspicious", is_flag=True,
               help="Exit with code 1 when the verdict is suspicious or inconclusive (without a verdict: when any "
                    "channel is flagged), for pipeline gates.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Test the layers on Ray workers, in chunks of layers (same report as without).")
+@click.option("--address", default=None, help="With --ray: join this Ray cluster (default: Ray on this machine).")
+@click.option("--workers", type=int, default=None, help="With --ray on this machine: CPUs to use.  [default: all]")
 @click.pass_context
 def scan(ctx: click.Context, model: str, data: str, output: str | None, html_path: str | None,
-         fail_on_suspicious: bool, **options) -> None:
+         fail_on_suspicious: bool, use_ray: bool, address: str | None, workers: int | None, **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
     from fmt_audit.loading import model_files
     from fmt_audit.outputs import check_output_path
@@ -118,8 +122,17 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
     for path in (output, html_path):
         if path and path != STDOUT:
             check_output_path(path, inputs=inputs)
+    runner = None
+    if use_ray:
+        from fmt_audit.ray_engine import ray_runner
+
+        runner = ray_runner(address, workers)
+    elif address or workers is not None:
+        from fmt_audit.errors import ConfigError
+
+        raise ConfigError("--address and --workers go with --ray")
     bar = progress(ctx)
-    report = run_scan(model, data, config, progress=bar)
+    report = run_scan(model, data, config, progress=bar, runner=runner)
     if bar:
         bar.close()
     if output:

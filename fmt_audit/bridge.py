@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .bridge_ops import MAX_BRIDGE_OPSET, unsupported_ops
+from .bridge_ops import MAX_BRIDGE_OPSET, UPGRADE_OPSETS, unsupported_ops
 from .data import Dataset, Preprocessing
 from .errors import BridgeError, DeviceError, UnsupportedModelError, first_line
 from .graph import (
@@ -27,6 +27,7 @@ from .graph import (
     batchnorm_after,
     constant_tensors,
     conv_layers,
+    image_input,
     opset_version,
     with_node_names,
 )
@@ -44,6 +45,8 @@ class ParameterSource:
     original: np.ndarray = field(repr=False)  # torch value right after conversion
     transpose: bool = False
     scale: float = 1.0
+    consumer: str = ""          # first output name of the node that reads the tensor
+    input_index: int = 0        # ... as its input number
 
     def to_onnx(self, value: np.ndarray) -> np.ndarray:
         if self.transpose:
@@ -64,6 +67,7 @@ class TorchBridge:
     # Conv node name -> module whose output carries the Conv's channels to the rest of the
     # network: the BatchNormalization that is the Conv output's only consumer, else the Conv
     channel_modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    image: ImageInput | None = None         # the graph's image input (its layout), if it has one
 
     def conv_weights(self, layer: str) -> torch.nn.Conv2d:
         module = self.conv_modules[layer]
@@ -88,7 +92,8 @@ class BridgedClassifier:
         return (x - self._mean) / self._std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(self.normalize(x))
+        normalized = self.normalize(x)
+        return self.module(self.bridge.image.to_model_layout(normalized) if self.bridge.image else normalized)
 
     def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Eval-mode logits for a float NCHW [0, 1] array."""
@@ -104,24 +109,42 @@ class BridgedClassifier:
         return float((self.logits(data.x, batch_size).argmax(1) == data.y).mean())
 
 
-def check_free_batch(bridge: TorchBridge, image: ImageInput, why: str) -> None:
-    """:class:`UnsupportedModelError` if the graph only runs at its declared fixed batch size.
+def batch_mixing(bridge: TorchBridge, image: ImageInput) -> str | None:
+    """Why the converted module of a graph declared with a fixed batch size ``b`` cannot run larger batches
+    with their images independent; ``None`` when it can (or the batch is free).
 
-    Exporters given a fixed input shape fold the batch size into Reshape targets
-    (``[1, -1]``); ONNX Runtime is then fed batches of exactly that size, but
-    training needs larger ones. Probed with one forward pass at batch size + 1.
+    Checked on ``b + 1`` seeded random images: one forward pass at ``b + 1`` must
+    give every image the logits it gets in a batch of ``b``.
     """
     if image.batch is None or image.height is None or image.width is None:
-        return
-    probe = torch.zeros(image.batch + 1, image.channels or 3, image.height, image.width)
+        return None
+    batch = image.batch
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand(batch + 1, *image.model_shape(image.channels or 3, image.height, image.width),
+                       generator=generator)
     try:
         with torch.no_grad():
-            bridge.module(probe)
-    except Exception as error:
+            together = bridge.module(probe)
+            alone = torch.cat([bridge.module(torch.cat([chunk, torch.zeros(batch - len(chunk), *chunk.shape[1:])]))
+                               [:len(chunk)] for chunk in probe.split(batch)])
+    except Exception as error:  # the module rejects the larger batch: the batch size is baked in
+        return first_line(error)
+    if together.shape != alone.shape:
+        return f"output shape {tuple(together.shape)} at batch {batch + 1}, {tuple(alone.shape)} image by image"
+    gap = float((together - alone).abs().max())
+    if gap > 1e-4 * max(1.0, float(alone.abs().max())):
+        return f"images in one batch change each other's logits by up to {gap:.3g}"
+    return None
+
+
+def check_free_batch(bridge: TorchBridge, image: ImageInput, why: str) -> None:
+    """:class:`UnsupportedModelError` unless the bridge's module runs batches larger than a fixed
+    batch size the graph declares, images independent (:func:`batch_mixing`)."""
+    problem = batch_mixing(bridge, image)
+    if problem is not None:
         raise UnsupportedModelError(
-            f"the graph is fixed to batch size {image.batch} ({first_line(error)}); {why} needs larger "
-            "batches: re-export it with a free batch dimension (torch: dynamic_axes={'input': {0: 'n'}})"
-        ) from error
+            f"the graph is fixed to batch size {image.batch} ({problem}); {why} needs larger "
+            "batches: re-export it with a free batch dimension (torch: dynamic_axes={'input': {0: 'n'}})")
 
 
 def torch_device(requested: str) -> str:
@@ -196,7 +219,62 @@ def _relax_allowzero(model: onnx.ModelProto) -> int:
     return relaxed
 
 
-def prepare_for_torch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def _free_batch(model: onnx.ModelProto) -> int:
+    """Free a graph fixed to batch size ``b`` for training in larger batches; the number of Reshapes rewritten.
+
+    Exporters given a fixed input shape write ``b`` into Reshape targets (``[1, -1]``).
+    A target's leading ``b`` becomes 0 (copy the input's leading dimension, the batch),
+    and the input and outputs get a symbolic batch. Only the converted copy changes;
+    :func:`check_free_batch` then verifies, image by image, that batches stay independent.
+    """
+    try:
+        image = image_input(model)
+    except UnsupportedModelError:
+        return 0
+    batch = image.batch
+    if batch is None:
+        return 0
+    stored = constant_tensors(model.graph)
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored:
+            continue
+        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            continue
+        target = numpy_helper.to_array(stored[node.input[1]])
+        if target.ndim != 1 or len(target) < 2 or int(target[0]) != batch:
+            continue
+        freed = target.copy()
+        freed[0] = 0
+        copy = numpy_helper.from_array(freed, _unique_name(model.graph, node.input[1]))
+        model.graph.initializer.append(copy)
+        node.input[1] = copy.name
+        rewritten += 1
+    for value in [*(v for v in model.graph.input if v.name == image.name), *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_param = "batch"
+    del model.graph.value_info[:]     # shapes inferred at the fixed batch
+    return rewritten
+
+
+def _upgraded(model: onnx.ModelProto, opset: int, needing: list[str], steps: list[str]) -> onnx.ModelProto:
+    """``model`` converted up to the first of ``UPGRADE_OPSETS`` at which onnx2torch converts every op;
+    unchanged if none."""
+    for target in UPGRADE_OPSETS:
+        if target <= opset:
+            continue
+        try:
+            converted = onnx.version_converter.convert_version(model, target)
+        except Exception:   # the converter lacks an adapter on the way: try a later target
+            continue
+        if not unsupported_ops(converted, convert=False):
+            steps.append(f"converted opset {opset} -> {target} (for {', '.join(needing)})")
+            return converted
+    return model
+
+
+def prepare_for_torch(model: onnx.ModelProto, free_batch: bool = True) -> tuple[onnx.ModelProto, list[str]]:
     """The normalised copy of ``model`` that onnx2torch converts, and the steps taken."""
     prepared = with_node_names(model)
     steps: list[str] = []
@@ -205,16 +283,21 @@ def prepare_for_torch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     if inlined := _inline_identities(prepared):
         steps.append(f"made {inlined} Identity copies of stored tensors initializers")
     opset = opset_version(prepared) or 0
-    if opset > MAX_BRIDGE_OPSET and (needing := unsupported_ops(prepared, downconvert=False)):
+    if opset > MAX_BRIDGE_OPSET and (needing := unsupported_ops(prepared, convert=False)):
         try:
             prepared = onnx.version_converter.convert_version(prepared, MAX_BRIDGE_OPSET)
         except Exception as error:
             raise BridgeError(f"cannot convert the graph from opset {opset} to {MAX_BRIDGE_OPSET} for the "
                               f"PyTorch bridge ({', '.join(needing)} need it): {error}") from error
         steps.append(f"converted opset {opset} -> {MAX_BRIDGE_OPSET} (for {', '.join(needing)})")
+    elif opset and (needing := unsupported_ops(prepared, convert=False)):
+        prepared = _upgraded(prepared, opset, needing, steps)
     if relaxed := _relax_allowzero(prepared):
         steps.append(f"relaxed allowzero on {relaxed} Reshape nodes")
-    if missing := unsupported_ops(prepared, downconvert=False):
+    if free_batch and (freed := _free_batch(prepared)):
+        steps.append(f"freed the fixed batch size ({freed} Reshape targets copy it from their input); "
+                     "checked image by image at a larger batch")
+    if missing := unsupported_ops(prepared, convert=False):
         raise BridgeError(f"the PyTorch bridge (onnx2torch) cannot convert these ops: {', '.join(missing)}")
     computed = [layer.name for layer in conv_layers(prepared) if not layer.weight_stored]
     if computed:   # e.g. DequantizeLinear of int8 weights; onnx2torch reads Conv weights only from initializers
@@ -240,32 +323,44 @@ def _sources_by_node(prepared: onnx.ModelProto, modules: dict[str, torch.nn.Modu
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         inner = module[-1] if isinstance(module, torch.nn.Sequential) else module
         inner_prefix = f"{prefix}.{len(module) - 1}" if isinstance(module, torch.nn.Sequential) else prefix
-        ties: list[tuple[str, str, bool, float]] = []  # (module tensor, onnx input, transpose, scale)
+        ties: list[tuple[str, int, bool, float]] = []  # (module tensor, node input number, transpose, scale)
         if node.op_type in ("Conv", "ConvTranspose") and isinstance(inner, torch.nn.modules.conv._ConvNd):
-            ties = [("weight", node.input[1], False, 1.0)]
+            ties = [("weight", 1, False, 1.0)]
             if len(node.input) > 2 and node.input[2]:
-                ties.append(("bias", node.input[2], False, 1.0))
+                ties.append(("bias", 2, False, 1.0))
         elif node.op_type == "Gemm" and isinstance(inner, torch.nn.Linear):
-            ties = [("weight", node.input[1], not attrs.get("transB", 0), float(attrs.get("alpha", 1.0)))]
+            ties = [("weight", 1, not attrs.get("transB", 0), float(attrs.get("alpha", 1.0)))]
             if len(node.input) > 2 and node.input[2]:
-                ties.append(("bias", node.input[2], False, float(attrs.get("beta", 1.0))))
+                ties.append(("bias", 2, False, float(attrs.get("beta", 1.0))))
         elif node.op_type == "BatchNormalization" and isinstance(inner, torch.nn.modules.batchnorm._BatchNorm):
-            ties = [(name, node.input[i], False, 1.0)
-                    for i, name in enumerate(("weight", "bias", "running_mean", "running_var"), start=1)]
-        for attr, onnx_name, transpose, scale in ties:
+            ties = [(name, i, False, 1.0) for i, name in enumerate(("weight", "bias", "running_mean", "running_var"),
+                                                                     start=1)]
+        for attr, number, transpose, scale in ties:
             sources[f"{inner_prefix}.{attr}"] = ParameterSource(
-                onnx_name, _array(getattr(inner, attr)), transpose=transpose, scale=scale)
+                node.input[number], _array(getattr(inner, attr)), transpose=transpose, scale=scale,
+                consumer=node.output[0], input_index=number)
     return sources
 
 
 def to_torch(model: onnx.ModelProto) -> TorchBridge:
     """Convert ``model`` to an eval-mode ``torch.nn.Module`` tied back to its ONNX tensors.
 
+    A graph fixed to one batch size is converted with its batch freed when the
+    result keeps the images of a batch independent, else as it is (and then
+    :func:`check_free_batch` refuses what needs larger batches).
     Raises :class:`BridgeError` naming the ops that cannot be converted.
     """
+    bridge = _convert(model, free_batch=True)
+    if any(step.startswith("freed") for step in bridge.steps) and bridge.image is not None:
+        if batch_mixing(bridge, bridge.image) is not None:
+            return _convert(model, free_batch=False)
+    return bridge
+
+
+def _convert(model: onnx.ModelProto, free_batch: bool) -> TorchBridge:
     from onnx2torch import convert
 
-    prepared, steps = prepare_for_torch(model)
+    prepared, steps = prepare_for_torch(model, free_batch)
     try:
         # onnx2torch sizes a model given in memory with ByteSize(): past 2 GiB it gets a file
         with in_one_piece(prepared) as source:
@@ -289,45 +384,88 @@ def to_torch(model: onnx.ModelProto) -> TorchBridge:
         norm = norms.get(layer.name)
         if norm is not None and norm.output[0] in by_output:
             channel_modules[layer.name] = by_output[norm.output[0]][1]
+    try:
+        image = image_input(model)
+    except UnsupportedModelError:
+        image = None
     return TorchBridge(module=module.eval(), sources=sources, conv_modules=conv_modules, steps=steps,
-                       channel_modules=channel_modules)
+                       channel_modules=channel_modules, image=image)
+
+
+def _unique_name(graph: onnx.GraphProto, base: str) -> str:
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        {v.name for v in graph.input}
+    number = 1
+    while f"{base}.{number}" in taken:
+        number += 1
+    return f"{base}.{number}"
 
 
 def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProto:
     """A copy of ``original`` whose tensors hold the bridge module's current values.
 
     Nodes, names, opset and metadata are untouched; a tensor whose value did not
-    change keeps its original bytes.
+    change keeps its original bytes. Two exceptions, where one stored tensor fed
+    several places that training has made differ: an Identity copy of a stored
+    tensor becomes an initializer of its own (same name), and a tensor read
+    directly by several nodes (exporters store equal tensors once, e.g. a fresh
+    BatchNorm's bias and running mean) gets a new initializer ``NAME.k`` for each
+    reader whose value now differs, that reader's input renamed to it.
     """
     updated = onnx.ModelProto()
     updated.CopyFrom(original)
     slots = constant_tensors(updated.graph)
     identities = _stored_identities(updated.graph)
     state = bridge.module.state_dict()
+    # ONNX tensor -> (reader, its ONNX value now, whether training changed it)
+    readers: dict[str, list[tuple[ParameterSource, np.ndarray, bool]]] = {}
     for key, source in bridge.sources.items():
         value = _array(state[key])
-        if value.shape == source.original.shape and np.array_equal(value, source.original):
+        changed = not (value.shape == source.original.shape and np.array_equal(value, source.original))
+        readers.setdefault(source.tensor, []).append((source, source.to_onnx(value), changed))
+    nodes = {node.output[0]: node for node in updated.graph.node if node.output}
+    for tensor, users in readers.items():
+        if not any(changed for _, _, changed in users):
             continue
-        if source.tensor not in slots and source.tensor in identities:   # the copy gets its own values
-            _materialize_identity(updated.graph, identities.pop(source.tensor))
+        if tensor not in slots and tensor in identities:   # the copy gets its own values
+            _materialize_identity(updated.graph, identities.pop(tensor))
             slots = constant_tensors(updated.graph)
         # other Identity copies of this tensor keep the values they had: give them their own first
-        for name in [name for name, node in identities.items() if node.input[0] == source.tensor]:
+        for name in [name for name, node in identities.items() if node.input[0] == tensor]:
             _materialize_identity(updated.graph, identities.pop(name))
             slots = constant_tensors(updated.graph)
-        slot = slots.get(source.tensor)
+        slot = slots.get(tensor)
         if slot is None:
-            raise BridgeError(f"tensor {source.tensor!r} (for {key}) is not stored in the original graph")
+            raise BridgeError(f"tensor {tensor!r} is not stored in the original graph")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(slot.data_type)
-        new_value = source.to_onnx(value).astype(dtype)
-        if tuple(new_value.shape) != tuple(slot.dims):
-            raise BridgeError(f"{key}: shape {new_value.shape} does not match ONNX tensor "
-                              f"{source.tensor!r} {tuple(slot.dims)}")
-        replacement = numpy_helper.from_array(new_value, slot.name)
-        slot.ClearField("float_data")
-        slot.ClearField("double_data")
-        slot.ClearField("int32_data")
-        slot.ClearField("external_data")
-        slot.data_location = onnx.TensorProto.DEFAULT
-        slot.raw_data = replacement.raw_data
+        first_value, first_changed = users[0][1].astype(dtype), users[0][2]
+        for source, value, _ in users:
+            value = value.astype(dtype)
+            if tuple(value.shape) != tuple(slot.dims):
+                raise BridgeError(f"{source.consumer}: shape {value.shape} does not match ONNX tensor "
+                                  f"{tensor!r} {tuple(slot.dims)}")
+            if np.array_equal(value, first_value):
+                continue
+            node = nodes.get(source.consumer)
+            if node is None or node.input[source.input_index] != tensor:
+                raise BridgeError(f"tensor {tensor!r} is shared and its readers now differ, but its reader "
+                                  f"{source.consumer!r} is not a node of the original graph")
+            own = numpy_helper.from_array(value, _unique_name(updated.graph, tensor))
+            updated.graph.initializer.append(own)
+            if updated.ir_version < 4:     # IR 3 lists every initializer as a graph input too
+                updated.graph.input.append(onnx.helper.make_tensor_value_info(own.name, slot.data_type, slot.dims))
+            node.input[source.input_index] = own.name
+        if first_changed:
+            _store(slot, first_value)
     return updated
+
+
+def _store(slot: onnx.TensorProto, value: np.ndarray) -> None:
+    """Overwrite ``slot``'s values in place (inline raw data; the name and dims stay)."""
+    replacement = numpy_helper.from_array(value, slot.name)
+    slot.ClearField("float_data")
+    slot.ClearField("double_data")
+    slot.ClearField("int32_data")
+    slot.ClearField("external_data")
+    slot.data_location = onnx.TensorProto.DEFAULT
+    slot.raw_data = replacement.raw_data

@@ -17,6 +17,9 @@ import onnx
 
 # onnx2torch registers converters up to this opset; newer graphs are down-converted first.
 MAX_BRIDGE_OPSET = 17
+# older graphs whose ops onnx2torch lacks at their own opset (opset 7-8 BatchNormalization,
+# Gemm, Flatten) are converted up to the first of these at which it has them all
+UPGRADE_OPSETS = (9, 11, 13, MAX_BRIDGE_OPSET)
 
 _TABLE = Path(__file__).with_name("bridge_ops.json")
 
@@ -48,12 +51,12 @@ def op_supported(domain: str, op_type: str, opset: int) -> bool:
     return (domain, op_type, since if since is not None else opset) in snapshot()
 
 
-def unsupported_ops(model: onnx.ModelProto, downconvert: bool = True) -> list[str]:
+def unsupported_ops(model: onnx.ModelProto, convert: bool = True) -> list[str]:
     """Op types in the main graph that the bridge cannot convert, as ``Op`` or ``domain::Op``.
 
-    Graphs newer than onnx2torch's range are down-converted by the bridge, so with
-    ``downconvert`` an op counts as supported if it converts at the model's opset
-    or at ``MAX_BRIDGE_OPSET``; without, only at the model's own opset.
+    The bridge converts graphs newer than onnx2torch's range down to ``MAX_BRIDGE_OPSET``
+    and older ones up (``UPGRADE_OPSETS``), so with ``convert`` an op counts as supported
+    if it converts at the model's opset or at one of those; without, only at its own.
     """
     opsets = {("" if e.domain == "ai.onnx" else e.domain): e.version for e in model.opset_import}
     missing: list[str] = []
@@ -64,8 +67,8 @@ def unsupported_ops(model: onnx.ModelProto, downconvert: bool = True) -> list[st
         if label in missing:
             continue
         candidates = {opset}
-        if downconvert and domain == "" and opset > MAX_BRIDGE_OPSET:
-            candidates.add(MAX_BRIDGE_OPSET)
+        if convert and domain == "":
+            candidates |= {MAX_BRIDGE_OPSET} if opset > MAX_BRIDGE_OPSET else {v for v in UPGRADE_OPSETS if v > opset}
         if not any(op_supported(domain, node.op_type, v) for v in candidates):
             missing.append(label)
     return missing

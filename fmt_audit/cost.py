@@ -61,7 +61,7 @@ def graph_cost(model: onnx.ModelProto, height: int, width: int) -> GraphCost:
     for value in fixed.graph.input:
         if value.name == image.name:
             dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, (1, image.channels or 3, height, width)):
+            for dim, size in zip(dims, (1, *image.model_shape(image.channels or 3, height, width))):
                 dim.Clear()
                 dim.dim_value = size
     del fixed.graph.value_info[:]

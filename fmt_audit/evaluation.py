@@ -129,7 +129,8 @@ def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | D
     if baseline is None:
         return Evaluation(info, metrics, config=config)
     base = baseline if isinstance(baseline, LoadedModel) else load_model(baseline)
-    if (base.image_input.shape or ())[1:] != (loaded.image_input.shape or ())[1:] or base.num_classes != num_classes:
+    sizes = [(m.image_input.channels, m.image_input.height, m.image_input.width) for m in (base, loaded)]
+    if sizes[0] != sizes[1] or base.num_classes != num_classes:
         raise ConfigError("the baseline takes different inputs or has different classes than the model")
     base_metrics, _ = model_metrics(base.proto, clean, triggered, target, preprocessing, device)
     der = defense_effectiveness(base_metrics, metrics) if triggered is not None else None

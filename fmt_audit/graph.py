@@ -9,7 +9,7 @@ alone: same file, same names.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -182,26 +182,56 @@ class TensorSpec:
                 "dtype": self.dtype}
 
 
+LAYOUTS = ("NCHW", "NHWC")
+
+
 @dataclass(frozen=True)
 class ImageInput(TensorSpec):
-    """The model's single image input, NCHW."""
+    """The model's single image input: NCHW, or NHWC when the graph transposes it to NCHW first
+    (as TensorFlow converters write). Images are handled NCHW inside the tool and
+    given to the graph in its layout (:meth:`to_model_layout`)."""
+
+    layout: str = "NCHW"
+
+    def _size(self, axis: str) -> int | None:
+        return _static(self.shape[self.layout.index(axis)]) if self.shape else None
 
     @property
     def channels(self) -> int | None:
-        return _static(self.shape[1]) if self.shape else None
+        return self._size("C")
 
     @property
     def height(self) -> int | None:
-        return _static(self.shape[2]) if self.shape else None
+        return self._size("H")
 
     @property
     def width(self) -> int | None:
-        return _static(self.shape[3]) if self.shape else None
+        return self._size("W")
 
     @property
     def batch(self) -> int | None:
         """The fixed batch size, or None when the batch dimension is free."""
-        return _static(self.shape[0]) if self.shape else None
+        return self._size("N")
+
+    def model_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]:
+        """One image's shape as the graph takes it."""
+        return (channels, height, width) if self.layout == "NCHW" else (height, width, channels)
+
+    def to_model_layout(self, x):
+        """An NCHW batch (numpy array or torch tensor) in the graph's layout."""
+        if self.layout == "NCHW":
+            return x
+        return x.permute(0, 2, 3, 1) if hasattr(x, "permute") else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "layout": self.layout}
+
+
+def input_layout(graph: onnx.GraphProto, name: str) -> str:
+    """``NHWC`` when every reader of input ``name`` is a Transpose to NCHW, else ``NCHW``."""
+    readers = [node for node in graph.node if name in node.input]
+    to_nchw = all(node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [0, 3, 1, 2] for node in readers)
+    return "NHWC" if readers and to_nchw else "NCHW"
 
 
 def _static(dim: Dim) -> int | None:
@@ -236,6 +266,7 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
     if bad:
         raise UnsupportedModelError(f"the image input {images[0].name!r} declares shape {list(images[0].shape)}; "
                                     "expected positive sizes or symbolic names")
+    images[0] = replace(images[0], layout=input_layout(model.graph, images[0].name))
     if images[0].batch is not None and images[0].batch > MAX_FIXED_BATCH:
         raise UnsupportedModelError(f"the image input {images[0].name!r} declares a fixed batch of "
                                     f"{images[0].batch}; expected a free batch dimension or at most {MAX_FIXED_BATCH}")
@@ -274,10 +305,19 @@ class ConvLayer:
     strides: tuple[int, ...]
     groups: int
     weight_stored: bool          # False when the weight is computed by other nodes
+    # height x width of the Conv's output at the declared input size (None: unknown). 1x1 maps
+    # are tested like any other: a squeeze-and-excitation Conv's channel gates a whole feature
+    # map of the main path (README, "Which layers are tested"); --skip-layers leaves them out.
+    feature_map: tuple[int, int] | None = None
 
     @property
     def depthwise(self) -> bool:
         return self.groups > 1 and self.in_channels == self.groups
+
+    @property
+    def one_by_one(self) -> bool:
+        """The output feature map is a single pixel (e.g. squeeze-and-excitation)."""
+        return self.feature_map == (1, 1)
 
     @property
     def grouped(self) -> bool:
@@ -286,7 +326,8 @@ class ConvLayer:
     def to_dict(self) -> dict:
         return {"name": self.name, "out_channels": self.out_channels, "in_channels": self.in_channels,
                 "kernel": list(self.kernel), "strides": list(self.strides), "groups": self.groups,
-                "depthwise": self.depthwise, "weight_stored": self.weight_stored}
+                "depthwise": self.depthwise, "weight_stored": self.weight_stored,
+                "feature_map": list(self.feature_map) if self.feature_map else None}
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -309,7 +350,7 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
     """Every 2-D Conv node of the main graph, in execution (node) order."""
     graph = model.graph
     stored = constant_tensors(graph)
-    shapes: dict[str, tuple[Dim, ...] | None] | None = None
+    shapes = _inferred_shapes(model)
     layers = []
     for index, (node, name) in enumerate(zip(graph.node, node_names(graph))):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
@@ -318,7 +359,6 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
         if weight in stored:
             wshape: Sequence[Dim] = tuple(stored[weight].dims)
         else:
-            shapes = shapes if shapes is not None else _inferred_shapes(model)
             wshape = shapes.get(weight) or ()
         if len(wshape) != 4 or not all(isinstance(d, int) for d in wshape):
             if len(wshape) not in (0, 4):
@@ -328,12 +368,14 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
         groups = int(_attr(node, "group", 1))
         out_c, in_per_group = int(wshape[0]), int(wshape[1])
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        out = shapes.get(node.output[0]) or ()
+        size = tuple(out[2:]) if len(out) == 4 and all(isinstance(d, int) and d > 0 for d in out[2:]) else None
         layers.append(ConvLayer(
             name=name, index=index, output=node.output[0], weight=weight, bias=bias,
             out_channels=out_c, in_channels=in_per_group * groups,
             kernel=tuple(int(k) for k in wshape[2:]),
             strides=tuple(int(s) for s in _attr(node, "strides", [1, 1])),
-            groups=groups, weight_stored=weight in stored,
+            groups=groups, weight_stored=weight in stored, feature_map=size,
         ))
     return layers
 

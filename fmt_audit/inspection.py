@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .bridge_ops import unsupported_ops
-from .graph import ConvLayer, TensorSpec, constant_tensors, graph_outputs, nonfinite_weights
+from .graph import ConvLayer, ImageInput, TensorSpec, constant_tensors, graph_outputs, nonfinite_weights
 from .loading import LoadedModel
 
 
@@ -22,7 +22,7 @@ class ModelSummary:
     ir_version: int
     opsets: dict[str, int]
     producer: str
-    image_input: TensorSpec
+    image_input: ImageInput
     outputs: list[TensorSpec]
     num_classes: int | None
     layers: list[ConvLayer]
@@ -46,6 +46,7 @@ class ModelSummary:
                 "layers": len(self.layers), "channels": self.conv_channels,
                 "grouped": sum(layer.grouped and not layer.depthwise for layer in self.layers),
                 "depthwise": sum(layer.depthwise for layer in self.layers),
+                "one_by_one_maps": sum(layer.one_by_one for layer in self.layers),
                 "details": [layer.to_dict() for layer in self.layers],
             },
             "batchnorm": {"nodes": self.batchnorm_nodes, "folded": self.batchnorm_nodes == 0},
@@ -63,13 +64,17 @@ class ModelSummary:
             notes.append(f"{conv['grouped']} grouped")
         if conv["depthwise"]:
             notes.append(f"{conv['depthwise']} depthwise")
+        if conv["one_by_one_maps"]:
+            notes.append(f"{conv['one_by_one_maps']} with 1x1 output maps")
         opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in self.opsets.items())
         lines = [
             f"model        {self.path}",
             f"sha256       {self.sha256}",
             f"opset        {opsets} (IR {self.ir_version})",
             f"producer     {self.producer or '(none)'}",
-            f"image input  {self.image_input.name} {shape} {self.image_input.dtype}",
+            f"image input  {self.image_input.name} {shape} {self.image_input.dtype}"
+            + (f" ({self.image_input.layout}: transposed to NCHW in the graph)"
+               if self.image_input.layout != "NCHW" else ""),
             "outputs      " + ", ".join(
                 f"{o.name} {'x'.join(str(s) for s in (o.shape or ('?',)))} {o.dtype}" for o in self.outputs),
             f"classes      {self.num_classes if self.num_classes is not None else 'unknown'}",
@@ -88,13 +93,15 @@ class ModelSummary:
                          + (f" and {len(self.nonfinite_weights) - 5} more" if len(self.nonfinite_weights) > 5 else ""))
         if verbose:
             lines.append("")
-            lines.append(f"{'layer':40s} {'out':>5s} {'in':>5s} {'kernel':>7s} {'stride':>7s} {'groups':>6s}")
+            lines.append(f"{'layer':40s} {'out':>5s} {'in':>5s} {'kernel':>7s} {'stride':>7s} {'groups':>6s} "
+                         f"{'map':>7s}")
             for layer in self.layers:
                 kernel = "x".join(map(str, layer.kernel))
                 stride = "x".join(map(str, layer.strides))
+                size = "x".join(map(str, layer.feature_map)) if layer.feature_map else "?"
                 tag = " depthwise" if layer.depthwise else ""
                 lines.append(f"{layer.name:40s} {layer.out_channels:5d} {layer.in_channels or 0:5d} "
-                             f"{kernel:>7s} {stride:>7s} {layer.groups:6d}{tag}")
+                             f"{kernel:>7s} {stride:>7s} {layer.groups:6d} {size:>7s}{tag}")
         return "\n".join(lines)
 
 

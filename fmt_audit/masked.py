@@ -60,7 +60,8 @@ class MaskedModel:
 
         ``masks`` maps layer names to ``[1 or len(x), C, 1, 1]`` arrays; missing layers get ones.
         """
-        feeds = {self.image.name: self.preprocessing.apply(x).astype(np.float32, copy=False)}
+        images = self.preprocessing.apply(x).astype(np.float32, copy=False)
+        feeds = {self.image.name: self.image.to_model_layout(images)}
         for layer in self.layers:
             feeds[mask_input_name(layer.name)] = (masks or {}).get(layer.name, self._ones[layer.name])
         names = [self.logits_name, *(feature_output_name(name) for name in features)]

@@ -20,9 +20,11 @@ class LayerResult:
     flagged: list[int]
     selection: dict
     sink: list[list[int]] = field(default_factory=list)   # the class each shift went to (-1: none)
+    feature_map: list[int] | None = None    # [height, width] of the layer's output, if known
 
     def to_dict(self) -> dict:
         return {"name": self.name, "channels": self.channels, "depthwise": self.depthwise,
+                "feature_map": self.feature_map,
                 "scores": self.scores, "shift": self.shift, "sink": self.sink, "flagged": self.flagged,
                 "selection": self.selection}
 
@@ -75,7 +77,8 @@ class ScanReport:
         try:
             layers = [LayerResult(str(e["name"]), int(e["channels"]), bool(e["depthwise"]), table(e["scores"]),
                                   table(e["shift"]), [int(c) for c in e["flagged"]], dict(e["selection"]),
-                                  [[int(v) for v in row] for row in e.get("sink", [])])
+                                  [[int(v) for v in row] for row in e.get("sink", [])],
+                                  [int(v) for v in e["feature_map"]] if e.get("feature_map") else None)
                       for e in saved["layers"]]
             summary = saved["summary"]
             report = cls(dict(saved["model"]), dict(saved["config"]), layers, float(summary["clean_accuracy"]),

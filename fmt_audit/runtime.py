@@ -8,6 +8,7 @@ reported, never assumed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,16 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
                  if isinstance(getattr(state, name, None), type))
 
 
+def _threads_from_environment() -> int | None:
+    """``OMP_NUM_THREADS`` when set to a positive number: the thread budget the process was given (torch
+    keeps to it; Ray sets it for each task), which ONNX Runtime would otherwise ignore."""
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None) -> Session:
     """An ORT session for ``model`` on ``device`` (``auto`` | ``cpu`` | ``cuda``).
 
@@ -82,6 +93,7 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
     # ORT's idle threads spin for a while after each run; beside torch (gradient mode,
     # repair) that spinning took the cores torch's backward pass needed and made it 2x slower
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = threads or _threads_from_environment()
     if threads:
         options.intra_op_num_threads = threads
     given = [node.name for node in model.graph.node if node.name]
@@ -150,7 +162,7 @@ class OrtClassifier:
     """
 
     def __init__(self, model: onnx.ModelProto, device: str = "auto", preprocessing=None, batch_size: int = 256):
-        image = image_input(model)
+        self.image = image = image_input(model)
         self.input_name, self.fixed_batch = image.name, image.batch
         self.output_name = model.graph.output[0].name
         self.preprocessing = preprocessing
@@ -164,7 +176,7 @@ class OrtClassifier:
     def logits(self, x: np.ndarray) -> np.ndarray:
         if self.preprocessing is not None:
             x = self.preprocessing.apply(x)
-        x = x.astype(np.float32, copy=False)
+        x = self.image.to_model_layout(x.astype(np.float32, copy=False))
         return run_batched(self.session, self.input_name, x, self.batch_size, outputs=[self.output_name],
                            fixed_batch=self.fixed_batch)[0]
 

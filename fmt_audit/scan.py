@@ -126,11 +126,12 @@ def _suspicion(scores: ChannelScores, score: str) -> np.ndarray:
 class _Scanner:
     """Builds the tester for a mode and scores layers with it."""
 
-    def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]):
+    def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
+                 plan: MemoryPlan | None = None):
         self.config = config
         self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
         preprocessing = config.preprocessing
-        self.plan = memory_plan(loaded, dataset, config, layers)
+        self.plan = plan or memory_plan(loaded, dataset, config, layers)
         self.dataset = dataset
         # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
         self.masked = self.onnx = None
@@ -244,12 +245,61 @@ def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) ->
     return calibrate_eps(scanner, layers, scanner.tester().clean_accuracy())
 
 
+@dataclass(frozen=True)
+class LayerWork:
+    """What testing any subset of a scan's layers needs, so that other processes (Ray workers) can test
+    some of them and return exactly what this process would have: the same model (checked by sha256),
+    images, options, eps and batch sizes."""
+
+    model_path: str
+    sha256: str
+    dataset: Dataset
+    config: ScanConfig
+    eps: float | None
+    plan: MemoryPlan
+
+
+# (work, layers, progress) -> one LayerResult per layer, in order; see fmt_audit.ray_engine
+LayerRunner = Callable[[LayerWork, list[ConvLayer], Callable[[str, int, int], None] | None], list[LayerResult]]
+
+
+def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None = None,
+                 progress: Callable[[str, int], None] | None = None, scanner: _Scanner | None = None
+                 ) -> list[LayerResult]:
+    """Test the layers ``names`` as the scan described by ``work`` does (in a worker: the model is loaded
+    from ``work.model_path`` and must have the scan's sha256; the scan itself passes its ``scanner``)."""
+    if loaded is None:
+        loaded = load_model(work.model_path)
+        if loaded.sha256 != work.sha256:
+            raise ConfigError(f"{work.model_path} changed during the scan (sha256 {loaded.sha256[:12]}, "
+                              f"expected {work.sha256[:12]})")
+    by_name = {layer.name: layer for layer in loaded.layers}
+    layers = [by_name[name] for name in names]
+    scanner = scanner or _Scanner(loaded, work.dataset, work.config, layers, plan=work.plan)
+    tester = scanner.tester(work.eps)
+    results = []
+    for layer in layers:
+        scores = tester.score_layer(layer, progress=(lambda k, name=layer.name: progress(name, k))
+                                    if progress else None)
+        chosen = select(_suspicion(scores, work.config.score), work.config.selection, seed=work.config.seed,
+                        threshold=work.config.outlier_threshold, samples=len(work.dataset))
+        results.append(LayerResult(layer.name, layer.out_channels, layer.depthwise,
+                                   _rounded(scores.accuracy), _rounded(scores.shift), chosen.flagged,
+                                   chosen.to_dict(), scores.sink.tolist(),
+                                   list(layer.feature_map) if layer.feature_map else None))
+    return results
+
+
 def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
          config: ScanConfig | None = None,
-         progress: Callable[[str, int, int], None] | None = None) -> ScanReport:
+         progress: Callable[[str, int, int], None] | None = None,
+         runner: LayerRunner | None = None) -> ScanReport:
     """Feature map testing of ``model`` on the clean labelled images in ``data``.
 
-    ``progress(layer, done, total)`` is called as channels are tested.
+    ``progress(layer, done, total)`` is called as channels are tested. ``runner``
+    tests the layers elsewhere (``fmt_audit.ray_engine.ray_runner``: Ray workers,
+    by chunks of layers); calibration and the verdict stay in this process, and
+    the report is the one a local scan gives.
     """
     config = config or ScanConfig()
     started = time.perf_counter()
@@ -275,24 +325,21 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         eps, calibration = calibrate_eps(scanner, layers, clean_accuracy)
         log.info("calibrated eps %s (%s)", eps, ", ".join(f"{t['eps']}: drop {t['median_relative_drop']}"
                                                           for t in calibration))
-    tester = scanner.tester(None if eps == AUTO else eps)
     prepared = time.perf_counter()
-    results = []
-    total = sum(layer.out_channels for layer in layers)
-    done = 0
-    for layer in layers:
-        def advance(k: int, name: str = layer.name) -> None:
+    work = LayerWork(str(loaded.path), loaded.sha256, dataset, config, None if eps == AUTO else eps, scanner.plan)
+    if runner is not None:
+        results = runner(work, layers, progress)
+    else:
+        total = sum(layer.out_channels for layer in layers)
+        done = 0
+
+        def advance(name: str, k: int) -> None:
             nonlocal done
             done += k
             if progress:
                 progress(name, done, total)
 
-        scores = tester.score_layer(layer, progress=advance)
-        chosen = select(_suspicion(scores, config.score), config.selection, seed=config.seed,
-                        threshold=config.outlier_threshold, samples=len(dataset))
-        results.append(LayerResult(layer.name, layer.out_channels, layer.depthwise,
-                                   _rounded(scores.accuracy), _rounded(scores.shift), chosen.flagged,
-                                   chosen.to_dict(), scores.sink.tolist()))
+        results = score_layers(work, [layer.name for layer in layers], loaded, advance, scanner)
     if config.mode == "gradient":
         verdict = sink_concentration([r.shift for r in results], [r.sink for r in results])
     elif config.verdict_probe:

@@ -173,3 +173,35 @@ def test_identity_copies_of_stored_tensors_convert_and_take_their_own_values():
     onnx.checker.check_model(updated, full_check=True)
     assert np.abs(_ort_logits(updated, x) - _torch_logits(bridge, x)).max() <= 1e-4
     assert len([n for n in updated.graph.node if n.op_type == "Identity"]) < len(identities)
+
+
+def test_a_tensor_read_directly_by_several_nodes_is_split_when_their_values_part():
+    """The dynamo exporter stores equal tensors once: a fresh BatchNorm's bias and running mean (zeros), its
+    weight and running variance (ones), read by the same node. Training moves them apart; the write-back
+    gives each reader whose value now differs its own ``NAME.k`` tensor."""
+    import tempfile
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(4),
+                              torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.onnx"
+        torch.onnx.export(net, (torch.zeros(2, 1, 16, 16),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("n")},), dynamo=True)
+        model = onnx.load(str(path))
+    norm = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    assert len(set(norm.input[1:])) < 4, "the exporter no longer shares equal tensors: this test needs another"
+    bridge = to_torch(model)
+    x = sample_images(n=16)
+    module = next(m for m in bridge.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():   # as training would: parameters and running statistics move apart
+        module.bias += 0.3
+        module.running_var *= 1.5
+    updated = write_back(model, bridge)
+    onnx.checker.check_model(updated, full_check=True)
+    assert np.abs(_ort_logits(updated, x) - _torch_logits(bridge, x)).max() <= 1e-4
+    renamed = next(n for n in updated.graph.node if n.op_type == "BatchNormalization").input[1:]
+    assert len(set(renamed)) == 4
+    assert all(name in norm.input or name.rsplit(".", 1)[0] in norm.input for name in renamed)

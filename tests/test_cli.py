@@ -27,7 +27,8 @@ def test_inspect_json_on_opset18_with_external_data():
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["opsets"] == {"": 18}
-    assert summary["image_input"] == {"name": "input", "shape": ["batch", 1, 16, 16], "dtype": "float32"}
+    assert summary["image_input"] == {"name": "input", "shape": ["batch", 1, 16, 16], "dtype": "float32",
+                                      "layout": "NCHW"}
     assert summary["conv"]["layers"] == 6 and summary["conv"]["channels"] == 144
     assert summary["batchnorm"]["folded"] is True
     assert summary["external_data"] == ["badnets_op18.onnx.data"]

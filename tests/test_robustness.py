@@ -154,8 +154,10 @@ def test_names_that_are_not_utf8_are_a_load_error(tmp_path):
     _one_line_exit_2(_invoke("inspect", path), "is not UTF-8 text")
 
 
-def _fixed_batch_export(path: Path) -> Path:
-    """torch's legacy exporter with a fixed input shape folds the batch size into the Reshape target."""
+def _fixed_batch_export(path: Path, flatten_all: bool = False) -> Path:
+    """torch's legacy exporter with a fixed input shape folds the batch size into the Reshape target
+    (``view(x.size(0), -1)`` -> ``Reshape [1, -1]``). ``flatten_all``: ``view(-1)[None]`` instead, which
+    flattens the whole batch into one row, so no Reshape target names the batch."""
     import torch
 
     class Net(torch.nn.Module):
@@ -164,7 +166,8 @@ def _fixed_batch_export(path: Path) -> Path:
             self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 16 * 16, 10)
 
         def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+            features = torch.relu(self.conv(x))
+            return self.fc(features.view(-1)[None] if flatten_all else features.view(x.size(0), -1))
 
     torch.manual_seed(0)
     torch.onnx.export(Net().eval(), torch.zeros(1, 1, 16, 16), str(path), input_names=["input"],
@@ -172,12 +175,24 @@ def _fixed_batch_export(path: Path) -> Path:
     return path
 
 
-def test_a_graph_fixed_to_batch_1_scans_and_refuses_fine_tuning_in_one_line(tmp_path):
+def test_a_graph_fixed_to_batch_1_scans_and_repairs(tmp_path):
     path = _fixed_batch_export(tmp_path / "fixed.onnx")
     assert load_model(path).image_input.batch == 1
-    for mode in ("mask", "gradient"):   # ONNX Runtime is fed batches of 1; gradients stop at the Conv
+    for mode in ("mask", "gradient"):   # ONNX Runtime is fed batches of 1
         result = _invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", mode)
         assert result.exit_code == 0, result.output
+    # the bridge frees the batch in its copy (Reshape [1, -1] -> [0, -1]) to fine-tune in batches
+    out = tmp_path / "out.onnx"
+    repaired = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", out, "--samples", "8",
+                       "--epochs", "1")
+    assert repaired.exit_code == 0, repaired.output
+    written = onnx.load(out)
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1    # the output keeps batch 1
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_a_fixed_batch_graph_that_mixes_its_images_refuses_fine_tuning_in_one_line(tmp_path):
+    path = _fixed_batch_export(tmp_path / "fixed.onnx", flatten_all=True)
     refused = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", tmp_path / "out.onnx")
     _one_line_exit_2(refused, "fixed to batch size 1")
 

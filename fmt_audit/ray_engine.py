@@ -1,0 +1,114 @@
+"""Ray, when installed (``pip install 'fmt-audit[ray]'``): a session on this machine or a cluster, and a scan's
+layers tested by Ray workers in chunks.
+
+Ray is optional and imported only here, only when used. With no address Ray
+starts on this machine with the CPUs asked for and stops afterwards; with an
+address (``auto``, ``ray://head:10001``) it joins that cluster. Tasks take one
+CPU each and keep torch and ONNX Runtime to one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+from .errors import ConfigError, first_line
+from .graph import ConvLayer
+from .report import LayerResult
+from .scan import LayerRunner, LayerWork, score_layers
+
+INSTALL_HINT = "pip install 'fmt-audit[ray]'"
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, cpus: int | None = None) -> Iterator[str]:
+    """Ray initialised for the block (a description of where it runs); started here, stopped here."""
+    if not ray_available():
+        raise ConfigError(f"Ray is not installed: {INSTALL_HINT}")
+    if cpus is not None and cpus < 1:
+        raise ConfigError(f"--workers must be at least 1; got {cpus}")
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        # Ray announces that it turned on token authentication for the cluster it starts: the
+        # right default, and not the user's concern in a command's output
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        settings = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        try:
+            ray.init(address=address, **settings) if address else ray.init(num_cpus=cpus, **settings)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            raise ConfigError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
+                              f"{first_line(error)}") from error
+    try:
+        total = int(ray.cluster_resources().get("CPU", 1))
+        yield f"ray {ray.__version__}, {total} CPUs " + (f"in the cluster at {address}" if address
+                                                        else "on this machine")
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def one_thread() -> None:
+    """Keep this worker process to one thread (its task holds one CPU)."""
+    os.environ["OMP_NUM_THREADS"] = "1"     # ONNX Runtime sessions read it (fmt_audit.runtime)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _score_chunk(work: LayerWork, names: list[str]) -> list[LayerResult]:
+    one_thread()
+    return score_layers(work, names)
+
+
+def chunks(layers: list[ConvLayer], count: int) -> list[list[ConvLayer]]:
+    """``layers`` in at most ``count`` runs of consecutive layers with about equal numbers of channels."""
+    total = sum(layer.out_channels for layer in layers)
+    target = total / max(1, min(count, len(layers)))
+    parts: list[list[ConvLayer]] = [[]]
+    filled = 0
+    for layer in layers:
+        if parts[-1] and filled >= target * len(parts):
+            parts.append([])
+        parts[-1].append(layer)
+        filled += layer.out_channels
+    return parts
+
+
+def ray_runner(address: str | None = None, workers: int | None = None, chunks_per_cpu: int = 2,
+               gpus_per_task: float = 0.0) -> LayerRunner:
+    """A :data:`fmt_audit.scan.LayerRunner` that tests chunks of layers as Ray tasks (``chunks_per_cpu``
+    chunks per CPU of the cluster, so that the slow ones do not hold up the end)."""
+    def run(work: LayerWork, layers: list[ConvLayer],
+            progress: Callable[[str, int, int], None] | None) -> list[LayerResult]:
+        import ray
+
+        with ray_session(address, workers):
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            task = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=0)(_score_chunk)
+            shared = ray.put(work)
+            parts = chunks(layers, cpus * chunks_per_cpu)
+            pending = {task.remote(shared, [layer.name for layer in part]): number
+                       for number, part in enumerate(parts)}
+            results: dict[int, list[LayerResult]] = {}
+            total, done = sum(layer.out_channels for layer in layers), 0
+            while pending:
+                finished, _ = ray.wait(list(pending), num_returns=1)
+                number = pending.pop(finished[0])
+                results[number] = ray.get(finished[0])
+                done += sum(layer.out_channels for layer in parts[number])
+                if progress:
+                    progress(parts[number][-1].name, done, total)
+        return [result for number in range(len(parts)) for result in results[number]]
+    return run

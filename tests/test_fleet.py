@@ -1,0 +1,183 @@
+"""Fleet audits (issue 10): folders and manifests, one report per model, failures as rows, resuming, and Ray
+(on this machine, 2 CPUs) giving the same reports as the sequential run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLES
+from fmt_audit_cli.main import main
+
+from fmt_audit import fleet as fleet_module
+from fmt_audit.fleet import read_source, run_fleet
+
+FAST = {"samples": 8, "verdict_probe": 8}
+DATA = SAMPLES / "defender.npz"
+
+
+@pytest.fixture
+def source(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("clean_op13.onnx", "badnets_op13.onnx"):
+        shutil.copy(SAMPLES / name, folder / name)
+    (folder / "vendor").mkdir()
+    (folder / "vendor" / "corrupt.onnx").write_bytes(b"not a model")
+    return folder
+
+
+def _scored(report_path) -> dict:
+    """What must not depend on how the fleet ran: everything but timing and resources."""
+    report = json.loads(report_path.read_text())
+    return {key: report[key] for key in ("model", "layers", "summary", "verdict")} | {
+        "config": {k: v for k, v in report["config"].items() if k != "device_used"}}
+
+
+def test_a_folder_fleet_writes_every_report_and_records_a_failure_as_a_row(source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
+    assert [row.model for row in result.rows] == ["badnets_op13", "clean_op13", "vendor/corrupt"]
+    corrupt = result.rows[2]
+    assert corrupt.error and "not an ONNX model" in corrupt.error and corrupt.verdict is None
+    for row in result.rows[:2]:
+        assert row.error is None and row.verdict in ("clean", "suspicious", "inconclusive")
+        assert (out / f"{row.model}.json").is_file() and (out / f"{row.model}.html").is_file()
+        assert row.sha256 == json.loads((out / f"{row.model}.json").read_text())["model"]["sha256"]
+    assert not (out / "vendor__corrupt.json").exists()
+    summary = json.loads((out / "fleet.json").read_text())
+    assert summary["models"] == 3 and summary["failed"] == 1
+    csv_lines = (out / "fleet.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,verdict,suspicion") and len(csv_lines) == 4
+    # the same report as a plain scan with the same options
+    from fmt_audit.scan import ScanConfig, scan
+
+    direct = scan(source / "badnets_op13.onnx", DATA, ScanConfig(**FAST))
+    stored = json.loads((out / "badnets_op13.json").read_text())
+    assert stored["layers"] == json.loads(direct.to_json())["layers"]
+    assert stored["verdict"] == direct.verdict
+
+
+def test_a_rerun_keeps_what_was_done_the_same_way_and_redoes_the_rest(source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
+    written = (out / "clean_op13.json").stat().st_mtime_ns
+    again = run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
+    assert [row.skipped for row in again.rows] == [True, True, False]   # a failure is retried
+    assert (out / "clean_op13.json").stat().st_mtime_ns == written
+    assert again.rows[1].verdict is not None
+    changed = run_fleet(read_source(source), DATA, out, {**FAST, "samples": 12}, use_ray=False)
+    assert not any(row.skipped for row in changed.rows)
+    assert json.loads((out / "clean_op13.json").read_text())["config"]["samples"] == 12
+    forced = run_fleet(read_source(source), DATA, out, {**FAST, "samples": 12}, use_ray=False, force=True)
+    assert not any(row.skipped for row in forced.rows)
+    # a different model under the same name is audited anew
+    shutil.copy(SAMPLES / "blended_op13.onnx", source / "clean_op13.onnx")
+    swapped = run_fleet(read_source(source), DATA, out, {**FAST, "samples": 12}, use_ray=False)
+    assert [row.skipped for row in swapped.rows] == [True, False, False]
+
+
+def test_manifests_give_each_model_its_own_data_and_options(tmp_path):
+    for name in ("clean_op13.onnx", "badnets_op18.onnx", "badnets_op18.onnx.data", "defender.npz", "test.npz"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    (tmp_path / "fleet.json").write_text(json.dumps({"models": [
+        {"model": "clean_op13.onnx", "samples": 10},
+        {"model": "badnets_op18.onnx", "data": "test.npz", "mean": [0.0], "std": [1.0]}]}))
+    (tmp_path / "fleet.csv").write_text("model,data,samples,mean,std\nclean_op13.onnx,test.npz,6,0.5,0.5\n")
+    for manifest, expected in (("fleet.json", {"clean_op13": 10, "badnets_op18": 8}), ("fleet.csv", {"clean_op13": 6})):
+        out = tmp_path / f"out_{manifest}"
+        out.mkdir()
+        result = run_fleet(read_source(tmp_path / manifest), tmp_path / "defender.npz", out,
+                           {"samples": 8, "verdict_probe": 8}, use_ray=False)
+        assert not result.failed
+        for name, samples in expected.items():
+            assert json.loads((out / f"{name}.json").read_text())["config"]["samples"] == samples
+    csv_report = json.loads((tmp_path / "out_fleet.csv" / "clean_op13.json").read_text())
+    assert csv_report["config"]["mean"] == [0.5] and csv_report["config"]["std"] == [0.5]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"model": "../elsewhere.onnx"}, "leads outside the manifest's folder"),
+    ({"model": "/etc/passwd"}, "expected a path relative to the manifest's folder"),
+    ({"model": "m.onnx", "data": "../../data.npz"}, "leads outside"),
+    ({"model": "m.onnx", "learning_rate": 1}, "unknown option(s) learning_rate"),
+    ({"model": "m.onnx", "samples": "many"}, "samples must be a number"),
+])
+def test_bad_manifests_are_one_line_errors(tmp_path, entry, message):
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")
+    (tmp_path / "fleet.json").write_text(json.dumps([entry]))
+    result = CliRunner().invoke(main, ["fleet", str(tmp_path / "fleet.json"), "--data", str(DATA),
+                                       "--out", str(tmp_path / "out"), "--sequential"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1
+
+
+def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(fleet_module, "ray_available", lambda: False)
+    shutil.rmtree(source / "vendor")
+    result = CliRunner().invoke(main, ["fleet", str(source), "--data", str(DATA), "--out", str(tmp_path / "out"),
+                                       "--samples", "8", "--verdict-probe", "8", "--fail-on-suspicious"])
+    assert "Ray is not installed" in result.output
+    assert "sequential, in this process (Ray is not installed)" in result.output
+    assert result.exit_code == 1    # the BadNets sample is suspicious
+    assert "badnets_op13" in result.output.splitlines()[-1]
+    refused = CliRunner().invoke(main, ["fleet", str(source), "--data", str(DATA), "--out", str(tmp_path / "o2"),
+                                        "--address", "auto"])
+    assert refused.exit_code == 2 and "--address needs Ray" in refused.output
+
+
+def test_ray_on_this_machine_gives_the_sequential_reports(source, tmp_path):
+    pytest.importorskip("ray")
+    shutil.rmtree(source / "vendor")
+    outs = {}
+    for engine, use_ray in (("ray", True), ("sequential", False)):
+        outs[engine] = tmp_path / engine
+        outs[engine].mkdir()
+        result = run_fleet(read_source(source), DATA, outs[engine], FAST, use_ray=use_ray, workers=2)
+        assert not result.failed
+        assert result.engine.startswith(engine)
+    for name in ("badnets_op13", "clean_op13"):
+        assert _scored(outs["ray"] / f"{name}.json") == _scored(outs["sequential"] / f"{name}.json")
+
+
+@pytest.mark.parametrize("mode", ["mask", "gradient"])
+def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
+    pytest.importorskip("ray")
+    from fmt_audit.ray_engine import ray_runner
+    from fmt_audit.scan import ScanConfig, scan
+
+    config = ScanConfig(mode=mode, samples=16, verdict_probe=8)
+    local = scan(SAMPLES / "badnets_op13.onnx", DATA, config)
+    split = scan(SAMPLES / "badnets_op13.onnx", DATA, config, runner=ray_runner(workers=2))
+    assert len(local.layers) > 2     # more than one chunk per worker
+    assert json.loads(split.to_json())["layers"] == json.loads(local.to_json())["layers"]
+    assert split.verdict == local.verdict and split.config["eps"] == local.config["eps"]
+
+
+def test_layer_chunks_are_consecutive_and_balanced():
+    from fmt_audit.graph import ConvLayer
+    from fmt_audit.ray_engine import chunks
+
+    layers = [ConvLayer(f"c{i}", i, "o", "w", None, c, 3, (3, 3), (1, 1), 1, True)
+              for i, c in enumerate([8, 8, 16, 16, 32, 32, 64, 64])]
+    parts = chunks(layers, 4)
+    assert [layer for part in parts for layer in part] == layers and 1 < len(parts) <= 4
+    assert max(sum(layer.out_channels for layer in part) for part in parts) <= 128
+    assert chunks(layers[:2], 8) == [[layers[0]], [layers[1]]]
+
+
+def test_the_fleet_writes_over_no_input_and_no_file_it_did_not_write(tmp_path):
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")
+    (tmp_path / "fleet.json").write_text(json.dumps([{"model": "m.onnx"}]))
+    over_manifest = CliRunner().invoke(main, ["fleet", str(tmp_path / "fleet.json"), "--data", str(DATA),
+                                              "--out", str(tmp_path), "--sequential"])
+    assert over_manifest.exit_code == 2 and "refusing to overwrite the input" in over_manifest.output
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "m.json").write_text("{}")     # the user's own file, not a report
+    with pytest.raises(Exception, match="no earlier fleet run wrote it"):
+        run_fleet(read_source(tmp_path / "fleet.json"), DATA, tmp_path / "out", FAST, use_ray=False)
+    assert (tmp_path / "out" / "m.json").read_text() == "{}"
