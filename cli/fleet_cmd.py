@@ -50,8 +50,9 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
                        workers=workers, gpus_per_task=gpus_per_task, force=force,
                        use_ray=False if sequential else None, on_row=report, inputs=[source])
     say(ctx, result.format_text())
-    if fail_on_suspicious:
-        failing = [r.model for r in result.rows if r.error or r.verdict != "clean"]
+    if fail_on_suspicious:     # as scan's gate: the verdict decides; without one, any flagged channel
+        failing = [r.model for r in result.rows if r.error or r.verdict not in ("clean", None)
+                   or (r.verdict is None and r.flagged)]
         if failing:
             from .main import EXIT_SUSPICIOUS
 

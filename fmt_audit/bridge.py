@@ -3,11 +3,14 @@ and trained values -> the original graph's initializers.
 
 Conversion goes through onnx2torch after normalising the graph (Constant-node
 tensors lifted to initializers, graphs newer than onnx2torch's opset range
-down-converted, ``Reshape(allowzero=1)`` relaxed where provably equivalent).
+down-converted and older ones whose ops it lacks converted up,
+``Reshape(allowzero=1)`` relaxed where provably equivalent, a fixed batch size
+freed where that provably keeps images independent).
 Every trainable parameter and BatchNorm statistic of the module is tied to the
 ONNX tensor it came from, so :func:`write_back` can copy values into the
 *original* graph: same nodes, names, opset and metadata, only tensor values
-change, and a parameter that did not change keeps its exact original bytes.
+change (save where one stored tensor must become several, see :func:`write_back`),
+and a parameter that did not change keeps its exact original bytes.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from .data import Dataset, Preprocessing
 from .errors import BridgeError, DeviceError, UnsupportedModelError, first_line
 from .graph import (
     ImageInput,
+    attribute,
     batchnorm_after,
     constant_tensors,
     conv_layers,
     image_input,
+    inferred_shapes,
     opset_version,
     with_node_names,
 )
@@ -193,6 +198,8 @@ def _materialize_identity(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
     copy.name = node.output[0]
     graph.initializer.append(copy)
     graph.node.remove(node)
+    if any(value.name == node.input[0] for value in graph.input):   # IR 3: initializers are graph inputs too
+        graph.input.append(onnx.helper.make_tensor_value_info(copy.name, copy.data_type, copy.dims))
 
 
 def _inline_identities(model: onnx.ModelProto) -> int:
@@ -232,12 +239,17 @@ def _free_batch(model: onnx.ModelProto) -> int:
     except UnsupportedModelError:
         return 0
     batch = image.batch
-    if batch is None:
+    if batch is None or image.height is None or image.width is None:   # no way to check the result
         return 0
     stored = constant_tensors(model.graph)
+    from_image = {image.name}       # values computed from the image (Reshapes of constants keep their shape)
+    for node in model.graph.node:
+        if any(name in from_image for name in node.input):
+            from_image.update(node.output)
     rewritten = 0
     for node in model.graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored:
+        if (node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored
+                or node.input[0] not in from_image):
             continue
         if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
             continue
@@ -258,19 +270,72 @@ def _free_batch(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def _splits_as_slices(model: onnx.ModelProto) -> int:
+    """Rewrite each Split as one Slice per output (same values); the number rewritten.
+
+    onnx's version converter has no adapter taking Split down from opset 18 (its
+    ``num_outputs`` form), so a newer graph with a Split could not reach
+    onnx2torch's range. Slice is the same from opset 13 to 20. A Split whose sizes
+    cannot be known (computed sizes, an unknown axis length) is left as it is.
+    """
+    stored = constant_tensors(model.graph)
+    shapes: dict | None = None
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        axis = int(attribute(node, "axis", 0))
+        if len(node.input) > 1 and node.input[1]:
+            sizes = ([int(v) for v in numpy_helper.to_array(stored[node.input[1]])]
+                     if node.input[1] in stored else None)
+        else:
+            shapes = shapes if shapes is not None else inferred_shapes(model)
+            dims = shapes.get(node.input[0]) or ()
+            length = dims[axis] if -len(dims) <= axis < len(dims) else None
+            count = int(attribute(node, "num_outputs", len(node.output)))
+            sizes = None
+            if isinstance(length, int) and count == len(node.output):
+                chunk = -(-length // count)     # the last part takes what is left (Split-18's rule)
+                sizes = [chunk] * (count - 1) + [length - chunk * (count - 1)]
+        if sizes is None or len(sizes) != len(node.output):
+            nodes.append(node)
+            continue
+        start = 0
+        for number, (size, output) in enumerate(zip(sizes, node.output)):
+            bounds = []
+            for label, value in (("starts", start), ("ends", start + size), ("axes", axis)):
+                tensor = numpy_helper.from_array(np.array([value], np.int64),
+                                                 _unique_name(model.graph, f"{node.name or output}.{label}"))
+                model.graph.initializer.append(tensor)
+                bounds.append(tensor.name)
+            nodes.append(onnx.helper.make_node("Slice", [node.input[0], *bounds], [output],
+                                               name=f"{node.name or output}/slice{number}"))
+            start += size
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
 def _upgraded(model: onnx.ModelProto, opset: int, needing: list[str], steps: list[str]) -> onnx.ModelProto:
     """``model`` converted up to the first of ``UPGRADE_OPSETS`` at which onnx2torch converts every op;
     unchanged if none."""
+    failures = []
     for target in UPGRADE_OPSETS:
         if target <= opset:
             continue
         try:
             converted = onnx.version_converter.convert_version(model, target)
-        except Exception:   # the converter lacks an adapter on the way: try a later target
+        except Exception as error:   # the converter lacks an adapter on the way: try a later target
+            failures.append(f"to {target}: {first_line(error)}")
             continue
         if not unsupported_ops(converted, convert=False):
             steps.append(f"converted opset {opset} -> {target} (for {', '.join(needing)})")
             return converted
+    if failures:
+        steps.append(f"could not convert opset {opset} up ({'; '.join(failures)})")
     return model
 
 
@@ -284,6 +349,8 @@ def prepare_for_torch(model: onnx.ModelProto, free_batch: bool = True) -> tuple[
         steps.append(f"made {inlined} Identity copies of stored tensors initializers")
     opset = opset_version(prepared) or 0
     if opset > MAX_BRIDGE_OPSET and (needing := unsupported_ops(prepared, convert=False)):
+        if sliced := _splits_as_slices(prepared):
+            steps.append(f"wrote {sliced} Split nodes as Slices (onnx cannot convert Split down from opset 18)")
         try:
             prepared = onnx.version_converter.convert_version(prepared, MAX_BRIDGE_OPSET)
         except Exception as error:
@@ -298,7 +365,8 @@ def prepare_for_torch(model: onnx.ModelProto, free_batch: bool = True) -> tuple[
         steps.append(f"freed the fixed batch size ({freed} Reshape targets copy it from their input); "
                      "checked image by image at a larger batch")
     if missing := unsupported_ops(prepared, convert=False):
-        raise BridgeError(f"the PyTorch bridge (onnx2torch) cannot convert these ops: {', '.join(missing)}")
+        tried = next((f"; {step}" for step in steps if step.startswith("could not convert")), "")
+        raise BridgeError(f"the PyTorch bridge (onnx2torch) cannot convert these ops: {', '.join(missing)}{tried}")
     computed = [layer.name for layer in conv_layers(prepared) if not layer.weight_stored]
     if computed:   # e.g. DequantizeLinear of int8 weights; onnx2torch reads Conv weights only from initializers
         raise BridgeError(f"{len(computed)} Conv layer(s) compute their weights from other nodes ({computed[0]!r}"

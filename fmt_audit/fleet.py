@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError, FmtAuditError, first_line
+from .loading import model_files
 from .outputs import check_output_path, write_atomic
-from .ray_engine import INSTALL_HINT, one_thread, ray_available, ray_session
+from .ray_engine import INSTALL_HINT, check_gpus, one_thread, ray_available, ray_session, task_error
 from .scan import ScanConfig
 
 # options a manifest may set per model (ScanConfig fields; the device is the fleet's)
@@ -117,6 +118,8 @@ def _inside(folder: Path, relative: str, what: str) -> Path:
 
 
 def _entry_options(entry: dict, where: str) -> dict:
+    if None in entry:   # a CSV row with more cells than the header has names
+        raise ConfigError(f"{where}: more cells than the header has columns")
     unknown = sorted(set(entry) - {"model", "data", *PER_MODEL_OPTIONS})
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; a model may set model, data, "
@@ -151,6 +154,13 @@ def read_manifest(path: Path) -> list[FleetModel]:
         where = f"{path}, model {number}"
         if not isinstance(entry.get("model"), str):
             raise ConfigError(f"{where}: expected \"model\": a path to an .onnx file")
+        if entry.get("data") is not None and not isinstance(entry["data"], str):
+            raise ConfigError(f"{where}: \"data\" must be a path; got {entry['data']!r}")
+        for key in ("mean", "std"):
+            value = entry.get(key)
+            if value is not None and not (isinstance(value, str) or (isinstance(value, list) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))):
+                raise ConfigError(f"{where}: {key} must be a list of numbers or comma-separated text; got {value!r}")
         model = _inside(folder, entry["model"], "model")
         data = _inside(folder, entry["data"], "data") if entry.get("data") else None
         models.append(FleetModel(Path(entry["model"]).with_suffix("").as_posix(), model, data,
@@ -173,10 +183,13 @@ def read_source(source: str | os.PathLike) -> list[FleetModel]:
 
 
 def _unique(models: list[FleetModel], where: str) -> list[FleetModel]:
-    names = [m.name for m in models]
+    bad = [m.name for m in models if not m.name.strip(".") or m.name.startswith(".")]
+    if bad:
+        raise ConfigError(f"{where}: model name {bad[0]!r} cannot name a report file")
+    names = [m.name.replace("/", "__").replace("\\", "__") for m in models]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ConfigError(f"{where}: models named more than once: {', '.join(repeated)}")
+        raise ConfigError(f"{where}: models whose reports would share a name: {', '.join(repeated)}")
     if not models:
         raise ConfigError(f"{where}: no models")
     return models
@@ -214,21 +227,45 @@ def _typed(key: str, value, where: str):
 
 
 def config_key(config: ScanConfig, data: Path) -> str:
-    """What decides a report besides the model: every scan option and the data (path and content)."""
-    digest = hashlib.sha256(json.dumps({"config": asdict(config), "data": str(data)}, sort_keys=True,
-                                       default=str).encode())
-    if data.is_file():
-        from .loading import sha256_of
+    """What decides a report besides the model: this version of the tool, every scan option, and the data:
+    a file's sha256, an image folder's file names, sizes and modification times."""
+    from . import __version__
+    from .loading import sha256_of
 
+    digest = hashlib.sha256(json.dumps({"tool": __version__, "config": asdict(config), "data": str(data)},
+                                       sort_keys=True, default=str).encode())
+    if data.is_file():
         digest.update(sha256_of(data).encode())
+    elif data.is_dir():
+        for path in sorted(p for p in data.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(data).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
+def model_sha256(path: Path) -> str | None:
+    """The model file's sha256, joined by its external data files' (their weights decide the report too)."""
+    from .loading import sha256_of
+
+    if not path.is_file():
+        return None
+    files = model_files(path)
+    if len(files) == 1:
+        return sha256_of(path)
+    return hashlib.sha256("".join(sha256_of(f) if f.is_file() else "-" for f in files).encode()).hexdigest()
+
+
 def output_stem(out: Path, model: FleetModel) -> Path:
+    """``out/NAME`` (subfolders joined by ``__``); a model's files are this plus ``.json``, ``.html`` and
+    :data:`RECORD_SUFFIX` (appended: a name may hold dots)."""
     return out / model.name.replace("/", "__").replace("\\", "__")
 
 
-def audit_model(path: str, data: str, config: ScanConfig) -> dict:
+def output_file(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)
+
+
+def audit_model(path: str, data: str, config: ScanConfig, memory_share: int = 1) -> dict:
     """Scan one model; the JSON and HTML reports as text and its summary row, or its error. Never raises
     for the model's own faults: those are the row's ``error``. Runs in a Ray worker or in-process."""
     started = time.perf_counter()
@@ -236,7 +273,7 @@ def audit_model(path: str, data: str, config: ScanConfig) -> dict:
         from .html_report import scan_html
         from .scan import scan
 
-        report = scan(path, data, config)
+        report = scan(path, data, config, memory_share=memory_share)
     except FmtAuditError as error:
         return {"error": first_line(error), "seconds": round(time.perf_counter() - started, 1)}
     except Exception as error:  # one model's unexpected failure must not end the fleet: recorded with its type
@@ -264,16 +301,18 @@ class _Job:
 
 def _kept_row(job: _Job, stem: Path) -> FleetRow | None:
     """The earlier run's row when its record matches this model (sha256) and configuration."""
-    record_path = stem.with_name(stem.name + RECORD_SUFFIX)
+    record_path = output_file(stem, RECORD_SUFFIX)
     if job.sha256 is None or not record_path.is_file():
         return None
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or not isinstance(record.get("row"), dict):
+        return None
     if record.get("sha256") != job.sha256 or record.get("config_key") != job.key:
         return None
-    if not stem.with_suffix(".json").is_file():
+    if not output_file(stem, ".json").is_file():
         return None
     row = FleetRow(**{k: v for k, v in record.get("row", {}).items() if k in SUMMARY_COLUMNS})
     row.skipped = True
@@ -283,15 +322,28 @@ def _kept_row(job: _Job, stem: Path) -> FleetRow | None:
 def _store(out: Path, job: _Job, result: dict) -> FleetRow:
     """Write the model's reports and record (record last: a report without one is redone) and make its row."""
     stem = output_stem(out, job.model)
-    row = FleetRow(job.model.name, result.get("sha256") or job.sha256, result.get("verdict"),
+    row = FleetRow(job.model.name, job.sha256, result.get("verdict"),
                    result.get("suspicion"), result.get("sink_class"), result.get("flagged"), result.get("channels"),
                    result.get("seconds"), result.get("error"))
     if "json" in result:
-        write_atomic(stem.with_suffix(".json"), result["json"].encode())
-        write_atomic(stem.with_suffix(".html"), result["html"].encode())
+        # the old record goes first: a report replaced without its new record must not pass for the old one
+        output_file(stem, RECORD_SUFFIX).unlink(missing_ok=True)
+        write_atomic(output_file(stem, ".json"), result["json"].encode())
+        write_atomic(output_file(stem, ".html"), result["html"].encode())
         record = {"sha256": row.sha256, "config_key": job.key, "row": row.to_dict()}
-        write_atomic(stem.with_name(stem.name + RECORD_SUFFIX), (json.dumps(record, indent=1) + "\n").encode())
+        write_atomic(output_file(stem, RECORD_SUFFIX), (json.dumps(record, indent=1) + "\n").encode())
     return row
+
+
+def _check_ours(path: Path, protected: list, opening: str) -> None:
+    """Refuse to write ``path`` over an input, or over a file an earlier fleet run did not write (those
+    begin with ``opening``)."""
+    check_output_path(path, inputs=protected)
+    if path.is_file():
+        with path.open("rb") as stream:
+            if not stream.read(len(opening.encode())).decode(errors="replace") == opening:
+                raise ConfigError(f"refusing to overwrite {path}: no earlier fleet run wrote it (choose another "
+                                  "--out)")
 
 
 def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out: str | os.PathLike,
@@ -304,7 +356,6 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
     machine with ``workers`` CPUs (default: all). ``force`` reruns models already audited the same way.
     Nothing is written over ``inputs`` (the manifest, say), the models, the data, or a file of ``out`` that
     an earlier fleet run did not write."""
-    from .loading import sha256_of
 
     started = time.perf_counter()
     out = Path(out)
@@ -323,25 +374,23 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
     if address and not ray_ok:
         raise ConfigError(f"--address needs Ray: {INSTALL_HINT}")
     use_ray = ray_ok if use_ray is None else use_ray
-    protected = [*inputs, *(m.path for m in models), *(m.data for m in models if m.data)] + ([data] if data else [])
-    for summary in ("fleet.json", "fleet.csv"):
-        check_output_path(out / summary, inputs=protected)
+    protected = [*inputs, *(f for m in models for f in model_files(m.path)),
+                 *(m.data for m in models if m.data)] + ([data] if data else [])
+    for summary, ours in (("fleet.json", '{\n "engine"'), ("fleet.csv", ",".join(SUMMARY_COLUMNS))):
+        _check_ours(out / summary, protected, ours)
     for model in models:
         stem = output_stem(out, model)
-        ours = stem.with_name(stem.name + RECORD_SUFFIX).exists()
-        for report in (stem.with_suffix(".json"), stem.with_suffix(".html")):
-            check_output_path(report, inputs=protected)
-            if report.exists() and not ours:
-                raise ConfigError(f"refusing to overwrite {report}: no earlier fleet run wrote it "
-                                  "(choose another --out)")
+        for suffix, opening in ((RECORD_SUFFIX, '{\n "sha256"'), (".json", '{\n "model": {'),
+                                (".html", '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+                                          '<title>fmt-audit scan: ')):
+            _check_ours(output_file(stem, suffix), protected, opening)
     jobs, rows = [], {}
     for model in models:
         source = model.data or (Path(data) if data is not None else None)
         if source is None:
             raise ConfigError(f"{model.name}: no data (give --data, or 'data' in the manifest)")
         config = model_config(options or {}, model)
-        sha = sha256_of(model.path) if model.path.is_file() else None
-        job = _Job(model, config, Path(source), config_key(config, Path(source)), sha)
+        job = _Job(model, config, Path(source), config_key(config, Path(source)), model_sha256(model.path))
         kept = None if force else _kept_row(job, output_stem(out, model))
         if kept is not None:
             rows[model.name] = kept
@@ -368,21 +417,25 @@ def _run_on_ray(jobs: Iterable[_Job], out: Path, rows: dict, address: str | None
     import ray
 
     with ray_session(address, workers) as where:
+        check_gpus(gpus_per_task)
+        # tasks side by side on one machine share its memory; a cluster's nodes: --max-memory
+        share = 1 if address else int(ray.cluster_resources().get("CPU", 1))
         task = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=0)(_audit_in_worker)
-        pending = {task.remote(str(job.model.path), str(job.data), job.config): job for job in jobs}
+        pending = {task.remote(str(job.model.path.resolve()), str(job.data.resolve()), job.config, gpus_per_task,
+                               share): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])
             try:
                 result = ray.get(done[0])
             except Exception as error:  # the worker itself died (out of memory, killed): the model's row says so
-                result = {"error": f"the Ray task failed: {first_line(error)}"}
+                result = {"error": first_line(task_error(error))}
             rows[job.model.name] = _store(out, job, result)
             if on_row:
                 on_row(rows[job.model.name])
     return where
 
 
-def _audit_in_worker(path: str, data: str, config: ScanConfig) -> dict:
-    one_thread()
-    return audit_model(path, data, config)
+def _audit_in_worker(path: str, data: str, config: ScanConfig, gpus: float, memory_share: int) -> dict:
+    one_thread(gpus)
+    return audit_model(path, data, config, memory_share)

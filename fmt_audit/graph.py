@@ -230,7 +230,7 @@ class ImageInput(TensorSpec):
 def input_layout(graph: onnx.GraphProto, name: str) -> str:
     """``NHWC`` when every reader of input ``name`` is a Transpose to NCHW, else ``NCHW``."""
     readers = [node for node in graph.node if name in node.input]
-    to_nchw = all(node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [0, 3, 1, 2] for node in readers)
+    to_nchw = all(node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [0, 3, 1, 2] for node in readers)
     return "NHWC" if readers and to_nchw else "NCHW"
 
 
@@ -330,14 +330,16 @@ class ConvLayer:
                 "feature_map": list(self.feature_map) if self.feature_map else None}
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default``."""
     for attr in node.attribute:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
+    """Every value's shape ONNX shape inference finds (a best effort: ``{}``-like gaps where it cannot)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model))
     except Exception:  # inference is a best effort here; the loader already validated
@@ -350,7 +352,7 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
     """Every 2-D Conv node of the main graph, in execution (node) order."""
     graph = model.graph
     stored = constant_tensors(graph)
-    shapes = _inferred_shapes(model)
+    shapes = inferred_shapes(model)
     layers = []
     for index, (node, name) in enumerate(zip(graph.node, node_names(graph))):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
@@ -365,7 +367,7 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
                 continue  # 1-D or 3-D convolution: not an image feature map
             raise UnsupportedModelError(
                 f"Conv {name!r}: cannot determine the weight shape of {weight!r}")
-        groups = int(_attr(node, "group", 1))
+        groups = int(attribute(node, "group", 1))
         out_c, in_per_group = int(wshape[0]), int(wshape[1])
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         out = shapes.get(node.output[0]) or ()
@@ -374,7 +376,7 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
             name=name, index=index, output=node.output[0], weight=weight, bias=bias,
             out_channels=out_c, in_channels=in_per_group * groups,
             kernel=tuple(int(k) for k in wshape[2:]),
-            strides=tuple(int(s) for s in _attr(node, "strides", [1, 1])),
+            strides=tuple(int(s) for s in attribute(node, "strides", [1, 1])),
             groups=groups, weight_stored=weight in stored, feature_map=size,
         ))
     return layers

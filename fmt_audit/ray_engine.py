@@ -59,17 +59,44 @@ def ray_session(address: str | None = None, cpus: int | None = None) -> Iterator
             ray.shutdown()
 
 
-def one_thread() -> None:
-    """Keep this worker process to one thread (its task holds one CPU)."""
+def one_thread(gpus: float = 0.0) -> None:
+    """Keep this worker process to one thread (its task holds one CPU), and off the GPUs unless its task
+    reserved some (Ray leaves every GPU visible to a task that reserved none)."""
     os.environ["OMP_NUM_THREADS"] = "1"     # ONNX Runtime sessions read it (fmt_audit.runtime)
+    if not gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     torch.set_num_threads(1)
 
 
-def _score_chunk(work: LayerWork, names: list[str]) -> list[LayerResult]:
-    one_thread()
+def _score_chunk(work: LayerWork, names: list[str], gpus: float) -> list[LayerResult]:
+    one_thread(gpus)
     return score_layers(work, names)
+
+
+def check_gpus(gpus_per_task: float) -> None:
+    """A task asking for more GPUs than the cluster has would wait forever: refuse it now."""
+    import ray
+
+    if gpus_per_task < 0:
+        raise ConfigError(f"--gpus-per-task must be 0 or more; got {gpus_per_task}")
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_task > have:
+        raise ConfigError(f"--gpus-per-task {gpus_per_task}: the Ray cluster has {have:g} GPUs")
+
+
+def task_error(error: Exception) -> Exception:
+    """What a failed Ray task raised, as this process would have raised it: the library's own errors as they
+    were (one-line messages, exit 2), anything else as a ``RuntimeError`` naming its type."""
+    from ray.exceptions import RayTaskError
+
+    from .errors import FmtAuditError
+
+    cause = error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+    if isinstance(cause, FmtAuditError):
+        return cause
+    return RuntimeError(f"a Ray task failed: {type(cause).__name__}: {first_line(cause)}")
 
 
 def chunks(layers: list[ConvLayer], count: int) -> list[list[ConvLayer]]:
@@ -90,25 +117,41 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
                gpus_per_task: float = 0.0) -> LayerRunner:
     """A :data:`fmt_audit.scan.LayerRunner` that tests chunks of layers as Ray tasks (``chunks_per_cpu``
     chunks per CPU of the cluster, so that the slow ones do not hold up the end)."""
+    if address and workers is not None:
+        raise ConfigError("--workers sizes Ray on this machine; a cluster (--address) has its own CPUs")
+    if not ray_available():
+        raise ConfigError(f"Ray is not installed: {INSTALL_HINT}")
+
     def run(work: LayerWork, layers: list[ConvLayer],
             progress: Callable[[str, int, int], None] | None) -> list[LayerResult]:
         import ray
 
         with ray_session(address, workers):
+            check_gpus(gpus_per_task)
             cpus = int(ray.cluster_resources().get("CPU", 1))
             task = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=0)(_score_chunk)
             shared = ray.put(work)
             parts = chunks(layers, cpus * chunks_per_cpu)
-            pending = {task.remote(shared, [layer.name for layer in part]): number
+            pending = {task.remote(shared, [layer.name for layer in part], gpus_per_task): number
                        for number, part in enumerate(parts)}
             results: dict[int, list[LayerResult]] = {}
             total, done = sum(layer.out_channels for layer in layers), 0
-            while pending:
-                finished, _ = ray.wait(list(pending), num_returns=1)
-                number = pending.pop(finished[0])
-                results[number] = ray.get(finished[0])
-                done += sum(layer.out_channels for layer in parts[number])
-                if progress:
-                    progress(parts[number][-1].name, done, total)
+            try:
+                while pending:
+                    finished, _ = ray.wait(list(pending), num_returns=1)
+                    number = pending.pop(finished[0])
+                    try:
+                        results[number] = ray.get(finished[0])
+                    except Exception as error:  # the worker's error, as a local scan would have raised it
+                        raise task_error(error) from None
+                    done += sum(layer.out_channels for layer in parts[number])
+                    if progress:
+                        progress(parts[number][-1].name, done, total)
+            finally:
+                for ref in pending:     # one chunk failed: the others are not waited for
+                    ray.cancel(ref)
         return [result for number in range(len(parts)) for result in results[number]]
+
+    # scans side by side on this machine share its memory (fmt_audit.scan.memory_plan)
+    run.memory_share = 1 if address else (workers or os.cpu_count() or 1)
     return run

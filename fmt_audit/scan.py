@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -127,11 +128,11 @@ class _Scanner:
     """Builds the tester for a mode and scores layers with it."""
 
     def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
-                 plan: MemoryPlan | None = None):
+                 plan: MemoryPlan | None = None, memory_share: int = 1):
         self.config = config
         self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
         preprocessing = config.preprocessing
-        self.plan = plan or memory_plan(loaded, dataset, config, layers)
+        self.plan = plan or memory_plan(loaded, dataset, config, layers, memory_share)
         self.dataset = dataset
         # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
         self.masked = self.onnx = None
@@ -174,15 +175,17 @@ class _Scanner:
                           MaskTestConfig(config.gain, plan.candidate_batch))
 
 
-def memory_plan(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]) -> MemoryPlan:
-    """Batch sizes for this scan under ``config.max_memory`` (half the free memory when not given)."""
+def memory_plan(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
+                share: int = 1) -> MemoryPlan:
+    """Batch sizes for this scan under ``config.max_memory`` (when not given: half the free memory, divided
+    among ``share`` scans running side by side, as Ray tasks on one machine do)."""
     from .runtime import cuda_available
 
     device = config.device
     if device == "auto":   # where the heavy arrays will live
         device = "cuda" if cuda_available() else "cpu"
     budget = (config.max_memory * 2**20 if config.max_memory is not None
-              else available_memory(device) / 2)
+              else available_memory(device) / 2 / max(1, share))
     height, width = dataset.x.shape[2:]
     cost = graph_cost(loaded.proto, height, width)
     return plan_memory(cost, [layer.name for layer in layers], len(dataset), dataset.x[0].nbytes, budget, device)
@@ -293,13 +296,14 @@ def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None =
 def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
          config: ScanConfig | None = None,
          progress: Callable[[str, int, int], None] | None = None,
-         runner: LayerRunner | None = None) -> ScanReport:
+         runner: LayerRunner | None = None, memory_share: int = 1) -> ScanReport:
     """Feature map testing of ``model`` on the clean labelled images in ``data``.
 
     ``progress(layer, done, total)`` is called as channels are tested. ``runner``
     tests the layers elsewhere (``fmt_audit.ray_engine.ray_runner``: Ray workers,
     by chunks of layers); calibration and the verdict stay in this process, and
-    the report is the one a local scan gives.
+    the report is the one a local scan gives. ``memory_share``: scans running side
+    by side on this machine, which share its memory (a runner may say how many it runs).
     """
     config = config or ScanConfig()
     started = time.perf_counter()
@@ -312,7 +316,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     layers = [layer for layer in loaded.layers if layer.name not in skipped]
     if not layers:
         raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
-    scanner = _Scanner(loaded, dataset, config, layers)
+    scanner = _Scanner(loaded, dataset, config, layers,
+                       memory_share=max(memory_share, getattr(runner, "memory_share", 1)))
     log.info("scanning %d channels in %d layers on %d images, %s mode on %s; batches %s", sum(
         layer.out_channels for layer in layers), len(layers), len(dataset), config.mode, scanner.device,
         scanner.plan.to_dict())
@@ -326,7 +331,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         log.info("calibrated eps %s (%s)", eps, ", ".join(f"{t['eps']}: drop {t['median_relative_drop']}"
                                                           for t in calibration))
     prepared = time.perf_counter()
-    work = LayerWork(str(loaded.path), loaded.sha256, dataset, config, None if eps == AUTO else eps, scanner.plan)
+    work = LayerWork(str(Path(loaded.path).resolve()), loaded.sha256, dataset, config,
+                     None if eps == AUTO else eps, scanner.plan)
     if runner is not None:
         results = runner(work, layers, progress)
     else:
@@ -359,7 +365,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         used["alpha"] = config.step_size(eps)
     return ScanReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
-               "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None},
+               "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None,
+                         "layout": loaded.image_input.layout},
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,

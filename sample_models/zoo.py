@@ -90,7 +90,7 @@ def _mini_efficientnet():
 def _mini_shufflenet():
     from torchvision.models.shufflenetv2 import ShuffleNetV2
 
-    return ShuffleNetV2([1, 1, 1], [8, 16, 32, 64, 128], num_classes=CLASSES)
+    return ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 128], num_classes=CLASSES)   # 2: a unit that splits
 
 
 def _mini_densenet():

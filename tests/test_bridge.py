@@ -205,3 +205,35 @@ def test_a_tensor_read_directly_by_several_nodes_is_split_when_their_values_part
     renamed = next(n for n in updated.graph.node if n.op_type == "BatchNormalization").input[1:]
     assert len(set(renamed)) == 4
     assert all(name in norm.input or name.rsplit(".", 1)[0] in norm.input for name in renamed)
+
+
+def test_a_fixed_batch_that_cannot_be_freed_is_converted_as_it_is():
+    """A Reshape [1, -1] after a Transpose that moved the batch off axis 0: freeing its target would read
+    the channels as the batch. The freed module fails the image-by-image check, and the bridge falls
+    back to the graph as exported (which then runs at its batch size only)."""
+    from fmt_audit.bridge import check_free_batch
+    from fmt_audit.errors import UnsupportedModelError
+    from fmt_audit.graph import image_input
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((5, 256)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c"], ["t"], name="swap", perm=[1, 0, 2, 3]),
+             helper.make_node("Reshape", ["t", "shape"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    _, steps = prepare_for_torch(model)
+    assert any(step.startswith("freed") for step in steps)     # the rewrite is tried ...
+    bridge = to_torch(model)
+    assert not any(step.startswith("freed") for step in bridge.steps)   # ... and dropped
+    x = np.random.default_rng(1).random((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ours = bridge.module(torch.from_numpy(x)).numpy()
+    assert np.abs(ours - _ort_logits(model, x)).max() <= 1e-4
+    with pytest.raises(UnsupportedModelError, match="fixed to batch size 1"):
+        check_free_batch(bridge, image_input(model), "fine-tuning")

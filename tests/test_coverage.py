@@ -74,11 +74,13 @@ def test_case_runs_inspect_scan_repair_to_the_end(case, zoo_folder, tmp_path):
     depthwise = {layer.name for layer in loaded.layers if layer.depthwise}
     assert {layer.name for layer in report.layers if layer.depthwise} == depthwise
 
+    first = loaded.layers[0]     # at least one removed channel, whatever the random weights made the scan flag
+    removed = {**report.flagged, first.name: sorted({0, *report.flagged.get(first.name, [])})}
+    # repair verifies before it returns: checker, ONNX Runtime against torch within 1e-4, removed tensors zero
     result = repair(loaded, data, RepairConfig(fine_tune=FineTuneConfig(epochs=1, batch_size=8)), config,
-                    flagged=report)
-    check = result.report.verification
-    assert check["checker"] == "passed" and check["removed_exactly_zero"] is True
-    assert check["max_abs_logit_difference"] <= check["allowed"]   # ONNX Runtime and torch agree
+                    flagged=removed)
+    stored = {t.name: t for t in result.model.graph.initializer}
+    assert not numpy_helper.to_array(stored[first.weight])[0].any()    # read back from the written graph
     original = onnx.load(str(path))
     assert zoo.structure(result.model, original) == zoo.structure(original, original)
     # the fine-tuning moved weights, and the repaired graph runs where the original did

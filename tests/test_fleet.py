@@ -106,6 +106,9 @@ def test_manifests_give_each_model_its_own_data_and_options(tmp_path):
     ({"model": "m.onnx", "data": "../../data.npz"}, "leads outside"),
     ({"model": "m.onnx", "learning_rate": 1}, "unknown option(s) learning_rate"),
     ({"model": "m.onnx", "samples": "many"}, "samples must be a number"),
+    ({"model": "m.onnx", "data": 5}, "\"data\" must be a path"),
+    ({"model": "m.onnx", "mean": 0.5}, "mean must be a list of numbers"),
+    ({"model": "..onnx"}, "cannot name a report file"),
 ])
 def test_bad_manifests_are_one_line_errors(tmp_path, entry, message):
     shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")
@@ -153,7 +156,10 @@ def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
     config = ScanConfig(mode=mode, samples=16, verdict_probe=8)
     local = scan(SAMPLES / "badnets_op13.onnx", DATA, config)
     split = scan(SAMPLES / "badnets_op13.onnx", DATA, config, runner=ray_runner(workers=2))
-    assert len(local.layers) > 2     # more than one chunk per worker
+    from fmt_audit.loading import load_model
+    from fmt_audit.ray_engine import chunks
+
+    assert len(chunks(list(load_model(SAMPLES / "badnets_op13.onnx").layers), 2 * 2)) == 4   # 4 tasks on 2 CPUs
     assert json.loads(split.to_json())["layers"] == json.loads(local.to_json())["layers"]
     assert split.verdict == local.verdict and split.config["eps"] == local.config["eps"]
 
@@ -181,3 +187,48 @@ def test_the_fleet_writes_over_no_input_and_no_file_it_did_not_write(tmp_path):
     with pytest.raises(Exception, match="no earlier fleet run wrote it"):
         run_fleet(read_source(tmp_path / "fleet.json"), DATA, tmp_path / "out", FAST, use_ray=False)
     assert (tmp_path / "out" / "m.json").read_text() == "{}"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "fleet.csv").write_text("my,own,table\n")
+    with pytest.raises(Exception, match="no earlier fleet run wrote it"):
+        run_fleet(read_source(tmp_path / "fleet.json"), DATA, tmp_path / "mine", FAST, use_ray=False)
+
+
+def test_csv_rows_longer_than_the_header_are_one_line_errors(tmp_path):
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")
+    (tmp_path / "fleet.csv").write_text("model,samples\nm.onnx,8,extra\n")
+    result = CliRunner().invoke(main, ["fleet", str(tmp_path / "fleet.csv"), "--data", str(DATA),
+                                       "--out", str(tmp_path / "out"), "--sequential"])
+    assert result.exit_code == 2 and "more cells than the header" in result.output
+
+
+def test_names_with_dots_get_their_own_reports_and_colliding_names_are_refused(tmp_path):
+    for name in ("resnet.v1.onnx", "resnet.v2.onnx"):
+        shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / name)
+    result = run_fleet(read_source(tmp_path), DATA, tmp_path / "out", FAST, use_ray=False)
+    assert [row.model for row in result.rows] == ["resnet.v1", "resnet.v2"]
+    assert (tmp_path / "out" / "resnet.v1.json").is_file() and (tmp_path / "out" / "resnet.v2.json").is_file()
+    (tmp_path / "a").mkdir()
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "a" / "b.onnx")
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "a__b.onnx")
+    with pytest.raises(Exception, match="reports would share a name"):
+        read_source(tmp_path)
+
+
+def test_a_report_replaced_without_its_new_record_is_not_kept_later(source, tmp_path, monkeypatch):
+    shutil.rmtree(source / "vendor")
+    out = tmp_path / "out"
+    run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
+    real_write = fleet_module.write_atomic
+
+    def no_record(path, payload):   # the run is killed between the report and its record
+        if str(path).endswith(fleet_module.RECORD_SUFFIX):
+            raise KeyboardInterrupt
+        real_write(path, payload)
+
+    monkeypatch.setattr(fleet_module, "write_atomic", no_record)
+    with pytest.raises(KeyboardInterrupt):
+        run_fleet(read_source(source), DATA, out, {**FAST, "samples": 12}, use_ray=False)
+    monkeypatch.setattr(fleet_module, "write_atomic", real_write)
+    again = run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
+    assert not again.rows[0].skipped    # its report now holds samples 12: redone, not kept as samples 8
+    assert json.loads((out / "badnets_op13.json").read_text())["config"]["samples"] == 8
