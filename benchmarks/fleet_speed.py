@@ -7,7 +7,7 @@ work folder: manifests may not point outside their folder). Every run rescans
 everything (``force``); reports must agree between runs (verdict, suspicion,
 flagged channels). Wall times and the ratio to the in-process run are reported.
 
-    python benchmarks/fleet_speed.py [--samples 64] [--repeats 1]
+    python benchmarks/fleet_speed.py [--samples 64] [--repeats 1] [--groups sample,digits,cifar]
 """
 
 from __future__ import annotations
@@ -24,23 +24,29 @@ from pathlib import Path
 from cases import SAMPLES, model_paths, publish
 from verdict_population import ATTACKS, folder_of
 
+GROUPS = ("sample", "digits", "cifar")
 
-def fleet_members() -> list[tuple[str, Path, Path]]:
-    """(name, model, data) of every member."""
-    members = [(f"sample_{p.stem}", p, SAMPLES / "defender.npz") for p in sorted(SAMPLES.glob("*.onnx"))]
-    for name in ("cifar10_badnets", "cifar10_blended"):
-        members += [(name, model, data) for _, model, data in model_paths(name)]
-    for attack in ("clean", *ATTACKS):
-        folder = folder_of(attack, 0)
-        if (folder / "model.onnx").exists():
-            members.append((f"digits_{attack}", folder / "model.onnx", folder / "defender.npz"))
+
+def fleet_members(groups: tuple[str, ...] = GROUPS) -> list[tuple[str, Path, Path]]:
+    """(name, model, data) of every member of ``groups``."""
+    members = []
+    if "sample" in groups:
+        members += [(f"sample_{p.stem}", p, SAMPLES / "defender.npz") for p in sorted(SAMPLES.glob("*.onnx"))]
+    if "cifar" in groups:
+        for name in ("cifar10_badnets", "cifar10_blended"):
+            members += [(name, model, data) for _, model, data in model_paths(name)]
+    if "digits" in groups:
+        for attack in ("clean", *ATTACKS):
+            folder = folder_of(attack, 0)
+            if (folder / "model.onnx").exists():
+                members.append((f"digits_{attack}", folder / "model.onnx", folder / "defender.npz"))
     return members
 
 
-def stage(work: Path) -> Path:
+def stage(work: Path, groups: tuple[str, ...]) -> Path:
     """Copy the members into ``work`` and write the manifest; its path."""
     entries = []
-    for name, model, data in fleet_members():
+    for name, model, data in fleet_members(groups):
         shutil.copy(model, work / f"{name}.onnx")
         external = model.with_name(model.name + ".data")
         if external.exists():   # the graph names its data file by the original model's name
@@ -56,12 +62,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--groups", default=",".join(GROUPS), help="members: sample, digits, cifar")
     args = parser.parse_args()
     from fmt_audit.fleet import read_source, run_fleet
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        models = read_source(stage(work))
+        models = read_source(stage(work, tuple(args.groups.split(","))))
         runs = {"in-process": {"use_ray": False}, "ray, 1 worker": {"use_ray": True, "workers": 1},
                 "ray, 2 workers": {"use_ray": True, "workers": 2}}
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -80,7 +87,7 @@ def main() -> None:
              "vs in-process": round(statistics.median(t) / base, 2), "reports agree": agree}
             for name, t in times.items()]
     publish(rows, ["run", "models", "median s", "vs in-process", "reports agree"],
-            f"fleet_speed_threads{os.cpu_count()}")
+            f"fleet_speed_{args.groups.replace(',', '-')}_threads{os.cpu_count()}")
 
 
 if __name__ == "__main__":
