@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError, FmtAuditError, first_line
+from .html_report import PAGE_OPENING, SCAN_TITLE
 from .loading import model_files
 from .outputs import check_output_path, write_atomic
 from .ray_engine import INSTALL_HINT, check_gpus, one_thread, ray_available, ray_session, task_error
@@ -186,7 +187,7 @@ def _unique(models: list[FleetModel], where: str) -> list[FleetModel]:
     bad = [m.name for m in models if not m.name.strip(".") or m.name.startswith(".")]
     if bad:
         raise ConfigError(f"{where}: model name {bad[0]!r} cannot name a report file")
-    names = [m.name.replace("/", "__").replace("\\", "__") for m in models]
+    names = [report_name(m.name) for m in models]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"{where}: models whose reports would share a name: {', '.join(repeated)}")
@@ -255,10 +256,15 @@ def model_sha256(path: Path) -> str | None:
     return hashlib.sha256("".join(sha256_of(f) if f.is_file() else "-" for f in files).encode()).hexdigest()
 
 
+def report_name(name: str) -> str:
+    """A model's name as its report files are named: subfolders joined by ``__``."""
+    return name.replace("/", "__").replace("\\", "__")
+
+
 def output_stem(out: Path, model: FleetModel) -> Path:
-    """``out/NAME`` (subfolders joined by ``__``); a model's files are this plus ``.json``, ``.html`` and
-    :data:`RECORD_SUFFIX` (appended: a name may hold dots)."""
-    return out / model.name.replace("/", "__").replace("\\", "__")
+    """``out/NAME``; a model's files are this plus ``.json``, ``.html`` and :data:`RECORD_SUFFIX`
+    (appended: a name may hold dots)."""
+    return out / report_name(model.name)
 
 
 def output_file(stem: Path, suffix: str) -> Path:
@@ -381,8 +387,7 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
     for model in models:
         stem = output_stem(out, model)
         for suffix, opening in ((RECORD_SUFFIX, '{\n "sha256"'), (".json", '{\n "model": {'),
-                                (".html", '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-                                          '<title>fmt-audit scan: ')):
+                                (".html", PAGE_OPENING + SCAN_TITLE)):
             _check_ours(output_file(stem, suffix), protected, opening)
     jobs, rows = [], {}
     for model in models:

@@ -108,8 +108,13 @@ def layer_plots(report: ScanReport) -> list[str]:
     return images
 
 
+# how every page begins, up to its title (the fleet recognises its own reports by it)
+PAGE_OPENING = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>'
+SCAN_TITLE = "fmt-audit scan: "
+
+
 def _page(title: str, body: list[str]) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+    return (f"{PAGE_OPENING}{_esc(title)}</title>"
             f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body><h1>{_esc(title)}</h1>"
             + "\n".join(body) + "</body></html>\n")
 
@@ -147,7 +152,7 @@ def _scan_sections(report: ScanReport) -> list[str]:
 
 def scan_html(report: ScanReport) -> str:
     """The HTML page of a scan report."""
-    return _page(f"fmt-audit scan: {report.model['path']}", _scan_sections(report))
+    return _page(f"{SCAN_TITLE}{report.model['path']}", _scan_sections(report))
 
 
 def repair_html(report: RepairReport, scan: ScanReport | None = None) -> str:
