@@ -7,7 +7,10 @@ work folder: manifests may not point outside their folder). Every run rescans
 everything (``force``); reports must agree between runs (verdict, suspicion,
 flagged channels). Wall times and the ratio to the in-process run are reported.
 
-    python benchmarks/fleet_speed.py [--samples 64] [--repeats 1] [--groups sample,digits,cifar]
+With ``--repair-epochs E`` every model is also repaired (``fleet --repair --epochs E``); the removed
+channels must agree too.
+
+    python benchmarks/fleet_speed.py [--samples 64] [--repeats 1] [--groups sample,digits,cifar] [--repair-epochs E]
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--groups", default=",".join(GROUPS), help="members: sample, digits, cifar")
+    parser.add_argument("--repair-epochs", type=int, default=None, help="also repair, fine-tuning this many epochs")
     args = parser.parse_args()
+    repair = None if args.repair_epochs is None else {"epochs": args.repair_epochs}
     from fmt_audit.fleet import read_source, run_fleet
 
     with tempfile.TemporaryDirectory() as folder:
@@ -77,9 +82,9 @@ def main() -> None:
             for name, settings in runs.items():
                 started = time.perf_counter()
                 result = run_fleet(models, None, work / name.replace(" ", "_").replace(",", ""),
-                                   {"samples": args.samples}, force=True, **settings)
+                                   {"samples": args.samples}, repair=repair, force=True, **settings)
                 times[name].append(time.perf_counter() - started)
-                outcomes[name] = [(r.model, r.verdict, r.suspicion, r.flagged, r.error) for r in result.rows]
+                outcomes[name] = [(r.model, r.verdict, r.suspicion, r.flagged, r.removed, r.error) for r in result.rows]
                 print(name, round(times[name][-1], 1), result.engine, flush=True)
     agree = all(rows == outcomes["in-process"] for rows in outcomes.values())
     base = statistics.median(times["in-process"])
@@ -87,7 +92,8 @@ def main() -> None:
              "vs in-process": round(statistics.median(t) / base, 2), "reports agree": agree}
             for name, t in times.items()]
     publish(rows, ["run", "models", "median s", "vs in-process", "reports agree"],
-            f"fleet_speed_{args.groups.replace(',', '-')}_threads{os.cpu_count()}")
+            f"fleet_speed_{args.groups.replace(',', '-')}"
+            + (f"_repair{args.repair_epochs}" if repair else "") + f"_threads{os.cpu_count()}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,12 @@ how often its class is the attack's target:
   errors random sign noise of the scan's eps causes (does it discount a clean
   model's natural attractor class?).
 
-    python benchmarks/verdict_statistics.py [--probe] [--first N]
+With ``--probe-sizes``, instead: how the shipped probe's AUC depends on its size
+K. A probe of K channels is a seeded sample of the full gradient scan's channels
+(the probe's per-channel test is the scan's: same images, eps and steps), so each
+size is drawn with 20 seeds from the cached full scans; mean and spread of the AUC.
+
+    python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes]
 """
 
 from __future__ import annotations
@@ -114,13 +119,62 @@ def statistics(folder, probe_too: bool = False) -> dict:
     return stats
 
 
+PROBE_SIZES = (32, 64, 96, 128, 192)
+PROBE_SEEDS = 20
+
+
+def probe_of(layers: list[dict], size: int, seed: int) -> float:
+    """The shipped statistic on a seeded sample of ``size`` channels of a full gradient scan (as
+    ``fmt_audit.scan._sampled_channels`` draws them)."""
+    pairs = [(i, c) for i, layer in enumerate(layers) for c in range(len(layer["shift"]))]
+    chosen = np.random.default_rng(seed).choice(len(pairs), size=min(size, len(pairs)), replace=False)
+    shifts: list[list] = [[] for _ in layers]
+    sinks: list[list] = [[] for _ in layers]
+    for i, c in (pairs[k] for k in sorted(chosen)):
+        shifts[i].append(layers[i]["shift"][c])
+        sinks[i].append(layers[i]["sink"][c])
+    return sink_concentration(shifts, sinks).suspicion or 0.0
+
+
+def probe_sizes(first: int) -> None:
+    """AUC of the probe statistic by probe size, over the cached models numbered from ``first`` up and over
+    the two populations apart (models 0-9 of each group, and from 10)."""
+    models = []
+    for attack in ("clean", *ATTACKS):
+        for folder in sorted(CACHE.glob(f"{attack}_*")):
+            facts = json.loads((folder / "facts.json").read_text())
+            if not (folder / "scan_gradient.json").exists() or facts["number"] < first:
+                continue
+            if attack == "clean" or facts["asr"] >= 0.8:
+                layers = json.loads((folder / "scan_gradient.json").read_text())["layers"]
+                models.append((attack != "clean", facts["number"], layers))
+    print(f"{len(models)} models, {sorted({sum(len(layer['shift']) for layer in m[2]) for m in models})} channels each")
+    parts = {"all": lambda n: True, "first (0-9)": lambda n: n < 10, "fresh (10+)": lambda n: n >= 10}
+    for size in (*PROBE_SIZES, None):
+        cells = []
+        for name, keep in parts.items():
+            chosen = [m for m in models if keep(m[1])]
+            if not chosen:
+                continue
+            aucs = []
+            for seed in range(PROBE_SEEDS if size else 1):
+                scores = [(backdoored, probe_of(layers, size or 10**9, seed)) for backdoored, _, layers in chosen]
+                aucs.append(auc([v for b, v in scores if not b], [v for b, v in scores if b]))
+            cells.append(f"{name} {np.mean(aucs):.3f} ± {np.std(aucs):.3f} (min {min(aucs):.3f})")
+        print(f"K = {size or 'every channel':>13}: " + "; ".join(cells), flush=True)
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="also run the default preset's verdict probe")
     parser.add_argument("--first", type=int, default=0, help="only models numbered from this up (a fresh part)")
+    parser.add_argument("--probe-sizes", action="store_true", help="AUC of the probe by its size, then stop")
     args = parser.parse_args()
+    if args.probe_sizes:
+        probe_sizes(args.first)
+        return
     rows = []
     for attack in ("clean", *ATTACKS):
         for folder in sorted(CACHE.glob(f"{attack}_*")):

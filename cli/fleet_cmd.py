@@ -1,11 +1,14 @@
-"""``fmt-audit fleet SOURCE --out DIR``: audit a folder or manifest of models, one task per model (Ray)."""
+"""``fmt-audit fleet SOURCE --out DIR [--repair]``: audit (and repair) a folder or manifest of models, one task
+per model (Ray)."""
 
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from .config_file import config_option
 from .console import say
+from .repair_cmd import METHOD_HELP, repair_options, split_options
 from .scan_cmd import parse_eps, parse_size, scan_options
 
 FLEET_DATA_HELP = ("Clean labelled images for every model (.npz or an image folder); a manifest may give each "
@@ -16,6 +19,15 @@ FLEET_DATA_HELP = ("Clean labelled images for every model (.npz or an image fold
 @click.argument("source", type=click.Path(path_type=str))
 @scan_options(data_help=FLEET_DATA_HELP)
 @config_option
+@click.option("--repair", is_flag=True,
+              help="Also repair the models (as fmt-audit repair, with the channels their scan flagged) into "
+                   "NAME.repaired.onnx, with NAME.repair.json and .html.")
+@click.option("--repair-when", type=click.Choice(["always", "suspicious"]), default="always", show_default=True,
+              help="With --repair: every model, or those whose scan is suspicious or inconclusive (or, without "
+                   "a verdict, flags channels).")
+@click.option("--method", type=click.Choice(["fmt", "ft", "fp", "clp"]), default="fmt", show_default=True,
+              help=f"With --repair: {METHOD_HELP}")
+@repair_options
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder for every model's JSON and HTML report and the summary (fleet.json, fleet.csv); "
                    "created if missing.")
@@ -31,11 +43,25 @@ FLEET_DATA_HELP = ("Clean labelled images for every model (.npz or an image fold
               help="Exit with code 1 when any model is suspicious or inconclusive, or failed.")
 @click.pass_context
 def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: str | None, workers: int | None,
-          gpus_per_task: float, sequential: bool, force: bool, fail_on_suspicious: bool, **options) -> None:
+          gpus_per_task: float, sequential: bool, force: bool, fail_on_suspicious: bool, repair: bool,
+          repair_when: str, method: str, **options) -> None:
     """Audit every model of SOURCE (a folder of .onnx files, or a .json/.csv manifest) into --out."""
+    from fmt_audit.errors import ConfigError
     from fmt_audit.fleet import ray_available, read_source, run_fleet
+    from fmt_audit.report import attention
 
-    models = read_source(source)
+    models = read_source(source, out)
+    options, repair_settings = split_options(options)
+    if not repair:
+        given = [name for name in ("method", "repair_when", *repair_settings)
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]   # a --config file may share them
+        if given:
+            raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in given)} without --repair: add "
+                              "--repair, or leave the repair options out")
+    settings = None
+    if repair:      # repair_config's names and values (fmt_audit.repair.repair_config)
+        settings = {"method": method, "augment": not repair_settings.pop("no_augment"),
+                    "unlearn_eps": parse_eps(repair_settings.pop("unlearn_eps"), "--unlearn-eps"), **repair_settings}
     options["eps"] = parse_eps(options["eps"])
     options["max_memory"] = parse_size(options["max_memory"])
     if not sequential and not ray_available():
@@ -46,13 +72,12 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
         state = "kept" if row.skipped else ("failed: " + row.error if row.error else row.verdict or "done")
         say(ctx, f"  {row.model}: {state}")
 
-    result = run_fleet(models, data, out, {k: v for k, v in options.items() if v is not None}, address=address,
-                       workers=workers, gpus_per_task=gpus_per_task, force=force,
-                       use_ray=False if sequential else None, on_row=report, inputs=[source])
+    result = run_fleet(models, data, out, {k: v for k, v in options.items() if v is not None}, repair=settings,
+                       repair_when=repair_when, address=address, workers=workers, gpus_per_task=gpus_per_task,
+                       force=force, use_ray=False if sequential else None, on_row=report, inputs=[source])
     say(ctx, result.format_text())
-    if fail_on_suspicious:     # as scan's gate: the verdict decides; without one, any flagged channel
-        failing = [r.model for r in result.rows if r.error or r.verdict not in ("clean", None)
-                   or (r.verdict is None and r.flagged)]
+    if fail_on_suspicious:     # scan's gate (fmt_audit.report.attention), and any model that failed
+        failing = [r.model for r in result.rows if r.error or attention(r.verdict, r.suspicion, r.flagged)]
         if failing:
             from .main import EXIT_SUSPICIOUS
 

@@ -46,15 +46,12 @@ def repair_options(command):
 def repair_config(seed: int, prune_drop: float, clp_u: float, epochs: int, lr: float, batch_size: int | None,
                   no_augment: bool, flip: str, allow_regrowth: bool, unlearn: bool | None, unlearn_eps: str,
                   holdout: float, method: str = "fmt"):
-    """A RepairConfig from the repair options, validated by the library."""
-    from fmt_audit.finetune import FineTuneConfig
-    from fmt_audit.repair import RepairConfig
+    """A RepairConfig from the repair options (fmt_audit.repair.repair_config validates them)."""
+    from fmt_audit.repair import repair_config as build
 
-    return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
-                                       augment=not no_augment, flip=flip, seed=seed),
-                        allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn,
-                        unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"), method=method,
-                        prune_drop=prune_drop, clp_u=clp_u)
+    return build(seed, method, epochs=epochs, lr=lr, batch_size=batch_size, augment=not no_augment, flip=flip,
+                 allow_regrowth=allow_regrowth, unlearn=unlearn, unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"),
+                 holdout=holdout, prune_drop=prune_drop, clp_u=clp_u)
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -115,7 +112,8 @@ def repair(ctx: click.Context, model: str, data: str | None, method: str, output
     if html_path:
         from fmt_audit.html_report import repair_html
 
-        write_report(html_path, repair_html(result.report, result.scan))
+        # the scan run here, or the one the channels came from (--from-report)
+        write_report(html_path, repair_html(result.report, result.scan or flagged))
     say(ctx, f"{result.report.format_text()}\nwrote {output}", json_to_stdout=report_path == STDOUT)
 
 

@@ -142,7 +142,7 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
 
         write_report(html_path, scan_html(report))
     say(ctx, report.format_text(), json_to_stdout=output == STDOUT)
-    reason = gate_failure(report) if fail_on_suspicious else None
+    reason = report.attention() if fail_on_suspicious else None
     if reason:
         from .main import EXIT_SUSPICIOUS
 
@@ -155,13 +155,3 @@ def refuse_html_to_stdout(html_path: str | None) -> None:
 
     if html_path == STDOUT:
         raise ConfigError("--html needs a file path (stdout is for the JSON report: --json -)")
-
-
-def gate_failure(report) -> str | None:
-    """Why ``--fail-on-suspicious`` fails this report, or None: the verdict decides; without one, any flag."""
-    if report.verdict is None:
-        return f"suspicious: {report.flagged_count} channel(s) flagged" if report.flagged_count else None
-    if report.verdict["verdict"] == "clean":
-        return None
-    return (f"{report.verdict['verdict']}: suspicion {report.verdict['suspicion']}"
-            if report.verdict["suspicion"] is not None else "inconclusive: too few predictions moved for a verdict")

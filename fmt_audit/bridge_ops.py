@@ -51,27 +51,39 @@ def op_supported(domain: str, op_type: str, opset: int) -> bool:
     return (domain, op_type, since if since is not None else opset) in snapshot()
 
 
-def unsupported_ops(model: onnx.ModelProto, convert: bool = True) -> list[str]:
-    """Op types in the main graph that the bridge cannot convert, as ``Op`` or ``domain::Op``.
-
-    The bridge converts graphs newer than onnx2torch's range down to ``MAX_BRIDGE_OPSET``
-    and older ones up (``UPGRADE_OPSETS``), so with ``convert`` an op counts as supported
-    if it converts at the model's opset or at one of those; without, only at its own.
-    """
+def _missing(model: onnx.ModelProto, at: int | None = None) -> list[str]:
+    """Op types the bridge cannot convert with the default domain at opset ``at`` (None: the model's own)."""
     opsets = {("" if e.domain == "ai.onnx" else e.domain): e.version for e in model.opset_import}
+    if at is not None:
+        opsets[""] = at
     missing: list[str] = []
     for node in model.graph.node:
         domain = "" if node.domain == "ai.onnx" else node.domain
-        opset = opsets.get(domain, 0)
         label = f"{domain}::{node.op_type}" if domain else node.op_type
-        if label in missing:
-            continue
-        candidates = {opset}
-        if convert and domain == "":
-            candidates |= {MAX_BRIDGE_OPSET} if opset > MAX_BRIDGE_OPSET else {v for v in UPGRADE_OPSETS if v > opset}
-        if not any(op_supported(domain, node.op_type, v) for v in candidates):
+        if label not in missing and not op_supported(domain, node.op_type, opsets.get(domain, 0)):
             missing.append(label)
     return missing
+
+
+def unsupported_ops(model: onnx.ModelProto, convert: bool = True) -> list[str]:
+    """Op types in the main graph that the bridge cannot convert, as ``Op`` or ``domain::Op``.
+
+    With ``convert``, as the bridge converts (``fmt_audit.bridge.prepare_for_torch``): a graph
+    newer than onnx2torch's range goes down to ``MAX_BRIDGE_OPSET``, every op at once; an older
+    one up to the first of ``UPGRADE_OPSETS`` at which every op converts, if there is one. A
+    graph the version converter cannot carry there may still fail when the bridge runs.
+    """
+    own = _missing(model)
+    if not convert or not own:
+        return own
+    opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 0)
+    if not opset:
+        return own
+    if opset > MAX_BRIDGE_OPSET:
+        return _missing(model, MAX_BRIDGE_OPSET)
+    if any(not _missing(model, target) for target in UPGRADE_OPSETS if target > opset):
+        return []
+    return own
 
 
 def write_snapshot() -> None:

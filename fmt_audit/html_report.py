@@ -111,6 +111,7 @@ def layer_plots(report: ScanReport) -> list[str]:
 # how every page begins, up to its title (the fleet recognises its own reports by it)
 PAGE_OPENING = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>'
 SCAN_TITLE = "fmt-audit scan: "
+REPAIR_TITLE = "fmt-audit repair: "
 
 
 def _page(title: str, body: list[str]) -> str:
@@ -197,4 +198,4 @@ def repair_html(report: RepairReport, scan: ScanReport | None = None) -> str:
     if scan is not None:
         body.append("<h2>The scan</h2>")
         body += _scan_sections(scan)
-    return _page(f"fmt-audit repair: {report.model.get('path', '')}", body)
+    return _page(f"{REPAIR_TITLE}{report.model.get('path', '')}", body)

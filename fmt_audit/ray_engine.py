@@ -75,8 +75,18 @@ def _score_chunk(work: LayerWork, names: list[str], gpus: float) -> list[LayerRe
     return score_layers(work, names)
 
 
-def check_gpus(gpus_per_task: float) -> None:
-    """A task asking for more GPUs than the cluster has would wait forever: refuse it now."""
+def task_options(gpus_per_task: float = 0.0, max_memory: float | None = None) -> dict:
+    """Ray's options for one task: one CPU, its GPUs, and, under ``--max-memory`` (MiB, each task's budget),
+    that much memory reserved, so that Ray starts no more tasks on a node than the node's memory holds."""
+    options = {"num_cpus": 1, "num_gpus": gpus_per_task, "max_retries": 0}
+    if max_memory is not None:
+        options["memory"] = int(max_memory * 2**20)
+    return options
+
+
+def check_resources(gpus_per_task: float, max_memory: float | None = None) -> None:
+    """A task asking for more GPUs than the cluster has, or more memory than its largest node offers, would
+    wait forever: refuse it now."""
     import ray
 
     if gpus_per_task < 0:
@@ -84,6 +94,22 @@ def check_gpus(gpus_per_task: float) -> None:
     have = ray.cluster_resources().get("GPU", 0)
     if gpus_per_task > have:
         raise ConfigError(f"--gpus-per-task {gpus_per_task}: the Ray cluster has {have:g} GPUs")
+    if max_memory is not None:
+        largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+        if max_memory * 2**20 > largest:
+            raise ConfigError(f"--max-memory {max_memory:g} MiB: each task reserves it, and the largest Ray node "
+                              f"offers {largest / 2**20:.0f} MiB")
+
+
+def node_cpus() -> int:
+    """CPUs Ray schedules on the node this code runs on: as many one-CPU tasks may share its memory."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == here:
+            return max(1, int(node["Resources"].get("CPU", 1)))
+    return os.cpu_count() or 1
 
 
 def task_error(error: Exception) -> Exception:
@@ -127,9 +153,9 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
         import ray
 
         with ray_session(address, workers):
-            check_gpus(gpus_per_task)
+            check_resources(gpus_per_task, work.config.max_memory)
             cpus = int(ray.cluster_resources().get("CPU", 1))
-            task = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=0)(_score_chunk)
+            task = ray.remote(**task_options(gpus_per_task, work.config.max_memory))(_score_chunk)
             shared = ray.put(work)
             parts = chunks(layers, cpus * chunks_per_cpu)
             pending = {task.remote(shared, [layer.name for layer in part], gpus_per_task): number
@@ -152,6 +178,8 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
                     ray.cancel(ref)
         return [result for number in range(len(parts)) for result in results[number]]
 
-    # scans side by side on this machine share its memory (fmt_audit.scan.memory_plan)
-    run.memory_share = 1 if address else (workers or os.cpu_count() or 1)
+    # chunk tasks side by side on a node share its memory (fmt_audit.scan.memory_plan). The plan is made here,
+    # before Ray starts: on a cluster, nodes are taken to be like this machine; --max-memory instead gives
+    # each task its budget, and Ray reserves it (task_options)
+    run.memory_share = workers or os.cpu_count() or 1
     return run

@@ -93,6 +93,18 @@ class RepairConfig:
             raise ConfigError(f"the verification tolerance must be positive; got {self.tolerance}")
 
 
+def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: float = 0.01,
+                  batch_size: int | None = None, augment: bool = True, flip: str = "auto",
+                  allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
+                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0) -> RepairConfig:
+    """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
+    models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
+    return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
+                                       augment=augment, flip=flip, seed=seed),
+                        allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
+                        method=method, prune_drop=prune_drop, clp_u=clp_u)
+
+
 @dataclass
 class RepairResult:
     """The repaired graph, its report, and the scan that chose the channels (if one ran)."""

@@ -29,6 +29,17 @@ class LayerResult:
                 "selection": self.selection}
 
 
+def attention(verdict: str | None, suspicion: float | None, flagged: int | None) -> str | None:
+    """Why a scanned model needs a closer look, or None. The verdict decides (anything but ``clean``);
+    a scan without one (``--verdict-probe 0`` in mask mode) needs it when any channel was flagged."""
+    if verdict is None:
+        return f"suspicious: {flagged} channel(s) flagged" if flagged else None
+    if verdict == "clean":
+        return None
+    return (f"{verdict}: suspicion {suspicion}" if suspicion is not None
+            else "inconclusive: too few predictions moved for a verdict")
+
+
 @dataclass
 class ScanReport:
     model: dict
@@ -59,6 +70,12 @@ class ScanReport:
             "skipped_layers": self.skipped_layers, "clean_accuracy": round(self.clean_accuracy, 6),
             "suspicion": (self.verdict or {}).get("suspicion"), "verdict": (self.verdict or {}).get("verdict"),
         }
+
+    def attention(self) -> str | None:
+        """Why this model needs a closer look (``--fail-on-suspicious``; a fleet's ``--repair suspicious``),
+        or None: see :func:`attention`."""
+        verdict = self.verdict or {}
+        return attention(verdict.get("verdict"), verdict.get("suspicion"), self.flagged_count)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "config": self.config, "layers": [layer.to_dict() for layer in self.layers],

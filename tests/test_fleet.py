@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -123,8 +124,11 @@ def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monke
     monkeypatch.setattr(fleet_module, "ray_available", lambda: False)
     shutil.rmtree(source / "vendor")
     result = CliRunner().invoke(main, ["fleet", str(source), "--data", str(DATA), "--out", str(tmp_path / "out"),
-                                       "--samples", "8", "--verdict-probe", "8", "--fail-on-suspicious"])
+                                       "--samples", "8", "--verdict-probe", "8", "--fail-on-suspicious",
+                                       "--repair", "--epochs", "0", "--no-augment", "--unlearn-eps", "0.05"])
     assert "Ray is not installed" in result.output
+    assert (tmp_path / "out" / "badnets_op13.repaired.onnx").is_file()
+    assert json.loads((tmp_path / "out" / "badnets_op13.repair.json").read_text())["config"]["augment"] is False
     assert "sequential, in this process (Ray is not installed)" in result.output
     assert result.exit_code == 1    # the BadNets sample is suspicious
     assert "badnets_op13" in result.output.splitlines()[-1]
@@ -140,11 +144,19 @@ def test_ray_on_this_machine_gives_the_sequential_reports(source, tmp_path):
     for engine, use_ray in (("ray", True), ("sequential", False)):
         outs[engine] = tmp_path / engine
         outs[engine].mkdir()
-        result = run_fleet(read_source(source), DATA, outs[engine], FAST, use_ray=use_ray, workers=2)
+        result = run_fleet(read_source(source), DATA, outs[engine], {**FAST, "max_memory": 256.0},
+                           repair={"epochs": 1}, use_ray=use_ray, workers=2)
         assert not result.failed
         assert result.engine.startswith(engine)
     for name in ("badnets_op13", "clean_op13"):
         assert _scored(outs["ray"] / f"{name}.json") == _scored(outs["sequential"] / f"{name}.json")
+        repaired = {engine: json.loads((out / f"{name}.repair.json").read_text()) for engine, out in outs.items()}
+        assert repaired["ray"]["flagged"] == repaired["sequential"]["flagged"]
+        assert repaired["ray"]["verification"]["checker"] == "passed"
+        assert (outs["ray"] / f"{name}.repaired.onnx").is_file()
+    # each task reserves its --max-memory: one larger than any node is refused, not left waiting
+    with pytest.raises(Exception, match="largest Ray node offers"):
+        run_fleet(read_source(source), DATA, tmp_path / "huge", {**FAST, "max_memory": 2.0**30}, workers=2)
 
 
 @pytest.mark.parametrize("mode", ["mask", "gradient"])
@@ -210,7 +222,7 @@ def test_names_with_dots_get_their_own_reports_and_colliding_names_are_refused(t
     (tmp_path / "a").mkdir()
     shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "a" / "b.onnx")
     shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "a__b.onnx")
-    with pytest.raises(Exception, match="reports would share a name"):
+    with pytest.raises(Exception, match="output files would share a name"):
         read_source(tmp_path)
 
 
@@ -220,8 +232,8 @@ def test_a_report_replaced_without_its_new_record_is_not_kept_later(source, tmp_
     run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
     real_write = fleet_module.write_atomic
 
-    def no_record(path, payload):   # the run is killed between the report and its record
-        if str(path).endswith(fleet_module.RECORD_SUFFIX):
+    def no_record(path, payload):   # the run is killed between the report and its final record
+        if str(path).endswith(fleet_module.RECORD_SUFFIX) and b'"pending"' not in payload:
             raise KeyboardInterrupt
         real_write(path, payload)
 
@@ -232,3 +244,140 @@ def test_a_report_replaced_without_its_new_record_is_not_kept_later(source, tmp_
     again = run_fleet(read_source(source), DATA, out, FAST, use_ray=False)
     assert not again.rows[0].skipped    # its report now holds samples 12: redone, not kept as samples 8
     assert json.loads((out / "badnets_op13.json").read_text())["config"]["samples"] == 8
+
+
+def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
+    from fmt_audit.repair import repair, repair_config
+    from fmt_audit.report import ScanReport
+    from fmt_audit.scan import ScanConfig
+
+    shutil.rmtree(source / "vendor")
+    out = tmp_path / "out"
+    result = run_fleet(read_source(source), DATA, out, FAST, repair={"epochs": 1, "holdout": 0.2}, use_ray=False)
+    row = result.rows[0]
+    assert row.model == "badnets_op13" and row.repaired == "badnets_op13.repaired.onnx" and not row.error
+    scanned = ScanReport.read(out / "badnets_op13.json")
+    direct = repair(source / "badnets_op13.onnx", DATA, repair_config(0, epochs=1, holdout=0.2),
+                    ScanConfig(**FAST), flagged=scanned)
+    assert (out / "badnets_op13.repaired.onnx").read_bytes() == direct.model.SerializeToString()
+    written = json.loads((out / "badnets_op13.repair.json").read_text())
+    assert written["flagged"]["layers"] == direct.report.flagged and row.removed == direct.report.flagged_count
+    assert written["output"]["path"] == str(out / "badnets_op13.repaired.onnx")
+    assert row.accuracy_after == direct.report.accuracy["after"]
+    assert (out / "badnets_op13.repair.html").read_text().startswith("<!DOCTYPE html>")
+    assert "removed" in result.format_text().splitlines()[0]
+
+
+def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(source, tmp_path):
+    shutil.rmtree(source / "vendor")
+    out = tmp_path / "out"
+    VERDICT = {"samples": 16, "verdict_probe": 16}     # enough moved predictions for a verdict on both
+    everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False)
+    assert [row.repaired is not None for row in everything.rows] == [True, True]
+    assert (out / "clean_op13.repaired.onnx").is_file()
+    record = json.loads((out / "clean_op13.fleet.json").read_text())   # a record is a file anyone may edit:
+    record["files"].append("../victim.txt")                             # it names only this model's outputs
+    (out / "clean_op13.fleet.json").write_text(json.dumps(record, indent=1))
+    (tmp_path / "victim.txt").write_text("kept")
+    some = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, repair_when="suspicious",
+                     use_ray=False)
+    verdicts = {row.model: row.verdict for row in some.rows}
+    assert verdicts == {"badnets_op13": "suspicious", "clean_op13": "clean"}
+    assert [row.repaired is not None for row in some.rows] == [True, False]
+    assert not (out / "clean_op13.repaired.onnx").exists()     # no stale repair beside a report without one
+    assert not any(row.skipped for row in some.rows)           # another configuration: redone
+    assert (tmp_path / "victim.txt").read_text() == "kept"
+
+
+def test_a_repaired_model_the_fleet_did_not_write_is_not_overwritten_and_a_cut_run_is_redone(
+        source, tmp_path, monkeypatch):
+    shutil.rmtree(source / "vendor")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "clean_op13.repaired.onnx").write_bytes(b"the user's own model")
+    with pytest.raises(Exception, match="no earlier fleet run wrote it"):
+        run_fleet(read_source(source), DATA, out, FAST, repair={"epochs": 0}, use_ray=False)
+    assert (out / "clean_op13.repaired.onnx").read_bytes() == b"the user's own model"
+    (out / "clean_op13.repaired.onnx").unlink()
+    real_write = fleet_module.write_atomic
+
+    def cut(path, payload):     # killed while writing the repaired model
+        if str(path).endswith(fleet_module.REPAIRED_SUFFIX):
+            Path(path).write_bytes(payload[:10])
+            raise KeyboardInterrupt
+        real_write(path, payload)
+
+    monkeypatch.setattr(fleet_module, "write_atomic", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_fleet(read_source(source), DATA, out, FAST, repair={"epochs": 0}, use_ray=False)
+    monkeypatch.setattr(fleet_module, "write_atomic", real_write)
+    again = run_fleet(read_source(source), DATA, out, FAST, repair={"epochs": 0}, use_ray=False)
+    assert not again.rows[0].skipped and again.rows[0].repaired
+    import onnx
+
+    onnx.checker.check_model(onnx.load(out / "badnets_op13.repaired.onnx"))
+
+
+def test_manifest_models_set_their_own_repair_options(tmp_path):
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "n.onnx")
+    (tmp_path / "fleet.csv").write_text("model,method,epochs,augment\nm.onnx,ft,1,no\nn.onnx,clp,,\n")
+    result = run_fleet(read_source(tmp_path / "fleet.csv"), DATA, tmp_path / "out", FAST, repair={"epochs": 0},
+                       use_ray=False)
+    assert not result.failed
+    m = json.loads((tmp_path / "out" / "m.repair.json").read_text())
+    n = json.loads((tmp_path / "out" / "n.repair.json").read_text())
+    assert (m["method"], m["config"]["epochs"], m["config"]["augment"]) == ("ft", 1, False)
+    assert n["method"] == "clp"
+    (tmp_path / "bad.csv").write_text("model,augment\nm.onnx,maybe\n")
+    with pytest.raises(Exception, match="augment must be true or false"):
+        run_fleet(read_source(tmp_path / "bad.csv"), DATA, tmp_path / "out2", FAST, repair={}, use_ray=False)
+
+
+def test_a_failed_repair_is_a_row_with_the_scan_and_is_retried(source, tmp_path, monkeypatch):
+    from fmt_audit.errors import RepairError
+
+    shutil.rmtree(source / "vendor")
+    out = tmp_path / "out"
+
+    def broken(*args):
+        raise RepairError("the repaired ONNX model disagrees with the fine-tuned PyTorch module")
+
+    monkeypatch.setattr(fleet_module, "_repaired", broken)
+    failed = run_fleet(read_source(source), DATA, out, FAST, repair={"epochs": 0}, use_ray=False)
+    assert all(row.error.startswith("repair: the repaired ONNX model disagrees") for row in failed.rows)
+    assert all(row.flagged is not None and (out / f"{row.model}.json").is_file() for row in failed.rows)
+    monkeypatch.undo()
+    again = run_fleet(read_source(source), DATA, out, FAST, repair={"epochs": 0}, use_ray=False)
+    assert not any(row.skipped or row.error for row in again.rows) and all(row.repaired for row in again.rows)
+
+
+def test_an_output_folder_inside_the_source_folder_is_not_read_as_models(source, tmp_path):
+    shutil.rmtree(source / "vendor")
+    args = ["fleet", str(source), "--data", str(DATA), "--out", str(source / "out"), "--sequential",
+            "--samples", "8", "--verdict-probe", "8", "--repair", "--epochs", "0"]
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert "2 models, 0 failed" in result.output
+    assert (source / "out" / "clean_op13.repaired.onnx").is_file()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, o: run_fleet(s, DATA, o, {"sample": 8}, use_ray=False), "unknown scan option(s) sample"),
+    (lambda s, o: run_fleet(s, DATA, o, FAST, repair={"epoch": 5}, use_ray=False), "unknown repair option(s) epoch"),
+    (lambda s, o: run_fleet(s, DATA, o, FAST, repair={"epochs": 1.5}, use_ray=False), "whole number"),
+])
+def test_unknown_or_mistyped_options_are_refused(source, tmp_path, call, message):
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(read_source(source), tmp_path / "out")
+
+
+def test_repair_options_without_repair_and_output_names_shared_by_two_models_are_refused(tmp_path):
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")
+    alone = CliRunner().invoke(main, ["fleet", str(tmp_path), "--data", str(DATA), "--out", str(tmp_path / "o"),
+                                      "--epochs", "3"])
+    assert alone.exit_code == 2 and "--epochs without --repair" in alone.output
+    shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.repair.onnx")   # its m.repair.json is m's repair report
+    with pytest.raises(Exception, match="output files would share a name: m.repair.html, m.repair.json"):
+        read_source(tmp_path)

@@ -30,11 +30,11 @@ def pages(tmp_path_factory):
     folder = tmp_path_factory.mktemp("html")
     data = ["--data", str(SAMPLES / "defender.npz")]
     scan = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), *data, "--html",
-                                     str(folder / "scan.html")])
+                                     str(folder / "scan.html"), "-o", str(folder / "scan.json")])
     assert scan.exit_code == 0, scan.output
     repair = CliRunner().invoke(main, ["repair", str(SAMPLES / "badnets_op13.onnx"), *data, "--epochs", "2",
                                        "--no-unlearn", "-o", str(folder / "r.onnx"), "--html",
-                                       str(folder / "repair.html")])
+                                       str(folder / "repair.html"), "--from-report", str(folder / "scan.json")])
     assert repair.exit_code == 0, repair.output
     return folder / "scan.html", folder / "repair.html"
 
