@@ -176,6 +176,8 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
             finally:
                 for ref in pending:     # one chunk failed: the others are not waited for
                     ray.cancel(ref)
+        # where the layers were tested: a worker sees no GPU unless its task reserved some (one_thread)
+        run.device_used = "cuda" if gpus_per_task and work.config.device != "cpu" else "cpu"
         return [result for number in range(len(parts)) for result in results[number]]
 
     # chunk tasks side by side on a node share its memory (fmt_audit.scan.memory_plan). The plan is made here,

@@ -370,6 +370,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,
+                **({"layers_device_used": getattr(runner, "device_used", None)} if runner is not None else {}),
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
                 "calibration": calibration},
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,

@@ -174,6 +174,7 @@ def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
     assert len(chunks(list(load_model(SAMPLES / "badnets_op13.onnx").layers), 2 * 2)) == 4   # 4 tasks on 2 CPUs
     assert json.loads(split.to_json())["layers"] == json.loads(local.to_json())["layers"]
     assert split.verdict == local.verdict and split.config["eps"] == local.config["eps"]
+    assert split.config["layers_device_used"] == "cpu" and "layers_device_used" not in local.config
 
 
 def test_layer_chunks_are_consecutive_and_balanced():
