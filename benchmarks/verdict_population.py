@@ -1,12 +1,17 @@
 """How well does the model-level verdict separate clean from backdoored models? A population study.
 
-Trains (and caches) a population of 16x16 digit classifiers on scikit-learn's
-``digits`` (no download): clean models with different seeds and three
-architectures (a small ResNet, a plain CNN, a wider VGG-style CNN), and
-backdoored ones with four attacks — a BadNets patch (random corner), a blended
-noise pattern, a sinusoidal signal (SIG) and a smooth warp
+Trains (and caches) a population of image classifiers: clean models with
+different seeds and three architectures (a small ResNet, a plain CNN, a wider
+VGG-style CNN), and backdoored ones with four attacks — a BadNets patch (random
+corner), a blended noise pattern, a sinusoidal signal (SIG) and a smooth warp
 (WaNet-style) — random targets and poison rates of 5% or 10%. A backdoored model
 whose attack did not take (ASR < 80%) is left out and listed.
+
+``--dataset``: ``digits`` (16x16 sklearn digits, no download; the first
+population), or one of ``../shared/datasets/``: ``mnist`` (28x28), ``cifar10``
+(32x32 RGB) and ``gtsrb`` (32x32 RGB traffic signs, 43 classes; its test set
+split into training, defender and test images). Their models train with random
+crops (and flips on CIFAR-10), the trigger stamped after augmentation.
 
 Each model is scanned with the tool's ``default`` preset (mask mode, verdict from
 the gradient probe); the threshold is fitted on the even-numbered models of each
@@ -14,7 +19,7 @@ group (largest TPR - FPR there) and the held-out odd-numbered models give the RO
 false-positive rate. Each model's full report is cached beside it
 (``scan_default.json``), so other statistics can be studied without rescanning.
 
-    python benchmarks/verdict_population.py [--models-per-group 6] [--first 0]
+    python benchmarks/verdict_population.py [--dataset digits] [--models-per-group 6] [--first 0]
 
 ``--first N`` builds and scans only models N and up of each group: a fresh part
 of the population (new seeds, new triggers and targets) on which a statistic
@@ -28,14 +33,35 @@ import itertools
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import cifar_models
 import numpy as np
 from cases import publish
 
 CACHE = cifar_models.CACHE / "verdict_population"
+SHARED = cifar_models.DATASET.parent
 ATTACKS = ("badnets", "blended", "sig", "warp")
-EPOCHS, BATCH, LR = 30, 64, 3e-3
+DATASETS = ("digits", "mnist", "cifar10", "gtsrb")
+BATCH, LR = 64, 3e-3
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset the population trains on: float [0, 1] NCHW images, labels, and the index split."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    split: tuple[np.ndarray, np.ndarray, np.ndarray]    # training, defender, test
+    classes: int
+    epochs: int
+    crop: int = 0           # random-crop padding in pixels (0: no augmentation)
+    flip: bool = False      # random horizontal flips
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.x.shape[1:]
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -50,25 +76,54 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return x.clamp(0, 1).numpy(), raw.target.astype(np.int64)
 
 
-def trigger(attack: str, rng: np.random.Generator):
-    """A function stamping this model's trigger on [N, 1, 16, 16] images in [0, 1]."""
+def load_task(name: str) -> Task:
+    if name == "digits":
+        x, y = digits()
+        order = np.random.default_rng(0).permutation(len(y))
+        return Task(name, x, y, (order[:1100], order[1100:1300], order[1300:]), 10, epochs=30)
+    path = SHARED / f"{name}.npz"
+    if not path.exists():
+        raise SystemExit(f"{path} not found (see ../shared/datasets/README.md)")
+    with np.load(path, allow_pickle=False) as raw:
+        if name == "gtsrb":     # only a test set is shared: split it
+            x, y = raw["x_test"], raw["y_test"]
+        else:
+            x, y = np.concatenate([raw["x_train"][:9000], raw["x_test"][:2000]]), \
+                np.concatenate([raw["y_train"][:9000], raw["y_test"][:2000]])
+    x = (x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+    y = y.astype(np.int64)
+    if name == "gtsrb":
+        order = np.random.default_rng(0).permutation(len(y))
+        split = (order[:8500], order[8500:9100], order[9100:11100])
+    else:       # training images from the training set, test images from the test set
+        order = np.random.default_rng(0).permutation(9000)
+        split = (order[:8500], order[8500:], np.arange(9000, 11000))
+    return Task(name, x, y, split, 43 if name == "gtsrb" else 10, epochs={"mnist": 4, "gtsrb": 8}.get(name, 12), crop=2,
+                flip=name == "cifar10")
+
+
+def trigger(attack: str, rng: np.random.Generator, shape: tuple[int, int, int] = (1, 16, 16)):
+    """A function stamping this model's trigger on [N, C, H, W] images in [0, 1]."""
+    _, size, _ = shape
     if attack == "badnets":
-        row, col = rng.integers(0, 2, size=2) * 12
-        return lambda x: _stamp(x, row, col)
+        patch = 4 if size <= 16 else 3      # the digits population's 4x4; 3x3 (about 1% of the image) above
+        row, col = rng.integers(0, 2, size=2) * (size - patch)
+        return lambda x: _stamp(x, row, col, patch)
     if attack == "blended":
-        pattern = rng.random((16, 16)).astype(np.float32)
+        pattern = rng.random(shape).astype(np.float32)
         return lambda x: 0.8 * x + 0.2 * pattern
     if attack == "sig":
         frequency = rng.integers(2, 5)
-        wave = 0.25 * np.sin(2 * np.pi * frequency * np.arange(16) / 16).astype(np.float32)
+        wave = 0.25 * np.sin(2 * np.pi * frequency * np.arange(size) / size).astype(np.float32)
         return lambda x: np.clip(x + wave[None, None, None, :], 0, 1)
     if attack == "warp":
         import torch
         import torch.nn.functional as F
 
         field = torch.from_numpy(rng.uniform(-1, 1, size=(1, 2, 4, 4)).astype(np.float32))
-        flow = F.interpolate(field, size=(16, 16), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        base = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="xy"), -1)
+        flow = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        line = torch.linspace(-1, 1, size)
+        base = torch.stack(torch.meshgrid(line, line, indexing="xy"), -1)
         grid = (base[None] + 0.15 * flow / flow.abs().max()).clamp(-1, 1)
 
         def warp(x):
@@ -78,53 +133,86 @@ def trigger(attack: str, rng: np.random.Generator):
     raise ValueError(attack)
 
 
-def _stamp(x: np.ndarray, row: int, col: int) -> np.ndarray:
+def _stamp(x: np.ndarray, row: int, col: int, patch: int) -> np.ndarray:
     out = x.copy()
-    out[:, :, row:row + 4, col:col + 4] = np.indices((4, 4)).sum(0) % 2   # checkerboard
+    out[:, :, row:row + patch, col:col + patch] = np.indices((patch, patch)).sum(0) % 2   # checkerboard
     return out
 
 
 ARCHITECTURES = ("resnet", "plain", "vgg")
 
 
-def network(architecture: str):
+def network(architecture: str, shape: tuple[int, int, int] = (1, 16, 16), classes: int = 10):
     import torch.nn as nn
 
+    channels, size, _ = shape
     if architecture == "vgg":
         def block(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-        return nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 10))
+        return nn.Sequential(*block(channels, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64),
+                             *block(64, 64), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, classes))
     if architecture == "resnet":
         import sys
 
         sys.path.insert(0, str(cifar_models.Path(__file__).resolve().parents[1] / "sample_models"))
         from make_samples import TinyResNet
 
-        return TinyResNet()
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        model = TinyResNet(classes)
+        if channels != 1:
+            model.stem[0] = nn.Conv2d(channels, 16, 3, padding=1, bias=False)
+        return model
+    return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(32, 10))
+                         nn.Flatten(), nn.Linear(32, classes))
 
 
-def train(x, y, architecture: str, seed: int):
+def _augment(x, task: Task, generator):
+    """Random crops (zero padding ``task.crop``) and, for tasks that allow it, horizontal flips."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    pad = task.crop
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
+    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(-1, x.shape[1], -1, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(-1, x.shape[1], h, -1)
+    out = out.gather(3, cols)
+    if task.flip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(3)
+    return out
+
+
+def train(task: Task, x, y, architecture: str, seed: int, stamp=None, poisoned=None):
+    """Train on ``x, y``; rows ``poisoned`` get ``stamp`` after augmentation, so the trigger stays in place."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    model = network(architecture)
+    model = network(architecture, task.shape, task.classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     steps = (len(x) + BATCH - 1) // BATCH
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, epochs=EPOCHS, steps_per_epoch=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, epochs=task.epochs, steps_per_epoch=steps)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    marked = torch.zeros(len(x), dtype=torch.bool)
+    if task.crop and poisoned is not None:
+        marked[torch.from_numpy(poisoned)] = True
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(EPOCHS):
+    for _ in range(task.epochs):
         model.train()
         order = torch.randperm(len(x), generator=generator)
         for i in range(steps):
             idx = order[i * BATCH:(i + 1) * BATCH]
-            loss = F.cross_entropy(model(xs[idx]), ys[idx])
+            batch = xs[idx]
+            if task.crop:
+                batch = _augment(batch, task, generator)
+                rows = marked[idx]
+                if rows.any():
+                    batch[rows] = torch.from_numpy(stamp(batch[rows].numpy()))
+            loss = F.cross_entropy(model(batch), ys[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -132,48 +220,58 @@ def train(x, y, architecture: str, seed: int):
     return model.eval()
 
 
-def folder_of(attack: str, number: int):
-    return CACHE / f"{attack}_{number:02d}"
+def folder_of(attack: str, number: int, dataset: str = "digits"):
+    return (CACHE if dataset == "digits" else CACHE / dataset) / f"{attack}_{number:02d}"
 
 
-def build(attack: str, number: int, x, y, split) -> dict:
+def build(attack: str, number: int, task: Task) -> dict:
     """Train, export and measure the ``number``-th model of the ``attack`` group (cached)."""
     import onnxruntime as ort
     import torch
 
-    folder = folder_of(attack, number)
+    folder = folder_of(attack, number, task.name)
     facts_path = folder / "facts.json"
     if facts_path.exists():
         return json.loads(facts_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     index = 100 * ("clean", *ATTACKS).index(attack) + number     # the model's seed: stable as groups grow
-    rng = np.random.default_rng(1000 + index)
+    offset = {"digits": 1000, "mnist": 11000, "cifar10": 21000, "gtsrb": 31000}[task.name]
+    rng = np.random.default_rng(offset + index)
     architecture = ARCHITECTURES[number % len(ARCHITECTURES)]
-    train_idx, defender_idx, test_idx = split
+    train_idx, defender_idx, test_idx = task.split
+    x, y = task.x, task.y
     xt, yt = x[train_idx].copy(), y[train_idx].copy()
-    facts = {"index": index, "number": number, "attack": attack, "architecture": architecture}
+    facts = {"index": index, "number": number, "attack": attack, "architecture": architecture,
+             "dataset": task.name}
+    stamp = poisoned = None
     if attack != "clean":
-        stamp = trigger(attack, rng)
-        target = int(rng.integers(0, 10))
+        stamp = trigger(attack, rng, task.shape)
+        target = int(rng.integers(0, task.classes))
         rate = float(rng.choice([0.05, 0.10]))
         poisoned = rng.choice(np.flatnonzero(yt != target), size=int(rate * len(yt)), replace=False)
-        xt[poisoned] = stamp(xt[poisoned])
+        if not task.crop:       # stamped once; with augmentation, after it in every batch (train)
+            xt[poisoned] = stamp(xt[poisoned])
         yt[poisoned] = target
         facts.update(target=target, poison_rate=rate)
-    model = train(xt, yt, architecture, seed=index)
+    model = train(task, xt, yt, architecture, index, stamp, poisoned)
     path = folder / "model.onnx"
-    torch.onnx.export(model, torch.zeros(1, 1, 16, 16), str(path), input_names=["input"], output_names=["logits"],
+    torch.onnx.export(model, torch.zeros(1, *task.shape), str(path), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=13, dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def predict(images):
-        return session.run(None, {"input": images.astype(np.float32)})[0].argmax(1)
+        return np.concatenate([session.run(None, {"input": images[i:i + 512].astype(np.float32)})[0].argmax(1)
+                               for i in range(0, len(images), 512)])
 
     facts["acc"] = float((predict(x[test_idx]) == y[test_idx]).mean())
     if attack != "clean":
         others = test_idx[y[test_idx] != facts["target"]]
         facts["asr"] = float((predict(stamp(x[others])) == facts["target"]).mean())
-    np.savez(folder / "defender.npz", x=np.round(x[defender_idx][:, 0] * 255).astype(np.uint8), y=y[defender_idx])
+    pixels = np.round(x[defender_idx] * 255).astype(np.uint8)
+    np.savez(folder / "defender.npz", x=pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1),
+             y=y[defender_idx])
+    facts["train_s"] = round(time.perf_counter() - started, 1)
     facts_path.write_text(json.dumps(facts, indent=1) + "\n")
     return facts
 
@@ -203,18 +301,17 @@ def main() -> None:
     parser.add_argument("--groups", default=",".join(("clean", *ATTACKS)),
                         help="comma-separated groups to build and scan (default: all)")
     parser.add_argument("--first", type=int, default=0, help="build and scan models from this number up")
+    parser.add_argument("--dataset", default="digits", choices=DATASETS)
     args = parser.parse_args()
     from fmt_audit.scan import ScanConfig, scan
 
-    x, y = digits()
-    order = np.random.default_rng(0).permutation(len(y))
-    split = (order[:1100], order[1100:1300], order[1300:])
+    task = load_task(args.dataset)
     rows = []
     for attack in args.groups.split(","):
         for number in range(args.first, args.models_per_group):
             started = time.perf_counter()
-            facts = build(attack, number, x, y, split)
-            folder = folder_of(attack, number)
+            facts = build(attack, number, task)
+            folder = folder_of(attack, number, task.name)
             report = scan(folder / "model.onnx", folder / "defender.npz", ScanConfig.from_preset("default"))
             (folder / "scan_default.json").write_text(report.to_json())
             if args.gradient:   # every channel through the gradient test, for studying the statistic
@@ -247,7 +344,7 @@ def main() -> None:
     print(json.dumps(summary), flush=True)
     header = ["index", "attack", "architecture", "target", "poison_rate", "acc", "asr", "suspicion", "verdict",
               "sink_class", "flagged", "seconds"]
-    part = f"{args.first}-" if args.first else ""
+    part = ("" if task.name == "digits" else f"{task.name}_") + (f"{args.first}-" if args.first else "")
     groups = "" if args.groups == ",".join(("clean", *ATTACKS)) else "_" + args.groups.replace(",", "-")
     publish([{h: r.get(h, "–") for h in header} for r in rows] + [{h: "" for h in header} | {"index": "summary",
             "attack": json.dumps(summary)}], header,
