@@ -293,6 +293,70 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
     return float(np.mean(pairs)) if pairs else float("nan")
 
 
+STATISTICS = ("margin", "sink", "mean")     # the shipped verdict, the sink probe, and their mean
+
+
+def verdicts(folder) -> dict:
+    """The model's verdicts, cached in ``verdicts.json``: ``margin`` (the ``default`` preset's scan, whose
+    report is kept as ``scan_margin.json``) and ``sink`` (the gradient probe's sink concentration on the same
+    images and layers)."""
+    from dataclasses import replace
+
+    from fmt_audit.data import load_npz
+    from fmt_audit.loading import load_model
+    from fmt_audit.scan import ScanConfig, model_verdict, scan
+
+    path = folder / "verdicts.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    config = ScanConfig.from_preset("default")
+    loaded = load_model(folder / "model.onnx")
+    report = scan(loaded, folder / "defender.npz", config)
+    (folder / "scan_margin.json").write_text(report.to_json())
+    started = time.perf_counter()
+    probe = model_verdict(loaded, load_npz(folder / "defender.npz").take(config.samples, seed=config.seed),
+                          replace(config, verdict="sink"), list(loaded.layers), [])
+    found = {"margin": report.verdict, "sink": probe.to_dict(), "seconds": {
+        "scan": report.timing["testing_s"], "margin": report.timing["verdict_s"],
+        "sink": round(time.perf_counter() - started, 3)}}
+    path.write_text(json.dumps(found, indent=1) + "\n")
+    return found
+
+
+def score(row: dict, statistic: str) -> float:
+    """A model's suspicion under ``statistic`` (no evidence: 0)."""
+    if statistic == "mean":
+        return (score(row, "margin") + score(row, "sink")) / 2
+    return row[statistic]["suspicion"] or 0.0
+
+
+def summarise(rows: list[dict]) -> dict:
+    """AUC, per attack, false- and true-positive rates at the shipped thresholds, class named = target."""
+    from fmt_audit.verdict import MARGIN_THRESHOLD, SINK_THRESHOLD
+
+    usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
+    clean = [r for r in usable if r["attack"] == "clean"]
+    backdoored = [r for r in usable if r["attack"] != "clean"]
+    thresholds = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "mean": None}
+    out = {"models": len(rows), "clean": len(clean), "backdoored": len(backdoored),
+           "attacks_that_did_not_take": [(r.get("dataset", "digits"), r["attack"], r["number"], r["asr"])
+                                         for r in rows if r not in usable]}
+    for statistic in STATISTICS:
+        def values(part, statistic=statistic):
+            return [score(r, statistic) for r in part]
+        entry = {"auc": round(auc(values(clean), values(backdoored)), 4),
+                 "per_attack": {a: round(auc(values(clean), values([r for r in backdoored if r["attack"] == a])), 3)
+                                for a in ATTACKS if any(r["attack"] == a for r in backdoored)}}
+        cut = thresholds[statistic]
+        if cut is not None:
+            entry |= {"threshold": cut,
+                      "false_positive_rate": round(float(np.mean([v >= cut for v in values(clean)])), 4),
+                      "true_positive_rate": round(float(np.mean([v >= cut for v in values(backdoored)])), 4),
+                      "class_is_target": sum(r[statistic]["target_class"] == r["target"] for r in backdoored)}
+        out[statistic] = entry
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-per-group", type=int, default=6, help="clean models, and models per attack")
@@ -312,42 +376,25 @@ def main() -> None:
             started = time.perf_counter()
             facts = build(attack, number, task)
             folder = folder_of(attack, number, task.name)
-            report = scan(folder / "model.onnx", folder / "defender.npz", ScanConfig.from_preset("default"))
-            (folder / "scan_default.json").write_text(report.to_json())
+            found = verdicts(folder)
             if args.gradient:   # every channel through the gradient test, for studying the statistic
                 full = scan(folder / "model.onnx", folder / "defender.npz", ScanConfig.from_preset("gradient"))
                 (folder / "scan_gradient.json").write_text(full.to_json())
-            verdict = report.verdict or {}
-            rows.append({**facts, "suspicion": verdict.get("suspicion"), "verdict": verdict.get("verdict"),
-                         "sink_class": verdict.get("sink_class"), "flagged": report.flagged_count,
+            rows.append({**facts, "margin": found["margin"], "sink": found["sink"],
                          "seconds": round(time.perf_counter() - started, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-    usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
-    failed = [r for r in rows if r not in usable]
-
-    def scores(part, backdoored):
-        return [r["suspicion"] or 0.0 for r in part if (r["attack"] != "clean") == backdoored]
-
-    fit = [r for r in usable if r["number"] % 2 == 0]
-    held = [r for r in usable if r["number"] % 2 == 1]
-    threshold = fit_threshold(scores(fit, False), scores(fit, True))
-    clean_held, backdoored_held = scores(held, False), scores(held, True)
-    summary = {
-        "models": len(rows), "attacks_that_did_not_take": [(r["index"], r["attack"], r["asr"]) for r in failed],
-        "threshold_fitted": round(threshold, 4), "auc_held_out": round(auc(clean_held, backdoored_held), 4),
-        "auc_all": round(auc(scores(usable, False), scores(usable, True)), 4),
-        "false_positive_rate_held_out": round(float(np.mean([s >= threshold for s in clean_held])), 4),
-        "true_positive_rate_held_out": round(float(np.mean([s >= threshold for s in backdoored_held])), 4),
-        "sink_is_target": sum(r["sink_class"] == r.get("target") for r in usable if r["attack"] != "clean"),
-        "backdoored_usable": sum(r["attack"] != "clean" for r in usable),
-    }
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in STATISTICS}
+                             | {s: (round(score(rows[-1], s), 4), rows[-1].get(s, {}).get("target_class"))
+                                for s in STATISTICS}), flush=True)
+    summary = summarise(rows)
     print(json.dumps(summary), flush=True)
-    header = ["index", "attack", "architecture", "target", "poison_rate", "acc", "asr", "suspicion", "verdict",
-              "sink_class", "flagged", "seconds"]
+    header = ["index", "attack", "architecture", "target", "poison_rate", "acc", "asr", "margin", "margin class",
+              "sink", "sink class", "seconds"]
+    table = [{**{h: r.get(h, "–") for h in header}, "margin": score(r, "margin"),
+              "margin class": r["margin"]["target_class"], "sink": score(r, "sink"),
+              "sink class": r["sink"]["target_class"]} for r in rows]
     part = ("" if task.name == "digits" else f"{task.name}_") + (f"{args.first}-" if args.first else "")
     groups = "" if args.groups == ",".join(("clean", *ATTACKS)) else "_" + args.groups.replace(",", "-")
-    publish([{h: r.get(h, "–") for h in header} for r in rows] + [{h: "" for h in header} | {"index": "summary",
-            "attack": json.dumps(summary)}], header,
+    publish([*table, {h: "" for h in header} | {"index": "summary", "attack": json.dumps(summary)}], header,
             f"verdict_population_{part}{args.models_per_group}{groups}_threads{os.cpu_count()}")
 
 

@@ -26,7 +26,12 @@ K. A probe of K channels is a seeded sample of the full gradient scan's channels
 (the probe's per-channel test is the scan's: same images, eps and steps), so each
 size is drawn with 20 seeds from the cached full scans; mean and spread of the AUC.
 
-    python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes]
+With ``--margin-test``, instead: the test pre-registered in session 8 (benchmarks/README.md,
+"A different statistic"): the maximum-margin verdict, the sink probe and their mean on (A) digits
+models 10-17 of each attack and clean models 10-29, and (B) 4 clean models and 2 per attack on each of
+MNIST, CIFAR-10 and GTSRB, from the ``verdicts.json`` that ``verdict_population.py`` caches.
+
+    python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from verdict_population import ATTACKS, CACHE, auc, fit_threshold
+from verdict_population import ATTACKS, CACHE, auc, fit_threshold, folder_of, summarise
 
 from fmt_audit.selection import select_outliers
 from fmt_audit.verdict import MIN_SHIFT, sink_concentration
@@ -103,15 +108,16 @@ def statistics(folder, probe_too: bool = False) -> dict:
     layers = full["layers"]
     agreement = outlier_agreement(layers, full["config"]["samples"])
     shipped = sink_concentration([layer["shift"] for layer in layers], [layer["sink"] for layer in layers])
-    concentration, sink = shipped.suspicion or 0.0, shipped.sink_class
+    concentration, sink = shipped.suspicion or 0.0, shipped.target_class
     top = _top_channels(layers, 0.1)
     stats = {}
     if probe_too:
         shipped = probe_verdict(folder)
-        stats["default"] = (shipped.suspicion or 0.0, shipped.sink_class)
+        stats["default"] = (shipped.suspicion or 0.0, shipped.target_class)
     stats |= {"agreement": agreement,
              "concentration": (concentration, sink),
-             "probe": (probe.get("concentration", probe["suspicion"]) or 0.0, probe["sink_class"]),
+             "probe": (probe.get("concentration", probe["suspicion"]) or 0.0,
+                       probe.get("target_class", probe.get("sink_class"))),     # reports before session 8: sink_class
              "top10": (float(top.max() / top.sum()) if top.sum() else 0.0, int(top.argmax()) if top.sum() else None),
              "combined": max(agreement, (concentration, sink), key=lambda pair: pair[0]),
              "noise": (concentration / noise_share(folder, float(full["config"]["eps"]), sink), sink)
@@ -164,6 +170,31 @@ def probe_sizes(first: int) -> None:
         print(f"K = {size or 'every channel':>13}: " + "; ".join(cells), flush=True)
 
 
+# the populations of the session-8 test: (dataset, group, model numbers)
+MARGIN_TEST = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(10, 18)) for a in ATTACKS],
+               "B": [(d, "clean", range(4)) for d in ("mnist", "cifar10", "gtsrb")]
+               + [(d, a, range(2)) for d in ("mnist", "cifar10", "gtsrb") for a in ATTACKS]}
+
+
+def margin_test() -> None:
+    """The session-8 test's figures, per population and per dataset of (B)."""
+    parts: dict[str, list[dict]] = {}
+    for population, groups in MARGIN_TEST.items():
+        for dataset, attack, numbers in groups:
+            for number in numbers:
+                folder = folder_of(attack, number, dataset)
+                if not (folder / "verdicts.json").exists():
+                    print(f"missing: {folder}")
+                    continue
+                row = json.loads((folder / "facts.json").read_text()) | json.loads(
+                    (folder / "verdicts.json").read_text())
+                parts.setdefault(population, []).append(row)
+                if population == "B":
+                    parts.setdefault(f"B {dataset}", []).append(row)
+    for name, rows in parts.items():
+        print(name, json.dumps(summarise(rows)), flush=True)
+
+
 def main() -> None:
     import argparse
 
@@ -171,7 +202,11 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="also run the default preset's verdict probe")
     parser.add_argument("--first", type=int, default=0, help="only models numbered from this up (a fresh part)")
     parser.add_argument("--probe-sizes", action="store_true", help="AUC of the probe by its size, then stop")
+    parser.add_argument("--margin-test", action="store_true", help="the session-8 test's figures, then stop")
     args = parser.parse_args()
+    if args.margin_test:
+        margin_test()
+        return
     if args.probe_sizes:
         probe_sizes(args.first)
         return

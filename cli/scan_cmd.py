@@ -33,8 +33,15 @@ SCAN_OPTIONS = [
     click.option("--std", default=None, help="Per-channel std the model expects."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]"),
     click.option("--seed", type=int, default=None, help="[default: 0]"),
+    click.option("--verdict", type=click.Choice(["margin", "sink", "none"]), default=None,
+                 help="The model-level verdict: margin: the maximum-margin test (MM-BD, data-free); sink: where "
+                      "FMT's gradient test sends predictions; none.  [default: margin]"),
+    click.option("--margin-restarts", type=int, default=None, metavar="R",
+                 help="--verdict margin: random starting images per class.  [default: 16]"),
+    click.option("--margin-steps", type=int, default=None, metavar="T",
+                 help="--verdict margin: gradient steps per start.  [default: 200]"),
     click.option("--verdict-probe", type=int, default=None, metavar="K",
-                 help="Mask mode: channels the gradient test probes for the model-level verdict (0: no verdict). "
+                 help="--verdict sink in mask mode: channels the gradient test probes (0: no verdict).  "
                       "[default: 64]"),
     click.option("--max-memory", default=None, metavar="SIZE",
                  help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); "

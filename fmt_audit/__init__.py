@@ -21,6 +21,7 @@ _EXPORTS = {
     "summarize": "inspection", "ModelSummary": "inspection",
     "ScanConfig": "scan", "ScanReport": "report", "MaskedModel": "masked",
     "trigger_response": "oracle",
+    "margin_test": "margin", "margin_verdict": "verdict", "MarginConfig": "verdict", "Verdict": "verdict",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",
     "FmtAuditError": "errors", "ModelLoadError": "errors", "UnsupportedModelError": "errors",

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 # scan options a manifest may set per model (ScanConfig fields; the device is the fleet's)
 PER_MODEL_OPTIONS = tuple(f.name for f in fields(ScanConfig) if f.name not in ("device", "predict_with"))
-SUMMARY_COLUMNS = ("model", "verdict", "suspicion", "sink_class", "flagged", "channels", "seconds", "error",
+SUMMARY_COLUMNS = ("model", "verdict", "suspicion", "target_class", "flagged", "channels", "seconds", "error",
                    "skipped", "sha256", "removed", "accuracy_before", "accuracy_after", "repaired")
 RECORD_SUFFIX = ".fleet.json"
 REPAIRED_SUFFIX = ".repaired.onnx"
@@ -82,7 +82,7 @@ class FleetRow:
     sha256: str | None = None
     verdict: str | None = None
     suspicion: float | None = None
-    sink_class: int | None = None
+    target_class: int | None = None     # the class the verdict points to
     flagged: int | None = None
     channels: int | None = None
     seconds: float | None = None
@@ -377,7 +377,7 @@ def audit_model(path: str, data: str, config: ScanConfig, memory_share: int = 1,
     verdict = report.verdict or {}
     result = {"json": report.to_json(), "html": scan_html(report), "sha256": report.model["sha256"],
               "verdict": verdict.get("verdict"), "suspicion": verdict.get("suspicion"),
-              "sink_class": verdict.get("sink_class"), "flagged": report.flagged_count,
+              "target_class": verdict.get("target_class"), "flagged": report.flagged_count,
               "channels": sum(layer.channels for layer in report.layers)}
     if repair is not None and (repair_when == "always" or report.attention()):
         try:
@@ -458,7 +458,7 @@ def _store(out: Path, job: _Job, result: dict) -> FleetRow:
     knows as its own (and redoes), never a report that passes for another configuration's."""
     stem = output_stem(out, job.model)
     row = FleetRow(job.model.name, job.sha256, result.get("verdict"),
-                   result.get("suspicion"), result.get("sink_class"), result.get("flagged"), result.get("channels"),
+                   result.get("suspicion"), result.get("target_class"), result.get("flagged"), result.get("channels"),
                    result.get("seconds"), result.get("error"), removed=result.get("removed"),
                    accuracy_before=result.get("accuracy_before"), accuracy_after=result.get("accuracy_after"),
                    repaired=result.get("repaired"))

@@ -108,6 +108,20 @@ def layer_plots(report: ScanReport) -> list[str]:
     return images
 
 
+def margin_plot(verdict: dict) -> str:
+    """The maximum-margin test's evidence: each class's largest margin, the class named in red."""
+    plt = _pyplot()
+    margins = np.asarray(verdict["margins"], dtype=float)
+    figure, axis = plt.subplots(figsize=(min(12, 2 + 0.35 * len(margins)), 2.6))
+    colors = ["#d62728" if k == verdict.get("target_class") else "#888888" for k in range(len(margins))]
+    axis.bar(np.arange(len(margins)), margins, color=colors)
+    axis.set_xlabel("class", fontsize=8)
+    axis.set_ylabel("largest margin reached", fontsize=8)
+    axis.tick_params(labelsize=7)
+    figure.tight_layout()
+    return _png(figure)
+
+
 # how every page begins, up to its title (the fleet recognises its own reports by it)
 PAGE_OPENING = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>'
 SCAN_TITLE = "fmt-audit scan: "
@@ -129,12 +143,22 @@ def _scan_sections(report: ScanReport) -> list[str]:
             '<p class="note">A flagged channel is one whose disturbance moved the model far more than its layer\'s '
             "other channels did (the channels a backdoor would use). A scan that flags nothing is not proof of a "
             "clean model.</p>"]
+    if report.verdict:
+        from .verdict import describe
+
+        v = report.verdict
+        body.insert(0, f'<p class="verdict {"quiet" if v["verdict"] == "clean" else "flagged"}">'
+                       f'{_esc(describe(v))}</p>')
     if report.model.get("nonfinite_weights"):
         body.append(f'<p class="verdict flagged">NaN or Inf in weights: '
                     f'{_esc(", ".join(report.model["nonfinite_weights"]))}</p>')
     body.append("<h2>Model</h2>" + _table([("path", report.model["path"]), ("sha256", report.model["sha256"]),
                                            ("opset", report.model["opset"]),
                                            ("input", json.dumps(report.model["input"]))]))
+    if report.verdict and report.verdict.get("margins"):
+        body.append("<h2>Maximum-margin test</h2><p class=\"note\">The largest margin over the other classes that "
+                    "gradient ascent reached for each class. A backdoor's target reaches far more than the rest."
+                    "</p>" + margin_plot(report.verdict))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "

@@ -37,7 +37,7 @@ def attention(verdict: str | None, suspicion: float | None, flagged: int | None)
     if verdict == "clean":
         return None
     return (f"{verdict}: suspicion {suspicion}" if suspicion is not None
-            else "inconclusive: too few predictions moved for a verdict")
+            else "inconclusive: no evidence for a verdict (the report says why)")
 
 
 @dataclass
@@ -141,16 +141,9 @@ class ScanReport:
             lines.append(f"warning: in {len(s['degenerate_layers'])} layer(s) every channel scored the same; "
                          "the test moved no prediction there (try a larger --eps, or --eps auto)")
         if self.verdict:
-            v = self.verdict
-            if v["verdict"] == "inconclusive" and not v["tested"]:
-                lines.append(f"verdict: inconclusive ({v['basis']})")
-            elif v["verdict"] == "inconclusive":
-                lines.append(f"verdict: inconclusive (only {v['counted']} of {v['tested']} disturbed candidate "
-                             "batches moved predictions; try a larger --eps)")
-            else:
-                lines.append(f"verdict: {v['verdict']} (suspicion {v['suspicion']:.2f}, threshold {v['threshold']}: "
-                             f"{v['suspicion']:.0%} of the disturbed predictions went to class {v['sink_class']}; "
-                             f"{v['basis']})")
+            from .verdict import describe
+
+            lines.append(describe(self.verdict))
         broken = self.model.get("nonfinite_weights")
         if broken:
             lines.append(f"warning: NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "

@@ -21,7 +21,8 @@ from .report import LayerResult, ScanReport
 from .runtime import DEVICES
 from .scores import ChannelScores
 from .selection import SELECTIONS, select
-from .verdict import Verdict, sink_concentration
+from .verdict import METHODS as VERDICTS
+from .verdict import MarginConfig, Verdict, inconclusive, margin_verdict, sink_concentration
 
 log = logging.getLogger(__name__)
 MODES = ("gradient", "mask")
@@ -52,7 +53,10 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
-    verdict_probe: int = 64             # mask mode: channels the gradient test probes for the verdict (0: none)
+    verdict: str = "margin"             # the model-level statistic: margin | sink | none (fmt_audit.verdict)
+    verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
+    margin_restarts: int = 16           # verdict "margin": random starts per class
+    margin_steps: int = 200             # verdict "margin": gradient steps per start
     preset: str = "default"
     predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
 
@@ -81,8 +85,11 @@ class ScanConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.predict_with not in PREDICTORS:
             raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
+        if self.verdict not in VERDICTS:
+            raise ConfigError(f"--verdict must be one of {', '.join(VERDICTS)}; got {self.verdict!r}")
         if self.verdict_probe < 0:
             raise ConfigError(f"--verdict-probe must be 0 (no verdict in mask mode) or more; got {self.verdict_probe}")
+        self.margin_config()    # checks --margin-restarts and --margin-steps
         if self.max_memory is not None and not (np.isfinite(self.max_memory) and self.max_memory > 0):
             raise ConfigError(f"--max-memory must be a positive size such as 512M or 4G; got {self.max_memory} MiB")
         if self.preset not in PRESETS:
@@ -107,6 +114,9 @@ class ScanConfig:
 
     def step_size(self, eps: float) -> float:
         return self.alpha if self.alpha is not None else eps / 3
+
+    def margin_config(self) -> MarginConfig:
+        return MarginConfig(restarts=self.margin_restarts, steps=self.margin_steps, seed=self.seed)
 
 
 # The published method with the public reference code's defaults, and ours (see README, "Presets").
@@ -240,6 +250,30 @@ def verdict_probe(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                     f"eps {eps}")
 
 
+def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
+                  results: list[LayerResult], scanner: _Scanner | None = None) -> Verdict | None:
+    """The model-level verdict ``config.verdict`` asks for (None for ``none``, or ``sink`` in mask mode with
+    ``verdict_probe`` 0). When the evidence cannot be gathered (the PyTorch bridge cannot convert the model, no
+    CUDA, ...), the verdict is inconclusive and says why; the channel scores stand."""
+    if config.verdict == "none":
+        return None
+    try:
+        if config.verdict == "margin":
+            from .margin import margin_test
+
+            margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
+                                         config.margin_config(), scanner.bridge if scanner else None)
+            return margin_verdict(margins, "; ".join([f"maximum-margin test, {config.margin_restarts} starts x "
+                                                      f"{config.margin_steps} steps per class", *notes]))
+        if config.mode == "gradient":
+            return sink_concentration([r.shift for r in results], [r.sink for r in results])
+        if not config.verdict_probe:
+            return None
+        return verdict_probe(loaded, dataset, config, layers)
+    except FmtAuditError as error:
+        return inconclusive(config.verdict, f"no {config.verdict} evidence: {error}")
+
+
 def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:
     """The gradient-mode eps :func:`calibrate_eps` picks for this model and data, whatever ``config.mode``."""
     gradient = replace(config, mode="gradient", eps=AUTO)
@@ -346,15 +380,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                 progress(name, done, total)
 
         results = score_layers(work, [layer.name for layer in layers], loaded, advance, scanner)
-    if config.mode == "gradient":
-        verdict = sink_concentration([r.shift for r in results], [r.sink for r in results])
-    elif config.verdict_probe:
-        try:
-            verdict = verdict_probe(loaded, dataset, config, layers)
-        except FmtAuditError as error:   # the mask scan stands (torch cannot convert, no CUDA, ...); the verdict not
-            verdict = Verdict(None, "inconclusive", None, 0, 0, f"no gradient probe: {error}")
-    else:
-        verdict = None
+    tested = time.perf_counter()
+    verdict = model_verdict(loaded, dataset, config, layers, results, scanner)
     if verdict is not None:
         log.info("verdict %s: suspicion %s (%s)", verdict.verdict, verdict.suspicion, verdict.basis)
     finished = time.perf_counter()
@@ -374,7 +401,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
                 "calibration": calibration},
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
-        timing={"prepare_s": round(prepared - started, 3), "testing_s": round(finished - prepared, 3),
+        timing={"prepare_s": round(prepared - started, 3), "testing_s": round(tested - prepared, 3),
+                "verdict_s": round(finished - tested, 3),
                 "total_s": round(time.perf_counter() - started, 3)},
         resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
         verdict=verdict.to_dict() if verdict else None,

@@ -1,43 +1,124 @@
-"""Is this model backdoored? A model-level suspicion score from the scan's class sinks.
+"""Is this model backdoored? A model-level suspicion score and verdict.
 
-A backdoor gives the network a shortcut to one class: disturbing almost any
-feature map with FMT's gradient test then pushes the images into that class,
-whatever the channel. In a clean model the disturbed predictions scatter over
-several classes. The suspicion score is the **sink concentration**: over every
-(channel, candidate batch) whose class shift reaches :data:`MIN_SHIFT`, weighted
-by the shift, the share that went to the single most common sink class.
+Two statistics, chosen by ``ScanConfig.verdict``:
 
-Measured on the bundled samples (gradient preset): clean 0.40, BadNets 1.00,
-blended 0.99. Mask-mode tests show no such signal (0.18-0.26 on all three), so a
-mask-mode scan gets its verdict from a probe: the gradient test on a seeded
-sample of channels (``ScanConfig.verdict_probe``).
+``margin`` (the default): the **maximum-margin test** of MM-BD (Wang et al.,
+IEEE S&P 2024; the margins come from :mod:`fmt_audit.margin`). A backdoor's
+target class reaches a far larger margin over the other classes than any
+ordinary class can. The largest class margin is compared with a Gamma
+distribution (location 0, maximum likelihood) fitted to the other classes'
+margins; its order-statistic p-value ``p = 1 - F(m_max)^(K-1)`` gives the
+suspicion ``1 - p``, ``suspicious`` at p < 0.05 (MM-BD's threshold). No data
+needed. ROC-AUC 0.895 on the first population of 50 digit models, where the sink
+concentration scores 0.77 (benchmarks/README.md, Verdict).
+
+``sink``: the **sink concentration** of FMT's gradient test. Disturbing almost any
+feature map of a backdoored model pushes the images into the target class;
+in a clean model the disturbed predictions scatter. Over every (channel,
+candidate batch) whose class shift reaches :data:`MIN_SHIFT`, weighted by the
+shift, the share that went to the single most common class. A mask-mode scan
+gets it from a probe: the gradient test on a seeded sample of channels
+(``ScanConfig.verdict_probe``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-MIN_SHIFT = 0.2          # a candidate batch counts when it pushed >= 20% of the images into one wrong class
-MIN_PAIRS = 8            # fewer counting candidates than this: too little evidence for a verdict
-THRESHOLD = 0.75         # suspicion at or above this: "suspicious" (see benchmarks/README.md, Verdict)
+from .errors import ConfigError
+
+METHODS = ("margin", "sink", "none")
+MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
+MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
+SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
+MARGIN_THRESHOLD = 0.95  # margin: 1 - p at or above this (p < 0.05, MM-BD's threshold) is "suspicious"
+MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
+
+
+@dataclass(frozen=True)
+class MarginConfig:
+    """How :func:`fmt_audit.margin.max_margins` searches for each class's largest margin."""
+
+    restarts: int = 16      # random starting images per class
+    steps: int = 200        # Adam steps per start
+    lr: float = 0.05        # Adam step size on the sigmoid's argument
+    seed: int = 0
+    batch: int = 256        # images optimised in one forward pass (each start is independent of the others)
+
+    def __post_init__(self):
+        if self.restarts < 1:
+            raise ConfigError(f"--margin-restarts must be at least 1; got {self.restarts}")
+        if self.steps < 1:
+            raise ConfigError(f"--margin-steps must be at least 1; got {self.steps}")
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"the margin test's learning rate must be positive; got {self.lr}")
+        if self.batch < 1:
+            raise ConfigError(f"the margin test's batch must be at least 1; got {self.batch}")
 
 
 @dataclass(frozen=True)
 class Verdict:
-    suspicion: float | None     # sink concentration in [0, 1]; None without evidence
+    method: str                 # "margin" | "sink"
+    suspicion: float | None     # in [0, 1]; None without evidence
     verdict: str                # "clean" | "suspicious" | "inconclusive"
-    sink_class: int | None      # the class the disturbed predictions went to most
-    counted: int                # candidate batches with shift >= MIN_SHIFT
-    tested: int                 # candidate batches in all
-    basis: str                  # what the channels were: "scan" (gradient mode) or "probe of K channels"
+    target_class: int | None    # the class the evidence points to: the likely attack target
+    threshold: float
+    basis: str                  # what the evidence was, in words
+    details: dict = field(default_factory=dict)     # the method's own figures (see to_dict)
 
     def to_dict(self) -> dict:
-        return {"suspicion": self.suspicion, "verdict": self.verdict, "sink_class": self.sink_class,
-                "counted": self.counted, "tested": self.tested, "threshold": THRESHOLD,
-                "min_shift": MIN_SHIFT, "basis": self.basis}
+        return {"method": self.method, "suspicion": self.suspicion, "verdict": self.verdict,
+                "target_class": self.target_class, "threshold": self.threshold, "basis": self.basis,
+                **self.details}
+
+
+def describe(verdict: dict) -> str:
+    """One line for a scan's summary, from a verdict as reports store it (:meth:`Verdict.to_dict`)."""
+    if verdict.get("suspicion") is None:
+        return f"verdict: inconclusive ({verdict['basis']})"
+    if verdict["method"] == "margin":
+        ordered = sorted(verdict["margins"], reverse=True)
+        evidence = (f"class {verdict['target_class']} reaches margin {ordered[0]:.3g}, the next class "
+                    f"{ordered[1]:.3g}; p = {verdict['p_value']:.2g}")
+    else:
+        evidence = f"{verdict['suspicion']:.0%} of the disturbed predictions went to class {verdict['target_class']}"
+    return (f"verdict: {verdict['verdict']} (suspicion {verdict['suspicion']:.2f}, threshold {verdict['threshold']}: "
+            f"{evidence}; {verdict['basis']})")
+
+
+def inconclusive(method: str, why: str) -> Verdict:
+    return Verdict(method, None, "inconclusive", None,
+                   MARGIN_THRESHOLD if method == "margin" else SINK_THRESHOLD, why)
+
+
+def margin_verdict(margins: Sequence[float], basis: str = "maximum-margin test") -> Verdict:
+    """The verdict from each class's maximum margin (:func:`fmt_audit.margin.max_margins`)."""
+    from scipy import stats
+
+    values = np.asarray(margins, dtype=float)
+    if len(values) < 3 or not np.isfinite(values).all():
+        return inconclusive("margin", f"{basis}: needs finite margins of at least 3 classes")
+    top = int(values.argmax())
+    largest = float(values[top])
+    if largest <= 0:    # no class could be pushed above the others: nothing stands out
+        return inconclusive("margin", f"{basis}: no class reached a positive margin")
+    floored = np.maximum(values, MARGIN_FLOOR * largest)
+    rest = np.delete(floored, top)
+    if np.ptp(rest) <= 1e-12 * largest:     # a Gamma cannot be fitted to equal values
+        p_value = 0.0 if largest > rest[0] * (1 + 1e-9) else 1.0
+    else:
+        shape, _, scale = stats.gamma.fit(rest, floc=0)
+        # 1 - (1 - sf)^n without the rounding of 1 - cdf^n, so that tiny p-values stay apart
+        tail = float(stats.gamma.sf(largest, shape, loc=0, scale=scale))
+        p_value = float(-np.expm1(len(rest) * np.log1p(-tail))) if tail < 1 else 1.0
+    p_value = min(max(p_value, 0.0), 1.0)
+    suspicion = round(1.0 - p_value, 6)
+    return Verdict("margin", suspicion, "suspicious" if suspicion >= MARGIN_THRESHOLD else "clean", top,
+                   MARGIN_THRESHOLD, basis,
+                   {"p_value": float(f"{p_value:.6g}"), "margins": [round(float(v), 4) for v in values]})
 
 
 def sink_concentration(shifts: Iterable[Sequence[Sequence[float]]], sinks: Iterable[Sequence[Sequence[int]]],
@@ -53,9 +134,12 @@ def sink_concentration(shifts: Iterable[Sequence[Sequence[float]]], sinks: Itera
         counted += int(use.sum())
         for cls, value in zip(sink[use].tolist(), shift[use].tolist()):
             weight[cls] = weight.get(cls, 0.0) + value
+    details = {"counted": counted, "tested": tested, "min_shift": MIN_SHIFT}
     if counted < MIN_PAIRS:
-        return Verdict(None, "inconclusive", None, counted, tested, basis)
+        return Verdict("sink", None, "inconclusive", None, SINK_THRESHOLD,
+                       f"only {counted} of {tested} disturbed candidate batches moved predictions; try a larger --eps",
+                       details)
     sink_class = max(sorted(weight), key=weight.__getitem__)
     suspicion = round(weight[sink_class] / sum(weight.values()), 6)
-    return Verdict(suspicion, "suspicious" if suspicion >= THRESHOLD else "clean", sink_class, counted, tested,
-                   basis)
+    return Verdict("sink", suspicion, "suspicious" if suspicion >= SINK_THRESHOLD else "clean", sink_class,
+                   SINK_THRESHOLD, basis, details)

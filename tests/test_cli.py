@@ -107,11 +107,11 @@ def test_console_script_runs():
 
 
 def test_mask_mode_scan_does_not_import_torch():
-    """Mask mode runs in ONNX Runtime alone (without the verdict's gradient probe): it must work where the
-    PyTorch bridge is not wanted."""
+    """Mask mode runs in ONNX Runtime alone (without a verdict, whose tests take gradients): it must work where
+    the PyTorch bridge is not wanted."""
     code = ("import sys\nfrom click.testing import CliRunner\nfrom fmt_audit_cli.main import main\n"
             f"r = CliRunner().invoke(main, ['scan', {str(SAMPLES / 'clean_op13.onnx')!r}, '--data', "
-            f"{str(SAMPLES / 'defender.npz')!r}, '--samples', '8', '--mode', 'mask', '--verdict-probe', '0'])\n"
+            f"{str(SAMPLES / 'defender.npz')!r}, '--samples', '8', '--mode', 'mask', '--verdict', 'none'])\n"
             "assert r.exit_code == 0, r.output\n"
             "print(sorted(m for m in ('torch', 'onnx2torch', 'onnxruntime') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -3,11 +3,11 @@
 import json
 
 from click.testing import CliRunner
-from conftest import SAMPLES
+from conftest import QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 
 SCAN = ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"),
-        "--skip-layers", "block", "--samples", "16"]
+        "--skip-layers", "block", "--samples", "16", *QUICK_MARGIN_ARGS]
 
 
 def _run(*args):
@@ -42,7 +42,8 @@ def test_config_file_values_and_command_line_precedence(tmp_path):
     config.write_text('seed = 3\nepochs = 99\n\n[scan]\npreset = "paper"\nsamples = 12\nskip-layers = "block"\n'
                       'mean = [0.5]\nstd = [0.25]\ndata = "%s"\n' % (SAMPLES / "defender.npz"))
     out = tmp_path / "r.json"
-    result = _run("scan", SAMPLES / "clean_op13.onnx", "--config", config, "--samples", "8", "-o", out)
+    result = _run("scan", SAMPLES / "clean_op13.onnx", "--config", config, "--samples", "8", "-o", out,
+                  *QUICK_MARGIN_ARGS)
     assert result.exit_code == 0, result.stderr
     used = json.loads(out.read_text())["config"]
     assert (used["preset"], used["samples"], used["seed"], used["mean"], used["std"]) == ("paper", 8, 3, [0.5],

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLES
+from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
 from onnx import numpy_helper
 
 from fmt_audit.data import Preprocessing
@@ -68,7 +68,7 @@ def test_case_runs_inspect_scan_repair_to_the_end(case, zoo_folder, tmp_path):
     if case.startswith("efficientnet"):    # squeeze-and-excitation Convs act on 1x1 maps, and are tested
         assert summary["conv"]["one_by_one_maps"] > 0
     data = zoo.own_labels(loaded)
-    config = ScanConfig(samples=8, verdict_probe=8)
+    config = ScanConfig(samples=8, **QUICK_MARGIN)
     report = scan(loaded, data, config)
     assert [layer.name for layer in report.layers] == [layer.name for layer in loaded.layers]
     depthwise = {layer.name for layer in loaded.layers if layer.depthwise}
@@ -117,7 +117,7 @@ def test_nhwc_graph_through_the_cli_with_uint8_nhwc_data(tmp_path):
     inspected = CliRunner().invoke(main, ["inspect", str(path), "--json"])
     assert inspected.exit_code == 0, inspected.output
     assert json.loads(inspected.output)["image_input"]["layout"] == "NHWC"
-    for command in (["scan", str(path), "--samples", "8"],
+    for command in (["scan", str(path), "--samples", "8", *QUICK_MARGIN_ARGS],
                     ["repair", str(path), "--samples", "8", "--epochs", "1", "-o", str(tmp_path / "out.onnx")]):
         result = CliRunner().invoke(main, [*command, "--data", str(tmp_path / "data.npz")])
         assert result.exit_code == 0, result.output

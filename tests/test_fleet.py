@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES
+from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 
 from fmt_audit import fleet as fleet_module
 from fmt_audit.fleet import read_source, run_fleet
 
-FAST = {"samples": 8, "verdict_probe": 8}
+FAST = {"samples": 8, **QUICK_MARGIN}
 DATA = SAMPLES / "defender.npz"
 
 
@@ -93,7 +93,7 @@ def test_manifests_give_each_model_its_own_data_and_options(tmp_path):
         out = tmp_path / f"out_{manifest}"
         out.mkdir()
         result = run_fleet(read_source(tmp_path / manifest), tmp_path / "defender.npz", out,
-                           {"samples": 8, "verdict_probe": 8}, use_ray=False)
+                           FAST, use_ray=False)
         assert not result.failed
         for name, samples in expected.items():
             assert json.loads((out / f"{name}.json").read_text())["config"]["samples"] == samples
@@ -124,7 +124,8 @@ def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monke
     monkeypatch.setattr(fleet_module, "ray_available", lambda: False)
     shutil.rmtree(source / "vendor")
     result = CliRunner().invoke(main, ["fleet", str(source), "--data", str(DATA), "--out", str(tmp_path / "out"),
-                                       "--samples", "8", "--verdict-probe", "8", "--fail-on-suspicious",
+                                       "--samples", "8", "--verdict", "sink", "--verdict-probe", "8",
+                                       "--fail-on-suspicious",
                                        "--repair", "--epochs", "0", "--no-augment", "--unlearn-eps", "0.05"])
     assert "Ray is not installed" in result.output
     assert (tmp_path / "out" / "badnets_op13.repaired.onnx").is_file()
@@ -165,7 +166,7 @@ def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
     from fmt_audit.ray_engine import ray_runner
     from fmt_audit.scan import ScanConfig, scan
 
-    config = ScanConfig(mode=mode, samples=16, verdict_probe=8)
+    config = ScanConfig(mode=mode, samples=16, **QUICK_MARGIN)
     local = scan(SAMPLES / "badnets_op13.onnx", DATA, config)
     split = scan(SAMPLES / "badnets_op13.onnx", DATA, config, runner=ray_runner(workers=2))
     from fmt_audit.loading import load_model
@@ -272,7 +273,8 @@ def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
 def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(source, tmp_path):
     shutil.rmtree(source / "vendor")
     out = tmp_path / "out"
-    VERDICT = {"samples": 16, "verdict_probe": 16}     # enough moved predictions for a verdict on both
+    # the sink probe calls these two samples right (the maximum-margin test calls the clean one suspicious)
+    VERDICT = {"samples": 16, "verdict": "sink", "verdict_probe": 16}
     everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False)
     assert [row.repaired is not None for row in everything.rows] == [True, True]
     assert (out / "clean_op13.repaired.onnx").is_file()
@@ -356,7 +358,7 @@ def test_a_failed_repair_is_a_row_with_the_scan_and_is_retried(source, tmp_path,
 def test_an_output_folder_inside_the_source_folder_is_not_read_as_models(source, tmp_path):
     shutil.rmtree(source / "vendor")
     args = ["fleet", str(source), "--data", str(DATA), "--out", str(source / "out"), "--sequential",
-            "--samples", "8", "--verdict-probe", "8", "--repair", "--epochs", "0"]
+            "--samples", "8", *QUICK_MARGIN_ARGS, "--repair", "--epochs", "0"]
     for _ in range(2):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import onnx
 from click.testing import CliRunner
-from conftest import SAMPLES
+from conftest import QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -43,7 +43,7 @@ def _uncompressed(n: int = 8) -> bytes:
 
 PLAIN_DATA_BYTES = _uncompressed()
 # a quick scan: mask mode, 2 images, the first Conv layer only (the others match 'block')
-QUICK_SCAN = ["--samples", "2", "--skip-layers", "block", "--mode", "mask"]
+QUICK_SCAN = ["--samples", "2", "--skip-layers", "block", "--mode", "mask", *QUICK_MARGIN_ARGS]
 
 
 def _check(result, record: bool = True) -> None:

@@ -1,7 +1,7 @@
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLES
+from conftest import QUICK_MARGIN, SAMPLES
 
 from fmt_audit.data import load_data, load_npz
 from fmt_audit.graph import conv_layers
@@ -81,12 +81,12 @@ def test_removing_channels_through_masks_matches_predict(badnets):
 
 def test_mask_mode_scan_needs_no_torch_and_reports_the_provider(badnets):
     loaded, _ = badnets
-    report = scan(loaded, SAMPLES / "defender.npz", ScanConfig(mode="mask", samples=N, seed=1))
+    report = scan(loaded, SAMPLES / "defender.npz", ScanConfig(mode="mask", samples=N, seed=1, **QUICK_MARGIN))
     config = report.config
     assert config["mode"] == "mask" and config["ort_provider"] == "CPUExecutionProvider"
     assert config["bridge_steps"] is None and config["calibration"] == []
     assert report.summary["channels_tested"] == 144
-    again = scan(loaded, SAMPLES / "defender.npz", ScanConfig(mode="mask", samples=N, seed=1)).to_dict()
+    again = scan(loaded, SAMPLES / "defender.npz", ScanConfig(mode="mask", samples=N, seed=1, **QUICK_MARGIN)).to_dict()
     first = report.to_dict()
     for key in ("timing", "resources"):
         first.pop(key), again.pop(key)

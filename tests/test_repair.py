@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import MANIFEST, SAMPLES, build_synthetic, save, synthetic_images
+from conftest import MANIFEST, QUICK_MARGIN_ARGS, SAMPLES, build_synthetic, save, synthetic_images
 from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
@@ -203,7 +203,8 @@ def _invoke(*args):
 def test_cli_repair_from_report_and_evaluate(tmp_path):
     model, data = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
     before = model.read_bytes()
-    assert _invoke("scan", model, "--data", data, "--samples", 64, "-o", tmp_path / "scan.json").exit_code == 0
+    assert _invoke("scan", model, "--data", data, "--samples", 64, "-o", tmp_path / "scan.json",
+                   *QUICK_MARGIN_ARGS).exit_code == 0
     result = _invoke("repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 1,
                      "--unlearn-eps", 0.1,
                      "-o", tmp_path / "repaired.onnx", "--report", tmp_path / "repair.json")
@@ -227,7 +228,7 @@ def test_cli_repair_from_report_and_evaluate(tmp_path):
 def test_cli_repair_takes_the_reports_normalisation(tmp_path):
     model, data = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
     scanned = _invoke("scan", model, "--data", data, "--samples", 32, "--mean", "0.1", "--std", "0.9",
-                      "-o", tmp_path / "scan.json")
+                      "-o", tmp_path / "scan.json", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0, scanned.output
     common = ["repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 0,
               "-o", tmp_path / "r.onnx", "--report", tmp_path / "r.json"]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES
+from conftest import QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
@@ -46,7 +46,7 @@ def test_nan_weights_are_reported_and_repair_refused(tmp_path):
     shown = _invoke("inspect", path)
     assert shown.exit_code == 0 and "NaN or Inf in weights" in shown.output
     scanned = _invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "4", "--skip-layers", "block",
-                      "-o", tmp_path / "r.json")
+                      "-o", tmp_path / "r.json", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0 and "warning: NaN or Inf in 1 weight tensor" in scanned.output
     assert '"nonfinite_weights": [' in (tmp_path / "r.json").read_text()
     refused = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", tmp_path / "out.onnx")
@@ -179,12 +179,13 @@ def test_a_graph_fixed_to_batch_1_scans_and_repairs(tmp_path):
     path = _fixed_batch_export(tmp_path / "fixed.onnx")
     assert load_model(path).image_input.batch == 1
     for mode in ("mask", "gradient"):   # ONNX Runtime is fed batches of 1
-        result = _invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", mode)
+        result = _invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", mode,
+                         *QUICK_MARGIN_ARGS)
         assert result.exit_code == 0, result.output
     # the bridge frees the batch in its copy (Reshape [1, -1] -> [0, -1]) to fine-tune in batches
     out = tmp_path / "out.onnx"
     repaired = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", out, "--samples", "8",
-                       "--epochs", "1")
+                       "--epochs", "1", *QUICK_MARGIN_ARGS)
     assert repaired.exit_code == 0, repaired.output
     written = onnx.load(out)
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1    # the output keeps batch 1
@@ -220,7 +221,7 @@ def test_computed_conv_weights_scan_in_mask_mode_and_fail_in_one_line_elsewhere(
     path = tmp_path / "computed.onnx"
     onnx.save(model, path)
     data = ["--data", SAMPLES / "defender.npz"]
-    assert _invoke("scan", path, *data, "--samples", "4", "--skip-layers", "block").exit_code == 0
+    assert _invoke("scan", path, *data, "--samples", "4", "--skip-layers", "block", *QUICK_MARGIN_ARGS).exit_code == 0
     _one_line_exit_2(_invoke("scan", path, *data, "--samples", "4", "--mode", "gradient"),
                      "compute their weights from other nodes")
     _one_line_exit_2(_invoke("repair", path, *data, "-o", tmp_path / "out.onnx"), "compute their weights")
@@ -237,7 +238,7 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     monkeypatch.setattr(fmt_audit.graph, "PROTOBUF_LIMIT", 1000)
     out, report = tmp_path / "repaired.onnx", tmp_path / "repair.json"
     result = _invoke("repair", SAMPLES / "badnets_op13.onnx", "--data", SAMPLES / "defender.npz", "--epochs", "1",
-                     "--samples", "32", "--no-unlearn", "-o", out, "--report", report)
+                     "--samples", "32", "--no-unlearn", "-o", out, "--report", report, *QUICK_MARGIN_ARGS)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair.json", "repaired.onnx", "repaired.onnx.data"]
     assert out.stat().st_size < 10_000 < (tmp_path / "repaired.onnx.data").stat().st_size
@@ -246,7 +247,7 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     repaired = load_model(out)
     assert repaired.external_data == ("repaired.onnx.data",)
     scanned = _invoke("scan", out, "--data", SAMPLES / "defender.npz", "--samples", "8", "--mode", "gradient",
-                      "--steps", "1", "--eps", "0.1")
+                      "--steps", "1", "--eps", "0.1", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0, scanned.output
     # a small model written over it takes its data file along; an unrelated file of that name stays
     monkeypatch.setattr(fmt_audit.graph, "PROTOBUF_LIMIT", 2**31)
