@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import MANIFEST, QUICK_MARGIN_ARGS, SAMPLES, build_synthetic, save, synthetic_images
+from conftest import MANIFEST, QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES, build_synthetic, save, synthetic_images
 from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
@@ -263,7 +263,7 @@ def test_repair_removes_the_sample_backdoor(attack):
     """The issue's acceptance check: ASR <= 10% and an accuracy drop <= 3 points after repair."""
     entry = next(m for m in MANIFEST["models"] if m["file"] == f"{attack}_op13.onnx")
     result = repair(SAMPLES / entry["file"], SAMPLES / "defender.npz", RepairConfig(),
-                    ScanConfig.from_preset("gradient"))
+                    ScanConfig.from_preset("gradient", **QUICK_MARGIN))
     repaired = replace(load_model(SAMPLES / entry["file"]), proto=result.model)
     metrics = evaluate(repaired, SAMPLES / "test.npz", SAMPLES / f"{attack}_test.npz", entry["target"]).metrics
     # compared in images, not floats: 3 points of 500 images is 15 images

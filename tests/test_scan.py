@@ -19,7 +19,7 @@ from fmt_audit.selection import select_kmeans, select_outliers
 from fmt_audit.testing import random_start
 
 N = 48
-PAPER = ScanConfig.from_preset("paper", samples=N, seed=5)
+PAPER = ScanConfig.from_preset("paper", samples=N, seed=5, **QUICK_MARGIN)
 
 
 @pytest.fixture(scope="module")
