@@ -354,6 +354,14 @@ def summarise(rows: list[dict]) -> dict:
                       "true_positive_rate": round(float(np.mean([v >= cut for v in values(backdoored)])), 4),
                       "class_is_target": sum(r[statistic]["target_class"] == r["target"] for r in backdoored)}
         out[statistic] = entry
+
+    def agree(row: dict) -> bool:   # the rule pre-registered for population (B), benchmarks/README.md
+        margin = row["margin"]
+        return (margin.get("p_value") is not None and margin["p_value"] < 0.05
+                and row["sink"]["target_class"] == margin["target_class"])
+    out["agree"] = {"false_positive_rate": round(float(np.mean([agree(r) for r in clean])), 4) if clean else None,
+                    "true_positive_rate": round(float(np.mean([agree(r) for r in backdoored])), 4)
+                    if backdoored else None}
     return out
 
 
