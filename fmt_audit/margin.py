@@ -16,6 +16,7 @@ images, batched; independent of the data and of the number of channels.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -27,6 +28,8 @@ from .data import Preprocessing
 from .errors import ConfigError
 from .graph import ImageInput
 from .verdict import MarginConfig
+
+log = logging.getLogger(__name__)
 
 
 def without_final_softmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -114,19 +117,22 @@ def margin_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Prepro
     final Softmax). ``image`` gives the input's size; ``preprocessing`` the normalisation it expects;
     ``device`` is ``auto``, ``cpu`` or ``cuda``. ``bridge``: the model's conversion, when one was made
     already (used unless a final Softmax has to go)."""
+    channels, height, width = image.channels, image.height, image.width
+    if None in (channels, height, width):
+        raise ConfigError(f"the margin test needs the image input's size; {image.name} is declared "
+                          f"{list(image.shape) if image.shape else 'without a shape'}")
     logits_model, stripped = without_final_softmax(model)
     if bridge is None or stripped:
         bridge = to_torch(logits_model)
     check_free_batch(bridge, image, "the maximum-margin test")
     device = torch_device(device)
     classifier = BridgedClassifier(bridge, preprocessing, device)
-    channels, height, width = image.channels, image.height, image.width
-    if None in (channels, height, width):
-        raise ConfigError(f"the margin test needs the image input's size; {image.name} is declared "
-                          f"{list(image.shape) if image.shape else 'without a shape'}")
     with torch.no_grad():
         classes = _as_logits(classifier(torch.full((1, channels, height, width), 0.5, device=device))).shape[1]
     if classes < 3:
         raise ConfigError(f"the margin test needs at least 3 classes to compare (the model has {classes})")
     notes = ["final Softmax removed: margins of its logits"] if stripped else []
-    return max_margins(classifier, (channels, height, width), classes, config or MarginConfig(), progress), notes
+    config = config or MarginConfig()
+    log.info("maximum-margin test: %d classes x %d starts x %d steps on %s", classes, config.restarts, config.steps,
+             device)
+    return max_margins(classifier, (channels, height, width), classes, config, progress), notes
