@@ -33,7 +33,7 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
     from fmt_audit.bridge import BridgedClassifier, to_torch
     from fmt_audit.data import load_data
     from fmt_audit.loading import load_model
-    from fmt_audit.margin import max_margins
+    from fmt_audit.margin import class_count, max_margins
     from fmt_audit.scan import ScanConfig, model_verdict, scan
 
     loaded = load_model(model)
@@ -45,7 +45,8 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
     classifier = BridgedClassifier(to_torch(loaded.proto), config.preprocessing, "cpu")
     convert_s = time.perf_counter() - started
     image = loaded.image_input
-    shape, classes = (image.channels, image.height, image.width), report_classes(loaded, classifier)
+    shape = (image.channels, image.height, image.width)
+    classes = class_count(classifier, shape)
     started = time.perf_counter()
     max_margins(classifier, shape, classes, MarginConfig(restarts=DEFAULT_RESTARTS, steps=steps))
     ascent_s = time.perf_counter() - started
@@ -56,14 +57,6 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
     return {"classes": classes, "channels": sum(layer.channels for layer in report.layers),
             "mask_scan_s": round(mask_s, 1), "sink_probe_s": round(sink_s, 1), "convert_s": round(convert_s, 1),
             "margin_ascent_s": round(ascent_s, 1), "margin_s": round(convert_s + ascent_s, 1)}
-
-
-def report_classes(loaded, classifier) -> int:
-    import torch
-
-    image = loaded.image_input
-    with torch.no_grad():
-        return int(classifier(torch.zeros(1, image.channels, image.height, image.width)).shape[1])
 
 
 def main() -> None:

@@ -13,13 +13,17 @@ population), or one of ``../shared/datasets/``: ``mnist`` (28x28), ``cifar10``
 split into training, defender and test images). Their models train with random
 crops (and flips on CIFAR-10), the trigger stamped after augmentation.
 
-Each model is scanned with the tool's ``default`` preset (mask mode, verdict from
-the gradient probe); the threshold is fitted on the even-numbered models of each
-group (largest TPR - FPR there) and the held-out odd-numbered models give the ROC-AUC and the
-false-positive rate. Each model's full report is cached beside it
-(``scan_default.json``), so other statistics can be studied without rescanning.
+Each model gets two verdicts, computed by the scan's own
+:func:`fmt_audit.scan.model_verdict` under the ``default`` preset and cached beside
+it in ``verdicts.json``: the maximum-margin test (``margin``, the shipped default)
+and the sink probe (``sink``). ``--statistics margin`` computes only the first, so
+a slow population can be scored in two passes. The summary gives each statistic's
+ROC-AUC (overall and per attack), its false- and true-positive rates at the shipped
+threshold, how often the class named is the target, and the same for the mean of
+the two and for the agreement rule (benchmarks/README.md, Verdict).
 
     python benchmarks/verdict_population.py [--dataset digits] [--models-per-group 6] [--first 0]
+        [--statistics margin,sink]
 
 ``--first N`` builds and scans only models N and up of each group: a fresh part
 of the population (new seeds, new triggers and targets) on which a statistic

@@ -110,6 +110,13 @@ def _as_logits(output: torch.Tensor) -> torch.Tensor:
     return output.clamp_min(1e-30).log() if probabilities else output
 
 
+def class_count(classifier: BridgedClassifier, shape: tuple[int, int, int]) -> int:
+    """How many classes the classifier scores, from one grey image of ``shape`` (channels, height, width):
+    the graph's declared output shape may be symbolic."""
+    with torch.no_grad():
+        return int(_as_logits(classifier(torch.full((1, *shape), 0.5, device=classifier.device))).shape[1])
+
+
 def margin_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, device: str = "auto",
                 config: MarginConfig | None = None, bridge: TorchBridge | None = None,
                 progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -127,8 +134,7 @@ def margin_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Prepro
     check_free_batch(bridge, image, "the maximum-margin test")
     device = torch_device(device)
     classifier = BridgedClassifier(bridge, preprocessing, device)
-    with torch.no_grad():
-        classes = _as_logits(classifier(torch.full((1, channels, height, width), 0.5, device=device))).shape[1]
+    classes = class_count(classifier, (channels, height, width))
     if classes < 3:
         raise ConfigError(f"the margin test needs at least 3 classes to compare (the model has {classes})")
     notes = ["final Softmax removed: margins of its logits"] if stripped else []
