@@ -33,7 +33,8 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
     from fmt_audit.bridge import BridgedClassifier, to_torch
     from fmt_audit.data import load_data
     from fmt_audit.loading import load_model
-    from fmt_audit.margin import class_count, max_margins
+    from fmt_audit.logits import class_count
+    from fmt_audit.margin import max_margins
     from fmt_audit.scan import ScanConfig, model_verdict, scan
 
     loaded = load_model(model)

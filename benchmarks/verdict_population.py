@@ -297,7 +297,8 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
     return float(np.mean(pairs)) if pairs else float("nan")
 
 
-STATISTICS = ("margin", "sink", "mean")     # the shipped verdict, the sink probe, and their mean
+VERDICTS = ("margin", "sink", "universal")    # computed by the scan (fmt_audit.verdict)
+STATISTICS = (*VERDICTS, "mean")     # mean: of margin and sink, the secondary statistic of session 8
 
 
 def verdicts(folder, which: tuple[str, ...] = ("margin", "sink")) -> dict:
@@ -327,6 +328,10 @@ def verdicts(folder, which: tuple[str, ...] = ("margin", "sink")) -> dict:
     return found
 
 
+def computed(row: dict, statistic: str) -> bool:
+    return all(s in row for s in (("margin", "sink") if statistic == "mean" else (statistic,)))
+
+
 def score(row: dict, statistic: str) -> float:
     """A model's suspicion under ``statistic`` (no evidence: 0)."""
     if statistic == "mean":
@@ -335,23 +340,26 @@ def score(row: dict, statistic: str) -> float:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """AUC, per attack, false- and true-positive rates at the shipped thresholds, class named = target."""
-    from fmt_audit.verdict import MARGIN_THRESHOLD, SINK_THRESHOLD
+    """AUC, per attack, false- and true-positive rates at the shipped thresholds, class named = target, for
+    every statistic all the rows have."""
+    from fmt_audit.verdict import THRESHOLDS
 
     usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
     clean = [r for r in usable if r["attack"] == "clean"]
     backdoored = [r for r in usable if r["attack"] != "clean"]
-    thresholds = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "mean": None}
     out = {"models": len(rows), "clean": len(clean), "backdoored": len(backdoored),
            "attacks_that_did_not_take": [(r.get("dataset", "digits"), r["attack"], r["number"], r["asr"])
                                          for r in rows if r not in usable]}
     for statistic in STATISTICS:
+        if not all(computed(r, statistic) for r in rows):
+            continue
+
         def values(part, statistic=statistic):
             return [score(r, statistic) for r in part]
         entry = {"auc": round(auc(values(clean), values(backdoored)), 4),
                  "per_attack": {a: round(auc(values(clean), values([r for r in backdoored if r["attack"] == a])), 3)
                                 for a in ATTACKS if any(r["attack"] == a for r in backdoored)}}
-        cut = thresholds[statistic]
+        cut = THRESHOLDS.get(statistic)
         if cut is not None:
             entry |= {"threshold": cut,
                       "false_positive_rate": round(float(np.mean([v >= cut for v in values(clean)])), 4),
@@ -363,6 +371,8 @@ def summarise(rows: list[dict]) -> dict:
         margin = row["margin"]
         return (margin.get("p_value") is not None and margin["p_value"] < 0.05
                 and row["sink"]["target_class"] == margin["target_class"])
+    if not all(computed(r, "mean") for r in rows):
+        return out
     out["agree"] = {"false_positive_rate": round(float(np.mean([agree(r) for r in clean])), 4) if clean else None,
                     "true_positive_rate": round(float(np.mean([agree(r) for r in backdoored])), 4)
                     if backdoored else None}
@@ -378,8 +388,10 @@ def main() -> None:
                         help="comma-separated groups to build and scan (default: all)")
     parser.add_argument("--first", type=int, default=0, help="build and scan models from this number up")
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
-    parser.add_argument("--statistics", default=",".join(STATISTICS[:2]),
-                        help="the verdicts to compute: margin, sink or both (the table needs both)")
+    parser.add_argument("--statistics", default="margin,sink",
+                        help="the verdicts to compute, comma-separated: margin, sink, universal (cached: a model's "
+                             "verdicts computed before are read back, and every statistic all the rows have is "
+                             "summarised)")
     args = parser.parse_args()
     from fmt_audit.scan import ScanConfig, scan
 
@@ -391,26 +403,23 @@ def main() -> None:
             facts = build(attack, number, task)
             folder = folder_of(attack, number, task.name)
             found = verdicts(folder, tuple(args.statistics.split(",")))
-            if not {"margin", "sink"} <= set(found):     # --statistics margin: the rest comes later
-                print(json.dumps({**facts, "margin": found["margin"]}), flush=True)
-                continue
             if args.gradient:   # every channel through the gradient test, for studying the statistic
                 full = scan(folder / "model.onnx", folder / "defender.npz", ScanConfig.from_preset("gradient"))
                 (folder / "scan_gradient.json").write_text(full.to_json())
-            rows.append({**facts, "margin": found["margin"], "sink": found["sink"],
+            rows.append({**facts, **{s: found[s] for s in VERDICTS if s in found},
                          "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in STATISTICS}
                              | {s: (round(score(rows[-1], s), 4), rows[-1].get(s, {}).get("target_class"))
-                                for s in STATISTICS}), flush=True)
+                                for s in STATISTICS if computed(rows[-1], s)}), flush=True)
     if not rows:
         return
     summary = summarise(rows)
     print(json.dumps(summary), flush=True)
-    header = ["index", "attack", "architecture", "target", "poison_rate", "acc", "asr", "margin", "margin class",
-              "sink", "sink class", "seconds"]
-    table = [{**{h: r.get(h, "–") for h in header}, "margin": score(r, "margin"),
-              "margin class": r["margin"]["target_class"], "sink": score(r, "sink"),
-              "sink class": r["sink"]["target_class"]} for r in rows]
+    shown = [s for s in VERDICTS if all(s in r for r in rows)]
+    header = ["index", "attack", "architecture", "target", "poison_rate", "acc", "asr",
+              *[c for s in shown for c in (s, f"{s} class")], "seconds"]
+    table = [{**{h: r.get(h, "–") for h in header}, **{s: score(r, s) for s in shown},
+              **{f"{s} class": r[s]["target_class"] for s in shown}} for r in rows]
     part = ("" if task.name == "digits" else f"{task.name}_") + (f"{args.first}-" if args.first else "")
     groups = "" if args.groups == ",".join(("clean", *ATTACKS)) else "_" + args.groups.replace(",", "-")
     publish([*table, {h: "" for h in header} | {"index": "summary", "attack": json.dumps(summary)}], header,

@@ -22,6 +22,7 @@ _EXPORTS = {
     "ScanConfig": "scan", "ScanReport": "report", "MaskedModel": "masked",
     "trigger_response": "oracle",
     "margin_test": "margin", "margin_verdict": "verdict", "MarginConfig": "verdict", "Verdict": "verdict",
+    "universal_test": "universal", "universal_verdict": "verdict", "UniversalConfig": "verdict",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",
     "FmtAuditError": "errors", "ModelLoadError": "errors", "UnsupportedModelError": "errors",

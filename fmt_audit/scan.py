@@ -22,7 +22,15 @@ from .runtime import DEVICES
 from .scores import ChannelScores
 from .selection import SELECTIONS, select
 from .verdict import METHODS as VERDICTS
-from .verdict import MarginConfig, Verdict, inconclusive, margin_verdict, sink_concentration
+from .verdict import (
+    MarginConfig,
+    UniversalConfig,
+    Verdict,
+    inconclusive,
+    margin_verdict,
+    sink_concentration,
+    universal_verdict,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("gradient", "mask")
@@ -53,7 +61,7 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
-    verdict: str = "margin"             # the model-level statistic: margin | sink | none (fmt_audit.verdict)
+    verdict: str = "margin"             # model-level statistic: margin | sink | universal | none (fmt_audit.verdict)
     verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
     margin_restarts: int = 16           # verdict "margin": random starts per class
     margin_steps: int = 200             # verdict "margin": gradient steps per start
@@ -117,6 +125,9 @@ class ScanConfig:
 
     def margin_config(self) -> MarginConfig:
         return MarginConfig(restarts=self.margin_restarts, steps=self.margin_steps, seed=self.seed)
+
+    def universal_config(self) -> UniversalConfig:
+        return UniversalConfig(seed=self.seed)
 
 
 # The published method with the public reference code's defaults, and ours (see README, "Presets").
@@ -265,6 +276,15 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                          config.margin_config(), scanner.bridge if scanner else None)
             return margin_verdict(margins, "; ".join([f"maximum-margin test, {config.margin_restarts} starts x "
                                                       f"{config.margin_steps} steps per class", *notes]))
+        if config.verdict == "universal":
+            from .universal import universal_test
+
+            ladder, notes = universal_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
+                                           config.device, config.universal_config(),
+                                           scanner.bridge if scanner else None)
+            return universal_verdict(ladder.budgets, ladder.success, "; ".join([
+                f"universal-perturbation test, {ladder.images} images per class to fit, at least {ladder.held_out} "
+                f"held out", *notes]))
         if config.mode == "gradient":
             return sink_concentration([r.shift for r in results], [r.sink for r in results])
         if not config.verdict_probe:

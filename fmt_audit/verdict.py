@@ -33,11 +33,12 @@ import numpy as np
 
 from .errors import ConfigError
 
-METHODS = ("margin", "sink", "none")
+METHODS = ("margin", "sink", "universal", "none")
 MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
 MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
 SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
 MARGIN_THRESHOLD = 0.95  # margin: 1 - p at or above this (p < 0.05, MM-BD's threshold) is "suspicious"
+UNIVERSAL_THRESHOLD = 0.2  # universal: lead at or above this is "suspicious" (benchmarks/README.md, Verdict)
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
 
@@ -60,6 +61,31 @@ class MarginConfig:
             raise ConfigError(f"the margin test's learning rate must be positive; got {self.lr}")
         if self.batch < 1:
             raise ConfigError(f"the margin test's batch must be at least 1; got {self.batch}")
+
+
+@dataclass(frozen=True)
+class UniversalConfig:
+    """How :func:`fmt_audit.universal.universal_ladder` climbs its budget ladder."""
+
+    first: float = 0.01         # the first rung's budget: RMS pixel change in [0, 1] pixel space
+    factor: float = 2 ** 0.5    # each rung's budget over the last one's
+    rungs: int = 11             # at most; the default ladder ends at 0.32
+    steps: int = 20             # projected gradient steps per rung
+    images: int = 32            # images per class the perturbation is fitted on
+    level: float = 0.9          # held-out success of the leading class that ends the ladder
+    seed: int = 0
+    batch: int = 512            # images in one forward pass
+
+    def __post_init__(self):
+        if not (np.isfinite(self.first) and self.first > 0):
+            raise ConfigError(f"the universal test's first budget must be positive; got {self.first}")
+        if not (np.isfinite(self.factor) and self.factor > 1):
+            raise ConfigError(f"the universal test's budget factor must be above 1; got {self.factor}")
+        for name in ("rungs", "steps", "images", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"the universal test's {name} must be at least 1; got {getattr(self, name)}")
+        if not 0 < self.level <= 1:
+            raise ConfigError(f"the universal test's level must be in (0, 1]; got {self.level}")
 
 
 @dataclass(frozen=True)
@@ -86,15 +112,36 @@ def describe(verdict: dict) -> str:
         ordered = sorted(verdict["margins"], reverse=True)
         evidence = (f"class {verdict['target_class']} reaches margin {ordered[0]:.3g}, the next class "
                     f"{ordered[1]:.3g}; p = {verdict['p_value']:.2g}")
+    elif verdict["method"] == "universal":
+        ordered = sorted(verdict["success"][-1], reverse=True)
+        evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
+                    f"to class {verdict['target_class']}, the next class's {ordered[1]:.0%}")
     else:
         evidence = f"{verdict['suspicion']:.0%} of the disturbed predictions went to class {verdict['target_class']}"
     return (f"verdict: {verdict['verdict']} (suspicion {verdict['suspicion']:.2f}, threshold {verdict['threshold']}: "
             f"{evidence}; {verdict['basis']})")
 
 
+THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD}
+
+
 def inconclusive(method: str, why: str) -> Verdict:
-    return Verdict(method, None, "inconclusive", None,
-                   MARGIN_THRESHOLD if method == "margin" else SINK_THRESHOLD, why)
+    return Verdict(method, None, "inconclusive", None, THRESHOLDS[method], why)
+
+
+def universal_verdict(budgets: Sequence[float], success: Sequence[Sequence[float]],
+                      basis: str = "universal-perturbation test") -> Verdict:
+    """The verdict from a universal-perturbation ladder (:func:`fmt_audit.universal.universal_ladder`): the
+    lead of the best-reached class over the next one at the last rung climbed (the first where a class
+    reached the ladder's level, or its top)."""
+    if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
+        return inconclusive("universal", f"{basis}: needs the held-out success of at least 3 classes")
+    last = np.asarray(success[-1], dtype=float)
+    top = int(last.argmax())
+    lead = round(float(last[top] - np.sort(last)[-2]), 6)
+    return Verdict("universal", lead, "suspicious" if lead >= UNIVERSAL_THRESHOLD else "clean", top,
+                   UNIVERSAL_THRESHOLD, basis,
+                   {"budgets": [float(b) for b in budgets], "success": [[float(v) for v in row] for row in success]})
 
 
 def margin_verdict(margins: Sequence[float], basis: str = "maximum-margin test") -> Verdict:

@@ -14,7 +14,8 @@ from fmt_audit.bridge import BridgedClassifier, to_torch
 from fmt_audit.data import Preprocessing
 from fmt_audit.errors import ConfigError
 from fmt_audit.loading import load_model
-from fmt_audit.margin import margin_test, max_margins, without_final_softmax
+from fmt_audit.logits import without_final_softmax
+from fmt_audit.margin import margin_test, max_margins
 from fmt_audit.scan import ScanConfig, scan
 from fmt_audit.verdict import MARGIN_THRESHOLD, MarginConfig, describe, margin_verdict
 
@@ -148,13 +149,13 @@ def test_sink_verdict_names_the_attack_target_and_passes_the_clean_model(preset)
 
 
 def test_a_model_the_bridge_cannot_convert_keeps_its_scan_and_gets_an_inconclusive_verdict(monkeypatch):
-    import fmt_audit.margin
+    import fmt_audit.logits
     from fmt_audit.errors import BridgeError
 
     def refuse(model):
         raise BridgeError("onnx2torch cannot convert op 'Fancy'")
 
-    monkeypatch.setattr(fmt_audit.margin, "to_torch", refuse)
+    monkeypatch.setattr(fmt_audit.logits, "to_torch", refuse)
     report = scan(SAMPLES / "clean_op13.onnx", DATA, ScanConfig(samples=8, skip_layers="block", **QUICK_MARGIN))
     assert report.verdict["verdict"] == "inconclusive" and "cannot convert op 'Fancy'" in report.verdict["basis"]
     assert report.layers and report.attention().startswith("inconclusive")

@@ -1,0 +1,189 @@
+"""The referenced margin: the maximum-margin test with the natural attractor classes discounted by a
+reference network trained on the defender's own clean images (a study, benchmarks/README.md, Verdict).
+
+Some classes are easy to reach in every model trained on a dataset, backdoored or not: natural attractor
+classes (in the project's populations MNIST 8, CIFAR-10 6, GTSRB 12, across seeds and architectures;
+benchmarks/README.md, Verdict). A class-level test that asks "which class is abnormally easy to reach?"
+names them in clean models. They come from the data, not from the architecture, so a small network trained
+on the defender's clean images finds the same ones; a backdoor's target is easy only in the audited model.
+:func:`referenced_margin` compares the two: each class's maximum margin in the audited model divided by how
+much easier than the median class that class is in the reference (classes at or below the median are not
+changed), then MM-BD's p-value as :func:`fmt_audit.verdict.margin_verdict` takes it.
+
+The reference is a plain CNN (three 3x3 convolutions with BatchNorm and ReLU, global average pooling, one
+linear layer) for any input size, trained from a seed with random crops, in [0, 1] pixel space. Its
+margins are cached per dataset and seed beside the population's models; the audited models' margins are
+read from their cached verdicts (``verdict_population.py``).
+
+    python benchmarks/verdict_reference.py --dataset digits --groups badnets,blended,sig,warp --first 18 \
+        --models-per-group 22
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fmt_audit.errors import DataError
+
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    steps: int = 400        # optimiser steps, whatever the number of images
+    batch: int = 64
+    lr: float = 3e-3
+    crop: int = 2           # random-crop padding in pixels
+    seed: int = 0
+
+
+class ReferenceClassifier:
+    """A trained reference network taking [0, 1] pixel-space NCHW images (the interface the class-level
+    tests use: ``module``, ``device``, calling it gives logits)."""
+
+    def __init__(self, module: nn.Module, device: str):
+        self.module = module.to(device).eval()
+        self.device = device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def reference_network(channels: int, classes: int, widths: Sequence[int] = (16, 32, 32)) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        layers += [nn.Conv2d(channels if i == 0 else widths[i - 1], width, 3, padding=1), nn.BatchNorm2d(width),
+                   nn.ReLU()]
+        if i == 1:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
+
+
+def _crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crops of the zero-padded images, one offset per image."""
+    if pad == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
+    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(-1, c, -1, w + 2 * pad)
+    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(-1, c, h, -1)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def train_reference(x: np.ndarray, y: np.ndarray, classes: int, device: str = "cpu",
+                    config: ReferenceConfig | None = None) -> ReferenceClassifier:
+    """Train the reference network on float NCHW images in [0, 1] and their labels (``0 <= y < classes``)."""
+    config = config or ReferenceConfig()
+    if len(x) < 2 or x.ndim != 4:
+        raise DataError(f"the reference network needs at least 2 NCHW images; got shape {list(x.shape)}")
+    if y.min() < 0 or y.max() >= classes:
+        raise DataError(f"labels must lie in [0, {classes - 1}] for this {classes}-class model; "
+                        f"got {int(y.min())}..{int(y.max())}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = reference_network(x.shape[1], classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps)
+    images, labels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    batch = min(config.batch, len(images))
+    order = torch.randperm(len(images), generator=generator)
+    position = 0
+    model.train()
+    for _ in range(config.steps):
+        if position + batch > len(order):
+            order, position = torch.randperm(len(images), generator=generator), 0
+        idx = order[position:position + batch]
+        position += batch
+        loss = F.cross_entropy(model(_crop(images[idx], config.crop, generator)), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return ReferenceClassifier(model, device)
+
+
+def reference_margins(dataset: str, seed: int) -> np.ndarray:
+    """The reference's maximum margin per class, trained on the scan's images of the dataset's defender split
+    (cached)."""
+    from verdict_population import CACHE, load_task
+
+    from fmt_audit.data import load_npz
+    from fmt_audit.margin import max_margins
+    from fmt_audit.scan import ScanConfig
+    from fmt_audit.verdict import MarginConfig
+
+    path = (CACHE if dataset == "digits" else CACHE / dataset) / f"reference_{seed}.json"
+    if path.exists():
+        return np.array(json.loads(path.read_text())["margins"])
+    config = ScanConfig.from_preset("default")
+    folder = path.parent / "clean_00"
+    images = load_npz(folder / "defender.npz").take(config.samples, seed=config.seed)
+    classes = load_task(dataset).classes
+    reference = train_reference(images.x, images.y, classes, "cpu", ReferenceConfig(seed=seed))
+    margins = max_margins(reference, images.x.shape[1:], classes, MarginConfig())
+    path.write_text(json.dumps({"margins": margins.tolist()}) + "\n")
+    return margins
+
+
+def referenced_margin(margins: Sequence[float], references: Sequence[np.ndarray]):
+    """The margin verdict on the audited model's ``margins`` with attractor classes discounted: ``references``
+    are the reference networks' per-class margins (their geometric mean is the reference)."""
+    from fmt_audit.verdict import MARGIN_FLOOR, margin_verdict
+
+    values = np.asarray(margins, dtype=float)
+    values = np.maximum(values, MARGIN_FLOOR * values.max())
+    reference = np.exp(np.mean([np.log(np.maximum(r, MARGIN_FLOOR * r.max())) for r in references], axis=0))
+    middle = np.median(reference)
+    return margin_verdict(values * middle / np.maximum(reference, middle), "referenced margin")
+
+
+def main() -> None:
+    import verdict_population as population
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits", choices=population.DATASETS)
+    parser.add_argument("--groups", default=",".join(("clean", *population.ATTACKS)))
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--models-per-group", type=int, default=6)
+    parser.add_argument("--clean", default=None, metavar="FIRST-LAST",
+                        help="the clean models' numbers, when they differ from the attacks' (e.g. 30-39)")
+    args = parser.parse_args()
+    references = [reference_margins(args.dataset, seed) for seed in SEEDS]
+    rows = []
+    for attack in args.groups.split(","):
+        numbers = range(args.first, args.models_per_group)
+        if attack == "clean" and args.clean:
+            first, last = map(int, args.clean.split("-"))
+            numbers = range(first, last + 1)
+        for number in numbers:
+            folder = population.folder_of(attack, number, args.dataset)
+            if not (folder / "facts.json").exists():
+                print(f"{folder.name}: not built, left out", flush=True)
+                continue
+            facts = json.loads((folder / "facts.json").read_text())
+            found = population.verdicts(folder, ("margin",))
+            verdict = referenced_margin(found["margin"]["margins"], references)
+            rows.append({**facts, "referenced": verdict.to_dict()})
+            print(json.dumps({k: facts.get(k) for k in ("dataset", "attack", "number", "target", "asr")}
+                             | {"referenced": (verdict.suspicion, verdict.target_class)}), flush=True)
+    usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
+    clean = [r["referenced"]["suspicion"] for r in usable if r["attack"] == "clean"]
+    backdoored = [r for r in usable if r["attack"] != "clean"]
+    print(json.dumps({"clean": len(clean), "backdoored": len(backdoored),
+                      "auc": population.auc(clean, [r["referenced"]["suspicion"] for r in backdoored]),
+                      "class_is_target": sum(r["referenced"]["target_class"] == r["target"] for r in backdoored)}))
+
+
+if __name__ == "__main__":
+    main()
