@@ -30,8 +30,10 @@ With ``--margin-test``, instead: the test pre-registered in session 8 (benchmark
 "A different statistic"): the maximum-margin verdict, the sink probe and their mean on (A) digits
 models 10-17 of each attack and clean models 10-29, and (B) 4 clean models and 2 per attack on each of
 MNIST, CIFAR-10 and GTSRB, from the ``verdicts.json`` that ``verdict_population.py`` caches.
+With ``--test-c``: the test pre-registered in session 10 ("Trigger search and a reference network"):
+the universal-perturbation verdict, the margin test and the referenced margin on population (C).
 
-    python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test]
+    python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
 """
 
 from __future__ import annotations
@@ -171,16 +173,22 @@ def probe_sizes(first: int) -> None:
 
 
 # the populations of the session-8 test: (dataset, group, model numbers)
-MARGIN_TEST = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(10, 18)) for a in ATTACKS],
+# The pre-registered test populations (benchmarks/README.md): (A) and (B) for the session-8 margin test,
+# (C) for the session-10 test of the universal-perturbation ladder (warping left out on CIFAR-10).
+POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(10, 18)) for a in ATTACKS],
                "B": [(d, "clean", range(4)) for d in ("mnist", "cifar10", "gtsrb")]
-               + [(d, a, range(2)) for d in ("mnist", "cifar10", "gtsrb") for a in ATTACKS]}
+               + [(d, a, range(2)) for d in ("mnist", "cifar10", "gtsrb") for a in ATTACKS],
+               "C": [("digits", "clean", range(30, 40))] + [("digits", a, range(18, 22)) for a in ATTACKS]
+               + [("cifar10", "clean", range(4, 8))]
+               + [("cifar10", a, range(2, 4)) for a in ("badnets", "blended", "sig")]}
 
 
-def margin_test() -> None:
-    """The session-8 test's figures, per population and per dataset of (B)."""
+def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
+    """A pre-registered test's figures, per population and per dataset, from the cached verdicts; for (C)
+    also the referenced margin (``verdict_reference.py``)."""
     parts: dict[str, list[dict]] = {}
-    for population, groups in MARGIN_TEST.items():
-        for dataset, attack, numbers in groups:
+    for population in names:
+        for dataset, attack, numbers in POPULATIONS[population]:
             for number in numbers:
                 folder = folder_of(attack, number, dataset)
                 if not (folder / "verdicts.json").exists():
@@ -189,10 +197,38 @@ def margin_test() -> None:
                 row = json.loads((folder / "facts.json").read_text()) | json.loads(
                     (folder / "verdicts.json").read_text())
                 parts.setdefault(population, []).append(row)
-                if population == "B":
-                    parts.setdefault(f"B {dataset}", []).append(row)
+                if population != "A":
+                    parts.setdefault(f"{population} {dataset}", []).append(row)
     for name, rows in parts.items():
         print(name, json.dumps(summarise(rows)), flush=True)
+        if name.startswith("C"):
+            print(name, "referenced margin", json.dumps(referenced_summary(rows)), flush=True)
+
+
+def referenced_summary(rows: list[dict]) -> dict:
+    """AUC, rates at p < 0.05 and class = target of the referenced margin (``verdict_reference.py``)."""
+    from verdict_reference import SEEDS, reference_margins, referenced_margin
+
+    from fmt_audit.verdict import MARGIN_THRESHOLD
+
+    references: dict[str, list] = {}
+    scored = []
+    for row in rows:
+        if row["attack"] != "clean" and row["asr"] < 0.8:
+            continue
+        dataset = row.get("dataset", "digits")
+        if dataset not in references:
+            references[dataset] = [reference_margins(dataset, seed) for seed in SEEDS]
+        scored.append((row, referenced_margin(row["margin"]["margins"], references[dataset])))
+    clean = [v.suspicion for r, v in scored if r["attack"] == "clean"]
+    backdoored = [(r, v) for r, v in scored if r["attack"] != "clean"]
+    return {"clean": len(clean), "backdoored": len(backdoored),
+            "auc": round(auc(clean, [v.suspicion for r, v in backdoored]), 4),
+            "per_attack": {a: round(auc(clean, [v.suspicion for r, v in backdoored if r["attack"] == a]), 3)
+                           for a in ATTACKS if any(r["attack"] == a for r, v in backdoored)},
+            "false_positive_rate": round(float(np.mean([c >= MARGIN_THRESHOLD for c in clean])), 4),
+            "true_positive_rate": round(float(np.mean([v.suspicion >= MARGIN_THRESHOLD for r, v in backdoored])), 4),
+            "class_is_target": sum(v.target_class == r["target"] for r, v in backdoored)}
 
 
 def main() -> None:
@@ -203,9 +239,11 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="only models numbered from this up (a fresh part)")
     parser.add_argument("--probe-sizes", action="store_true", help="AUC of the probe by its size, then stop")
     parser.add_argument("--margin-test", action="store_true", help="the session-8 test's figures, then stop")
+    parser.add_argument("--test-c", action="store_true",
+                        help="the session-10 test's figures on population (C), then stop")
     args = parser.parse_args()
-    if args.margin_test:
-        margin_test()
+    if args.margin_test or args.test_c:
+        population_test(("C",) if args.test_c else ("A", "B"))
         return
     if args.probe_sizes:
         probe_sizes(args.first)

@@ -108,15 +108,15 @@ def layer_plots(report: ScanReport) -> list[str]:
     return images
 
 
-def margin_plot(verdict: dict) -> str:
-    """The maximum-margin test's evidence: each class's largest margin, the class named in red."""
+def class_plot(values, target: int | None, label: str) -> str:
+    """A class-level test's evidence: one bar per class, the class the verdict names in red."""
     plt = _pyplot()
-    margins = np.asarray(verdict["margins"], dtype=float)
-    figure, axis = plt.subplots(figsize=(min(12, 2 + 0.35 * len(margins)), 2.6))
-    colors = ["#d62728" if k == verdict.get("target_class") else "#888888" for k in range(len(margins))]
-    axis.bar(np.arange(len(margins)), margins, color=colors)
+    values = np.asarray(values, dtype=float)
+    figure, axis = plt.subplots(figsize=(min(12, 2 + 0.35 * len(values)), 2.6))
+    colors = ["#d62728" if k == target else "#888888" for k in range(len(values))]
+    axis.bar(np.arange(len(values)), values, color=colors)
     axis.set_xlabel("class", fontsize=8)
-    axis.set_ylabel("largest margin reached", fontsize=8)
+    axis.set_ylabel(label, fontsize=8)
     axis.tick_params(labelsize=7)
     figure.tight_layout()
     return _png(figure)
@@ -155,10 +155,17 @@ def _scan_sections(report: ScanReport) -> list[str]:
     body.append("<h2>Model</h2>" + _table([("path", report.model["path"]), ("sha256", report.model["sha256"]),
                                            ("opset", report.model["opset"]),
                                            ("input", json.dumps(report.model["input"]))]))
-    if report.verdict and report.verdict.get("margins"):
+    v = report.verdict or {}
+    if v.get("margins"):
         body.append("<h2>Maximum-margin test</h2><p class=\"note\">The largest margin over the other classes that "
                     "gradient ascent reached for each class. A backdoor's target reaches far more than the rest."
-                    "</p>" + margin_plot(report.verdict))
+                    "</p>" + class_plot(v["margins"], v.get("target_class"), "largest margin reached"))
+    if v.get("success"):
+        body.append(f"<h2>Universal-perturbation test</h2><p class=\"note\">For each class, the share of held-out "
+                    f"images of the other classes that one perturbation of RMS {v['budgets'][-1]:.3g} (the last "
+                    f"rung of {len(v['budgets'])}) sends to the class. A backdoor's target is reached while the "
+                    "other classes are not.</p>" + class_plot(v["success"][-1], v.get("target_class"),
+                                                             "held-out share reached"))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "

@@ -1,6 +1,6 @@
 """Is this model backdoored? A model-level suspicion score and verdict.
 
-Two statistics, chosen by ``ScanConfig.verdict``:
+Three statistics, chosen by ``ScanConfig.verdict``:
 
 ``margin`` (the default): the **maximum-margin test** of MM-BD (Wang et al.,
 IEEE S&P 2024; the margins come from :mod:`fmt_audit.margin`). A backdoor's
@@ -22,6 +22,12 @@ candidate batch) whose class shift reaches :data:`MIN_SHIFT`, weighted by the
 shift, the share that went to the single most common class. A mask-mode scan
 gets it from a probe: the gradient test on a seeded sample of channels
 (``ScanConfig.verdict_probe``).
+
+``universal``: a **trigger search** (:mod:`fmt_audit.universal`). One perturbation
+per class, grown on a ladder of L2 budgets until it sends 90% of held-out images
+of the other classes to some class; the suspicion is that class's lead over the
+next class there, ``suspicious`` at 0.2 (the Youden cut on development models,
+benchmarks/README.md, "Trigger search"). Needs labelled data.
 """
 
 from __future__ import annotations

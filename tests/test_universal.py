@@ -79,9 +79,12 @@ def test_scan_and_cli_take_the_universal_verdict(monkeypatch, tmp_path):
     assert "one perturbation of RMS" in report.format_text()
     result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
                                        "--samples", "96", "--skip-layers", "block", "--verdict", "universal",
-                                       "--fail-on-suspicious", "--json", str(tmp_path / "r.json")])
+                                       "--fail-on-suspicious", "--json", str(tmp_path / "r.json"),
+                                       "--html", str(tmp_path / "r.html")])
     assert result.exit_code == 1 and "suspicious" in result.output, result.output
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["verdict"] == "suspicious"
+    page = (tmp_path / "r.html").read_text()
+    assert "Universal-perturbation test" in page and page.count("data:image/png;base64") >= 2
     few = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
                                     "--samples", "10", "--verdict", "universal", "--skip-layers", "block"])
     assert "inconclusive" in few.output and "held-out" in few.output, few.output
