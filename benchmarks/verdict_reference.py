@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fmt_audit.errors import DataError
+from fmt_audit.verdict import Verdict
 
 SEEDS = (0, 1, 2)
 
@@ -136,7 +137,7 @@ def reference_margins(dataset: str, seed: int) -> np.ndarray:
     return margins
 
 
-def referenced_margin(margins: Sequence[float], references: Sequence[np.ndarray]):
+def referenced_margin(margins: Sequence[float], references: Sequence[np.ndarray]) -> Verdict:
     """The margin verdict on the audited model's ``margins`` with attractor classes discounted: ``references``
     are the reference networks' per-class margins (their geometric mean is the reference)."""
     from fmt_audit.verdict import MARGIN_FLOOR, margin_verdict

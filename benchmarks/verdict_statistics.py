@@ -207,6 +207,8 @@ def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
 
 def referenced_summary(rows: list[dict]) -> dict:
     """AUC, rates at p < 0.05 and class = target of the referenced margin (``verdict_reference.py``)."""
+    from dataclasses import replace
+
     from verdict_reference import SEEDS, reference_margins, referenced_margin
 
     from fmt_audit.verdict import MARGIN_THRESHOLD
@@ -219,7 +221,8 @@ def referenced_summary(rows: list[dict]) -> dict:
         dataset = row.get("dataset", "digits")
         if dataset not in references:
             references[dataset] = [reference_margins(dataset, seed) for seed in SEEDS]
-        scored.append((row, referenced_margin(row["margin"]["margins"], references[dataset])))
+        verdict = referenced_margin(row["margin"]["margins"], references[dataset])
+        scored.append((row, replace(verdict, suspicion=0.0) if verdict.suspicion is None else verdict))
     clean = [v.suspicion for r, v in scored if r["attack"] == "clean"]
     backdoored = [(r, v) for r, v in scored if r["attack"] != "clean"]
     return {"clean": len(clean), "backdoored": len(backdoored),

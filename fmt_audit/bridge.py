@@ -125,12 +125,14 @@ def batch_mixing(bridge: TorchBridge, image: ImageInput) -> str | None:
         return None
     batch = image.batch
     generator = torch.Generator().manual_seed(0)
+    # on the module's device: a module a scan already moved to CUDA must not read as "batch baked in"
+    device = next((t.device for t in (*bridge.module.parameters(), *bridge.module.buffers())), torch.device("cpu"))
     probe = torch.rand(batch + 1, *image.model_shape(image.channels or 3, image.height, image.width),
-                       generator=generator)
+                       generator=generator).to(device)
     try:
         with torch.no_grad():
             together = bridge.module(probe)
-            alone = torch.cat([bridge.module(torch.cat([chunk, torch.zeros(batch - len(chunk), *chunk.shape[1:])]))
+            alone = torch.cat([bridge.module(torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])]))
                                [:len(chunk)] for chunk in probe.split(batch)])
     except Exception as error:  # the module rejects the larger batch: the batch size is baked in
         return first_line(error)

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -108,7 +109,7 @@ def layer_plots(report: ScanReport) -> list[str]:
     return images
 
 
-def class_plot(values, target: int | None, label: str) -> str:
+def class_plot(values: Sequence[float], target: int | None, label: str) -> str:
     """A class-level test's evidence: one bar per class, the class the verdict names in red."""
     plt = _pyplot()
     values = np.asarray(values, dtype=float)

@@ -26,9 +26,11 @@ import torch
 from .bridge import BridgedClassifier, TorchBridge
 from .data import Preprocessing
 from .graph import ImageInput
-from .logits import as_logits, logit_classifier, margins
+from .logits import as_logits, class_count, logit_classifier, margins, without_final_softmax
 from .verdict import MarginConfig
 
+# class_count and without_final_softmax lived here before fmt_audit.logits: still importable from here
+__all__ = ["class_count", "margin_test", "max_margins", "without_final_softmax"]
 log = logging.getLogger(__name__)
 
 

@@ -14,7 +14,8 @@ the verdict reads there is the *lead* of that class over the next one (:func:`fm
 A natural attractor class, easy to reach in a clean model, becomes reachable when the model is fragile at
 that budget anyway, so other classes are close behind; a backdoor target is reachable while the others are not.
 
-Cost: ``rungs reached x steps x classes x images`` forward and backward passes, batched.
+Cost: ``rungs reached x steps x classes x images`` forward and backward passes, batched, and after each
+rung one forward pass of every held-out image per class (``classes x held-out images``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class UniversalLadder:
 
     budgets: list[float]            # RMS pixel change of each rung climbed
     success: list[list[float]]      # [rung][class]: share of held-out images of other classes sent to the class
-    images: int                     # optimisation images per class
+    images: int                     # images per class the perturbations were fitted on, at the least
     held_out: int                   # held-out images per class, at the least
 
 
@@ -72,11 +73,12 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
     fit_pool, held_pool = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
     fit = _picks(dataset.y, fit_pool, classes, config.images, generator)
     held = _picks(dataset.y, held_pool, classes, None, generator)
-    fewest = min(len(h) for h in held)
-    if fewest < MIN_HELD_OUT or min(len(f) for f in fit) == 0:
+    fewest, fitted = min(len(h) for h in held), min(len(f) for f in fit)
+    if fewest < MIN_HELD_OUT or fitted == 0:
         raise DataError(f"the universal-perturbation test needs, for every class, at least {MIN_HELD_OUT} held-out "
                         f"images of other classes and some to fit on; {len(dataset)} images "
-                        f"({len(np.unique(dataset.y))} labels) leave {fewest}: give more images (--samples)")
+                        f"({len(np.unique(dataset.y))} labels) leave {fewest} held out and {fitted} to fit: give more "
+                        f"images (--samples)")
     device = classifier.device
     x = torch.from_numpy(np.ascontiguousarray(dataset.x, dtype=np.float32)).to(device)
     shape = tuple(x.shape[1:])
@@ -97,7 +99,7 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
             progress(budget, float(reached.max()))
         if reached.max() >= config.level:
             break
-    return UniversalLadder(budgets, success, config.images, fewest)
+    return UniversalLadder(budgets, success, fitted, fewest)
 
 
 def _project(delta: torch.Tensor, radius: float) -> torch.Tensor:
@@ -115,8 +117,14 @@ def _fit(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray]
     targets = torch.tensor(chunk, device=x.device)[owner]
     delta = _project(start.clone(), radius).requires_grad_(True)
     step = radius / 8
+    equal = len(set(sizes)) == 1    # then broadcast: an indexed gather's backward is not deterministic on CUDA
+
+    def perturbed() -> torch.Tensor:
+        if equal:
+            return (images.view(len(chunk), sizes[0], *images.shape[1:]) + delta[:, None]).flatten(0, 1)
+        return images + delta[owner]
     for _ in range(steps):
-        loss = F.cross_entropy(as_logits(classifier((images + delta[owner]).clamp(0, 1))), targets, reduction="sum")
+        loss = F.cross_entropy(as_logits(classifier(perturbed().clamp(0, 1))), targets, reduction="sum")
         gradient, = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             norms = gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (gradient.dim() - 1))

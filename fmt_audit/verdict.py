@@ -96,7 +96,7 @@ class UniversalConfig:
 
 @dataclass(frozen=True)
 class Verdict:
-    method: str                 # "margin" | "sink"
+    method: str                 # "margin" | "sink" | "universal"
     suspicion: float | None     # in [0, 1]; None without evidence
     verdict: str                # "clean" | "suspicious" | "inconclusive"
     target_class: int | None    # the class the evidence points to: the likely attack target
@@ -140,6 +140,8 @@ def universal_verdict(budgets: Sequence[float], success: Sequence[Sequence[float
     """The verdict from a universal-perturbation ladder (:func:`fmt_audit.universal.universal_ladder`): the
     lead of the best-reached class over the next one at the last rung climbed (the first where a class
     reached the ladder's level, or its top)."""
+    if len(budgets) != len(success):
+        raise ValueError(f"one budget per rung: {len(budgets)} budgets, {len(success)} rungs of success")
     if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
         return inconclusive("universal", f"{basis}: needs the held-out success of at least 3 classes")
     last = np.asarray(success[-1], dtype=float)

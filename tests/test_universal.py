@@ -27,7 +27,10 @@ def test_the_verdict_reads_the_lead_at_the_last_rung():
     assert verdict.target_class == 0 and verdict.suspicion == pytest.approx(0.65) and verdict.verdict == "suspicious"
     assert verdict.to_dict()["budgets"] == [0.01, 0.02]
     close = universal_verdict([0.01], [[0.92, 0.9, 0.7, 0.5]])
-    assert close.verdict == "clean" and close.suspicion == pytest.approx(0.02) and UNIVERSAL_THRESHOLD > 0.02
+    assert close.verdict == "clean" and close.suspicion == pytest.approx(0.02)
+    assert universal_verdict([0.01], [[0.95, 0.95 - UNIVERSAL_THRESHOLD, 0.1]]).verdict == "suspicious"   # at the cut
+    with pytest.raises(ValueError, match="one budget per rung"):
+        universal_verdict([0.01, 0.02], [[0.5, 0.4, 0.1]])
     assert "sends 92% of held-out images to class 0, the next class's 90%" in describe(close.to_dict())
     for bad in ([], [[0.5, 0.4]], [[0.5, np.nan, 0.1]]):
         empty = universal_verdict([0.01] * len(bad), bad)
@@ -66,8 +69,11 @@ def test_same_seed_same_ladder_and_a_small_set_is_refused():
     runs = [universal_test(loaded.proto, loaded.image_input, Preprocessing(), data, "cpu", config)[0]
             for _ in range(2)]
     assert runs[0] == runs[1]
+    other = universal_test(loaded.proto, loaded.image_input, Preprocessing(), data, "cpu",
+                           UniversalConfig(images=8, steps=4, rungs=2, seed=1))[0]
+    assert other.success != runs[0].success          # another seed draws other images to fit and to measure
     few = Dataset(data.x[:12], data.y[:12])
-    with pytest.raises(DataError, match="at least 8 held-out images"):
+    with pytest.raises(DataError, match="at least 8 held-out images.* held out and [0-9]+ to fit"):
         universal_test(loaded.proto, loaded.image_input, Preprocessing(), few, "cpu", config)
 
 
