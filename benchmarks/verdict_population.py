@@ -171,21 +171,28 @@ def network(architecture: str, shape: tuple[int, int, int] = (1, 16, 16), classe
                          nn.Flatten(), nn.Linear(32, classes))
 
 
-def _augment(x, task: Task, generator):
-    """Random crops (zero padding ``task.crop``) and, for tasks that allow it, horizontal flips."""
+def random_crop(x, pad: int, generator):
+    """Random crops of the images zero-padded by ``pad`` pixels, one offset per image (``x`` as it is for 0)."""
     import torch
     import torch.nn.functional as F
 
-    n, _, h, w = x.shape
-    pad = task.crop
+    if pad == 0:
+        return x
+    n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
-    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(-1, x.shape[1], -1, w + 2 * pad)
-    out = padded.gather(2, rows)
-    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(-1, x.shape[1], h, -1)
-    out = out.gather(3, cols)
+    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(-1, c, -1, w + 2 * pad)
+    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(-1, c, h, -1)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def _augment(x, task: Task, generator):
+    """Random crops (zero padding ``task.crop``) and, for tasks that allow it, horizontal flips."""
+    import torch
+
+    out = random_crop(x, task.crop, generator)
     if task.flip:
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = torch.rand(len(x), generator=generator) < 0.5
         out[flip] = out[flip].flip(3)
     return out
 
@@ -339,10 +346,13 @@ def score(row: dict, statistic: str) -> float:
     return row[statistic]["suspicion"] or 0.0
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], extra: dict[str, float] | None = None) -> dict:
     """AUC, per attack, false- and true-positive rates at the shipped thresholds, class named = target, for
-    every statistic all the rows have."""
+    every statistic all the rows have; ``extra``: more statistics (verdicts stored in the rows under their
+    names) and their thresholds."""
     from fmt_audit.verdict import THRESHOLDS
+
+    thresholds = THRESHOLDS | (extra or {})
 
     usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
     clean = [r for r in usable if r["attack"] == "clean"]
@@ -350,7 +360,7 @@ def summarise(rows: list[dict]) -> dict:
     out = {"models": len(rows), "clean": len(clean), "backdoored": len(backdoored),
            "attacks_that_did_not_take": [(r.get("dataset", "digits"), r["attack"], r["number"], r["asr"])
                                          for r in rows if r not in usable]}
-    for statistic in STATISTICS:
+    for statistic in (*STATISTICS, *(extra or {})):
         if not all(computed(r, statistic) for r in rows):
             continue
 
@@ -359,7 +369,7 @@ def summarise(rows: list[dict]) -> dict:
         entry = {"auc": round(auc(values(clean), values(backdoored)), 4),
                  "per_attack": {a: round(auc(values(clean), values([r for r in backdoored if r["attack"] == a])), 3)
                                 for a in ATTACKS if any(r["attack"] == a for r in backdoored)}}
-        cut = THRESHOLDS.get(statistic)
+        cut = thresholds.get(statistic)
         if cut is not None:
             entry |= {"threshold": cut,
                       "false_positive_rate": round(float(np.mean([v >= cut for v in values(clean)])), 4),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from verdict_population import random_crop
 
 from fmt_audit.errors import DataError
 from fmt_audit.verdict import Verdict
@@ -68,18 +69,6 @@ def reference_network(channels: int, classes: int, widths: Sequence[int] = (16, 
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
 
 
-def _crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crops of the zero-padded images, one offset per image."""
-    if pad == 0:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
-    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(-1, c, -1, w + 2 * pad)
-    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(-1, c, h, -1)
-    return padded.gather(2, rows).gather(3, cols)
-
-
 def train_reference(x: np.ndarray, y: np.ndarray, classes: int, device: str = "cpu",
                     config: ReferenceConfig | None = None) -> ReferenceClassifier:
     """Train the reference network on float NCHW images in [0, 1] and their labels (``0 <= y < classes``)."""
@@ -104,7 +93,7 @@ def train_reference(x: np.ndarray, y: np.ndarray, classes: int, device: str = "c
             order, position = torch.randperm(len(images), generator=generator), 0
         idx = order[position:position + batch]
         position += batch
-        loss = F.cross_entropy(model(_crop(images[idx], config.crop, generator)), labels[idx])
+        loss = F.cross_entropy(model(random_crop(images[idx], config.crop, generator)), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,8 +138,23 @@ def referenced_margin(margins: Sequence[float], references: Sequence[np.ndarray]
     return margin_verdict(values * middle / np.maximum(reference, middle), "referenced margin")
 
 
+def with_referenced(rows: list[dict]) -> list[dict]:
+    """The rows (facts and cached verdicts) with the referenced margin beside, under ``referenced``; one
+    reference per dataset."""
+    references: dict[str, list[np.ndarray]] = {}
+    out = []
+    for row in rows:
+        dataset = row.get("dataset", "digits")
+        if dataset not in references:
+            references[dataset] = [reference_margins(dataset, seed) for seed in SEEDS]
+        out.append(row | {"referenced": referenced_margin(row["margin"]["margins"], references[dataset]).to_dict()})
+    return out
+
+
 def main() -> None:
     import verdict_population as population
+
+    from fmt_audit.verdict import MARGIN_THRESHOLD
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=population.DATASETS)
@@ -160,7 +164,6 @@ def main() -> None:
     parser.add_argument("--clean", default=None, metavar="FIRST-LAST",
                         help="the clean models' numbers, when they differ from the attacks' (e.g. 30-39)")
     args = parser.parse_args()
-    references = [reference_margins(args.dataset, seed) for seed in SEEDS]
     rows = []
     for attack in args.groups.split(","):
         numbers = range(args.first, args.models_per_group)
@@ -173,17 +176,13 @@ def main() -> None:
                 print(f"{folder.name}: not built, left out", flush=True)
                 continue
             facts = json.loads((folder / "facts.json").read_text())
-            found = population.verdicts(folder, ("margin",))
-            verdict = referenced_margin(found["margin"]["margins"], references)
-            rows.append({**facts, "referenced": verdict.to_dict()})
-            print(json.dumps({k: facts.get(k) for k in ("dataset", "attack", "number", "target", "asr")}
-                             | {"referenced": (verdict.suspicion, verdict.target_class)}), flush=True)
-    usable = [r for r in rows if r["attack"] == "clean" or r["asr"] >= 0.8]
-    clean = [r["referenced"]["suspicion"] for r in usable if r["attack"] == "clean"]
-    backdoored = [r for r in usable if r["attack"] != "clean"]
-    print(json.dumps({"clean": len(clean), "backdoored": len(backdoored),
-                      "auc": population.auc(clean, [r["referenced"]["suspicion"] for r in backdoored]),
-                      "class_is_target": sum(r["referenced"]["target_class"] == r["target"] for r in backdoored)}))
+            rows.append({**facts, "margin": population.verdicts(folder, ("margin",))["margin"]})
+    rows = with_referenced(rows)
+    for row in rows:
+        print(json.dumps({k: row.get(k) for k in ("dataset", "attack", "number", "target", "asr")}
+                         | {"referenced": (row["referenced"]["suspicion"], row["referenced"]["target_class"])}),
+              flush=True)
+    print(json.dumps(population.summarise(rows, {"referenced": MARGIN_THRESHOLD})["referenced"]))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
 
 def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
     """A pre-registered test's figures, per population and per dataset, from the cached verdicts; for (C)
-    also the referenced margin (``verdict_reference.py``)."""
+    with the referenced margin (``verdict_reference.py``) among the statistics."""
     parts: dict[str, list[dict]] = {}
     for population in names:
         for dataset, attack, numbers in POPULATIONS[population]:
@@ -200,38 +200,14 @@ def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
                 if population != "A":
                     parts.setdefault(f"{population} {dataset}", []).append(row)
     for name, rows in parts.items():
-        print(name, json.dumps(summarise(rows)), flush=True)
-        if name.startswith("C"):
-            print(name, "referenced margin", json.dumps(referenced_summary(rows)), flush=True)
+        if name.startswith("C"):    # the referenced margin beside (verdict_reference.py)
+            from verdict_reference import with_referenced
 
+            from fmt_audit.verdict import MARGIN_THRESHOLD
 
-def referenced_summary(rows: list[dict]) -> dict:
-    """AUC, rates at p < 0.05 and class = target of the referenced margin (``verdict_reference.py``)."""
-    from dataclasses import replace
-
-    from verdict_reference import SEEDS, reference_margins, referenced_margin
-
-    from fmt_audit.verdict import MARGIN_THRESHOLD
-
-    references: dict[str, list] = {}
-    scored = []
-    for row in rows:
-        if row["attack"] != "clean" and row["asr"] < 0.8:
-            continue
-        dataset = row.get("dataset", "digits")
-        if dataset not in references:
-            references[dataset] = [reference_margins(dataset, seed) for seed in SEEDS]
-        verdict = referenced_margin(row["margin"]["margins"], references[dataset])
-        scored.append((row, replace(verdict, suspicion=0.0) if verdict.suspicion is None else verdict))
-    clean = [v.suspicion for r, v in scored if r["attack"] == "clean"]
-    backdoored = [(r, v) for r, v in scored if r["attack"] != "clean"]
-    return {"clean": len(clean), "backdoored": len(backdoored),
-            "auc": round(auc(clean, [v.suspicion for r, v in backdoored]), 4),
-            "per_attack": {a: round(auc(clean, [v.suspicion for r, v in backdoored if r["attack"] == a]), 3)
-                           for a in ATTACKS if any(r["attack"] == a for r, v in backdoored)},
-            "false_positive_rate": round(float(np.mean([c >= MARGIN_THRESHOLD for c in clean])), 4),
-            "true_positive_rate": round(float(np.mean([v.suspicion >= MARGIN_THRESHOLD for r, v in backdoored])), 4),
-            "class_is_target": sum(v.target_class == r["target"] for r, v in backdoored)}
+            print(name, json.dumps(summarise(with_referenced(rows), {"referenced": MARGIN_THRESHOLD})), flush=True)
+        else:
+            print(name, json.dumps(summarise(rows)), flush=True)
 
 
 def main() -> None:

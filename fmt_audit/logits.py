@@ -56,6 +56,13 @@ def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return chosen - others.max(1).values
 
 
+def freeze(classifier: BridgedClassifier) -> None:
+    """Eval mode and no parameter gradients: the class-level tests differentiate with respect to images only."""
+    classifier.module.eval()
+    for parameter in classifier.module.parameters():
+        parameter.requires_grad_(False)
+
+
 def class_count(classifier: BridgedClassifier, shape: tuple[int, int, int]) -> int:
     """How many classes the classifier scores, from one grey image of ``shape`` (channels, height, width):
     the graph's declared output shape may be symbolic."""
@@ -65,10 +72,10 @@ def class_count(classifier: BridgedClassifier, shape: tuple[int, int, int]) -> i
 
 def logit_classifier(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, device: str,
                      bridge: TorchBridge | None, test: str) -> tuple[BridgedClassifier, int, list[str]]:
-    """The model as a frozen pixel-space classifier whose first output gives logits, its class count (at least
-    3: a class-level test compares classes), and notes on what was changed. ``test`` names the caller in
-    errors. ``bridge``: the model's conversion, when one was made already (used unless a final Softmax has to
-    go)."""
+    """The model as a frozen (:func:`freeze`) pixel-space classifier whose first output gives logits, its
+    class count (at least 3: a class-level test compares classes), and notes on what was changed. ``test``
+    names the caller in errors. ``bridge``: the model's conversion, when one was made already (used unless a
+    final Softmax has to go)."""
     if None in (image.channels, image.height, image.width):
         raise ConfigError(f"the {test} needs the image input's size; {image.name} is declared "
                           f"{list(image.shape) if image.shape else 'without a shape'}")
@@ -77,9 +84,7 @@ def logit_classifier(model: onnx.ModelProto, image: ImageInput, preprocessing: P
         bridge = to_torch(logits_model)
     check_free_batch(bridge, image, f"the {test}")
     classifier = BridgedClassifier(bridge, preprocessing, torch_device(device))
-    classifier.module.eval()
-    for parameter in classifier.module.parameters():
-        parameter.requires_grad_(False)
+    freeze(classifier)
     classes = class_count(classifier, (image.channels, image.height, image.width))
     if classes < 3:
         raise ConfigError(f"the {test} needs at least 3 classes to compare (the model has {classes})")

@@ -26,7 +26,7 @@ import torch
 from .bridge import BridgedClassifier, TorchBridge
 from .data import Preprocessing
 from .graph import ImageInput
-from .logits import as_logits, class_count, logit_classifier, margins, without_final_softmax
+from .logits import as_logits, class_count, freeze, logit_classifier, margins, without_final_softmax
 from .verdict import MarginConfig
 
 # class_count and without_final_softmax lived here before fmt_audit.logits: still importable from here
@@ -44,9 +44,7 @@ def max_margins(classifier: BridgedClassifier, shape: tuple[int, int, int], clas
     generator, so the result does not depend on ``config.batch``.
     """
     config = config or MarginConfig()
-    classifier.module.eval()
-    for parameter in classifier.module.parameters():
-        parameter.requires_grad_(False)
+    freeze(classifier)
     generator = torch.Generator().manual_seed(config.seed)
     per_call = max(1, config.batch // config.restarts)     # classes optimised together
     best = np.full(classes, -np.inf)

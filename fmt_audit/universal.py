@@ -33,7 +33,7 @@ from .bridge import BridgedClassifier, TorchBridge
 from .data import Dataset, Preprocessing
 from .errors import DataError
 from .graph import ImageInput
-from .logits import as_logits, logit_classifier
+from .logits import as_logits, freeze, logit_classifier
 from .verdict import UniversalConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
     drawn with ``config.seed``, to fit the perturbations, the other half to measure them. ``progress(budget,
     best success)`` is called after each rung."""
     config = config or UniversalConfig()
+    freeze(classifier)
     generator = np.random.default_rng(config.seed)
     order = generator.permutation(len(dataset))
     fit_pool, held_pool = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
@@ -102,9 +103,13 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
     return UniversalLadder(budgets, success, fitted, fewest)
 
 
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """Each row's L2 norm (at least 1e-12), shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+
 def _project(delta: torch.Tensor, radius: float) -> torch.Tensor:
-    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.dim() - 1))
-    return delta * torch.clamp(radius / norms, max=1.0)
+    return delta * torch.clamp(radius / _norms(delta), max=1.0)
 
 
 def _fit(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray], chunk: list[int],
@@ -127,8 +132,7 @@ def _fit(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray]
         loss = F.cross_entropy(as_logits(classifier(perturbed().clamp(0, 1))), targets, reduction="sum")
         gradient, = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            norms = gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (gradient.dim() - 1))
-            delta -= step * gradient / norms
+            delta -= step * gradient / _norms(gradient)
             delta.copy_(_project(delta, radius))
     return delta.detach()
 
