@@ -43,6 +43,8 @@ import cifar_models
 import numpy as np
 from cases import publish
 
+from fmt_audit.reference import random_crop
+
 CACHE = cifar_models.CACHE / "verdict_population"
 SHARED = cifar_models.DATASET.parent
 ATTACKS = ("badnets", "blended", "sig", "warp")
@@ -171,21 +173,6 @@ def network(architecture: str, shape: tuple[int, int, int] = (1, 16, 16), classe
                          nn.Flatten(), nn.Linear(32, classes))
 
 
-def random_crop(x, pad: int, generator):
-    """Random crops of the images zero-padded by ``pad`` pixels, one offset per image (``x`` as it is for 0)."""
-    import torch
-    import torch.nn.functional as F
-
-    if pad == 0:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
-    rows = (torch.arange(h)[None] + dy[:, None])[:, None, :, None].expand(-1, c, -1, w + 2 * pad)
-    cols = (torch.arange(w)[None] + dx[:, None])[:, None, None, :].expand(-1, c, h, -1)
-    return padded.gather(2, rows).gather(3, cols)
-
-
 def _augment(x, task: Task, generator):
     """Random crops (zero padding ``task.crop``) and, for tasks that allow it, horizontal flips."""
     import torch
@@ -304,7 +291,7 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
     return float(np.mean(pairs)) if pairs else float("nan")
 
 
-VERDICTS = ("margin", "sink", "universal")    # computed by the scan (fmt_audit.verdict)
+VERDICTS = ("margin", "sink", "universal", "transfer")    # computed by the scan (fmt_audit.verdict)
 STATISTICS = (*VERDICTS, "mean")     # mean: of margin and sink, the secondary statistic of session 8
 
 
@@ -399,7 +386,7 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="build and scan models from this number up")
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--statistics", default="margin,sink",
-                        help="the verdicts to compute, comma-separated: margin, sink, universal (cached: a model's "
+                        help="the verdicts to compute, comma-separated: margin, sink, universal, transfer (cached: a model's "
                              "verdicts computed before are read back, and every statistic all the rows have is "
                              "summarised)")
     args = parser.parse_args()

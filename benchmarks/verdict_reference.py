@@ -10,10 +10,10 @@ on the defender's clean images finds the same ones; a backdoor's target is easy 
 much easier than the median class that class is in the reference (classes at or below the median are not
 changed), then MM-BD's p-value as :func:`fmt_audit.verdict.margin_verdict` takes it.
 
-The reference is a plain CNN (three 3x3 convolutions with BatchNorm and ReLU, global average pooling, one
-linear layer) for any input size, trained from a seed with random crops, in [0, 1] pixel space. Its
-margins are cached per dataset and seed beside the population's models; the audited models' margins are
-read from their cached verdicts (``verdict_population.py``).
+The reference is :func:`fmt_audit.reference.train_reference`'s plain CNN (the transfer verdict's
+references), trained from a seed with random crops, in [0, 1] pixel space. Its margins are cached per
+dataset and seed beside the population's models; the audited models' margins are read from their cached
+verdicts (``verdict_population.py``).
 
     python benchmarks/verdict_reference.py --dataset digits --groups badnets,blended,sig,warp --first 18 \
         --models-per-group 22
@@ -24,83 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from verdict_population import random_crop
 
-from fmt_audit.errors import DataError
 from fmt_audit.verdict import Verdict
 
 SEEDS = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class ReferenceConfig:
-    steps: int = 400        # optimiser steps, whatever the number of images
-    batch: int = 64
-    lr: float = 3e-3
-    crop: int = 2           # random-crop padding in pixels
-    seed: int = 0
-
-
-class ReferenceClassifier:
-    """A trained reference network taking [0, 1] pixel-space NCHW images (the interface the class-level
-    tests use: ``module``, ``device``, calling it gives logits)."""
-
-    def __init__(self, module: nn.Module, device: str):
-        self.module = module.to(device).eval()
-        self.device = device
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-
-def reference_network(channels: int, classes: int, widths: Sequence[int] = (16, 32, 32)) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, width in enumerate(widths):
-        layers += [nn.Conv2d(channels if i == 0 else widths[i - 1], width, 3, padding=1), nn.BatchNorm2d(width),
-                   nn.ReLU()]
-        if i == 1:
-            layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
-
-
-def train_reference(x: np.ndarray, y: np.ndarray, classes: int, device: str = "cpu",
-                    config: ReferenceConfig | None = None) -> ReferenceClassifier:
-    """Train the reference network on float NCHW images in [0, 1] and their labels (``0 <= y < classes``)."""
-    config = config or ReferenceConfig()
-    if len(x) < 2 or x.ndim != 4:
-        raise DataError(f"the reference network needs at least 2 NCHW images; got shape {list(x.shape)}")
-    if y.min() < 0 or y.max() >= classes:
-        raise DataError(f"labels must lie in [0, {classes - 1}] for this {classes}-class model; "
-                        f"got {int(y.min())}..{int(y.max())}")
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = reference_network(x.shape[1], classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps)
-    images, labels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
-    batch = min(config.batch, len(images))
-    order = torch.randperm(len(images), generator=generator)
-    position = 0
-    model.train()
-    for _ in range(config.steps):
-        if position + batch > len(order):
-            order, position = torch.randperm(len(images), generator=generator), 0
-        idx = order[position:position + batch]
-        position += batch
-        loss = F.cross_entropy(model(random_crop(images[idx], config.crop, generator)), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return ReferenceClassifier(model, device)
 
 
 def reference_margins(dataset: str, seed: int) -> np.ndarray:
@@ -110,6 +39,7 @@ def reference_margins(dataset: str, seed: int) -> np.ndarray:
 
     from fmt_audit.data import load_npz
     from fmt_audit.margin import max_margins
+    from fmt_audit.reference import train_reference
     from fmt_audit.scan import ScanConfig
     from fmt_audit.verdict import MarginConfig
 
@@ -120,7 +50,7 @@ def reference_margins(dataset: str, seed: int) -> np.ndarray:
     folder = path.parent / "clean_00"
     images = load_npz(folder / "defender.npz").take(config.samples, seed=config.seed)
     classes = load_task(dataset).classes
-    reference = train_reference(images.x, images.y, classes, "cpu", ReferenceConfig(seed=seed))
+    reference = train_reference(images, classes, "cpu", seed=seed)
     margins = max_margins(reference, images.x.shape[1:], classes, MarginConfig())
     path.write_text(json.dumps({"margins": margins.tolist()}) + "\n")
     return margins

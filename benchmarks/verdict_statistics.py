@@ -32,8 +32,11 @@ models 10-17 of each attack and clean models 10-29, and (B) 4 clean models and 2
 MNIST, CIFAR-10 and GTSRB, from the ``verdicts.json`` that ``verdict_population.py`` caches.
 With ``--test-c``: the test pre-registered in session 10 ("Trigger search and a reference network"):
 the universal-perturbation verdict, the margin test and the referenced margin on population (C).
+With ``--test-d``: the test pre-registered in session 11 ("Does the easy class's perturbation transfer?"):
+the transfer verdict, the margin test and the untransferred success on population (D).
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
+        [--test-d]
 """
 
 from __future__ import annotations
@@ -180,7 +183,25 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                + [(d, a, range(2)) for d in ("mnist", "cifar10", "gtsrb") for a in ATTACKS],
                "C": [("digits", "clean", range(30, 40))] + [("digits", a, range(18, 22)) for a in ATTACKS]
                + [("cifar10", "clean", range(4, 8))]
-               + [("cifar10", a, range(2, 4)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(2, 4)) for a in ("badnets", "blended", "sig")],
+               "D": [("digits", "clean", range(40, 52))] + [("digits", a, range(22, 26)) for a in ATTACKS]
+               + [("mnist", "clean", range(4, 8))] + [("mnist", a, range(2, 4)) for a in ATTACKS]
+               + [("cifar10", "clean", range(8, 12))]
+               + [("cifar10", a, range(4, 6)) for a in ("badnets", "blended", "sig")]}
+
+
+def with_untransferred(row: dict) -> dict:
+    """The row with the untransferred success at the universal ladder's leading class, ``s_t - t_t``, beside
+    (under ``untransferred``), from the figures of its ``transfer`` verdict."""
+    from fmt_audit.verdict import transferred
+
+    verdict = row["transfer"]
+    if verdict.get("suspicion") is None:
+        return row | {"untransferred": {"suspicion": None, "target_class": None}}
+    last = np.asarray(verdict["success"][-1])
+    moved = transferred(verdict["reference_success"], verdict["reference_baseline"], len(last))
+    top = int(last.argmax())
+    return row | {"untransferred": {"suspicion": float(np.clip(last[top] - moved[top], 0, 1)), "target_class": top}}
 
 
 def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
@@ -200,7 +221,10 @@ def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
                 if population != "A":
                     parts.setdefault(f"{population} {dataset}", []).append(row)
     for name, rows in parts.items():
-        if name.startswith("C"):    # the referenced margin beside (verdict_reference.py)
+        if name.startswith("D"):    # the untransferred success beside, from the transfer verdict's figures
+            print(name, json.dumps(summarise([with_untransferred(r) for r in rows], {"untransferred": None})),
+                  flush=True)
+        elif name.startswith("C"):    # the referenced margin beside (verdict_reference.py)
             from verdict_reference import with_referenced
 
             from fmt_audit.verdict import MARGIN_THRESHOLD
@@ -220,9 +244,11 @@ def main() -> None:
     parser.add_argument("--margin-test", action="store_true", help="the session-8 test's figures, then stop")
     parser.add_argument("--test-c", action="store_true",
                         help="the session-10 test's figures on population (C), then stop")
+    parser.add_argument("--test-d", action="store_true",
+                        help="the session-11 test's figures on population (D), then stop")
     args = parser.parse_args()
-    if args.margin_test or args.test_c:
-        population_test(("C",) if args.test_c else ("A", "B"))
+    if args.margin_test or args.test_c or args.test_d:
+        population_test(("C",) if args.test_c else ("D",) if args.test_d else ("A", "B"))
         return
     if args.probe_sizes:
         probe_sizes(args.first)

@@ -23,6 +23,8 @@ _EXPORTS = {
     "trigger_response": "oracle",
     "margin_test": "margin", "margin_verdict": "verdict", "MarginConfig": "verdict", "Verdict": "verdict",
     "universal_test": "universal", "universal_verdict": "verdict", "UniversalConfig": "verdict",
+    "transfer_test": "transfer", "transfer_verdict": "verdict", "ReferenceConfig": "verdict",
+    "train_reference": "reference",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",
     "FmtAuditError": "errors", "ModelLoadError": "errors", "UnsupportedModelError": "errors",

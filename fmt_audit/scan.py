@@ -24,11 +24,13 @@ from .selection import SELECTIONS, select
 from .verdict import METHODS as VERDICTS
 from .verdict import (
     MarginConfig,
+    ReferenceConfig,
     UniversalConfig,
     Verdict,
     inconclusive,
     margin_verdict,
     sink_concentration,
+    transfer_verdict,
     universal_verdict,
 )
 
@@ -61,7 +63,8 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
-    verdict: str = "margin"             # model-level statistic: margin | sink | universal | none (fmt_audit.verdict)
+    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | none
+    #                                     (fmt_audit.verdict)
     verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
     margin_restarts: int = 16           # verdict "margin": random starts per class
     margin_steps: int = 200             # verdict "margin": gradient steps per start
@@ -128,6 +131,9 @@ class ScanConfig:
 
     def universal_config(self) -> UniversalConfig:
         return UniversalConfig(seed=self.seed)
+
+    def reference_config(self) -> ReferenceConfig:
+        return ReferenceConfig()
 
 
 # The published method with the public reference code's defaults, and ours (see README, "Presets").
@@ -274,17 +280,29 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
 
             margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
                                          config.margin_config(), scanner.bridge if scanner else None)
-            return margin_verdict(margins, "; ".join([f"maximum-margin test, {config.margin_restarts} starts x "
-                                                      f"{config.margin_steps} steps per class", *notes]))
+            return margin_verdict(margins, "; ".join([_margin_basis(config), *notes]))
         if config.verdict == "universal":
             from .universal import universal_test
 
             ladder, notes = universal_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
                                            config.device, config.universal_config(),
                                            scanner.bridge if scanner else None)
-            return universal_verdict(ladder.budgets, ladder.success, "; ".join([
-                f"universal-perturbation test, {ladder.images} images per class to fit, at least {ladder.held_out} "
-                f"held out", *notes]))
+            return universal_verdict(ladder.budgets, ladder.success, "; ".join([_ladder_basis(ladder), *notes]))
+        if config.verdict == "transfer":
+            from .margin import margin_test
+            from .transfer import transfer_test
+
+            bridge = scanner.bridge if scanner else None
+            margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
+                                         config.margin_config(), bridge)
+            found, _ = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
+                                     config.universal_config(), config.reference_config(), bridge)
+            ladder = found.ladder
+            return transfer_verdict(margins, ladder.budgets, ladder.success, found.reference_success,
+                                    found.reference_baseline, "; ".join([
+                                        f"{_margin_basis(config)}, discounted by the transfer of its "
+                                        f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference "
+                                        "networks trained on the scan's images", *notes]))
         if config.mode == "gradient":
             return sink_concentration([r.shift for r in results], [r.sink for r in results])
         if not config.verdict_probe:
@@ -292,6 +310,15 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
         return verdict_probe(loaded, dataset, config, layers)
     except FmtAuditError as error:
         return inconclusive(config.verdict, f"no {config.verdict} evidence: {error}")
+
+
+def _margin_basis(config: ScanConfig) -> str:
+    return f"maximum-margin test, {config.margin_restarts} starts x {config.margin_steps} steps per class"
+
+
+def _ladder_basis(ladder) -> str:
+    return (f"universal-perturbation test, {ladder.images} images per class to fit, at least {ladder.held_out} "
+            f"held out")
 
 
 def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -49,6 +49,10 @@ class UniversalLadder:
     success: list[list[float]]      # [rung][class]: share of held-out images of other classes sent to the class
     images: int                     # images per class the perturbations were fitted on, at the least
     held_out: int                   # held-out images per class, at the least
+    # the last rung's perturbations [class, C, H, W] (pixel space) and, per class, the indices of the
+    # dataset's held-out images its success was measured on: what other networks are tested with
+    perturbations: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32), repr=False, compare=False)
+    held: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
 
 
 def _picks(labels: np.ndarray, pool: np.ndarray, classes: int, count: int | None,
@@ -93,14 +97,14 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
         for first in range(0, classes, per_call):
             chunk = list(range(first, min(classes, first + per_call)))
             delta[chunk] = _fit(classifier, x, [fit[k] for k in chunk], chunk, delta[chunk], radius, config.steps)
-        reached = _success(classifier, x, held, delta, config.batch)
+        reached = held_out_success(classifier, x, held, delta, config.batch)
         budgets.append(round(budget, 6))
         success.append([round(float(s), 6) for s in reached])
         if progress:
             progress(budget, float(reached.max()))
         if reached.max() >= config.level:
             break
-    return UniversalLadder(budgets, success, fitted, fewest)
+    return UniversalLadder(budgets, success, fitted, fewest, delta.cpu().numpy(), held)
 
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
@@ -137,9 +141,10 @@ def _fit(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray]
     return delta.detach()
 
 
-def _success(classifier: BridgedClassifier, x: torch.Tensor, held: list[np.ndarray], delta: torch.Tensor,
-             batch: int) -> np.ndarray:
-    """Per class, the share of its held-out images the class's perturbation sends to it."""
+def held_out_success(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, held: list[np.ndarray],
+                     delta: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Per class ``k``, the share of the images ``x[held[k]]`` that ``classifier`` (the audited model or any
+    network giving logits or probabilities) puts in class ``k`` once ``delta[k]`` is added (clipped to [0, 1])."""
     out = np.zeros(len(held))
     with torch.no_grad():
         for k, indices in enumerate(held):

@@ -28,6 +28,16 @@ per class, grown on a ladder of L2 budgets until it sends 90% of held-out images
 of the other classes to some class; the suspicion is that class's lead over the
 next class there, ``suspicious`` at 0.2 (the Youden cut on development models,
 benchmarks/README.md, "Trigger search"). Needs labelled data.
+
+``transfer``: the maximum-margin test, **discounted by transfer** (:mod:`fmt_audit.transfer`).
+A class can have a large margin because the data makes it easy (a natural attractor)
+or because the model carries a shortcut to it (a backdoor). The universal ladder's
+perturbation for the margin test's class is applied to small clean networks trained
+on the scan's own images (:mod:`fmt_audit.reference`): a natural shortcut moves them
+too, a backdoor's does not. The suspicion is ``(1 - p) * (1 - t)``, ``t`` the share of
+held-out images the perturbation moves into that class in the references beyond
+those already there; ``suspicious`` at 0.95 as for ``margin``. It can only lower the
+margin test's suspicion. Needs labelled data.
 """
 
 from __future__ import annotations
@@ -39,12 +49,13 @@ import numpy as np
 
 from .errors import ConfigError
 
-METHODS = ("margin", "sink", "universal", "none")
+METHODS = ("margin", "sink", "universal", "transfer", "none")
 MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
 MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
 SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
 MARGIN_THRESHOLD = 0.95  # margin: 1 - p at or above this (p < 0.05, MM-BD's threshold) is "suspicious"
 UNIVERSAL_THRESHOLD = 0.2  # universal: lead at or above this is "suspicious" (benchmarks/README.md, Verdict)
+TRANSFER_THRESHOLD = 0.95  # transfer: the discounted 1 - p at or above this is "suspicious" (MM-BD's p < 0.05)
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
 
@@ -95,8 +106,28 @@ class UniversalConfig:
 
 
 @dataclass(frozen=True)
+class ReferenceConfig:
+    """How :func:`fmt_audit.reference.train_reference` trains the transfer test's reference networks."""
+
+    count: int = 3          # references, trained from seeds seed, seed + 1, ...
+    steps: int = 400        # optimiser steps each, whatever the number of images
+    batch: int = 64
+    lr: float = 3e-3
+    crop: int = 2           # random-crop padding in pixels
+
+    def __post_init__(self):
+        for name in ("count", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"the reference networks' {name} must be at least 1; got {getattr(self, name)}")
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"the reference networks' learning rate must be positive; got {self.lr}")
+        if self.crop < 0:
+            raise ConfigError(f"the reference networks' crop padding must be 0 or more; got {self.crop}")
+
+
+@dataclass(frozen=True)
 class Verdict:
-    method: str                 # "margin" | "sink" | "universal"
+    method: str                 # "margin" | "sink" | "universal" | "transfer"
     suspicion: float | None     # in [0, 1]; None without evidence
     verdict: str                # "clean" | "suspicious" | "inconclusive"
     target_class: int | None    # the class the evidence points to: the likely attack target
@@ -114,10 +145,14 @@ def describe(verdict: dict) -> str:
     """One line for a scan's summary, from a verdict as reports store it (:meth:`Verdict.to_dict`)."""
     if verdict.get("suspicion") is None:
         return f"verdict: inconclusive ({verdict['basis']})"
-    if verdict["method"] == "margin":
+    if verdict["method"] in ("margin", "transfer"):
         ordered = sorted(verdict["margins"], reverse=True)
         evidence = (f"class {verdict['target_class']} reaches margin {ordered[0]:.3g}, the next class "
                     f"{ordered[1]:.3g}; p = {verdict['p_value']:.2g}")
+        if verdict["method"] == "transfer":
+            evidence += (f"; its universal perturbation moves {verdict['transferred'][verdict['target_class']]:.0%} "
+                         f"of held-out images into it in {len(verdict['reference_success'])} reference networks "
+                         "trained on the scan's images")
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
         evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
@@ -128,7 +163,8 @@ def describe(verdict: dict) -> str:
             f"{evidence}; {verdict['basis']})")
 
 
-THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD}
+THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD,
+              "transfer": TRANSFER_THRESHOLD}
 
 
 def inconclusive(method: str, why: str) -> Verdict:
@@ -150,6 +186,42 @@ def universal_verdict(budgets: Sequence[float], success: Sequence[Sequence[float
     return Verdict("universal", lead, "suspicious" if lead >= UNIVERSAL_THRESHOLD else "clean", top,
                    UNIVERSAL_THRESHOLD, basis,
                    {"budgets": [float(b) for b in budgets], "success": [[float(v) for v in row] for row in success]})
+
+
+def transferred(reference_success: Sequence[Sequence[float]], reference_baseline: Sequence[Sequence[float]],
+                classes: int) -> np.ndarray:
+    """Per class, the share of held-out images its universal perturbation moves into it in the references
+    beyond those already there: mean over references of success minus baseline, clipped to [0, 1] (a
+    perturbation that pulls the references away is no evidence either way)."""
+    moved, before = np.asarray(reference_success, dtype=float), np.asarray(reference_baseline, dtype=float)
+    if moved.ndim != 2 or moved.shape != before.shape or moved.shape[1] != classes or not len(moved):
+        raise ValueError(f"one row of {classes} classes per reference, with and without the perturbations; got "
+                         f"shapes {list(moved.shape)} and {list(before.shape)}")
+    return np.clip(moved.mean(0) - before.mean(0), 0.0, 1.0)
+
+
+def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success: Sequence[Sequence[float]],
+                     reference_success: Sequence[Sequence[float]], reference_baseline: Sequence[Sequence[float]],
+                     basis: str = "transfer test") -> Verdict:
+    """The maximum-margin verdict (:func:`margin_verdict` on ``margins``) discounted by how natural its class
+    is: ``(1 - p) * (1 - t)``, where ``t`` is the share of held-out images the class's universal perturbation
+    (the last rung of ``budgets``/``success``, as :func:`universal_verdict` takes them) moves into the class
+    in clean reference networks (:func:`transferred`; ``reference_success`` and ``reference_baseline`` per
+    reference and class, with and without the perturbations)."""
+    if len(budgets) != len(success):
+        raise ValueError(f"one budget per rung: {len(budgets)} budgets, {len(success)} rungs of success")
+    margin = margin_verdict(margins, basis)
+    if margin.suspicion is None:
+        return inconclusive("transfer", margin.basis)
+    top = margin.target_class
+    natural = transferred(reference_success, reference_baseline, len(margins))
+    suspicion = round(margin.suspicion * (1.0 - float(natural[top])), 6)
+    return Verdict("transfer", suspicion, "suspicious" if suspicion >= TRANSFER_THRESHOLD else "clean", top,
+                   TRANSFER_THRESHOLD, basis, margin.details | {
+                       "transferred": [round(float(v), 6) for v in natural],
+                       "budgets": [float(b) for b in budgets], "success": [[float(v) for v in row] for row in success],
+                       "reference_success": [[float(v) for v in row] for row in reference_success],
+                       "reference_baseline": [[float(v) for v in row] for row in reference_baseline]})
 
 
 def margin_verdict(margins: Sequence[float], basis: str = "maximum-margin test") -> Verdict:

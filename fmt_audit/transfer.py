@@ -1,0 +1,81 @@
+"""Is the easiest class easy because of the data or because of this model? The transfer test, evidence for
+the model-level verdict.
+
+The universal-perturbation ladder (:mod:`fmt_audit.universal`) finds the class one small perturbation
+carries most held-out images to. In a backdoored model that is usually the target, but in a clean model it is
+a natural attractor class, which the universal lead alone cannot tell apart (benchmarks/README.md, Verdict).
+The two differ in where the shortcut lives. A natural universal perturbation exploits features of the data,
+so it moves other networks trained on the same data too: universal perturbations are known to transfer
+between models (Moosavi-Dezfooli et al., CVPR 2017). A backdoor is a feature of the poisoned model; what
+reverse engineering recovers of a trigger moves the model, not clean networks.
+
+So the last rung's perturbations are applied to a few small networks trained from scratch on the scan's own
+labelled images (:mod:`fmt_audit.reference`), on the same held-out images. The suspicion
+(:func:`fmt_audit.verdict.transfer_verdict`) is the leading class's success on the model minus its success on
+the references beyond what they already put in that class without it.
+
+Cost: the universal ladder's, plus training the references (``count x steps`` small CNN steps of ``batch``
+images, on CPU) and two forward passes per reference of every held-out image per class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from .bridge import TorchBridge
+from .data import Dataset, Preprocessing
+from .graph import ImageInput
+from .reference import train_reference
+from .universal import UniversalLadder, held_out_success, universal_test
+from .verdict import ReferenceConfig, UniversalConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """The ladder on the audited model and, per reference network, every class's held-out success with the
+    ladder's last perturbations and without them."""
+
+    ladder: UniversalLadder
+    reference_success: list[list[float]]    # [reference][class]
+    reference_baseline: list[list[float]]   # [reference][class]
+
+
+def transfer_to_references(ladder: UniversalLadder, dataset: Dataset, classes: int, device: str = "cpu",
+                           config: ReferenceConfig | None = None, seed: int = 0,
+                           batch: int = 512) -> tuple[list[list[float]], list[list[float]]]:
+    """Train ``config.count`` references on ``dataset`` (the ladder's images, float NCHW in [0, 1] with
+    labels) from seeds ``seed, seed + 1, ...`` and measure, per reference, each class's held-out success with
+    the ladder's last perturbations and with none."""
+    config = config or ReferenceConfig()
+    x = torch.from_numpy(np.ascontiguousarray(dataset.x, dtype=np.float32)).to(device)
+    delta = torch.from_numpy(ladder.perturbations).to(device)
+    moved, before = [], []
+    for i in range(config.count):
+        reference = train_reference(dataset, classes, device, config, seed + i)
+        moved.append([round(float(v), 6) for v in held_out_success(reference, x, ladder.held, delta, batch)])
+        before.append([round(float(v), 6) for v in held_out_success(reference, x, ladder.held,
+                                                                    torch.zeros_like(delta), batch)])
+    return moved, before
+
+
+def transfer_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, dataset: Dataset,
+                  device: str = "auto", config: UniversalConfig | None = None,
+                  references: ReferenceConfig | None = None, bridge: TorchBridge | None = None,
+                  progress: Callable[[float, float], None] | None = None) -> tuple[TransferResult, list[str]]:
+    """The universal ladder of an ONNX classifier on labelled ``dataset`` images (:func:`universal_test`,
+    same arguments), then its transfer to reference networks trained on the same images, and notes."""
+    config = config or UniversalConfig()
+    ladder, notes = universal_test(model, image, preprocessing, dataset, device, config, bridge, progress)
+    classes = ladder.perturbations.shape[0]
+    references = references or ReferenceConfig()
+    log.info("transfer test: %d reference networks, %d steps each", references.count, references.steps)
+    moved, before = transfer_to_references(ladder, dataset, classes, "cpu", references, config.seed, config.batch)
+    return TransferResult(ladder, moved, before), notes
