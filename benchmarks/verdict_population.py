@@ -386,8 +386,8 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="build and scan models from this number up")
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--statistics", default="margin,sink",
-                        help="the verdicts to compute, comma-separated: margin, sink, universal, transfer (cached: a model's "
-                             "verdicts computed before are read back, and every statistic all the rows have is "
+                        help="the verdicts to compute, comma-separated: margin, sink, universal, transfer (cached: a "
+                             "model's verdicts computed before are read back, and every statistic all the rows have is "
                              "summarised)")
     args = parser.parse_args()
     from fmt_audit.scan import ScanConfig, scan

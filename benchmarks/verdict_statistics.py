@@ -190,18 +190,23 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                + [("cifar10", a, range(4, 6)) for a in ("badnets", "blended", "sig")]}
 
 
-def with_untransferred(row: dict) -> dict:
-    """The row with the untransferred success at the universal ladder's leading class, ``s_t - t_t``, beside
-    (under ``untransferred``), from the figures of its ``transfer`` verdict."""
+def with_secondaries(row: dict) -> dict:
+    """The row with (D)'s secondary statistics beside, from the figures of its ``transfer`` verdict: the
+    margin test's own verdict (under ``margin``: ``1 - p`` at the same class, the transfer verdict's first
+    step, so it is not run twice) and the untransferred success at the universal ladder's leading class,
+    ``s_t - t_t`` (under ``untransferred``)."""
     from fmt_audit.verdict import transferred
 
     verdict = row["transfer"]
     if verdict.get("suspicion") is None:
-        return row | {"untransferred": {"suspicion": None, "target_class": None}}
+        return row | {s: {"suspicion": None, "target_class": None} for s in ("margin", "untransferred")}
+    margin = row.get("margin") or {"suspicion": round(1.0 - verdict["p_value"], 6),
+                                   "target_class": verdict["target_class"]}
     last = np.asarray(verdict["success"][-1])
     moved = transferred(verdict["reference_success"], verdict["reference_baseline"], len(last))
     top = int(last.argmax())
-    return row | {"untransferred": {"suspicion": float(np.clip(last[top] - moved[top], 0, 1)), "target_class": top}}
+    return row | {"margin": margin,
+                  "untransferred": {"suspicion": float(np.clip(last[top] - moved[top], 0, 1)), "target_class": top}}
 
 
 def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
@@ -221,8 +226,8 @@ def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
                 if population != "A":
                     parts.setdefault(f"{population} {dataset}", []).append(row)
     for name, rows in parts.items():
-        if name.startswith("D"):    # the untransferred success beside, from the transfer verdict's figures
-            print(name, json.dumps(summarise([with_untransferred(r) for r in rows], {"untransferred": None})),
+        if name.startswith("D"):    # margin and untransferred success beside, from the transfer verdict's figures
+            print(name, json.dumps(summarise([with_secondaries(r) for r in rows], {"untransferred": None})),
                   flush=True)
         elif name.startswith("C"):    # the referenced margin beside (verdict_reference.py)
             from verdict_reference import with_referenced

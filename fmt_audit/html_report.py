@@ -167,12 +167,11 @@ def _scan_sections(report: ScanReport) -> list[str]:
                     f"rung of {len(v['budgets'])}) sends to the class. A backdoor's target is reached while the "
                     "other classes are not.</p>" + class_plot(v["success"][-1], v.get("target_class"),
                                                              "held-out share reached"))
-    if v.get("reference_success"):
-        transferred = np.mean(v["reference_success"], 0) - np.mean(v["reference_baseline"], 0)
+    if v.get("transferred"):
         body.append(f"<h2>Transfer test</h2><p class=\"note\">The same perturbations on {len(v['reference_success'])} "
                     "small clean networks trained on the scan's images: for each class, the share of the held-out "
                     "images they send there beyond what the networks already put there. A natural shortcut moves "
-                    "them too; a backdoor's does not.</p>" + class_plot(transferred.tolist(), v.get("target_class"),
+                    "them too; a backdoor's does not.</p>" + class_plot(v["transferred"], v.get("target_class"),
                                                                        "held-out share moved in the references"))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))

@@ -15,7 +15,15 @@ from fmt_audit.loading import load_model
 from fmt_audit.reference import train_reference
 from fmt_audit.scan import ScanConfig, scan
 from fmt_audit.transfer import transfer_test
-from fmt_audit.verdict import TRANSFER_THRESHOLD, ReferenceConfig, UniversalConfig, describe, transfer_verdict
+from fmt_audit.verdict import (
+    TRANSFER_THRESHOLD,
+    ReferenceConfig,
+    UniversalConfig,
+    describe,
+    margin_verdict,
+    transfer_verdict,
+    transferred,
+)
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
            if m["attack"] != "none"}
@@ -24,24 +32,33 @@ QUICK = UniversalConfig(images=16, steps=8)     # a sliver of the default effort
 FEW_STEPS = ReferenceConfig(steps=150)          # of the default 400
 
 
-def test_the_verdict_takes_off_what_the_references_also_do():
+MARGINS = [40.0, 10.0, 12.0, 11.0]      # class 0 stands far out: p tiny, 1 - p about 1
+
+
+def test_the_margin_verdict_is_discounted_by_what_the_references_also_do():
     success = [[0.1, 0.2, 0.1, 0.0], [0.95, 0.3, 0.2, 0.1]]
-    natural = transfer_verdict([0.01, 0.02], success, [[0.9, 0.1, 0.0, 0.0], [0.8, 0.3, 0.0, 0.0]],
+    plain = margin_verdict(MARGINS)
+    natural = transfer_verdict(MARGINS, [0.01, 0.02], success, [[0.9, 0.1, 0.0, 0.0], [0.8, 0.3, 0.0, 0.0]],
                                [[0.05, 0.0, 0.0, 0.0], [0.05, 0.0, 0.0, 0.0]])
-    assert natural.target_class == 0 and natural.suspicion == pytest.approx(0.95 - 0.8) and natural.verdict == "clean"
-    backdoor = transfer_verdict([0.01, 0.02], success, [[0.1, 0.9, 0.9, 0.9]], [[0.05, 0.0, 0.0, 0.0]])
-    assert backdoor.suspicion == pytest.approx(0.9) and backdoor.verdict == "suspicious"
-    assert backdoor.to_dict()["reference_success"] == [[0.1, 0.9, 0.9, 0.9]]
+    assert natural.target_class == plain.target_class == 0 and natural.method == "transfer"
+    assert natural.suspicion == pytest.approx(plain.suspicion * (1 - 0.8), abs=1e-6) and natural.verdict == "clean"
+    assert natural.details["p_value"] == plain.details["p_value"]
+    assert natural.details["transferred"] == pytest.approx([0.8, 0.2, 0.0, 0.0])
+    backdoor = transfer_verdict(MARGINS, [0.01, 0.02], success, [[0.0, 0.9, 0.9, 0.9]], [[0.0, 0.0, 0.0, 0.0]])
+    assert backdoor.suspicion == plain.suspicion and backdoor.verdict == "suspicious"   # others' transfer: no change
+    assert backdoor.to_dict()["reference_success"] == [[0.0, 0.9, 0.9, 0.9]]
     assert backdoor.to_dict()["budgets"] == [0.01, 0.02]
-    clipped = transfer_verdict([0.01], [[0.5, 0.1, 0.1]], [[0.1, 0.0, 0.0]], [[0.9, 0.0, 0.0]])
-    assert clipped.suspicion == 0.5        # a perturbation that pulls the references away adds no suspicion
-    assert transfer_verdict([0.01], [[1.0, 0.1, 0.1]], [[1 - TRANSFER_THRESHOLD, 0.0, 0.0]],
-                            [[0.0, 0.0, 0.0]]).verdict == "suspicious"     # at the cut
+    pulled = transfer_verdict(MARGINS, [0.01], success[-1:], [[0.1, 0.0, 0.0, 0.0]], [[0.9, 0.0, 0.0, 0.0]])
+    assert pulled.suspicion == plain.suspicion      # a perturbation that pulls the references away adds nothing
+    edge = transfer_verdict(MARGINS, [0.01], success[-1:], [[0.01, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]])
+    assert (edge.suspicion >= TRANSFER_THRESHOLD) == (plain.suspicion * 0.99 >= TRANSFER_THRESHOLD)
     text = describe(natural.to_dict())
-    assert "sends 95% of held-out images to class 0; 2 reference networks" in text and "85% (5% without it)" in text
+    assert "class 0 reaches margin 40" in text and "moves 80% of held-out images into it in 2 reference" in text
     with pytest.raises(ValueError, match="one row of 4 classes per reference"):
-        transfer_verdict([0.01, 0.02], success, [[0.1, 0.2]], [[0.0, 0.0]])
-    empty = transfer_verdict([0.01], [[0.5, 0.4]], [[0.0, 0.0]], [[0.0, 0.0]])
+        transfer_verdict(MARGINS, [0.01, 0.02], success, [[0.1, 0.2]], [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="one budget per rung"):
+        transfer_verdict(MARGINS, [0.01], success, [[0.0] * 4], [[0.0] * 4])
+    empty = transfer_verdict([1.0, 2.0], [0.01], [[0.5, 0.4]], [[0.0, 0.0]], [[0.0, 0.0]])
     assert empty.verdict == "inconclusive" and empty.method == "transfer" and empty.suspicion is None
 
 
@@ -67,34 +84,32 @@ def test_a_reference_learns_the_scan_images_the_same_way_for_a_seed():
         train_reference(Dataset(data.x[:1], data.y[:1]), 10, "cpu", FEW_STEPS)
 
 
-def test_the_badnets_trigger_does_not_transfer_and_the_clean_models_shortcut_does():
-    """On the sample BadNets model the leading class is the target and its perturbation leaves the
-    references where they were; the clean sample's leading class is one the references reach as well."""
+def test_the_badnets_targets_perturbation_does_not_move_the_references():
+    """On the sample BadNets model the ladder stops at the target, and the target's perturbation moves the
+    model's held-out images into it but leaves the references where they were."""
     data = load_npz(DATA).take(128, seed=0)
-    found = {}
-    for name in ("clean", "badnets"):
-        loaded = load_model(SAMPLES / f"{name}_op13.onnx")
-        result, notes = transfer_test(loaded.proto, loaded.image_input, Preprocessing(), data, "cpu", QUICK,
-                                      FEW_STEPS)
-        assert notes == [] and len(result.reference_success) == FEW_STEPS.count
-        assert result.ladder.perturbations.shape == (10, *data.x.shape[1:])
-        assert all(len(h) >= 8 and (data.y[h] != k).all() for k, h in enumerate(result.ladder.held))
-        found[name] = transfer_verdict(result.ladder.budgets, result.ladder.success, result.reference_success,
-                                       result.reference_baseline)
-    badnets, clean = found["badnets"], found["clean"]
-    assert badnets.target_class == TARGETS["badnets"] and badnets.verdict == "suspicious"
-    assert clean.verdict == "clean" and badnets.suspicion > clean.suspicion + 0.3
+    loaded = load_model(SAMPLES / "badnets_op13.onnx")
+    result, notes = transfer_test(loaded.proto, loaded.image_input, Preprocessing(), data, "cpu", QUICK, FEW_STEPS)
+    ladder, target = result.ladder, TARGETS["badnets"]
+    assert notes == [] and len(result.reference_success) == len(result.reference_baseline) == FEW_STEPS.count
+    assert ladder.perturbations.shape == (10, *data.x.shape[1:])
+    assert all(len(h) >= 8 and (data.y[h] != k).all() for k, h in enumerate(ladder.held))
+    assert int(np.argmax(ladder.success[-1])) == target and ladder.success[-1][target] >= QUICK.level
+    moved = transferred(result.reference_success, result.reference_baseline, 10)
+    assert moved[target] < 0.1
 
 
 def test_scan_and_cli_take_the_transfer_verdict(monkeypatch, tmp_path):
     monkeypatch.setattr(ScanConfig, "universal_config", lambda self: QUICK)
     monkeypatch.setattr(ScanConfig, "reference_config", lambda self: FEW_STEPS)
     report = scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=96, skip_layers="block",
-                                                                   verdict="transfer"))
+                                                                   verdict="transfer", margin_restarts=4,
+                                                                   margin_steps=60))
     assert report.verdict["method"] == "transfer" and report.verdict["target_class"] == TARGETS["badnets"]
     assert "reference networks trained on the scan's images" in report.format_text()
     result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
                                        "--samples", "96", "--skip-layers", "block", "--verdict", "transfer",
+                                       "--margin-restarts", "4", "--margin-steps", "60",
                                        "--fail-on-suspicious", "--json", str(tmp_path / "r.json"),
                                        "--html", str(tmp_path / "r.html")])
     assert result.exit_code == 1 and "suspicious" in result.output, result.output
