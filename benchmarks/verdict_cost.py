@@ -1,10 +1,14 @@
-"""What the verdict costs: the maximum-margin test beside the sink probe and the mask-mode scan, per model.
+"""What the verdict costs: the maximum-margin test beside the sink probe, the universal-perturbation ladder,
+the transfer test's reference networks and the mask-mode scan, per model.
 
 The maximum-margin test's cost is a conversion to PyTorch, then classes x starts
 x steps forward and backward passes of single images, whatever the data and the
 channel count: the conversion and the gradient ascent (16 starts, ``--steps``,
 200 by default as the scan runs it) are timed apart. The sink probe (64 channels,
-eps calibrated) and the mask-mode scan (N images) are timed as the scan runs them.
+eps calibrated) and the mask-mode scan (N images) are timed as the scan runs them; the
+universal ladder (conversion included) and the training and measurement of the
+transfer test's reference networks on the ladder's perturbations apart, so the
+transfer verdict costs the margin test, the ladder and the references.
 Each model in a fresh process, one after another, on an otherwise idle machine
 (a difference of two noisy timings proved useless under load, so nothing here is
 extrapolated).
@@ -36,6 +40,8 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
     from fmt_audit.logits import class_count
     from fmt_audit.margin import max_margins
     from fmt_audit.scan import ScanConfig, model_verdict, scan
+    from fmt_audit.transfer import transfer_to_references
+    from fmt_audit.universal import universal_test
 
     loaded = load_model(model)
     config = ScanConfig(samples=samples, verdict="none")
@@ -55,9 +61,17 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
     started = time.perf_counter()
     model_verdict(loaded, dataset, replace(config, verdict="sink"), list(loaded.layers), [])
     sink_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ladder, _ = universal_test(loaded.proto, image, config.preprocessing, dataset, "cpu", config.universal_config())
+    universal_s = time.perf_counter() - started
+    started = time.perf_counter()
+    transfer_to_references(ladder, dataset, classes, "cpu", config.reference_config(), config.seed)
+    references_s = time.perf_counter() - started
     return {"classes": classes, "channels": sum(layer.channels for layer in report.layers),
             "mask_scan_s": round(mask_s, 1), "sink_probe_s": round(sink_s, 1), "convert_s": round(convert_s, 1),
-            "margin_ascent_s": round(ascent_s, 1), "margin_s": round(convert_s + ascent_s, 1)}
+            "margin_ascent_s": round(ascent_s, 1), "margin_s": round(convert_s + ascent_s, 1),
+            "universal_s": round(universal_s, 1), "rungs": len(ladder.budgets), "references_s": round(references_s, 1),
+            "transfer_s": round(convert_s + ascent_s + universal_s + references_s, 1)}
 
 
 def main() -> None:
@@ -77,7 +91,7 @@ def main() -> None:
             rows.append({"model": label, **json.loads(out.strip().splitlines()[-1])})
             print(rows[-1], flush=True)
     header = ["model", "classes", "channels", "mask_scan_s", "sink_probe_s", "convert_s", "margin_ascent_s",
-              "margin_s"]
+              "margin_s", "universal_s", "rungs", "references_s", "transfer_s"]
     publish(rows, header, f"verdict_cost_{'-'.join(args.models)}_s{args.steps}_n{args.samples}_threads{os.cpu_count()}")
 
 

@@ -295,14 +295,14 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
             bridge = scanner.bridge if scanner else None
             margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
                                          config.margin_config(), bridge)
-            found, _ = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
+            found, more = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
                                      config.universal_config(), config.reference_config(), bridge)
             ladder = found.ladder
             return transfer_verdict(margins, ladder.budgets, ladder.success, found.reference_success,
                                     found.reference_baseline, "; ".join([
                                         f"{_margin_basis(config)}, discounted by the transfer of its "
                                         f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference "
-                                        "networks trained on the scan's images", *notes]))
+                                        "networks trained on the scan's images", *dict.fromkeys([*notes, *more])]))
         if config.mode == "gradient":
             return sink_concentration([r.shift for r in results], [r.sink for r in results])
         if not config.verdict_probe:

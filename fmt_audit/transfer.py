@@ -1,18 +1,20 @@
-"""Is the easiest class easy because of the data or because of this model? The transfer test, evidence for
-the model-level verdict.
+"""Is the class the margin test singles out easy because of the data or because of this model? The transfer
+test, evidence for the model-level verdict.
 
-The universal-perturbation ladder (:mod:`fmt_audit.universal`) finds the class one small perturbation
-carries most held-out images to. In a backdoored model that is usually the target, but in a clean model it is
-a natural attractor class, which the universal lead alone cannot tell apart (benchmarks/README.md, Verdict).
-The two differ in where the shortcut lives. A natural universal perturbation exploits features of the data,
-so it moves other networks trained on the same data too: universal perturbations are known to transfer
-between models (Moosavi-Dezfooli et al., CVPR 2017). A backdoor is a feature of the poisoned model; what
-reverse engineering recovers of a trigger moves the model, not clean networks.
+The maximum-margin test (:mod:`fmt_audit.margin`) and the universal-perturbation ladder
+(:mod:`fmt_audit.universal`) find the class that is easiest to reach. In a backdoored model that is usually
+the target, but in a clean model it can be a natural attractor class (MNIST's 8, CIFAR-10's 6), which neither
+test alone tells apart (benchmarks/README.md, Verdict). The two differ in where the shortcut lives. A natural
+universal perturbation exploits features of the data, so it moves other networks trained on the same data
+too: universal perturbations are known to transfer between models (Moosavi-Dezfooli et al., CVPR 2017). A
+backdoor is a feature of the poisoned model; what reverse engineering recovers of a trigger moves the model,
+not clean networks.
 
-So the last rung's perturbations are applied to a few small networks trained from scratch on the scan's own
-labelled images (:mod:`fmt_audit.reference`), on the same held-out images. The suspicion
-(:func:`fmt_audit.verdict.transfer_verdict`) is the leading class's success on the model minus its success on
-the references beyond what they already put in that class without it.
+So the ladder's last-rung perturbations are applied to a few small networks trained from scratch on the
+scan's own labelled images (:mod:`fmt_audit.reference`), on the same held-out images, and each class's
+transfer is the share they move into it beyond what the references already put there
+(:func:`fmt_audit.verdict.transferred`). The verdict (:func:`fmt_audit.verdict.transfer_verdict`) discounts
+the margin test's ``1 - p`` by the transfer at its class.
 
 Cost: the universal ladder's, plus training the references (``count x steps`` small CNN steps of ``batch``
 images, on CPU) and two forward passes per reference of every held-out image per class.
