@@ -22,6 +22,7 @@ images, on CPU) and two forward passes per reference of every held-out image per
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 from .bridge import TorchBridge
 from .data import Dataset, Preprocessing
 from .graph import ImageInput
-from .reference import train_reference
+from .reference import ReferenceClassifier, train_reference
 from .universal import UniversalLadder, held_out_success, universal_test
 from .verdict import ReferenceConfig, UniversalConfig
 
@@ -50,18 +51,43 @@ class TransferResult:
     reference_baseline: list[list[float]]   # [reference][class]
 
 
+# Trained reference sets by data and recipe, oldest first: a process that audits many models on one data
+# file (a fleet) trains them once. A few sets of three small CNNs: a few MiB at most.
+_TRAINED: dict[tuple, list[ReferenceClassifier]] = {}
+_KEPT = 4
+
+
+def trained_references(dataset: Dataset, classes: int, device: str = "cpu", config: ReferenceConfig | None = None,
+                       seed: int = 0) -> list[ReferenceClassifier]:
+    """The ``config.count`` references trained on ``dataset`` from seeds ``seed, seed + 1, ...``
+    (:func:`fmt_audit.reference.train_reference`). They depend on the images, labels and recipe only, not on
+    the audited model, so the last few sets are kept and handed out again for the same images (the same
+    networks a fresh training gives: training is deterministic on CPU for a seed)."""
+    config = config or ReferenceConfig()
+    digest = hashlib.sha256()
+    for part in (dataset.x, dataset.y):
+        if part is not None:
+            digest.update(f"{part.shape}{part.dtype}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+    key = (digest.hexdigest(), classes, device, config, seed)
+    if key not in _TRAINED:
+        references = [train_reference(dataset, classes, device, config, seed + i) for i in range(config.count)]
+        if len(_TRAINED) >= _KEPT:
+            del _TRAINED[next(iter(_TRAINED))]
+        _TRAINED[key] = references
+    return _TRAINED[key]
+
+
 def transfer_to_references(ladder: UniversalLadder, dataset: Dataset, classes: int, device: str = "cpu",
                            config: ReferenceConfig | None = None, seed: int = 0,
                            batch: int = 512) -> tuple[list[list[float]], list[list[float]]]:
-    """Train ``config.count`` references on ``dataset`` (the ladder's images, float NCHW in [0, 1] with
-    labels) from seeds ``seed, seed + 1, ...`` and measure, per reference, each class's held-out success with
-    the ladder's last perturbations and with none."""
-    config = config or ReferenceConfig()
+    """The ``config.count`` references of ``dataset`` (the ladder's images, float NCHW in [0, 1] with labels;
+    :func:`trained_references`) and, per reference, each class's held-out success with the ladder's last
+    perturbations and with none."""
     x = torch.from_numpy(np.ascontiguousarray(dataset.x, dtype=np.float32)).to(device)
     delta = torch.from_numpy(ladder.perturbations).to(device)
     moved, before = [], []
-    for i in range(config.count):
-        reference = train_reference(dataset, classes, device, config, seed + i)
+    for reference in trained_references(dataset, classes, device, config, seed):
         moved.append([round(float(v), 6) for v in held_out_success(reference, x, ladder.held, delta, batch)])
         before.append([round(float(v), 6) for v in held_out_success(reference, x, ladder.held,
                                                                     torch.zeros_like(delta), batch)])

@@ -5,16 +5,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import SAMPLES
 from fmt_audit_cli.main import main
 
+from fmt_audit import transfer
 from fmt_audit.data import Dataset, Preprocessing, load_npz
 from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.loading import load_model
 from fmt_audit.reference import train_reference
 from fmt_audit.scan import ScanConfig, scan
-from fmt_audit.transfer import transfer_test
+from fmt_audit.transfer import trained_references, transfer_test
 from fmt_audit.verdict import (
     TRANSFER_THRESHOLD,
     ReferenceConfig,
@@ -82,6 +84,27 @@ def test_a_reference_learns_the_scan_images_the_same_way_for_a_seed():
         train_reference(data, 5, "cpu", FEW_STEPS)
     with pytest.raises(DataError, match="at least 2 NCHW images"):
         train_reference(Dataset(data.x[:1], data.y[:1]), 10, "cpu", FEW_STEPS)
+
+
+def test_references_are_trained_once_per_images_and_recipe(monkeypatch):
+    """A fleet on one data file trains the references once; other images or another recipe train anew."""
+    data = load_npz(DATA).take(64, seed=0)
+    recipe = ReferenceConfig(count=2, steps=10)
+    trained = []
+    monkeypatch.setattr(transfer, "_TRAINED", {})
+    monkeypatch.setattr(transfer, "train_reference", lambda *a: trained.append(a) or train_reference(*a))
+    first = trained_references(data, 10, "cpu", recipe, 0)
+    again = trained_references(Dataset(data.x.copy(), data.y.copy()), 10, "cpu", recipe, 0)    # equal, not same
+    assert again is first and len(first) == 2 and len(trained) == 2
+    relabelled = Dataset(data.x, (data.y + 1) % 10)
+    for other in ((relabelled, recipe, 0), (data, ReferenceConfig(count=2, steps=11), 0), (data, recipe, 1)):
+        assert trained_references(other[0], 10, "cpu", other[1], other[2]) is not first
+    assert len(trained) == 8 and len(transfer._TRAINED) == 4
+    trained_references(data.take(32, seed=1), 10, "cpu", recipe, 0)
+    assert len(transfer._TRAINED) == 4 and trained_references(data, 10, "cpu", recipe, 0) is not first  # dropped
+    fresh, x = train_reference(data, 10, "cpu", recipe, 1), torch.from_numpy(data.x)
+    with torch.no_grad():     # a kept network is the one a fresh training gives
+        assert torch.equal(first[1](x), fresh(x))
 
 
 def test_the_badnets_targets_perturbation_does_not_move_the_references():
