@@ -176,16 +176,21 @@ def universal_verdict(budgets: Sequence[float], success: Sequence[Sequence[float
     """The verdict from a universal-perturbation ladder (:func:`fmt_audit.universal.universal_ladder`): the
     lead of the best-reached class over the next one at the last rung climbed (the first where a class
     reached the ladder's level, or its top)."""
-    if len(budgets) != len(success):
-        raise ValueError(f"one budget per rung: {len(budgets)} budgets, {len(success)} rungs of success")
+    details = _ladder_details(budgets, success)
     if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
         return inconclusive("universal", f"{basis}: needs the held-out success of at least 3 classes")
     last = np.asarray(success[-1], dtype=float)
     top = int(last.argmax())
     lead = round(float(last[top] - np.sort(last)[-2]), 6)
     return Verdict("universal", lead, "suspicious" if lead >= UNIVERSAL_THRESHOLD else "clean", top,
-                   UNIVERSAL_THRESHOLD, basis,
-                   {"budgets": [float(b) for b in budgets], "success": [[float(v) for v in row] for row in success]})
+                   UNIVERSAL_THRESHOLD, basis, details)
+
+
+def _ladder_details(budgets: Sequence[float], success: Sequence[Sequence[float]]) -> dict:
+    """A universal ladder's figures as verdicts report them, checked for one budget per rung."""
+    if len(budgets) != len(success):
+        raise ValueError(f"one budget per rung: {len(budgets)} budgets, {len(success)} rungs of success")
+    return {"budgets": [float(b) for b in budgets], "success": [[float(v) for v in row] for row in success]}
 
 
 def transferred(reference_success: Sequence[Sequence[float]], reference_baseline: Sequence[Sequence[float]],
@@ -208,8 +213,7 @@ def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success
     (the last rung of ``budgets``/``success``, as :func:`universal_verdict` takes them) moves into the class
     in clean reference networks (:func:`transferred`; ``reference_success`` and ``reference_baseline`` per
     reference and class, with and without the perturbations)."""
-    if len(budgets) != len(success):
-        raise ValueError(f"one budget per rung: {len(budgets)} budgets, {len(success)} rungs of success")
+    ladder = _ladder_details(budgets, success)
     margin = margin_verdict(margins, basis)
     if margin.suspicion is None:
         return inconclusive("transfer", margin.basis)
@@ -218,8 +222,7 @@ def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success
     suspicion = round(margin.suspicion * (1.0 - float(natural[top])), 6)
     return Verdict("transfer", suspicion, "suspicious" if suspicion >= TRANSFER_THRESHOLD else "clean", top,
                    TRANSFER_THRESHOLD, basis, margin.details | {
-                       "transferred": [round(float(v), 6) for v in natural],
-                       "budgets": [float(b) for b in budgets], "success": [[float(v) for v in row] for row in success],
+                       "transferred": [round(float(v), 6) for v in natural], **ladder,
                        "reference_success": [[float(v) for v in row] for row in reference_success],
                        "reference_baseline": [[float(v) for v in row] for row in reference_baseline]})
 
