@@ -34,9 +34,12 @@ With ``--test-c``: the test pre-registered in session 10 ("Trigger search and a 
 the universal-perturbation verdict, the margin test and the referenced margin on population (C).
 With ``--test-d``: the test pre-registered in session 11 ("Does the easy class's perturbation transfer?"):
 the transfer verdict, the margin test and the untransferred success on population (D).
+With ``--test-e``: the test pre-registered in session 13 ("Which class is unnaturally easy?"): the shortcut
+verdict, with the transfer verdict, the margin test, the ladder's lead and the margin gap without the
+references beside, on population (E).
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
-        [--test-d]
+        [--test-d] [--test-e]
 """
 
 from __future__ import annotations
@@ -187,7 +190,11 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                "D": [("digits", "clean", range(40, 52))] + [("digits", a, range(22, 26)) for a in ATTACKS]
                + [("mnist", "clean", range(4, 8))] + [("mnist", a, range(2, 4)) for a in ATTACKS]
                + [("cifar10", "clean", range(8, 12))]
-               + [("cifar10", a, range(4, 6)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(4, 6)) for a in ("badnets", "blended", "sig")],
+               "E": [("digits", "clean", range(52, 64))] + [("digits", a, range(26, 30)) for a in ATTACKS]
+               + [("mnist", "clean", range(8, 12))] + [("mnist", a, range(4, 6)) for a in ATTACKS]
+               + [("cifar10", "clean", range(12, 16))]
+               + [("cifar10", a, range(6, 8)) for a in ("badnets", "blended", "sig")]}
 
 
 def with_secondaries(row: dict) -> dict:
@@ -209,6 +216,25 @@ def with_secondaries(row: dict) -> dict:
                   "untransferred": {"suspicion": float(np.clip(last[top] - moved[top], 0, 1)), "target_class": top}}
 
 
+def with_shortcut(row: dict) -> dict:
+    """The row with (E)'s statistics beside, all from the figures of its ``transfer`` verdict (one run of the
+    margin test, the ladder and the references): ``shortcut`` (the test), as ``scan --verdict shortcut``
+    computes it from the same ladder and references; the margin test (``margin``), the ladder's lead
+    (``universal``), and the margin gap without the references (``gap``: the shortcut statistic with every
+    reference margin left where it was)."""
+    from fmt_audit.verdict import shortcut_verdict, universal_verdict
+
+    row, v = with_secondaries(row), row["transfer"]
+    if v.get("suspicion") is None:
+        return row | {s: {"suspicion": None, "target_class": None} for s in ("shortcut", "universal", "gap")}
+    still = v["reference_margin_baseline"]
+    return row | {
+        "shortcut": shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], v["reference_margin"],
+                                     still).to_dict(),
+        "universal": universal_verdict(v["budgets"], v["success"]).to_dict(),
+        "gap": shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], still, still).to_dict()}
+
+
 def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
     """A pre-registered test's figures, per population and per dataset, from the cached verdicts; for (C)
     with the referenced margin (``verdict_reference.py``) among the statistics."""
@@ -226,7 +252,12 @@ def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
                 if population != "A":
                     parts.setdefault(f"{population} {dataset}", []).append(row)
     for name, rows in parts.items():
-        if name.startswith("D"):    # margin and untransferred success beside, from the transfer verdict's figures
+        if name.startswith("E"):    # every statistic from the transfer verdict's figures
+            from fmt_audit.verdict import SHORTCUT_THRESHOLD
+
+            print(name, json.dumps(summarise([with_shortcut(r) for r in rows], {"gap": SHORTCUT_THRESHOLD})),
+                  flush=True)
+        elif name.startswith("D"):    # margin and untransferred success beside, from the transfer verdict's figures
             print(name, json.dumps(summarise([with_secondaries(r) for r in rows], {"untransferred": None})),
                   flush=True)
         elif name.startswith("C"):    # the referenced margin beside (verdict_reference.py)
@@ -251,9 +282,11 @@ def main() -> None:
                         help="the session-10 test's figures on population (C), then stop")
     parser.add_argument("--test-d", action="store_true",
                         help="the session-11 test's figures on population (D), then stop")
+    parser.add_argument("--test-e", action="store_true",
+                        help="the session-13 test's figures on population (E), then stop")
     args = parser.parse_args()
-    if args.margin_test or args.test_c or args.test_d:
-        population_test(("C",) if args.test_c else ("D",) if args.test_d else ("A", "B"))
+    if args.margin_test or args.test_c or args.test_d or args.test_e:
+        population_test(("C",) if args.test_c else ("D",) if args.test_d else ("E",) if args.test_e else ("A", "B"))
         return
     if args.probe_sizes:
         probe_sizes(args.first)

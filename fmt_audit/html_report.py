@@ -173,6 +173,12 @@ def _scan_sections(report: ScanReport) -> list[str]:
                     "images they send there beyond what the networks already put there. A natural shortcut moves "
                     "them too; a backdoor's does not.</p>" + class_plot(v["transferred"], v.get("target_class"),
                                                                        "held-out share moved in the references"))
+    if v.get("untransferred_margin"):
+        body.append(f"<h2>Shortcut test</h2><p class=\"note\">For each class, the median margin its perturbation "
+                    f"gives the held-out images in the model, less what it adds in {len(v['reference_margin'])} small "
+                    "clean networks trained on the scan's images. A backdoor's target stands alone; a natural "
+                    "shortcut moves the clean networks too.</p>"
+                    + class_plot(v["untransferred_margin"], v.get("target_class"), "margin beyond the references'"))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "

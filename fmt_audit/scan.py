@@ -29,6 +29,7 @@ from .verdict import (
     Verdict,
     inconclusive,
     margin_verdict,
+    shortcut_verdict,
     sink_concentration,
     transfer_verdict,
     universal_verdict,
@@ -63,7 +64,7 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
-    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | none
+    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut | none
     #                                     (fmt_audit.verdict)
     verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
     margin_restarts: int = 16           # verdict "margin": random starts per class
@@ -288,21 +289,28 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                            config.device, config.universal_config(),
                                            scanner.bridge if scanner else None)
             return universal_verdict(ladder.budgets, ladder.success, "; ".join([_ladder_basis(ladder), *notes]))
-        if config.verdict == "transfer":
-            from .margin import margin_test
+        if config.verdict in ("transfer", "shortcut"):
             from .transfer import transfer_test
 
             bridge = scanner.bridge if scanner else None
-            margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
-                                         config.margin_config(), bridge)
-            found, more = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
-                                     config.universal_config(), config.reference_config(), bridge)
+            found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
+                                         config.device, config.universal_config(), config.reference_config(), bridge)
             ladder = found.ladder
+            transfer_basis = (f"{_ladder_basis(ladder)} and its transfer to {len(found.reference_success)} reference "
+                              "networks trained on the scan's images")
+            if config.verdict == "shortcut":
+                return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
+                                        basis="; ".join([transfer_basis, *notes]))
+            from .margin import margin_test
+
+            margins, more = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
+                                        config.margin_config(), bridge)
             return transfer_verdict(margins, ladder.budgets, ladder.success, found.reference_success,
                                     found.reference_baseline, "; ".join([
                                         f"{_margin_basis(config)}, discounted by the transfer of its "
                                         f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference "
-                                        "networks trained on the scan's images", *dict.fromkeys([*notes, *more])]))
+                                        "networks trained on the scan's images", *dict.fromkeys([*more, *notes])]),
+                                    found.margin_figures)
         if config.mode == "gradient":
             return sink_concentration([r.shift for r in results], [r.sink for r in results])
         if not config.verdict_probe:

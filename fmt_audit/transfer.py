@@ -35,7 +35,7 @@ from .bridge import TorchBridge
 from .data import Dataset, Preprocessing
 from .graph import ImageInput
 from .reference import ReferenceClassifier, train_reference
-from .universal import UniversalLadder, held_out_success, universal_test
+from .universal import UniversalLadder, held_out_effect, universal_test
 from .verdict import ReferenceConfig, UniversalConfig
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TransferResult:
-    """The ladder on the audited model and, per reference network, every class's held-out success with the
-    ladder's last perturbations and without them."""
+    """The ladder on the audited model and, per reference network, every class's held-out success and median
+    margin with the ladder's last perturbations and without them (:func:`fmt_audit.universal.held_out_effect`)."""
 
     ladder: UniversalLadder
     reference_success: list[list[float]]    # [reference][class]
     reference_baseline: list[list[float]]   # [reference][class]
+    reference_margin: list[list[float]]     # [reference][class]
+    reference_margin_baseline: list[list[float]]    # [reference][class]
+
+    @property
+    def margin_figures(self) -> dict:
+        """The median margins, as :func:`fmt_audit.verdict.shortcut_verdict` takes them and reports carry them."""
+        return {"held_out_margin": list(self.ladder.held_out_margin), "reference_margin": self.reference_margin,
+                "reference_margin_baseline": self.reference_margin_baseline}
 
 
 # Trained reference sets by data and recipe, oldest first: a process that audits many models on one data
@@ -79,19 +87,19 @@ def trained_references(dataset: Dataset, classes: int, device: str = "cpu", conf
 
 
 def transfer_to_references(ladder: UniversalLadder, dataset: Dataset, classes: int, device: str = "cpu",
-                           config: ReferenceConfig | None = None, seed: int = 0,
-                           batch: int = 512) -> tuple[list[list[float]], list[list[float]]]:
+                           config: ReferenceConfig | None = None, seed: int = 0, batch: int = 512) -> TransferResult:
     """The ``config.count`` references of ``dataset`` (the ladder's images, float NCHW in [0, 1] with labels;
-    :func:`trained_references`) and, per reference, each class's held-out success with the ladder's last
-    perturbations and with none."""
+    :func:`trained_references`) and, per reference, each class's held-out success and median margin with the
+    ladder's last perturbations and with none."""
     x = torch.from_numpy(np.ascontiguousarray(dataset.x, dtype=np.float32)).to(device)
     delta = torch.from_numpy(ladder.perturbations).to(device)
-    moved, before = [], []
+    figures: list[list[list[float]]] = [[], [], [], []]    # success, baseline, margin, margin baseline
     for reference in trained_references(dataset, classes, device, config, seed):
-        moved.append([round(float(v), 6) for v in held_out_success(reference, x, ladder.held, delta, batch)])
-        before.append([round(float(v), 6) for v in held_out_success(reference, x, ladder.held,
-                                                                    torch.zeros_like(delta), batch)])
-    return moved, before
+        moved, moved_margin = held_out_effect(reference, x, ladder.held, delta, batch)
+        before, before_margin = held_out_effect(reference, x, ladder.held, torch.zeros_like(delta), batch)
+        for rows, values in zip(figures, (moved, before, moved_margin, before_margin)):
+            rows.append([round(float(v), 6) for v in values])
+    return TransferResult(ladder, *figures)
 
 
 def transfer_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, dataset: Dataset,
@@ -105,5 +113,4 @@ def transfer_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Prep
     classes = ladder.perturbations.shape[0]
     references = references or ReferenceConfig()
     log.info("transfer test: %d reference networks, %d steps each", references.count, references.steps)
-    moved, before = transfer_to_references(ladder, dataset, classes, "cpu", references, config.seed, config.batch)
-    return TransferResult(ladder, moved, before), notes
+    return transfer_to_references(ladder, dataset, classes, "cpu", references, config.seed, config.batch), notes

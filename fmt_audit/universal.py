@@ -33,7 +33,7 @@ from .bridge import BridgedClassifier, TorchBridge
 from .data import Dataset, Preprocessing
 from .errors import DataError
 from .graph import ImageInput
-from .logits import as_logits, freeze, logit_classifier
+from .logits import as_logits, freeze, logit_classifier, margins
 from .verdict import UniversalConfig
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class UniversalLadder:
     # dataset's held-out images its success was measured on: what other networks are tested with
     perturbations: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32), repr=False, compare=False)
     held: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
+    # the last rung: per class, the median margin of the class over the held-out images with its perturbation
+    held_out_margin: list[float] = field(default_factory=list, compare=False)
 
 
 def _picks(labels: np.ndarray, pool: np.ndarray, classes: int, count: int | None,
@@ -90,21 +92,22 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
     radius_per_budget = float(np.prod(shape)) ** 0.5
     delta = torch.zeros((classes, *shape), device=device)
     per_call = max(1, config.batch // config.images)       # classes fitted together
-    budgets, success = [], []
+    budgets, success, reached_margin = [], [], np.zeros(classes)
     for rung in range(config.rungs):
         budget = config.first * config.factor ** rung
         radius = budget * radius_per_budget
         for first in range(0, classes, per_call):
             chunk = list(range(first, min(classes, first + per_call)))
             delta[chunk] = _fit(classifier, x, [fit[k] for k in chunk], chunk, delta[chunk], radius, config.steps)
-        reached = held_out_success(classifier, x, held, delta, config.batch)
+        reached, reached_margin = held_out_effect(classifier, x, held, delta, config.batch)
         budgets.append(round(budget, 6))
         success.append([round(float(s), 6) for s in reached])
         if progress:
             progress(budget, float(reached.max()))
         if reached.max() >= config.level:
             break
-    return UniversalLadder(budgets, success, fitted, fewest, delta.cpu().numpy(), held)
+    return UniversalLadder(budgets, success, fitted, fewest, delta.cpu().numpy(), held,
+                           [round(float(m), 6) for m in reached_margin])
 
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
@@ -141,19 +144,24 @@ def _fit(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray]
     return delta.detach()
 
 
-def held_out_success(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, held: list[np.ndarray],
-                     delta: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """Per class ``k``, the share of the images ``x[held[k]]`` that ``classifier`` (the audited model or any
-    network giving logits or probabilities) puts in class ``k`` once ``delta[k]`` is added (clipped to [0, 1])."""
-    out = np.zeros(len(held))
+def held_out_effect(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, held: list[np.ndarray],
+                    delta: torch.Tensor, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per class ``k``, what adding ``delta[k]`` (clipped to [0, 1]) does to the images ``x[held[k]]`` in
+    ``classifier`` (the audited model or any network giving logits or probabilities): the share it puts in
+    class ``k``, and the median margin of ``k`` over the other classes (:func:`fmt_audit.logits.margins`:
+    positive where the image is in ``k``; the median, so a few saturated images do not decide it)."""
+    share, median = np.zeros(len(held)), np.zeros(len(held))
     with torch.no_grad():
         for k, indices in enumerate(held):
-            hits = 0
+            hits, found = 0, []
             for start in range(0, len(indices), batch):
                 part = torch.from_numpy(indices[start:start + batch]).to(x.device)
-                hits += int((as_logits(classifier((x[part] + delta[k]).clamp(0, 1))).argmax(1) == k).sum())
-            out[k] = hits / len(indices)
-    return out
+                logits = as_logits(classifier((x[part] + delta[k]).clamp(0, 1)))
+                hits += int((logits.argmax(1) == k).sum())
+                found.append(margins(logits, torch.full((len(part),), k, device=x.device)).double().cpu().numpy())
+            share[k] = hits / len(indices)
+            median[k] = float(np.median(np.concatenate(found)))
+    return share, median
 
 
 def universal_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, dataset: Dataset,

@@ -38,6 +38,15 @@ too, a backdoor's does not. The suspicion is ``(1 - p) * (1 - t)``, ``t`` the sh
 held-out images the perturbation moves into that class in the references beyond
 those already there; ``suspicious`` at 0.95 as for ``margin``. It can only lower the
 margin test's suspicion. Needs labelled data.
+
+``shortcut``: the **untransferred margin gap** of the same ladder and references. Per class, the median
+margin its last-rung perturbation gives the held-out images of the other classes in the audited model, less
+the margin the same perturbation adds in the references (:func:`untransferred_margins`): what the model's own
+shortcut buys beyond what the data's does. The suspicion is how far the largest stands from the next one,
+relative to how far it stands from the median class: 1 when one class alone is reachable, 0 when two tie.
+``suspicious`` at 0.55 (the Youden cut on development models, benchmarks/README.md, "Verdict"). Unlike
+``transfer`` it reads every class, so a natural attractor ahead of the target does not hide it. Needs
+labelled data.
 """
 
 from __future__ import annotations
@@ -49,13 +58,14 @@ import numpy as np
 
 from .errors import ConfigError
 
-METHODS = ("margin", "sink", "universal", "transfer", "none")
+METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "none")
 MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
 MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
 SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
 MARGIN_THRESHOLD = 0.95  # margin: 1 - p at or above this (p < 0.05, MM-BD's threshold) is "suspicious"
 UNIVERSAL_THRESHOLD = 0.2  # universal: lead at or above this is "suspicious" (benchmarks/README.md, Verdict)
 TRANSFER_THRESHOLD = 0.95  # transfer: the discounted 1 - p at or above this is "suspicious" (MM-BD's p < 0.05)
+SHORTCUT_THRESHOLD = 0.55  # shortcut: gap at or above this is "suspicious" (benchmarks/README.md, Verdict)
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
 
@@ -127,7 +137,7 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class Verdict:
-    method: str                 # "margin" | "sink" | "universal" | "transfer"
+    method: str                 # "margin" | "sink" | "universal" | "transfer" | "shortcut"
     suspicion: float | None     # in [0, 1]; None without evidence
     verdict: str                # "clean" | "suspicious" | "inconclusive"
     target_class: int | None    # the class the evidence points to: the likely attack target
@@ -153,6 +163,13 @@ def describe(verdict: dict) -> str:
             evidence += (f"; its universal perturbation moves {verdict['transferred'][verdict['target_class']]:.0%} "
                          f"of held-out images into it in {len(verdict['reference_success'])} reference networks "
                          "trained on the scan's images")
+    elif verdict["method"] == "shortcut":
+        top = verdict["target_class"]
+        ordered = sorted(verdict["untransferred_margin"], reverse=True)
+        evidence = (f"class {top}'s perturbation (RMS {verdict['budgets'][-1]:.3g}) gives held-out images a median "
+                    f"margin of {verdict['held_out_margin'][top]:.3g}, {ordered[0]:.3g} beyond what it adds in "
+                    f"{len(verdict['reference_margin'])} reference networks trained on the scan's images; the next "
+                    f"class {ordered[1]:.3g}")
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
         evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
@@ -164,7 +181,7 @@ def describe(verdict: dict) -> str:
 
 
 THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD,
-              "transfer": TRANSFER_THRESHOLD}
+              "transfer": TRANSFER_THRESHOLD, "shortcut": SHORTCUT_THRESHOLD}
 
 
 def inconclusive(method: str, why: str) -> Verdict:
@@ -207,12 +224,13 @@ def transferred(reference_success: Sequence[Sequence[float]], reference_baseline
 
 def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success: Sequence[Sequence[float]],
                      reference_success: Sequence[Sequence[float]], reference_baseline: Sequence[Sequence[float]],
-                     basis: str = "transfer test") -> Verdict:
+                     basis: str = "transfer test", figures: dict | None = None) -> Verdict:
     """The maximum-margin verdict (:func:`margin_verdict` on ``margins``) discounted by how natural its class
     is: ``(1 - p) * (1 - t)``, where ``t`` is the share of held-out images the class's universal perturbation
     (the last rung of ``budgets``/``success``, as :func:`universal_verdict` takes them) moves into the class
     in clean reference networks (:func:`transferred`; ``reference_success`` and ``reference_baseline`` per
-    reference and class, with and without the perturbations)."""
+    reference and class, with and without the perturbations). ``figures``: more of the same test's figures to
+    report with it (the margins :func:`shortcut_verdict` reads)."""
     ladder = _ladder_details(budgets, success)
     margin = margin_verdict(margins, basis)
     if margin.suspicion is None:
@@ -224,7 +242,51 @@ def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success
                    TRANSFER_THRESHOLD, basis, margin.details | {
                        "transferred": [round(float(v), 6) for v in natural], **ladder,
                        "reference_success": [[float(v) for v in row] for row in reference_success],
-                       "reference_baseline": [[float(v) for v in row] for row in reference_baseline]})
+                       "reference_baseline": [[float(v) for v in row] for row in reference_baseline],
+                       **(figures or {})})
+
+
+def untransferred_margins(held_out_margin: Sequence[float], reference_margin: Sequence[Sequence[float]],
+                          reference_margin_baseline: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per class, the median margin its perturbation gives the audited model's held-out images
+    (``held_out_margin``) less the margin it adds in the references: the mean over references of their median
+    margin with the perturbation (``reference_margin``, per reference and class) minus without it
+    (``reference_margin_baseline``). Not clipped: a perturbation that pulls clean networks away from its class
+    while it pushes the model there is the model's own shortcut all the more."""
+    model = np.asarray(held_out_margin, dtype=float)
+    moved, before = np.asarray(reference_margin, dtype=float), np.asarray(reference_margin_baseline, dtype=float)
+    if model.ndim != 1 or moved.ndim != 2 or moved.shape != before.shape or moved.shape[1] != len(model) \
+            or not len(moved):
+        raise ValueError(f"one margin per class, and one row of {len(model)} classes per reference with and without "
+                         f"the perturbations; got shapes {list(model.shape)}, {list(moved.shape)} and "
+                         f"{list(before.shape)}")
+    return model - (moved.mean(0) - before.mean(0))
+
+
+def shortcut_verdict(budgets: Sequence[float], success: Sequence[Sequence[float]], held_out_margin: Sequence[float],
+                     reference_margin: Sequence[Sequence[float]], reference_margin_baseline: Sequence[Sequence[float]],
+                     basis: str = "shortcut test") -> Verdict:
+    """The verdict from the universal ladder's last rung (``budgets``/``success`` as :func:`universal_verdict`
+    takes them; ``held_out_margin``, per class, the median margin of its held-out images in the audited model)
+    and its transfer to references (per reference and class, their median margins with the perturbations and
+    without): the gap of the largest :func:`untransferred_margins` to the next, over its distance to their
+    median."""
+    ladder = _ladder_details(budgets, success)
+    values = np.asarray(held_out_margin, dtype=float)
+    if len(values) < 3 or not np.isfinite(values).all():
+        return inconclusive("shortcut", f"{basis}: needs finite margins of at least 3 classes")
+    beyond = untransferred_margins(values, reference_margin, reference_margin_baseline)
+    if not np.isfinite(beyond).all():
+        return inconclusive("shortcut", f"{basis}: the references' margins are not finite")
+    top = int(beyond.argmax())
+    ordered = np.sort(beyond)[::-1]
+    spread = float(ordered[0] - np.median(beyond))
+    gap = round(float((ordered[0] - ordered[1]) / spread), 6) if spread > 0 else 0.0
+    return Verdict("shortcut", gap, "suspicious" if gap >= SHORTCUT_THRESHOLD else "clean", top, SHORTCUT_THRESHOLD,
+                   basis, {**ladder, "held_out_margin": [round(float(v), 6) for v in values],
+                           "reference_margin": [[float(v) for v in row] for row in reference_margin],
+                           "reference_margin_baseline": [[float(v) for v in row] for row in reference_margin_baseline],
+                           "untransferred_margin": [round(float(v), 6) for v in beyond]})
 
 
 def margin_verdict(margins: Sequence[float], basis: str = "maximum-margin test") -> Verdict:

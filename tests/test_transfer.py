@@ -18,13 +18,16 @@ from fmt_audit.reference import train_reference
 from fmt_audit.scan import ScanConfig, scan
 from fmt_audit.transfer import trained_references, transfer_test
 from fmt_audit.verdict import (
+    SHORTCUT_THRESHOLD,
     TRANSFER_THRESHOLD,
     ReferenceConfig,
     UniversalConfig,
     describe,
     margin_verdict,
+    shortcut_verdict,
     transfer_verdict,
     transferred,
+    untransferred_margins,
 )
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
@@ -62,6 +65,42 @@ def test_the_margin_verdict_is_discounted_by_what_the_references_also_do():
         transfer_verdict(MARGINS, [0.01], success, [[0.0] * 4], [[0.0] * 4])
     empty = transfer_verdict([1.0, 2.0], [0.01], [[0.5, 0.4]], [[0.0, 0.0]], [[0.0, 0.0]])
     assert empty.verdict == "inconclusive" and empty.method == "transfer" and empty.suspicion is None
+
+
+def test_the_shortcut_verdict_reads_every_class_beyond_what_the_references_do():
+    budgets, success = [0.01, 0.02], [[0.1, 0.2, 0.1, 0.0, 0.0], [0.95, 0.6, 0.2, 0.1, 0.0]]
+    held_out = [6.0, 5.0, -1.0, -2.0, -3.0]      # class 0 a little ahead of class 1 in the model
+    still = [[-5.0] * 5, [-4.0] * 5]              # the references, per reference and class, without the perturbations
+    # class 0's perturbation moves the references by 5 on average (natural), class 1's by 0: class 1 stands out
+    moved = [[-1.0, -5.0, -4.0, -5.0, -5.0], [0.0, -4.0, -3.0, -4.0, -4.0]]
+    beyond = untransferred_margins(held_out, moved, still)
+    assert beyond == pytest.approx([2.0, 5.0, -2.0, -2.0, -3.0])
+    verdict = shortcut_verdict(budgets, success, held_out, moved, still)
+    # (5 - 2) / (5 - median -2): the lead over the next class, relative to the distance from the middle class
+    assert verdict.method == "shortcut" and verdict.target_class == 1
+    assert verdict.suspicion == pytest.approx(3 / 7, abs=1e-6) and verdict.verdict == "clean" < "suspicious"
+    assert verdict.details["untransferred_margin"] == pytest.approx(beyond.tolist())
+    alone = shortcut_verdict(budgets, success, [9.0, -1.0, -1.0, -2.0, -2.0], still, still)
+    assert alone.target_class == 0 and alone.suspicion == 1.0 and alone.verdict == "suspicious"
+    assert alone.to_dict()["reference_margin_baseline"] == still and alone.to_dict()["budgets"] == budgets
+    pulled = shortcut_verdict(budgets, success, [2.0, 1.0, 0.0, 0.0, 0.0], [[-9.0, -4.0, -4.0, -4.0, -4.0]],
+                              [[-4.0] * 5])
+    assert pulled.target_class == 0 and pulled.suspicion >= SHORTCUT_THRESHOLD   # pushed from clean networks: more
+    tied = shortcut_verdict(budgets, success, [3.0, 3.0, 0.0, 0.0, 0.0], still, still)
+    assert tied.suspicion == 0.0 and tied.verdict == "clean"
+    flat = shortcut_verdict(budgets, success, [1.0] * 5, still, still)
+    assert flat.suspicion == 0.0
+    text = describe(verdict.to_dict())
+    assert "class 1's perturbation (RMS 0.02) gives held-out images a median margin of 5" in text
+    assert "beyond what it adds in 2 reference networks" in text and "the next class 2" in text
+    with pytest.raises(ValueError, match="one row of 5 classes per reference"):
+        untransferred_margins(held_out, [[0.0, 0.0]], [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="one budget per rung"):
+        shortcut_verdict([0.01], success, held_out, moved, still)
+    few = shortcut_verdict(budgets, [[0.5, 0.4]] * 2, [1.0, 2.0], [[0.0, 0.0]], [[0.0, 0.0]])
+    assert few.verdict == "inconclusive" and few.method == "shortcut" and few.suspicion is None
+    broken = shortcut_verdict(budgets, success, [1.0, float("nan"), 0.0, 0.0, 0.0], still, still)
+    assert broken.verdict == "inconclusive"
 
 
 def test_reference_config_is_checked():
@@ -120,9 +159,16 @@ def test_the_badnets_targets_perturbation_does_not_move_the_references():
     assert int(np.argmax(ladder.success[-1])) == target and ladder.success[-1][target] >= QUICK.level
     moved = transferred(result.reference_success, result.reference_baseline, 10)
     assert moved[target] < 0.1
+    # the median margins: the target's perturbation puts its held-out images in it, in the model only
+    figures = result.margin_figures
+    assert len(figures["held_out_margin"]) == 10 and np.argmax(figures["held_out_margin"]) == target
+    assert figures["held_out_margin"][target] > 0 > np.mean(figures["reference_margin"], 0)[target]
+    assert np.shape(figures["reference_margin"]) == np.shape(figures["reference_margin_baseline"]) == (3, 10)
+    shortcut = shortcut_verdict(ladder.budgets, ladder.success, **figures)
+    assert shortcut.target_class == target and shortcut.verdict == "suspicious"
 
 
-def test_scan_and_cli_take_the_transfer_verdict(monkeypatch, tmp_path):
+def test_scan_and_cli_take_the_transfer_and_shortcut_verdicts(monkeypatch, tmp_path):
     monkeypatch.setattr(ScanConfig, "universal_config", lambda self: QUICK)
     monkeypatch.setattr(ScanConfig, "reference_config", lambda self: FEW_STEPS)
     report = scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=96, skip_layers="block",
@@ -130,13 +176,18 @@ def test_scan_and_cli_take_the_transfer_verdict(monkeypatch, tmp_path):
                                                                    margin_steps=60))
     assert report.verdict["method"] == "transfer" and report.verdict["target_class"] == TARGETS["badnets"]
     assert "reference networks trained on the scan's images" in report.format_text()
+    # the shortcut verdict through the CLI: the same ladder and references, so the transfer report's figures give it
     result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
-                                       "--samples", "96", "--skip-layers", "block", "--verdict", "transfer",
-                                       "--margin-restarts", "4", "--margin-steps", "60",
+                                       "--samples", "96", "--skip-layers", "block", "--verdict", "shortcut",
                                        "--fail-on-suspicious", "--json", str(tmp_path / "r.json"),
                                        "--html", str(tmp_path / "r.html")])
     assert result.exit_code == 1 and "suspicious" in result.output, result.output
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["summary"]["verdict"] == "suspicious" and len(saved["verdict"]["reference_baseline"]) == 3
+    assert saved["summary"]["verdict"] == "suspicious" and len(saved["verdict"]["reference_margin"]) == 3
+    v = report.verdict
+    again = shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], v["reference_margin"],
+                             v["reference_margin_baseline"]).to_dict()
+    assert {k: saved["verdict"][k] for k in again if k != "basis"} == {k: again[k] for k in again if k != "basis"}
+    assert saved["verdict"]["target_class"] == TARGETS["badnets"]
     page = (tmp_path / "r.html").read_text()
-    assert "Transfer test" in page and page.count("data:image/png;base64") >= 3
+    assert "Shortcut test" in page and page.count("data:image/png;base64") >= 3
