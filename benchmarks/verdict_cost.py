@@ -71,7 +71,8 @@ def measure(model: str, data: str, steps: int, samples: int) -> dict:
             "mask_scan_s": round(mask_s, 1), "sink_probe_s": round(sink_s, 1), "convert_s": round(convert_s, 1),
             "margin_ascent_s": round(ascent_s, 1), "margin_s": round(convert_s + ascent_s, 1),
             "universal_s": round(universal_s, 1), "rungs": len(ladder.budgets), "references_s": round(references_s, 1),
-            "transfer_s": round(convert_s + ascent_s + universal_s + references_s, 1)}
+            "transfer_s": round(convert_s + ascent_s + universal_s + references_s, 1),
+            "shortcut_s": round(convert_s + universal_s + references_s, 1)}
 
 
 def main() -> None:
@@ -91,7 +92,7 @@ def main() -> None:
             rows.append({"model": label, **json.loads(out.strip().splitlines()[-1])})
             print(rows[-1], flush=True)
     header = ["model", "classes", "channels", "mask_scan_s", "sink_probe_s", "convert_s", "margin_ascent_s",
-              "margin_s", "universal_s", "rungs", "references_s", "transfer_s"]
+              "margin_s", "universal_s", "rungs", "references_s", "transfer_s", "shortcut_s"]
     publish(rows, header, f"verdict_cost_{'-'.join(args.models)}_s{args.steps}_n{args.samples}_threads{os.cpu_count()}")
 
 

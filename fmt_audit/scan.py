@@ -292,25 +292,20 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
         if config.verdict in ("transfer", "shortcut"):
             from .transfer import transfer_test
 
-            bridge = scanner.bridge if scanner else None
             found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
-                                         config.device, config.universal_config(), config.reference_config(), bridge)
+                                         config.device, config.universal_config(), config.reference_config(),
+                                         scanner.bridge if scanner else None,
+                                         margin=config.margin_config() if config.verdict == "transfer" else None)
             ladder = found.ladder
-            transfer_basis = (f"{_ladder_basis(ladder)} and its transfer to {len(found.reference_success)} reference "
-                              "networks trained on the scan's images")
+            tested = (f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference networks trained on the "
+                      "scan's images")
             if config.verdict == "shortcut":
                 return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
-                                        basis="; ".join([transfer_basis, *notes]))
-            from .margin import margin_test
-
-            margins, more = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
-                                        config.margin_config(), bridge)
-            return transfer_verdict(margins, ladder.budgets, ladder.success, found.reference_success,
-                                    found.reference_baseline, "; ".join([
-                                        f"{_margin_basis(config)}, discounted by the transfer of its "
-                                        f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference "
-                                        "networks trained on the scan's images", *dict.fromkeys([*more, *notes])]),
-                                    found.margin_figures)
+                                        basis="; ".join([f"the margins of the {tested}", *notes]))
+            return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
+                                    found.reference_baseline,
+                                    "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}",
+                                               *notes]), found.margin_figures)
         if config.mode == "gradient":
             return sink_concentration([r.shift for r in results], [r.sink for r in results])
         if not config.verdict_probe:

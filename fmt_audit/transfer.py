@@ -14,7 +14,9 @@ So the ladder's last-rung perturbations are applied to a few small networks trai
 scan's own labelled images (:mod:`fmt_audit.reference`), on the same held-out images, and each class's
 transfer is the share they move into it beyond what the references already put there
 (:func:`fmt_audit.verdict.transferred`). The verdict (:func:`fmt_audit.verdict.transfer_verdict`) discounts
-the margin test's ``1 - p`` by the transfer at its class.
+the margin test's ``1 - p`` by the transfer at its class. The median margins of the same images, in the model
+and in the references, give the shortcut verdict (:func:`fmt_audit.verdict.shortcut_verdict`), which asks the
+question of every class.
 
 Cost: the universal ladder's, plus training the references (``count x steps`` small CNN steps of ``batch``
 images, on CPU) and two forward passes per reference of every held-out image per class.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -34,9 +36,11 @@ import torch
 from .bridge import TorchBridge
 from .data import Dataset, Preprocessing
 from .graph import ImageInput
+from .logits import logit_classifier
+from .margin import max_margins
 from .reference import ReferenceClassifier, train_reference
-from .universal import UniversalLadder, held_out_effect, universal_test
-from .verdict import ReferenceConfig, UniversalConfig
+from .universal import UniversalLadder, held_out_effect, universal_ladder
+from .verdict import MarginConfig, ReferenceConfig, UniversalConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class TransferResult:
     reference_baseline: list[list[float]]   # [reference][class]
     reference_margin: list[list[float]]     # [reference][class]
     reference_margin_baseline: list[list[float]]    # [reference][class]
+    margins: list[float] | None = None      # the maximum-margin test's, per class, when it was asked for
 
     @property
     def margin_figures(self) -> dict:
@@ -105,12 +110,21 @@ def transfer_to_references(ladder: UniversalLadder, dataset: Dataset, classes: i
 def transfer_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, dataset: Dataset,
                   device: str = "auto", config: UniversalConfig | None = None,
                   references: ReferenceConfig | None = None, bridge: TorchBridge | None = None,
-                  progress: Callable[[float, float], None] | None = None) -> tuple[TransferResult, list[str]]:
+                  progress: Callable[[float, float], None] | None = None,
+                  margin: MarginConfig | None = None) -> tuple[TransferResult, list[str]]:
     """The universal ladder of an ONNX classifier on labelled ``dataset`` images (:func:`universal_test`,
-    same arguments), then its transfer to reference networks trained on the same images, and notes."""
+    same arguments), then its transfer to reference networks trained on the same images, and notes. With
+    ``margin``, the maximum-margin test too (:func:`fmt_audit.margin.max_margins`, in ``margins``), on the
+    same conversion of the model."""
+    classifier, classes, notes = logit_classifier(model, image, preprocessing, device, bridge, "transfer test")
+    shape = (image.channels, image.height, image.width)
+    margins = None
+    if margin is not None:
+        log.info("maximum-margin test: %d classes x %d starts x %d steps", classes, margin.restarts, margin.steps)
+        margins = [float(m) for m in max_margins(classifier, shape, classes, margin)]
     config = config or UniversalConfig()
-    ladder, notes = universal_test(model, image, preprocessing, dataset, device, config, bridge, progress)
-    classes = ladder.perturbations.shape[0]
+    ladder = universal_ladder(classifier, dataset, classes, config, progress)
     references = references or ReferenceConfig()
     log.info("transfer test: %d reference networks, %d steps each", references.count, references.steps)
-    return transfer_to_references(ladder, dataset, classes, "cpu", references, config.seed, config.batch), notes
+    found = transfer_to_references(ladder, dataset, classes, "cpu", references, config.seed, config.batch)
+    return replace(found, margins=margins), notes
