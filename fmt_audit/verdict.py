@@ -1,6 +1,6 @@
 """Is this model backdoored? A model-level suspicion score and verdict.
 
-Three statistics, chosen by ``ScanConfig.verdict``:
+The statistics, chosen by ``ScanConfig.verdict``:
 
 ``margin`` (the default): the **maximum-margin test** of MM-BD (Wang et al.,
 IEEE S&P 2024; the margins come from :mod:`fmt_audit.margin`). A backdoor's
