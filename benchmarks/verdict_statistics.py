@@ -36,10 +36,11 @@ With ``--test-d``: the test pre-registered in session 11 ("Does the easy class's
 the transfer verdict, the margin test and the untransferred success on population (D).
 With ``--test-e``: the test pre-registered in session 13 ("Which class is unnaturally easy?"): the shortcut
 verdict, with the transfer verdict, the margin test, the ladder's lead and the margin gap without the
-references beside, on population (E).
+references beside, on population (E). With ``--export-figures``: every (D) and (E) model's per-class figures
+into ``results/verdict_figures_D-E.json``.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
-        [--test-d] [--test-e]
+        [--test-d] [--test-e] [--export-figures]
 """
 
 from __future__ import annotations
@@ -235,6 +236,33 @@ def with_shortcut(row: dict) -> dict:
         "gap": shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], still, still).to_dict()}
 
 
+FIGURES = ("margins", "p_value", "budgets", "success", "transferred", "reference_success", "reference_baseline",
+           "held_out_margin", "reference_margin", "reference_margin_baseline")
+
+
+def export_figures(names: tuple[str, ...] = ("D", "E")) -> None:
+    """Every model's per-class figures from the cached verdicts of populations ``names`` (the transfer verdict's,
+    and the shortcut verdict's margins where the transfer verdict predates them), into one results file: the
+    development data of later statistics, kept in the repository because the model cache is not."""
+    from pathlib import Path
+
+    rows = []
+    for population in names:
+        for dataset, attack, numbers in POPULATIONS[population]:
+            for number in numbers:
+                folder = folder_of(attack, number, dataset)
+                facts = json.loads((folder / "facts.json").read_text())
+                found = json.loads((folder / "verdicts.json").read_text())
+                figures = found.get("shortcut", {}) | found["transfer"]
+                rows.append({"population": population, **{k: facts.get(k) for k in (
+                    "dataset", "attack", "number", "architecture", "target", "poison_rate", "acc", "asr")},
+                    **{k: json.loads(json.dumps(figures[k]), parse_float=lambda v: round(float(v), 4))
+                       for k in FIGURES if k in figures}})
+    out = Path(__file__).resolve().parent / "results" / f"verdict_figures_{'-'.join(names)}.json"
+    out.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")     # one model a line
+    print(f"{len(rows)} models: {out}")
+
+
 def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
     """A pre-registered test's figures, per population and per dataset, from the cached verdicts; for (C)
     with the referenced margin (``verdict_reference.py``) among the statistics."""
@@ -282,9 +310,14 @@ def main() -> None:
                         help="the session-10 test's figures on population (C), then stop")
     parser.add_argument("--test-d", action="store_true",
                         help="the session-11 test's figures on population (D), then stop")
+    parser.add_argument("--export-figures", action="store_true",
+                        help="write every (D) and (E) model's per-class figures to results/, then stop")
     parser.add_argument("--test-e", action="store_true",
                         help="the session-13 test's figures on population (E), then stop")
     args = parser.parse_args()
+    if args.export_figures:
+        export_figures()
+        return
     if args.margin_test or args.test_c or args.test_d or args.test_e:
         population_test(("C",) if args.test_c else ("D",) if args.test_d else ("E",) if args.test_e else ("A", "B"))
         return
