@@ -215,11 +215,17 @@ def transferred(reference_success: Sequence[Sequence[float]], reference_baseline
     """Per class, the share of held-out images its universal perturbation moves into it in the references
     beyond those already there: mean over references of success minus baseline, clipped to [0, 1] (a
     perturbation that pulls the references away is no evidence either way)."""
-    moved, before = np.asarray(reference_success, dtype=float), np.asarray(reference_baseline, dtype=float)
+    return np.clip(_reference_gain(reference_success, reference_baseline, classes), 0.0, 1.0)
+
+
+def _reference_gain(moved: Sequence[Sequence[float]], before: Sequence[Sequence[float]], classes: int) -> np.ndarray:
+    """Per class, the mean over references of a figure with the perturbations minus without them, checked for
+    one row of ``classes`` values per reference in both."""
+    moved, before = np.asarray(moved, dtype=float), np.asarray(before, dtype=float)
     if moved.ndim != 2 or moved.shape != before.shape or moved.shape[1] != classes or not len(moved):
         raise ValueError(f"one row of {classes} classes per reference, with and without the perturbations; got "
                          f"shapes {list(moved.shape)} and {list(before.shape)}")
-    return np.clip(moved.mean(0) - before.mean(0), 0.0, 1.0)
+    return moved.mean(0) - before.mean(0)
 
 
 def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success: Sequence[Sequence[float]],
@@ -254,13 +260,9 @@ def untransferred_margins(held_out_margin: Sequence[float], reference_margin: Se
     (``reference_margin_baseline``). Not clipped: a perturbation that pulls clean networks away from its class
     while it pushes the model there is the model's own shortcut all the more."""
     model = np.asarray(held_out_margin, dtype=float)
-    moved, before = np.asarray(reference_margin, dtype=float), np.asarray(reference_margin_baseline, dtype=float)
-    if model.ndim != 1 or moved.ndim != 2 or moved.shape != before.shape or moved.shape[1] != len(model) \
-            or not len(moved):
-        raise ValueError(f"one margin per class, and one row of {len(model)} classes per reference with and without "
-                         f"the perturbations; got shapes {list(model.shape)}, {list(moved.shape)} and "
-                         f"{list(before.shape)}")
-    return model - (moved.mean(0) - before.mean(0))
+    if model.ndim != 1:
+        raise ValueError(f"one held-out margin per class; got shape {list(model.shape)}")
+    return model - _reference_gain(reference_margin, reference_margin_baseline, len(model))
 
 
 def shortcut_verdict(budgets: Sequence[float], success: Sequence[Sequence[float]], held_out_margin: Sequence[float],
