@@ -195,7 +195,16 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                "E": [("digits", "clean", range(52, 64))] + [("digits", a, range(26, 30)) for a in ATTACKS]
                + [("mnist", "clean", range(8, 12))] + [("mnist", a, range(4, 6)) for a in ATTACKS]
                + [("cifar10", "clean", range(12, 16))]
-               + [("cifar10", a, range(6, 8)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(6, 8)) for a in ("badnets", "blended", "sig")],
+               # (F): pre-registered in session 14, built in two halves (F1 now, F2 next session).
+               "F1": [("digits", "clean", range(64, 84))] + [("digits", a, range(30, 36)) for a in ATTACKS]
+               + [("mnist", "clean", range(12, 18))] + [("mnist", a, range(6, 8)) for a in ATTACKS]
+               + [("cifar10", "clean", range(16, 20))]
+               + [("cifar10", a, range(8, 10)) for a in ("badnets", "blended", "sig")],
+               "F2": [("digits", "clean", range(84, 104))] + [("digits", a, range(36, 42)) for a in ATTACKS]
+               + [("mnist", "clean", range(18, 24))] + [("mnist", a, range(8, 10)) for a in ATTACKS]
+               + [("cifar10", "clean", range(20, 24))]
+               + [("cifar10", a, range(10, 12)) for a in ("badnets", "blended", "sig")]}
 
 
 def with_secondaries(row: dict) -> dict:
