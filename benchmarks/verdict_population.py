@@ -291,7 +291,7 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
     return float(np.mean(pairs)) if pairs else float("nan")
 
 
-VERDICTS = ("margin", "sink", "universal", "transfer", "shortcut")    # computed by the scan (fmt_audit.verdict)
+VERDICTS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred")  # by the scan (fmt_audit.verdict)
 STATISTICS = (*VERDICTS, "mean")     # mean: of margin and sink, the secondary statistic of session 8
 
 
@@ -386,7 +386,8 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="build and scan models from this number up")
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--statistics", default="margin,sink",
-                        help="the verdicts to compute, comma-separated: margin, sink, universal, transfer, shortcut "
+                        help="the verdicts to compute, comma-separated: margin, sink, universal, transfer, shortcut, "
+                             "untransferred "
                              "(cached: a model's verdicts computed before are read back, and every statistic all the "
                              "rows have is summarised)")
     args = parser.parse_args()

@@ -36,11 +36,14 @@ With ``--test-d``: the test pre-registered in session 11 ("Does the easy class's
 the transfer verdict, the margin test and the untransferred success on population (D).
 With ``--test-e``: the test pre-registered in session 13 ("Which class is unnaturally easy?"): the shortcut
 verdict, with the transfer verdict, the margin test, the ladder's lead and the margin gap without the
-references beside, on population (E). With ``--export-figures``: every (D) and (E) model's per-class figures
+references beside, on population (E).
+With ``--test-f F1|F2|F``: the test pre-registered in session 14 ("Developed on two populations"): the
+untransferred verdict, with (E)'s statistics beside, on a half of population (F) or all of it.
+With ``--export-figures``: every (D) and (E) model's per-class figures
 into ``results/verdict_figures_D-E.json``.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
-        [--test-d] [--test-e] [--export-figures]
+        [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures]
 """
 
 from __future__ import annotations
@@ -211,19 +214,20 @@ def with_secondaries(row: dict) -> dict:
     """The row with (D)'s secondary statistics beside, from the figures of its ``transfer`` verdict: the
     margin test's own verdict (under ``margin``: ``1 - p`` at the same class, the transfer verdict's first
     step, so it is not run twice) and the untransferred success at the universal ladder's leading class,
-    ``s_t - t_t`` (under ``untransferred``)."""
+    ``s_t - t_t`` (under ``untransferred_top``; not the ``untransferred`` verdict, which reads the lead)."""
     from fmt_audit.verdict import transferred
 
     verdict = row["transfer"]
     if verdict.get("suspicion") is None:
-        return row | {s: {"suspicion": None, "target_class": None} for s in ("margin", "untransferred")}
+        return row | {s: {"suspicion": None, "target_class": None} for s in ("margin", "untransferred_top")}
     margin = row.get("margin") or {"suspicion": round(1.0 - verdict["p_value"], 6),
                                    "target_class": verdict["target_class"]}
     last = np.asarray(verdict["success"][-1])
     moved = transferred(verdict["reference_success"], verdict["reference_baseline"], len(last))
     top = int(last.argmax())
     return row | {"margin": margin,
-                  "untransferred": {"suspicion": float(np.clip(last[top] - moved[top], 0, 1)), "target_class": top}}
+                  "untransferred_top": {"suspicion": float(np.clip(last[top] - moved[top], 0, 1)),
+                                        "target_class": top}}
 
 
 def with_shortcut(row: dict) -> dict:
@@ -243,6 +247,19 @@ def with_shortcut(row: dict) -> dict:
                                      still).to_dict(),
         "universal": universal_verdict(v["budgets"], v["success"]).to_dict(),
         "gap": shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], still, still).to_dict()}
+
+
+def with_untransferred(row: dict) -> dict:
+    """The row with (F)'s statistics beside, all from the figures of its ``transfer`` verdict: ``untransferred``
+    (the test), as ``scan --verdict untransferred`` computes it from the same ladder and references, and
+    (E)'s statistics (:func:`with_shortcut`)."""
+    from fmt_audit.verdict import untransferred_verdict
+
+    row, v = with_shortcut(row), row["transfer"]
+    if v.get("suspicion") is None:
+        return row | {"untransferred": {"suspicion": None, "target_class": None}}
+    return row | {"untransferred": untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
+                                                         v["reference_baseline"]).to_dict()}
 
 
 FIGURES = ("margins", "p_value", "budgets", "success", "transferred", "reference_success", "reference_baseline",
@@ -272,12 +289,14 @@ def export_figures(names: tuple[str, ...] = ("D", "E")) -> None:
     print(f"{len(rows)} models: {out}")
 
 
-def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
+def population_test(names: tuple[str, ...] = ("A", "B"), pooled: str | None = None) -> None:
     """A pre-registered test's figures, per population and per dataset, from the cached verdicts; for (C)
-    with the referenced margin (``verdict_reference.py``) among the statistics."""
+    with the referenced margin (``verdict_reference.py``) among the statistics. ``pooled``: one name for all
+    of ``names`` together (the halves of (F))."""
     parts: dict[str, list[dict]] = {}
-    for population in names:
-        for dataset, attack, numbers in POPULATIONS[population]:
+    for part in names:
+        population = pooled or part
+        for dataset, attack, numbers in POPULATIONS[part]:
             for number in numbers:
                 folder = folder_of(attack, number, dataset)
                 if not (folder / "verdicts.json").exists():
@@ -289,13 +308,18 @@ def population_test(names: tuple[str, ...] = ("A", "B")) -> None:
                 if population != "A":
                     parts.setdefault(f"{population} {dataset}", []).append(row)
     for name, rows in parts.items():
-        if name.startswith("E"):    # every statistic from the transfer verdict's figures
+        if name.startswith("F"):    # the frozen statistic of session 14 and (E)'s beside, from the transfer figures
             from fmt_audit.verdict import SHORTCUT_THRESHOLD
 
-            print(name, json.dumps(summarise([with_shortcut(r) for r in rows], {"gap": SHORTCUT_THRESHOLD})),
-                  flush=True)
+            print(name, json.dumps(summarise([with_untransferred(r) for r in rows],
+                                             {"gap": SHORTCUT_THRESHOLD, "untransferred_top": None})), flush=True)
+        elif name.startswith("E"):    # every statistic from the transfer verdict's figures
+            from fmt_audit.verdict import SHORTCUT_THRESHOLD
+
+            print(name, json.dumps(summarise([with_shortcut(r) for r in rows],
+                                             {"gap": SHORTCUT_THRESHOLD, "untransferred_top": None})), flush=True)
         elif name.startswith("D"):    # margin and untransferred success beside, from the transfer verdict's figures
-            print(name, json.dumps(summarise([with_secondaries(r) for r in rows], {"untransferred": None})),
+            print(name, json.dumps(summarise([with_secondaries(r) for r in rows], {"untransferred_top": None})),
                   flush=True)
         elif name.startswith("C"):    # the referenced margin beside (verdict_reference.py)
             from verdict_reference import with_referenced
@@ -323,9 +347,15 @@ def main() -> None:
                         help="write every (D) and (E) model's per-class figures to results/, then stop")
     parser.add_argument("--test-e", action="store_true",
                         help="the session-13 test's figures on population (E), then stop")
+    parser.add_argument("--test-f", choices=("F1", "F2", "F"), default=None,
+                        help="the session-14 test's figures on population (F), or a half of it, then stop")
     args = parser.parse_args()
     if args.export_figures:
         export_figures()
+        return
+    if args.test_f:
+        population_test(("F1", "F2") if args.test_f == "F" else (args.test_f,), pooled="F" if args.test_f == "F"
+                        else None)
         return
     if args.margin_test or args.test_c or args.test_d or args.test_e:
         population_test(("C",) if args.test_c else ("D",) if args.test_d else ("E",) if args.test_e else ("A", "B"))

@@ -25,6 +25,7 @@ _EXPORTS = {
     "universal_test": "universal", "universal_verdict": "verdict", "UniversalConfig": "verdict",
     "transfer_test": "transfer", "transfer_verdict": "verdict", "ReferenceConfig": "verdict",
     "shortcut_verdict": "verdict",
+    "untransferred_verdict": "verdict",
     "train_reference": "reference",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",

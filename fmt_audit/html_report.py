@@ -173,6 +173,12 @@ def _scan_sections(report: ScanReport) -> list[str]:
                     "images they send there beyond what the networks already put there. A natural shortcut moves "
                     "them too; a backdoor's does not.</p>" + class_plot(v["transferred"], v.get("target_class"),
                                                                        "held-out share moved in the references"))
+    if v.get("untransferred"):
+        body.append(f"<h2>Untransferred test</h2><p class=\"note\">For each class, the share of held-out images "
+                    "its perturbation sends there in the model, less the share it moves there in "
+                    f"{len(v['reference_success'])} small clean networks trained on the scan's images. A backdoor's "
+                    "target keeps its lead; a natural attractor loses it.</p>"
+                    + class_plot(v["untransferred"], v.get("target_class"), "held-out share beyond the references'"))
     if v.get("untransferred_margin"):
         body.append(f"<h2>Shortcut test</h2><p class=\"note\">For each class, the median margin its perturbation "
                     f"gives the held-out images in the model, less what it adds in {len(v['reference_margin'])} small "

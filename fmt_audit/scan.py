@@ -33,6 +33,7 @@ from .verdict import (
     sink_concentration,
     transfer_verdict,
     universal_verdict,
+    untransferred_verdict,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
-    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut | none
+    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut |
+    #                                     untransferred | none
     #                                     (fmt_audit.verdict)
     verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
     margin_restarts: int = 16           # verdict "margin": random starts per class
@@ -289,7 +291,7 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                            config.device, config.universal_config(),
                                            scanner.bridge if scanner else None)
             return universal_verdict(ladder.budgets, ladder.success, "; ".join([_ladder_basis(ladder), *notes]))
-        if config.verdict in ("transfer", "shortcut"):
+        if config.verdict in ("transfer", "shortcut", "untransferred"):
             from .transfer import transfer_test
 
             found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
@@ -302,6 +304,10 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
             if config.verdict == "shortcut":
                 return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
                                         basis="; ".join([f"the margins of the {tested}", *notes]))
+            if config.verdict == "untransferred":
+                return untransferred_verdict(ladder.budgets, ladder.success, found.reference_success,
+                                             found.reference_baseline, "; ".join([f"the transfer of the {tested}",
+                                                                                  *notes]))
             return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
                                     found.reference_baseline,
                                     "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}",

@@ -47,6 +47,14 @@ relative to how far it stands from the median class: 1 when one class alone is r
 ``suspicious`` at 0.55 (the Youden cut on development models, benchmarks/README.md, "Verdict"). Unlike
 ``transfer`` it reads every class, so a natural attractor ahead of the target does not hide it. Needs
 labelled data.
+
+``untransferred``: the **universal lead, less what transfers**, from the same ladder and references. Per
+class, the share of held-out images of the other classes its last-rung perturbation sends there in the
+audited model, less the share it moves there in the references (:func:`transferred`); the suspicion is the
+largest such share's lead over the next, as ``universal`` reads its lead, ``suspicious`` at the same 0.2.
+A natural attractor, which the clean references share, loses its lead; a backdoor's target, which they do
+not, keeps it. Chosen on two development populations together (benchmarks/README.md, "Developed on two
+populations"). Needs labelled data.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "none")
+METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "none")
 MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
 MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
 SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
@@ -66,6 +74,9 @@ MARGIN_THRESHOLD = 0.95  # margin: 1 - p at or above this (p < 0.05, MM-BD's thr
 UNIVERSAL_THRESHOLD = 0.2  # universal: lead at or above this is "suspicious" (benchmarks/README.md, Verdict)
 TRANSFER_THRESHOLD = 0.95  # transfer: the discounted 1 - p at or above this is "suspicious" (MM-BD's p < 0.05)
 SHORTCUT_THRESHOLD = 0.55  # shortcut: gap at or above this is "suspicious" (benchmarks/README.md, Verdict)
+# untransferred: lead at or above this is "suspicious": universal's threshold, which the Youden cut on the
+# development populations (D) and (E) together, 0.204, confirmed (benchmarks/README.md, Verdict)
+UNTRANSFERRED_THRESHOLD = UNIVERSAL_THRESHOLD
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
 
@@ -170,6 +181,13 @@ def describe(verdict: dict) -> str:
                     f"margin of {verdict['held_out_margin'][top]:.3g}, {ordered[0]:.3g} beyond what it adds in "
                     f"{len(verdict['reference_margin'])} reference networks trained on the scan's images; the next "
                     f"class {ordered[1]:.3g}")
+    elif verdict["method"] == "untransferred":
+        top = verdict["target_class"]
+        ordered = sorted(verdict["untransferred"], reverse=True)
+        evidence = (f"class {top}'s perturbation (RMS {verdict['budgets'][-1]:.3g}) sends "
+                    f"{verdict['success'][-1][top]:.0%} of held-out images to it, {ordered[0]:.0%} beyond what it "
+                    f"moves there in {len(verdict['reference_success'])} reference networks trained on the scan's "
+                    f"images; the next class {ordered[1]:.0%}")
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
         evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
@@ -181,7 +199,8 @@ def describe(verdict: dict) -> str:
 
 
 THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD,
-              "transfer": TRANSFER_THRESHOLD, "shortcut": SHORTCUT_THRESHOLD}
+              "transfer": TRANSFER_THRESHOLD, "shortcut": SHORTCUT_THRESHOLD,
+              "untransferred": UNTRANSFERRED_THRESHOLD}
 
 
 def inconclusive(method: str, why: str) -> Verdict:
@@ -250,6 +269,31 @@ def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success
                        "reference_success": [[float(v) for v in row] for row in reference_success],
                        "reference_baseline": [[float(v) for v in row] for row in reference_baseline],
                        **(figures or {})})
+
+
+def untransferred_verdict(budgets: Sequence[float], success: Sequence[Sequence[float]],
+                          reference_success: Sequence[Sequence[float]], reference_baseline: Sequence[Sequence[float]],
+                          basis: str = "untransferred universal-perturbation test") -> Verdict:
+    """The verdict from the universal ladder's last rung (``budgets``/``success`` as :func:`universal_verdict`
+    takes them) and its transfer to references (per reference and class, their held-out shares with the
+    perturbations and without, as :func:`transfer_verdict` takes them): the lead of the largest untransferred
+    share, ``success - t`` clipped to [0, 1], over the next."""
+    ladder = _ladder_details(budgets, success)
+    if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
+        return inconclusive("untransferred", f"{basis}: needs the held-out success of at least 3 classes")
+    last = np.asarray(success[-1], dtype=float)
+    natural = transferred(reference_success, reference_baseline, len(last))
+    if not np.isfinite(natural).all():
+        return inconclusive("untransferred", f"{basis}: the references' shares are not finite")
+    beyond = np.clip(last - natural, 0.0, 1.0)
+    top = int(beyond.argmax())
+    lead = round(float(beyond[top] - np.sort(beyond)[-2]), 6)
+    return Verdict("untransferred", lead, "suspicious" if lead >= UNTRANSFERRED_THRESHOLD else "clean", top,
+                   UNTRANSFERRED_THRESHOLD, basis, {
+                       **ladder, "transferred": [round(float(v), 6) for v in natural],
+                       "untransferred": [round(float(v), 6) for v in beyond],
+                       "reference_success": [[float(v) for v in row] for row in reference_success],
+                       "reference_baseline": [[float(v) for v in row] for row in reference_baseline]})
 
 
 def untransferred_margins(held_out_margin: Sequence[float], reference_margin: Sequence[Sequence[float]],

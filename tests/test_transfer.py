@@ -20,6 +20,8 @@ from fmt_audit.transfer import trained_references, transfer_test
 from fmt_audit.verdict import (
     SHORTCUT_THRESHOLD,
     TRANSFER_THRESHOLD,
+    UNIVERSAL_THRESHOLD,
+    UNTRANSFERRED_THRESHOLD,
     ReferenceConfig,
     UniversalConfig,
     describe,
@@ -28,6 +30,7 @@ from fmt_audit.verdict import (
     transfer_verdict,
     transferred,
     untransferred_margins,
+    untransferred_verdict,
 )
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
@@ -103,6 +106,35 @@ def test_the_shortcut_verdict_reads_every_class_beyond_what_the_references_do():
     assert broken.verdict == "inconclusive"
 
 
+def test_the_untransferred_verdict_reads_the_lead_of_what_the_references_do_not_share():
+    budgets, success = [0.01, 0.02], [[0.1, 0.2, 0.1, 0.0, 0.0], [0.95, 0.6, 0.2, 0.1, 0.0]]
+    # class 0's perturbation moves 70% of the references' held-out images into it (natural), class 1's none
+    moved, still = [[0.8, 0.1, 0.0, 0.1, 0.0], [0.6, 0.0, 0.1, 0.0, 0.0]], [[0.0] * 5, [0.0, 0.0, 0.1, 0.0, 0.0]]
+    verdict = untransferred_verdict(budgets, success, moved, still)
+    assert verdict.method == "untransferred" and verdict.target_class == 1
+    assert verdict.details["untransferred"] == pytest.approx([0.25, 0.55, 0.2, 0.05, 0.0])
+    assert verdict.suspicion == pytest.approx(0.3) and verdict.verdict == "suspicious"
+    assert verdict.threshold == UNTRANSFERRED_THRESHOLD == UNIVERSAL_THRESHOLD
+    # nothing transfers: the universal lead; a class the references shed counts as its own share, no more
+    alone = untransferred_verdict(budgets, success, still, still)
+    assert alone.target_class == 0 and alone.suspicion == pytest.approx(0.35)
+    pulled = untransferred_verdict(budgets, success, [[0.0, 0.0, 0.0, 0.0, 0.0]], [[0.0, 0.5, 0.0, 0.0, 0.0]])
+    assert pulled.details["untransferred"][1] == pytest.approx(0.6) and pulled.target_class == 0
+    close = untransferred_verdict([0.01], [[0.9, 0.8, 0.1, 0.0, 0.0]], still, still)
+    assert close.verdict == "clean" and close.suspicion == pytest.approx(0.1)
+    text = describe(verdict.to_dict())
+    assert "class 1's perturbation (RMS 0.02) sends 60% of held-out images to it, 55% beyond" in text
+    assert "in 2 reference networks" in text and "the next class 25%" in text
+    with pytest.raises(ValueError, match="one row of 5 classes per reference"):
+        untransferred_verdict(budgets, success, [[0.0, 0.0]], [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="one budget per rung"):
+        untransferred_verdict([0.01], success, moved, still)
+    few = untransferred_verdict(budgets, [[0.5, 0.4]] * 2, [[0.0, 0.0]], [[0.0, 0.0]])
+    assert few.verdict == "inconclusive" and few.method == "untransferred" and few.suspicion is None
+    broken = untransferred_verdict(budgets, success, [[0.0, float("nan"), 0.0, 0.0, 0.0]], [[0.0] * 5])
+    assert broken.verdict == "inconclusive"
+
+
 def test_reference_config_is_checked():
     for bad in ({"count": 0}, {"steps": 0}, {"batch": 0}, {"lr": 0.0}, {"lr": float("nan")}, {"crop": -1}):
         with pytest.raises(ConfigError):
@@ -168,7 +200,7 @@ def test_the_badnets_targets_perturbation_does_not_move_the_references():
     assert shortcut.target_class == target and shortcut.verdict == "suspicious"
 
 
-def test_scan_and_cli_take_the_transfer_and_shortcut_verdicts(monkeypatch, tmp_path):
+def test_scan_and_cli_take_the_transfer_shortcut_and_untransferred_verdicts(monkeypatch, tmp_path):
     monkeypatch.setattr(ScanConfig, "universal_config", lambda self: QUICK)
     monkeypatch.setattr(ScanConfig, "reference_config", lambda self: FEW_STEPS)
     report = scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=96, skip_layers="block",
@@ -176,18 +208,24 @@ def test_scan_and_cli_take_the_transfer_and_shortcut_verdicts(monkeypatch, tmp_p
                                                                    margin_steps=60))
     assert report.verdict["method"] == "transfer" and report.verdict["target_class"] == TARGETS["badnets"]
     assert "reference networks trained on the scan's images" in report.format_text()
-    # the shortcut verdict through the CLI: the same ladder and references, so the transfer report's figures give it
-    result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
-                                       "--samples", "96", "--skip-layers", "block", "--verdict", "shortcut",
-                                       "--fail-on-suspicious", "--json", str(tmp_path / "r.json"),
-                                       "--html", str(tmp_path / "r.html")])
-    assert result.exit_code == 1 and "suspicious" in result.output, result.output
-    saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["summary"]["verdict"] == "suspicious" and len(saved["verdict"]["reference_margin"]) == 3
     v = report.verdict
-    again = shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], v["reference_margin"],
-                             v["reference_margin_baseline"]).to_dict()
-    assert {k: saved["verdict"][k] for k in again if k != "basis"} == {k: again[k] for k in again if k != "basis"}
-    assert saved["verdict"]["target_class"] == TARGETS["badnets"]
-    page = (tmp_path / "r.html").read_text()
-    assert "Shortcut test" in page and page.count("data:image/png;base64") >= 3
+    # the shortcut and untransferred verdicts through the CLI: the same ladder and references, so the transfer
+    # report's figures give each of them
+    from_figures = {
+        "shortcut": (shortcut_verdict(v["budgets"], v["success"], v["held_out_margin"], v["reference_margin"],
+                                      v["reference_margin_baseline"]), "Shortcut test"),
+        "untransferred": (untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
+                                                v["reference_baseline"]), "Untransferred test")}
+    for method, (again, section) in from_figures.items():
+        result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
+                                           "--samples", "96", "--skip-layers", "block", "--verdict", method,
+                                           "--fail-on-suspicious", "--json", str(tmp_path / f"{method}.json"),
+                                           "--html", str(tmp_path / f"{method}.html")])
+        assert result.exit_code == 1 and "suspicious" in result.output, result.output
+        saved = json.loads((tmp_path / f"{method}.json").read_text())
+        assert saved["summary"]["verdict"] == "suspicious"
+        again = again.to_dict()
+        assert {k: saved["verdict"][k] for k in again if k != "basis"} == {k: again[k] for k in again if k != "basis"}
+        assert saved["verdict"]["method"] == method and saved["verdict"]["target_class"] == TARGETS["badnets"]
+        page = (tmp_path / f"{method}.html").read_text()
+        assert section in page and page.count("data:image/png;base64") >= 3
