@@ -252,11 +252,17 @@ def with_shortcut(row: dict) -> dict:
 def with_untransferred(row: dict) -> dict:
     """The row with (F)'s statistics beside, all from the figures of its ``transfer`` verdict: ``untransferred``
     (the test), as ``scan --verdict untransferred`` computes it from the same ladder and references, and
-    (E)'s statistics (:func:`with_shortcut`)."""
+    (E)'s statistics (:func:`with_shortcut`). A transfer verdict without figures (its margin test
+    inconclusive) is announced: ``scan --verdict untransferred`` does not need the margin test, so such a
+    model's own run (``verdict_population.py --statistics untransferred``) is what the test counts."""
     from fmt_audit.verdict import untransferred_verdict
 
     row, v = with_shortcut(row), row["transfer"]
+    if "untransferred" in row:      # computed by the scan itself
+        return row
     if v.get("suspicion") is None:
+        print(f"no transfer figures: {row.get('dataset')} {row['attack']} {row['number']}; run "
+              "verdict_population.py --statistics untransferred on it", flush=True)
         return row | {"untransferred": {"suspicion": None, "target_class": None}}
     return row | {"untransferred": untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
                                                          v["reference_baseline"]).to_dict()}
@@ -316,8 +322,8 @@ def population_test(names: tuple[str, ...] = ("A", "B"), pooled: str | None = No
         elif name.startswith("E"):    # every statistic from the transfer verdict's figures
             from fmt_audit.verdict import SHORTCUT_THRESHOLD
 
-            print(name, json.dumps(summarise([with_shortcut(r) for r in rows],
-                                             {"gap": SHORTCUT_THRESHOLD, "untransferred_top": None})), flush=True)
+            print(name, json.dumps(summarise([with_shortcut(r) for r in rows], {"gap": SHORTCUT_THRESHOLD})),
+                  flush=True)
         elif name.startswith("D"):    # margin and untransferred success beside, from the transfer verdict's figures
             print(name, json.dumps(summarise([with_secondaries(r) for r in rows], {"untransferred_top": None})),
                   flush=True)
@@ -354,8 +360,8 @@ def main() -> None:
         export_figures()
         return
     if args.test_f:
-        population_test(("F1", "F2") if args.test_f == "F" else (args.test_f,), pooled="F" if args.test_f == "F"
-                        else None)
+        whole = args.test_f == "F"
+        population_test(("F1", "F2") if whole else (args.test_f,), pooled="F" if whole else None)
         return
     if args.margin_test or args.test_c or args.test_d or args.test_e:
         population_test(("C",) if args.test_c else ("D",) if args.test_d else ("E",) if args.test_e else ("A", "B"))

@@ -306,8 +306,8 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                         basis="; ".join([f"the margins of the {tested}", *notes]))
             if config.verdict == "untransferred":
                 return untransferred_verdict(ladder.budgets, ladder.success, found.reference_success,
-                                             found.reference_baseline, "; ".join([f"the transfer of the {tested}",
-                                                                                  *notes]))
+                                             found.reference_baseline,
+                                             basis="; ".join([f"the transfer of the {tested}", *notes]))
             return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
                                     found.reference_baseline,
                                     "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}",

@@ -148,7 +148,7 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class Verdict:
-    method: str                 # "margin" | "sink" | "universal" | "transfer" | "shortcut"
+    method: str                 # "margin" | "sink" | "universal" | "transfer" | "shortcut" | "untransferred"
     suspicion: float | None     # in [0, 1]; None without evidence
     verdict: str                # "clean" | "suspicious" | "inconclusive"
     target_class: int | None    # the class the evidence points to: the likely attack target
@@ -260,6 +260,8 @@ def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success
     margin = margin_verdict(margins, basis)
     if margin.suspicion is None:
         return inconclusive("transfer", margin.basis)
+    if not np.isfinite(_reference_gain(reference_success, reference_baseline, len(margins))).all():
+        return inconclusive("transfer", f"{basis}: the references' shares are not finite")
     top = margin.target_class
     natural = transferred(reference_success, reference_baseline, len(margins))
     suspicion = round(margin.suspicion * (1.0 - float(natural[top])), 6)
@@ -282,9 +284,9 @@ def untransferred_verdict(budgets: Sequence[float], success: Sequence[Sequence[f
     if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
         return inconclusive("untransferred", f"{basis}: needs the held-out success of at least 3 classes")
     last = np.asarray(success[-1], dtype=float)
-    natural = transferred(reference_success, reference_baseline, len(last))
-    if not np.isfinite(natural).all():
+    if not np.isfinite(_reference_gain(reference_success, reference_baseline, len(last))).all():
         return inconclusive("untransferred", f"{basis}: the references' shares are not finite")
+    natural = transferred(reference_success, reference_baseline, len(last))
     beyond = np.clip(last - natural, 0.0, 1.0)
     top = int(beyond.argmax())
     lead = round(float(beyond[top] - np.sort(beyond)[-2]), 6)

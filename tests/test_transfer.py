@@ -68,6 +68,8 @@ def test_the_margin_verdict_is_discounted_by_what_the_references_also_do():
         transfer_verdict(MARGINS, [0.01], success, [[0.0] * 4], [[0.0] * 4])
     empty = transfer_verdict([1.0, 2.0], [0.01], [[0.5, 0.4]], [[0.0, 0.0]], [[0.0, 0.0]])
     assert empty.verdict == "inconclusive" and empty.method == "transfer" and empty.suspicion is None
+    endless = transfer_verdict(MARGINS, [0.01, 0.02], success, [[float("inf")] * 4], [[0.0] * 4])
+    assert endless.verdict == "inconclusive" and "not finite" in endless.basis
 
 
 def test_the_shortcut_verdict_reads_every_class_beyond_what_the_references_do():
@@ -108,7 +110,7 @@ def test_the_shortcut_verdict_reads_every_class_beyond_what_the_references_do():
 
 def test_the_untransferred_verdict_reads_the_lead_of_what_the_references_do_not_share():
     budgets, success = [0.01, 0.02], [[0.1, 0.2, 0.1, 0.0, 0.0], [0.95, 0.6, 0.2, 0.1, 0.0]]
-    # class 0's perturbation moves 70% of the references' held-out images into it (natural), class 1's none
+    # class 0's perturbation moves 70% of the references' held-out images into it (natural), class 1's 5%
     moved, still = [[0.8, 0.1, 0.0, 0.1, 0.0], [0.6, 0.0, 0.1, 0.0, 0.0]], [[0.0] * 5, [0.0, 0.0, 0.1, 0.0, 0.0]]
     verdict = untransferred_verdict(budgets, success, moved, still)
     assert verdict.method == "untransferred" and verdict.target_class == 1
@@ -131,8 +133,9 @@ def test_the_untransferred_verdict_reads_the_lead_of_what_the_references_do_not_
         untransferred_verdict([0.01], success, moved, still)
     few = untransferred_verdict(budgets, [[0.5, 0.4]] * 2, [[0.0, 0.0]], [[0.0, 0.0]])
     assert few.verdict == "inconclusive" and few.method == "untransferred" and few.suspicion is None
-    broken = untransferred_verdict(budgets, success, [[0.0, float("nan"), 0.0, 0.0, 0.0]], [[0.0] * 5])
-    assert broken.verdict == "inconclusive"
+    for bad in (float("nan"), float("inf")):      # not clipped into a share
+        broken = untransferred_verdict(budgets, success, [[0.0, bad, 0.0, 0.0, 0.0]], [[0.0] * 5])
+        assert broken.verdict == "inconclusive" and "not finite" in broken.basis
 
 
 def test_reference_config_is_checked():
