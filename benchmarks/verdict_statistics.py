@@ -39,11 +39,11 @@ verdict, with the transfer verdict, the margin test, the ladder's lead and the m
 references beside, on population (E).
 With ``--test-f F1|F2|F``: the test pre-registered in session 14 ("Developed on two populations"): the
 untransferred verdict, with (E)'s statistics beside, on a half of population (F) or all of it.
-With ``--export-figures``: every (D) and (E) model's per-class figures
-into ``results/verdict_figures_D-E.json``.
+With ``--export-figures [POPULATIONS]``: every model's per-class figures of (D) and (E), or the populations
+named, into ``results/verdict_figures_<names>.json`` (``F1,F2`` for (F)).
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
-        [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures]
+        [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures [D,E|F1,F2]]
 """
 
 from __future__ import annotations
@@ -349,15 +349,16 @@ def main() -> None:
                         help="the session-10 test's figures on population (C), then stop")
     parser.add_argument("--test-d", action="store_true",
                         help="the session-11 test's figures on population (D), then stop")
-    parser.add_argument("--export-figures", action="store_true",
-                        help="write every (D) and (E) model's per-class figures to results/, then stop")
+    parser.add_argument("--export-figures", nargs="?", const="D,E", default=None, metavar="POPULATIONS",
+                        help="write every model's per-class figures of these populations, comma-separated "
+                             "(default D,E), to results/, then stop")
     parser.add_argument("--test-e", action="store_true",
                         help="the session-13 test's figures on population (E), then stop")
     parser.add_argument("--test-f", choices=("F1", "F2", "F"), default=None,
                         help="the session-14 test's figures on population (F), or a half of it, then stop")
     args = parser.parse_args()
     if args.export_figures:
-        export_figures()
+        export_figures(tuple(args.export_figures.split(",")))
         return
     if args.test_f:
         whole = args.test_f == "F"

@@ -54,7 +54,8 @@ audited model, less the share it moves there in the references (:func:`transferr
 largest such share's lead over the next, as ``universal`` reads its lead, ``suspicious`` at the same 0.2.
 A natural attractor, which the clean references share, loses its lead; a backdoor's target, which they do
 not, keeps it. Chosen on two development populations together (benchmarks/README.md, "Developed on two
-populations"). Needs labelled data.
+populations"; ROC-AUC 0.895 and 0.902 there), it scored 0.759 on 136 fresh models, where every statistic
+here scored 0.76-0.80. Needs labelled data.
 """
 
 from __future__ import annotations
