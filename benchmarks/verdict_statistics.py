@@ -40,10 +40,12 @@ references beside, on population (E).
 With ``--test-f F1|F2|F``: the test pre-registered in session 14 ("Developed on two populations"): the
 untransferred verdict, with (E)'s statistics beside, on a half of population (F) or all of it.
 With ``--export-figures [POPULATIONS]``: every model's per-class figures of (D) and (E), or the populations
-named, into ``results/verdict_figures_<names>.json`` (``F1,F2`` for (F)).
+named, into ``results/verdict_figures_<names>.json`` (``F1,F2`` for (F)). With ``--kept``: every shipped
+statistic's ROC-AUC per population (D, E, F1, F2) and over all, from those kept figures alone.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
         [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures [D,E|F1,F2]]
+        [--kept]
 """
 
 from __future__ import annotations
@@ -295,6 +297,44 @@ def export_figures(names: tuple[str, ...] = ("D", "E")) -> None:
     print(f"{len(rows)} models: {out}")
 
 
+KEPT = ("verdict_figures_D-E.json", "verdict_figures_F1-F2.json")     # the populations whose figures are kept
+
+
+def kept_statistics() -> None:
+    """Every shipped statistic that one transfer run's figures give, recomputed from the kept figures (no model
+    cache needed): ROC-AUC per kept population, each population alone and all together. A new statistic is
+    judged the same way, on the populations it was not developed on."""
+    from pathlib import Path
+
+    from fmt_audit.verdict import (
+        margin_verdict,
+        shortcut_verdict,
+        transfer_verdict,
+        universal_verdict,
+        untransferred_verdict,
+    )
+
+    statistics = {
+        "margin": lambda r: margin_verdict(r["margins"]),
+        "universal": lambda r: universal_verdict(r["budgets"], r["success"]),
+        "transfer": lambda r: transfer_verdict(r["margins"], r["budgets"], r["success"], r["reference_success"],
+                                               r["reference_baseline"]),
+        "shortcut": lambda r: shortcut_verdict(r["budgets"], r["success"], r["held_out_margin"],
+                                               r["reference_margin"], r["reference_margin_baseline"]),
+        "untransferred": lambda r: untransferred_verdict(r["budgets"], r["success"], r["reference_success"],
+                                                         r["reference_baseline"])}
+    results = Path(__file__).resolve().parent / "results"
+    rows = [row for name in KEPT for row in json.loads((results / name).read_text())]
+    parts = {population: [r for r in rows if r["population"] == population]
+             for population in dict.fromkeys(r["population"] for r in rows)} | {"all": rows}
+    print(f"{'statistic':14s}" + "".join(f"{name:>8s}" for name in parts))
+    for statistic, verdict in statistics.items():
+        scores = {id(r): verdict(r).suspicion or 0.0 for r in rows}
+        line = [auc([scores[id(r)] for r in part if r["attack"] == "clean"],
+                    [scores[id(r)] for r in part if r["attack"] != "clean"]) for part in parts.values()]
+        print(f"{statistic:14s}" + "".join(f"{value:8.3f}" for value in line), flush=True)
+
+
 def population_test(names: tuple[str, ...] = ("A", "B"), pooled: str | None = None) -> None:
     """A pre-registered test's figures, per population and per dataset, from the cached verdicts; for (C)
     with the referenced margin (``verdict_reference.py``) among the statistics. ``pooled``: one name for all
@@ -354,11 +394,16 @@ def main() -> None:
                              "(default D,E), to results/, then stop")
     parser.add_argument("--test-e", action="store_true",
                         help="the session-13 test's figures on population (E), then stop")
+    parser.add_argument("--kept", action="store_true",
+                        help="every shipped statistic's AUC per population, from the kept figures, then stop")
     parser.add_argument("--test-f", choices=("F1", "F2", "F"), default=None,
                         help="the session-14 test's figures on population (F), or a half of it, then stop")
     args = parser.parse_args()
     if args.export_figures:
         export_figures(tuple(args.export_figures.split(",")))
+        return
+    if args.kept:
+        kept_statistics()
         return
     if args.test_f:
         whole = args.test_f == "F"
