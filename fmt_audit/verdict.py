@@ -214,13 +214,24 @@ def universal_verdict(budgets: Sequence[float], success: Sequence[Sequence[float
     lead of the best-reached class over the next one at the last rung climbed (the first where a class
     reached the ladder's level, or its top)."""
     details = _ladder_details(budgets, success)
-    if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
+    last = _last_rung(success)
+    if last is None:
         return inconclusive("universal", f"{basis}: needs the held-out success of at least 3 classes")
-    last = np.asarray(success[-1], dtype=float)
-    top = int(last.argmax())
-    lead = round(float(last[top] - np.sort(last)[-2]), 6)
+    top, lead = _lead(last)
     return Verdict("universal", lead, "suspicious" if lead >= UNIVERSAL_THRESHOLD else "clean", top,
                    UNIVERSAL_THRESHOLD, basis, details)
+
+
+def _last_rung(success: Sequence[Sequence[float]]) -> np.ndarray | None:
+    """The ladder's last rung of held-out shares, or None when it has fewer than 3 classes or a non-finite one."""
+    last = np.asarray(success[-1], dtype=float) if len(success) else np.zeros(0)
+    return last if len(last) >= 3 and np.isfinite(last).all() else None
+
+
+def _lead(shares: np.ndarray) -> tuple[int, float]:
+    """The class with the largest share, and its lead over the next."""
+    top = int(shares.argmax())
+    return top, round(float(shares[top] - np.sort(shares)[-2]), 6)
 
 
 def _ladder_details(budgets: Sequence[float], success: Sequence[Sequence[float]]) -> dict:
@@ -234,8 +245,10 @@ def transferred(reference_success: Sequence[Sequence[float]], reference_baseline
                 classes: int) -> np.ndarray:
     """Per class, the share of held-out images its universal perturbation moves into it in the references
     beyond those already there: mean over references of success minus baseline, clipped to [0, 1] (a
-    perturbation that pulls the references away is no evidence either way)."""
-    return np.clip(_reference_gain(reference_success, reference_baseline, classes), 0.0, 1.0)
+    perturbation that pulls the references away is no evidence either way); NaN where a figure is not finite,
+    so that an infinite one is not clipped into a share."""
+    gain = _reference_gain(reference_success, reference_baseline, classes)
+    return np.where(np.isfinite(gain), np.clip(gain, 0.0, 1.0), np.nan)
 
 
 def _reference_gain(moved: Sequence[Sequence[float]], before: Sequence[Sequence[float]], classes: int) -> np.ndarray:
@@ -261,10 +274,10 @@ def transfer_verdict(margins: Sequence[float], budgets: Sequence[float], success
     margin = margin_verdict(margins, basis)
     if margin.suspicion is None:
         return inconclusive("transfer", margin.basis)
-    if not np.isfinite(_reference_gain(reference_success, reference_baseline, len(margins))).all():
+    natural = transferred(reference_success, reference_baseline, len(margins))
+    if not np.isfinite(natural).all():
         return inconclusive("transfer", f"{basis}: the references' shares are not finite")
     top = margin.target_class
-    natural = transferred(reference_success, reference_baseline, len(margins))
     suspicion = round(margin.suspicion * (1.0 - float(natural[top])), 6)
     return Verdict("transfer", suspicion, "suspicious" if suspicion >= TRANSFER_THRESHOLD else "clean", top,
                    TRANSFER_THRESHOLD, basis, margin.details | {
@@ -282,15 +295,14 @@ def untransferred_verdict(budgets: Sequence[float], success: Sequence[Sequence[f
     perturbations and without, as :func:`transfer_verdict` takes them): the lead of the largest untransferred
     share, ``success - t`` clipped to [0, 1], over the next."""
     ladder = _ladder_details(budgets, success)
-    if not success or len(success[-1]) < 3 or not np.isfinite(np.asarray(success[-1], dtype=float)).all():
+    last = _last_rung(success)
+    if last is None:
         return inconclusive("untransferred", f"{basis}: needs the held-out success of at least 3 classes")
-    last = np.asarray(success[-1], dtype=float)
-    if not np.isfinite(_reference_gain(reference_success, reference_baseline, len(last))).all():
-        return inconclusive("untransferred", f"{basis}: the references' shares are not finite")
     natural = transferred(reference_success, reference_baseline, len(last))
+    if not np.isfinite(natural).all():
+        return inconclusive("untransferred", f"{basis}: the references' shares are not finite")
     beyond = np.clip(last - natural, 0.0, 1.0)
-    top = int(beyond.argmax())
-    lead = round(float(beyond[top] - np.sort(beyond)[-2]), 6)
+    top, lead = _lead(beyond)
     return Verdict("untransferred", lead, "suspicious" if lead >= UNTRANSFERRED_THRESHOLD else "clean", top,
                    UNTRANSFERRED_THRESHOLD, basis, {
                        **ladder, "transferred": [round(float(v), 6) for v in natural],
