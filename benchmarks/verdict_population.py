@@ -291,7 +291,8 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
     return float(np.mean(pairs)) if pairs else float("nan")
 
 
-VERDICTS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred")  # by the scan (fmt_audit.verdict)
+# by the scan (fmt_audit.verdict)
+VERDICTS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "cleanse")
 STATISTICS = (*VERDICTS, "mean")     # mean: of margin and sink, the secondary statistic of session 8
 
 
@@ -387,7 +388,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--statistics", default="margin,sink",
                         help="the verdicts to compute, comma-separated: margin, sink, universal, transfer, shortcut, "
-                             "untransferred "
+                             "untransferred, cleanse "
                              "(cached: a model's verdicts computed before are read back, and every statistic all the "
                              "rows have is summarised)")
     args = parser.parse_args()

@@ -23,10 +23,12 @@ from .scores import ChannelScores
 from .selection import SELECTIONS, select
 from .verdict import METHODS as VERDICTS
 from .verdict import (
+    CleanseConfig,
     MarginConfig,
     ReferenceConfig,
     UniversalConfig,
     Verdict,
+    cleanse_verdict,
     inconclusive,
     margin_verdict,
     shortcut_verdict,
@@ -66,7 +68,7 @@ class ScanConfig:
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
     verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut |
-    #                                     untransferred | none
+    #                                     untransferred | cleanse | none
     #                                     (fmt_audit.verdict)
     verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
     margin_restarts: int = 16           # verdict "margin": random starts per class
@@ -134,6 +136,9 @@ class ScanConfig:
 
     def universal_config(self) -> UniversalConfig:
         return UniversalConfig(seed=self.seed)
+
+    def cleanse_config(self) -> CleanseConfig:
+        return CleanseConfig(seed=self.seed)
 
     def reference_config(self) -> ReferenceConfig:
         return ReferenceConfig()
@@ -284,6 +289,14 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
             margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
                                          config.margin_config(), scanner.bridge if scanner else None)
             return margin_verdict(margins, "; ".join([_margin_basis(config), *notes]))
+        if config.verdict == "cleanse":
+            from .cleanse import cleanse_test
+
+            found, notes = cleanse_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
+                                        config.device, config.cleanse_config(), scanner.bridge if scanner else None)
+            basis = (f"trigger search, {config.cleanse_config().steps} steps, {found.images} images per class to "
+                     f"fit, at least {found.held_out} held out")
+            return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
         if config.verdict == "universal":
             from .universal import universal_test
 

@@ -67,6 +67,25 @@ def _picks(labels: np.ndarray, pool: np.ndarray, classes: int, count: int | None
     return out
 
 
+def fit_and_held_out(dataset: Dataset, classes: int, images: int, seed: int,
+                     test: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per class, the indices of up to ``images`` images of other classes to fit a class's perturbation on,
+    and of every other-class image held out to measure it: half of ``dataset``, drawn with ``seed``, for each.
+    ``test`` names the caller in errors."""
+    generator = np.random.default_rng(seed)
+    order = generator.permutation(len(dataset))
+    fit_pool, held_pool = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+    fit = _picks(dataset.y, fit_pool, classes, images, generator)
+    held = _picks(dataset.y, held_pool, classes, None, generator)
+    fewest, fitted = min(len(h) for h in held), min(len(f) for f in fit)
+    if fewest < MIN_HELD_OUT or fitted == 0:
+        raise DataError(f"the {test} needs, for every class, at least {MIN_HELD_OUT} held-out "
+                        f"images of other classes and some to fit on; {len(dataset)} images "
+                        f"({len(np.unique(dataset.y))} labels) leave {fewest} held out and {fitted} to fit: give more "
+                        f"images (--samples)")
+    return fit, held
+
+
 def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: int,
                      config: UniversalConfig | None = None,
                      progress: Callable[[float, float], None] | None = None) -> UniversalLadder:
@@ -75,17 +94,8 @@ def universal_ladder(classifier: BridgedClassifier, dataset: Dataset, classes: i
     best success)`` is called after each rung."""
     config = config or UniversalConfig()
     freeze(classifier)
-    generator = np.random.default_rng(config.seed)
-    order = generator.permutation(len(dataset))
-    fit_pool, held_pool = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
-    fit = _picks(dataset.y, fit_pool, classes, config.images, generator)
-    held = _picks(dataset.y, held_pool, classes, None, generator)
+    fit, held = fit_and_held_out(dataset, classes, config.images, config.seed, "universal-perturbation test")
     fewest, fitted = min(len(h) for h in held), min(len(f) for f in fit)
-    if fewest < MIN_HELD_OUT or fitted == 0:
-        raise DataError(f"the universal-perturbation test needs, for every class, at least {MIN_HELD_OUT} held-out "
-                        f"images of other classes and some to fit on; {len(dataset)} images "
-                        f"({len(np.unique(dataset.y))} labels) leave {fewest} held out and {fitted} to fit: give more "
-                        f"images (--samples)")
     device = classifier.device
     x = torch.from_numpy(np.ascontiguousarray(dataset.x, dtype=np.float32)).to(device)
     shape = tuple(x.shape[1:])

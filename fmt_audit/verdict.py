@@ -67,7 +67,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "none")
+METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "cleanse", "none")
 MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
 MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
 SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
@@ -78,6 +78,10 @@ SHORTCUT_THRESHOLD = 0.55  # shortcut: gap at or above this is "suspicious" (ben
 # untransferred: lead at or above this is "suspicious": universal's threshold, which the Youden cut on the
 # development populations (D) and (E) together, 0.204, confirmed (benchmarks/README.md, Verdict)
 UNTRANSFERRED_THRESHOLD = UNIVERSAL_THRESHOLD
+# cleanse: Neural Cleanse flags an anomaly index above 2; the suspicion a / (a + 2) is 0.5 there
+CLEANSE_INDEX = 2.0
+CLEANSE_THRESHOLD = CLEANSE_INDEX / (CLEANSE_INDEX + CLEANSE_INDEX)
+MAD_CONSISTENCY = 1.4826    # the median absolute deviation times this estimates a normal's standard deviation
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
 
@@ -128,6 +132,31 @@ class UniversalConfig:
 
 
 @dataclass(frozen=True)
+class CleanseConfig:
+    """How :func:`fmt_audit.cleanse.reverse_triggers` searches each class's smallest mask-and-pattern trigger
+    (Neural Cleanse's optimisation, its defaults where they carry over)."""
+
+    steps: int = 300        # Adam steps; every class is optimised at once
+    lr: float = 0.1         # Adam step size on the masks' and patterns' sigmoid arguments
+    images: int = 32        # images of other classes each class's trigger is fitted on
+    level: float = 0.99     # success on those images a mask must reach to count (Neural Cleanse's 99%)
+    cost: float = 1e-3      # the L1 weight once a class first reaches the level, per pixel of the mask
+    patience: int = 10      # steps between adjustments of the weight (x1.5 when at the level, / 1.5^1.5 when not)
+    seed: int = 0
+    batch: int = 512        # images in one forward pass
+
+    def __post_init__(self):
+        for name in ("steps", "images", "patience", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"the trigger search's {name} must be at least 1; got {getattr(self, name)}")
+        for name in ("lr", "cost"):
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"the trigger search's {name} must be positive; got {getattr(self, name)}")
+        if not 0 < self.level <= 1:
+            raise ConfigError(f"the trigger search's level must be in (0, 1]; got {self.level}")
+
+
+@dataclass(frozen=True)
 class ReferenceConfig:
     """How :func:`fmt_audit.reference.train_reference` trains the transfer test's reference networks."""
 
@@ -149,7 +178,7 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class Verdict:
-    method: str                 # "margin" | "sink" | "universal" | "transfer" | "shortcut" | "untransferred"
+    method: str                 # one of METHODS but "none"
     suspicion: float | None     # in [0, 1]; None without evidence
     verdict: str                # "clean" | "suspicious" | "inconclusive"
     target_class: int | None    # the class the evidence points to: the likely attack target
@@ -189,6 +218,13 @@ def describe(verdict: dict) -> str:
                     f"{verdict['success'][-1][top]:.0%} of held-out images to it, {ordered[0]:.0%} beyond what it "
                     f"moves there in {len(verdict['reference_success'])} reference networks trained on the scan's "
                     f"images; the next class {ordered[1]:.0%}")
+    elif verdict["method"] == "cleanse":
+        top, index = verdict["target_class"], verdict["anomaly_index"]
+        evidence = (f"class {top}'s smallest reversed trigger covers {verdict['norms'][top]:.1%} of the pixels, the "
+                    f"median class's {float(np.median(verdict['norms'])):.1%}: anomaly index "
+                    f"{'infinite' if index is None else format(index, '.3g')}")
+        if "success" in verdict:
+            evidence += f"; it sends {verdict['success'][top]:.0%} of held-out images there"
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
         evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
@@ -201,7 +237,7 @@ def describe(verdict: dict) -> str:
 
 THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD,
               "transfer": TRANSFER_THRESHOLD, "shortcut": SHORTCUT_THRESHOLD,
-              "untransferred": UNTRANSFERRED_THRESHOLD}
+              "untransferred": UNTRANSFERRED_THRESHOLD, "cleanse": CLEANSE_THRESHOLD}
 
 
 def inconclusive(method: str, why: str) -> Verdict:
@@ -348,6 +384,44 @@ def shortcut_verdict(budgets: Sequence[float], success: Sequence[Sequence[float]
                            "reference_margin": [[float(v) for v in row] for row in reference_margin],
                            "reference_margin_baseline": [[float(v) for v in row] for row in reference_margin_baseline],
                            "untransferred_margin": [round(float(v), 6) for v in beyond]})
+
+
+def anomaly_index(norms: Sequence[float]) -> tuple[int, float]:
+    """Neural Cleanse's outlier test: the class with the smallest norm, and how far below the median it
+    stands in robust standard deviations (the median absolute deviation times :data:`MAD_CONSISTENCY`);
+    infinite where the others all equal the median and it does not."""
+    values = np.asarray(norms, dtype=float)
+    top = int(values.argmin())
+    median = float(np.median(values))
+    spread = MAD_CONSISTENCY * float(np.median(np.abs(values - median)))
+    below = median - float(values[top])
+    if spread <= 1e-12 * max(median, 1e-12):
+        return top, float("inf") if below > 1e-12 * max(median, 1e-12) else 0.0
+    return top, below / spread
+
+
+def cleanse_verdict(norms: Sequence[float], success: Sequence[float] | None = None,
+                    reached: Sequence[bool] | None = None, basis: str = "trigger search") -> Verdict:
+    """The verdict from each class's smallest reversed trigger (:func:`fmt_audit.cleanse.reverse_triggers`:
+    ``norms``, its mask's L1 norm as a share of the pixels; ``success``, its held-out success; ``reached``,
+    whether the search reached its level): Neural Cleanse's anomaly index ``a`` of the smallest, as the
+    suspicion ``a / (a + 2)``, ``suspicious`` from ``a = 2`` (0.5), Neural Cleanse's threshold."""
+    values = np.asarray(norms, dtype=float)
+    if values.ndim != 1 or len(values) < 3 or not np.isfinite(values).all():
+        return inconclusive("cleanse", f"{basis}: needs finite trigger norms of at least 3 classes")
+    figures = {"norms": [round(float(v), 6) for v in values]}
+    for name, given in (("success", success), ("reached", reached)):
+        if given is not None:
+            if len(given) != len(values):
+                raise ValueError(f"one {name} figure per class: {len(given)} for {len(values)} classes")
+            figures[name] = [bool(v) for v in given] if name == "reached" else [round(float(v), 6) for v in given]
+    if reached is not None and not any(reached):
+        return inconclusive("cleanse", f"{basis}: no class's trigger reached the search's level")
+    top, index = anomaly_index(values)
+    suspicion = 1.0 if np.isinf(index) else round(index / (index + CLEANSE_INDEX), 6)
+    return Verdict("cleanse", suspicion, "suspicious" if suspicion >= CLEANSE_THRESHOLD else "clean", top,
+                   CLEANSE_THRESHOLD, basis, {"anomaly_index": round(index, 6) if np.isfinite(index) else None,
+                                               **figures})
 
 
 def margin_verdict(margins: Sequence[float], basis: str = "maximum-margin test") -> Verdict:
