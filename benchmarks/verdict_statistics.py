@@ -42,10 +42,13 @@ untransferred verdict, with (E)'s statistics beside, on a half of population (F)
 With ``--export-figures [POPULATIONS]``: every model's per-class figures of (D) and (E), or the populations
 named, into ``results/verdict_figures_<names>.json`` (``F1,F2`` for (F)). With ``--kept``: every shipped
 statistic's ROC-AUC per population (D, E, F1, F2) and over all, from those kept figures alone.
+With ``--test-cleanse``: the test pre-registered in session 15 ("A published detector"): the cleanse verdict
+(Neural Cleanse) on the models of (D), (E), (F1) and (F2) it was computed for, with the larger of it and the
+untransferred lead, each over its threshold, beside.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
         [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures [D,E|F1,F2]]
-        [--kept]
+        [--kept] [--test-cleanse]
 """
 
 from __future__ import annotations
@@ -377,6 +380,54 @@ def population_test(names: tuple[str, ...] = ("A", "B"), pooled: str | None = No
             print(name, json.dumps(summarise(rows)), flush=True)
 
 
+def with_either(row: dict) -> dict:
+    """The row with the cleanse test's secondary beside (``either``): the larger of the anomaly index over
+    Neural Cleanse's 2 and the ``untransferred`` lead over its 0.2, suspicious from 1 (when either is); it
+    names the class of whichever is further over its threshold."""
+    from fmt_audit.verdict import CLEANSE_INDEX, UNTRANSFERRED_THRESHOLD
+
+    row = with_untransferred(row)
+    cleanse, lead = row["cleanse"], row["untransferred"]
+    index = cleanse.get("anomaly_index")
+    if cleanse.get("suspicion") is None:
+        index = 0.0
+    elif index is None:         # infinite: every other class at the median
+        index = float("inf")
+    over = [(index / CLEANSE_INDEX, cleanse.get("target_class")),
+            ((lead.get("suspicion") or 0.0) / UNTRANSFERRED_THRESHOLD, lead.get("target_class"))]
+    value, target = max(over, key=lambda pair: pair[0])
+    return row | {"either": {"suspicion": min(value, 1e9), "target_class": target}}
+
+
+def cleanse_population_test() -> None:
+    """Session 15's pre-registered test (benchmarks/README.md, "A published detector"): the ``cleanse`` verdict
+    on every model of (D), (E), (F1) and (F2) it was computed for, pooled first, then per population, dataset,
+    dataset and architecture; ``either`` (:func:`with_either`) and ``untransferred`` beside on the same models."""
+    rows, missing = [], []
+    for population in ("D", "E", "F1", "F2"):
+        for dataset, attack, numbers in POPULATIONS[population]:
+            for number in numbers:
+                folder = folder_of(attack, number, dataset)
+                found = json.loads((folder / "verdicts.json").read_text())
+                if "cleanse" not in found:
+                    missing.append(f"{population} {dataset} {attack} {number}")
+                    continue
+                facts = json.loads((folder / "facts.json").read_text())
+                rows.append(with_either(facts | found | {"population": population}))
+    print(f"measured {len(rows)}, not measured {len(missing)}: {missing}", flush=True)
+    parts = {"all": rows}
+    for key in ("population", "dataset"):
+        for value in dict.fromkeys(r.get(key, "digits") for r in rows):
+            parts[value] = [r for r in rows if r.get(key, "digits") == value]
+    for dataset, architecture in dict.fromkeys((r.get("dataset", "digits"), r["architecture"]) for r in rows):
+        parts[f"{dataset} {architecture}"] = [r for r in rows if (r.get("dataset", "digits"), r["architecture"])
+                                              == (dataset, architecture)]
+    for name, part in parts.items():
+        summary = summarise(part, {"either": 1.0})
+        print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "cleanse", "either",
+                                                             "untransferred")}), flush=True)
+
+
 def main() -> None:
     import argparse
 
@@ -398,7 +449,12 @@ def main() -> None:
                         help="every shipped statistic's AUC per population, from the kept figures, then stop")
     parser.add_argument("--test-f", choices=("F1", "F2", "F"), default=None,
                         help="the session-14 test's figures on population (F), or a half of it, then stop")
+    parser.add_argument("--test-cleanse", action="store_true",
+                        help="the session-15 test's figures (cleanse on D, E, F1, F2), then stop")
     args = parser.parse_args()
+    if args.test_cleanse:
+        cleanse_population_test()
+        return
     if args.export_figures:
         export_figures(tuple(args.export_figures.split(",")))
         return

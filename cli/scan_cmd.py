@@ -34,7 +34,7 @@ SCAN_OPTIONS = [
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]"),
     click.option("--seed", type=int, default=None, help="[default: 0]"),
     click.option("--verdict", type=click.Choice(["margin", "sink", "universal", "transfer", "shortcut", "untransferred",
-                                                    "none"]),
+                                                    "cleanse", "none"]),
                  default=None,
                  help="The model-level verdict: margin: the maximum-margin test (MM-BD, data-free); sink: where "
                       "FMT's gradient test sends predictions; universal: how far one faint perturbation carries "
@@ -42,7 +42,8 @@ SCAN_OPTIONS = [
                       "moves small clean networks trained on the --data images; shortcut: which class those "
                       "perturbations carry furthest beyond what they do in the clean networks; untransferred: "
                       "which class one perturbation reaches alone, less what it moves in the clean networks; "
-                      "none.  "
+                      "cleanse: which class a far smaller mask-and-pattern trigger reaches than any other "
+                      "(Neural Cleanse); none.  "
                       "[default: margin]"),
     click.option("--margin-restarts", type=int, default=None, metavar="R",
                  help="--verdict margin: random starting images per class.  [default: 16]"),

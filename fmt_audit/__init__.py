@@ -26,6 +26,7 @@ _EXPORTS = {
     "transfer_test": "transfer", "transfer_verdict": "verdict", "ReferenceConfig": "verdict",
     "shortcut_verdict": "verdict",
     "untransferred_verdict": "verdict",
+    "cleanse_test": "cleanse", "cleanse_verdict": "verdict", "CleanseConfig": "verdict",
     "train_reference": "reference",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",

@@ -185,6 +185,11 @@ def _scan_sections(report: ScanReport) -> list[str]:
                     "clean networks trained on the scan's images. A backdoor's target stands alone; a natural "
                     "shortcut moves the clean networks too.</p>"
                     + class_plot(v["untransferred_margin"], v.get("target_class"), "margin beyond the references'"))
+    if v.get("norms"):
+        body.append("<h2>Trigger search</h2><p class=\"note\">For each class, the smallest mask-and-pattern trigger "
+                    "found that sends the other classes' images there, as the share of the image's pixels it "
+                    "covers (Neural Cleanse). A backdoor's target needs a far smaller one than the other classes."
+                    "</p>" + class_plot(v["norms"], v.get("target_class"), "mask's share of the pixels"))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "

@@ -56,6 +56,13 @@ A natural attractor, which the clean references share, loses its lead; a backdoo
 not, keeps it. Chosen on two development populations together (benchmarks/README.md, "Developed on two
 populations"; ROC-AUC 0.895 and 0.902 there), it scored 0.759 on 136 fresh models, where every statistic
 here scored 0.76-0.80. Needs labelled data.
+
+``cleanse``: **Neural Cleanse** (Wang et al., IEEE S&P 2019; :mod:`fmt_audit.cleanse`). Per class, the
+smallest mask-and-pattern trigger that sends the other classes' images there; the *anomaly index* of the
+smallest mask's L1 norm, how far below the median class's it stands in robust standard deviations
+(:func:`anomaly_index`), as the suspicion ``a / (a + 2)``, ``suspicious`` from the paper's ``a = 2`` (0.5).
+A patch trigger is small in L1 though large in L2, where the ``universal`` ladder does not reach. Needs
+labelled data.
 """
 
 from __future__ import annotations
@@ -223,8 +230,8 @@ def describe(verdict: dict) -> str:
         evidence = (f"class {top}'s smallest reversed trigger covers {verdict['norms'][top]:.1%} of the pixels, the "
                     f"median class's {float(np.median(verdict['norms'])):.1%}: anomaly index "
                     f"{'infinite' if index is None else format(index, '.3g')}")
-        if "success" in verdict:
-            evidence += f"; it sends {verdict['success'][top]:.0%} of held-out images there"
+        if "trigger_success" in verdict:
+            evidence += f"; it sends {verdict['trigger_success'][top]:.0%} of held-out images there"
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
         evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
@@ -410,7 +417,7 @@ def cleanse_verdict(norms: Sequence[float], success: Sequence[float] | None = No
     if values.ndim != 1 or len(values) < 3 or not np.isfinite(values).all():
         return inconclusive("cleanse", f"{basis}: needs finite trigger norms of at least 3 classes")
     figures = {"norms": [round(float(v), 6) for v in values]}
-    for name, given in (("success", success), ("reached", reached)):
+    for name, given in (("trigger_success", success), ("reached", reached)):
         if given is not None:
             if len(given) != len(values):
                 raise ValueError(f"one {name} figure per class: {len(given)} for {len(values)} classes")
