@@ -384,9 +384,13 @@ def with_either(row: dict) -> dict:
     """The row with the cleanse test's secondary beside (``either``): the larger of the anomaly index over
     Neural Cleanse's 2 and the ``untransferred`` lead over its 0.2, suspicious from 1 (when either is); it
     names the class of whichever is further over its threshold."""
-    from fmt_audit.verdict import CLEANSE_INDEX, UNTRANSFERRED_THRESHOLD
+    from fmt_audit.verdict import CLEANSE_INDEX, UNTRANSFERRED_THRESHOLD, untransferred_verdict
 
-    row = with_untransferred(row)
+    v = row["transfer"]     # (D)'s transfer verdicts predate the margin figures with_untransferred also reads
+    if "untransferred" not in row:
+        row = row | {"untransferred": untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
+                                                            v["reference_baseline"]).to_dict()
+                     if v.get("suspicion") is not None else {"suspicion": None, "target_class": None}}
     cleanse, lead = row["cleanse"], row["untransferred"]
     index = cleanse.get("anomaly_index")
     if cleanse.get("suspicion") is None:
@@ -402,7 +406,10 @@ def with_either(row: dict) -> dict:
 def cleanse_population_test() -> None:
     """Session 15's pre-registered test (benchmarks/README.md, "A published detector"): the ``cleanse`` verdict
     on every model of (D), (E), (F1) and (F2) it was computed for, pooled first, then per population, dataset,
-    dataset and architecture; ``either`` (:func:`with_either`) and ``untransferred`` beside on the same models."""
+    dataset and architecture; ``either`` (:func:`with_either`) and ``untransferred`` beside on the same models.
+    Every measured model's figures are kept in ``results/verdict_cleanse_D-F2.json``."""
+    from pathlib import Path
+
     rows, missing = [], []
     for population in ("D", "E", "F1", "F2"):
         for dataset, attack, numbers in POPULATIONS[population]:
@@ -415,6 +422,12 @@ def cleanse_population_test() -> None:
                 facts = json.loads((folder / "facts.json").read_text())
                 rows.append(with_either(facts | found | {"population": population}))
     print(f"measured {len(rows)}, not measured {len(missing)}: {missing}", flush=True)
+    kept = Path(__file__).resolve().parent / "results" / "verdict_cleanse_D-F2.json"    # per-class figures
+    kept.write_text("[\n" + ",\n".join(json.dumps({
+        **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target", "acc",
+                                 "asr")},
+        **{k: r["cleanse"].get(k) for k in ("suspicion", "target_class", "anomaly_index", "norms", "reached")},
+        "trigger_success": r["cleanse"].get("trigger_success", r["cleanse"].get("success"))}) for r in rows) + "\n]\n")
     parts = {"all": rows}
     for key in ("population", "dataset"):
         for value in dict.fromkeys(r.get(key, "digits") for r in rows):
