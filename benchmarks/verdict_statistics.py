@@ -260,17 +260,23 @@ def with_untransferred(row: dict) -> dict:
     (E)'s statistics (:func:`with_shortcut`). A transfer verdict without figures (its margin test
     inconclusive) is announced: ``scan --verdict untransferred`` does not need the margin test, so such a
     model's own run (``verdict_population.py --statistics untransferred``) is what the test counts."""
+    return with_shortcut(row) | {"untransferred": untransferred_of(row)}
+
+
+def untransferred_of(row: dict) -> dict:
+    """The row's ``untransferred`` verdict: the scan's own where it computed one, otherwise as ``scan --verdict
+    untransferred`` computes it from the figures of the row's ``transfer`` verdict."""
     from fmt_audit.verdict import untransferred_verdict
 
-    row, v = with_shortcut(row), row["transfer"]
+    v = row["transfer"]
     if "untransferred" in row:      # computed by the scan itself
-        return row
+        return row["untransferred"]
     if v.get("suspicion") is None:
         print(f"no transfer figures: {row.get('dataset')} {row['attack']} {row['number']}; run "
               "verdict_population.py --statistics untransferred on it", flush=True)
-        return row | {"untransferred": {"suspicion": None, "target_class": None}}
-    return row | {"untransferred": untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
-                                                         v["reference_baseline"]).to_dict()}
+        return {"suspicion": None, "target_class": None}
+    return untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
+                                 v["reference_baseline"]).to_dict()
 
 
 FIGURES = ("margins", "p_value", "budgets", "success", "transferred", "reference_success", "reference_baseline",
@@ -384,13 +390,10 @@ def with_either(row: dict) -> dict:
     """The row with the cleanse test's secondary beside (``either``): the larger of the anomaly index over
     Neural Cleanse's 2 and the ``untransferred`` lead over its 0.2, suspicious from 1 (when either is); it
     names the class of whichever is further over its threshold."""
-    from fmt_audit.verdict import CLEANSE_INDEX, UNTRANSFERRED_THRESHOLD, untransferred_verdict
+    from fmt_audit.verdict import CLEANSE_INDEX, UNTRANSFERRED_THRESHOLD
 
-    v = row["transfer"]     # (D)'s transfer verdicts predate the margin figures with_untransferred also reads
-    if "untransferred" not in row:
-        row = row | {"untransferred": untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
-                                                            v["reference_baseline"]).to_dict()
-                     if v.get("suspicion") is not None else {"suspicion": None, "target_class": None}}
+    # not with_untransferred: (D)'s transfer verdicts predate the margin figures its (E) statistics read
+    row = row | {"untransferred": untransferred_of(row)}
     cleanse, lead = row["cleanse"], row["untransferred"]
     index = cleanse.get("anomaly_index")
     if cleanse.get("suspicion") is None:

@@ -30,7 +30,7 @@ from .bridge import BridgedClassifier, TorchBridge
 from .data import Dataset, Preprocessing
 from .graph import ImageInput
 from .logits import as_logits, freeze, logit_classifier
-from .universal import fit_and_held_out
+from .universal import fit_and_held_out, held_out_change
 from .verdict import CleanseConfig
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,15 @@ def reverse_triggers(classifier: BridgedClassifier, dataset: Dataset, classes: i
     per_call = max(1, config.batch // config.images)       # classes fitted together
     for first in range(0, classes, per_call):
         chunk = list(range(first, min(classes, first + per_call)))
-        found = _search(classifier, x, [fit[k] for k in chunk], chunk, mask_start[chunk].to(device),
-                        pattern_start[chunk].to(device), config)
-        for position, k in enumerate(chunk):
-            if found[0][position] is not None:
-                masks[k], patterns[k] = found[0][position].cpu(), found[1][position].cpu()
+        kept_masks, kept_patterns = _search(classifier, x, [fit[k] for k in chunk], chunk,
+                                            mask_start[chunk].to(device), pattern_start[chunk].to(device), config)
+        for k, mask, pattern in zip(chunk, kept_masks, kept_patterns):
+            if mask is not None:
+                masks[k], patterns[k] = mask.cpu(), pattern.cpu()
                 norms[k], reached[k] = float(masks[k].mean()), True
-    success = _held_out_success(classifier, x, held, masks.to(device), patterns.to(device), config.batch)
+    masks_on, patterns_on = masks.to(device), patterns.to(device)
+    success, _ = held_out_change(classifier, x, held, lambda images, k: stamped(images, masks_on[k], patterns_on[k]),
+                                 config.batch)
     return ReversedTriggers([round(float(v), 6) for v in norms], reached.tolist(),
                             [round(float(v), 6) for v in success], min(len(f) for f in fit),
                             min(len(h) for h in held), masks.numpy(), patterns.numpy())
@@ -127,21 +129,6 @@ def _search(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarr
         loss.backward()
         optimiser.step()
     return kept_mask, kept_pattern
-
-
-def _held_out_success(classifier: BridgedClassifier, x: torch.Tensor, held: list[np.ndarray], masks: torch.Tensor,
-                      patterns: torch.Tensor, batch: int) -> np.ndarray:
-    """Per class ``k``, the share of the images ``x[held[k]]`` its trigger sends into ``k``."""
-    share = np.zeros(len(held))
-    with torch.no_grad():
-        for k, indices in enumerate(held):
-            hits = 0
-            for start in range(0, len(indices), batch):
-                part = torch.from_numpy(indices[start:start + batch]).to(x.device)
-                logits = as_logits(classifier(stamped(x[part], masks[k], patterns[k])))
-                hits += int((logits.argmax(1) == k).sum())
-            share[k] = hits / len(indices)
-    return share
 
 
 def cleanse_test(model: onnx.ModelProto, image: ImageInput, preprocessing: Preprocessing, dataset: Dataset,

@@ -292,9 +292,10 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
         if config.verdict == "cleanse":
             from .cleanse import cleanse_test
 
+            search = config.cleanse_config()
             found, notes = cleanse_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
-                                        config.device, config.cleanse_config(), scanner.bridge if scanner else None)
-            basis = (f"trigger search, {config.cleanse_config().steps} steps, {found.images} images per class to "
+                                        config.device, search, scanner.bridge if scanner else None)
+            basis = (f"trigger search, {search.steps} steps, {found.images} images per class to "
                      f"fit, at least {found.held_out} held out")
             return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
         if config.verdict == "universal":

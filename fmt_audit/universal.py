@@ -157,16 +157,25 @@ def _fit(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray]
 def held_out_effect(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, held: list[np.ndarray],
                     delta: torch.Tensor, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per class ``k``, what adding ``delta[k]`` (clipped to [0, 1]) does to the images ``x[held[k]]`` in
-    ``classifier`` (the audited model or any network giving logits or probabilities): the share it puts in
-    class ``k``, and the median margin of ``k`` over the other classes (:func:`fmt_audit.logits.margins`:
-    positive where the image is in ``k``; the median, so a few saturated images do not decide it)."""
+    ``classifier`` (the audited model or any network giving logits or probabilities), as
+    :func:`held_out_change` measures it."""
+    return held_out_change(classifier, x, held, lambda images, k: (images + delta[k]).clamp(0, 1), batch)
+
+
+def held_out_change(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, held: list[np.ndarray],
+                    change: Callable[[torch.Tensor, int], torch.Tensor],
+                    batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per class ``k``, what ``change(images, k)`` does to the images ``x[held[k]]`` in ``classifier``: the
+    share it puts in class ``k``, and the median margin of ``k`` over the other classes
+    (:func:`fmt_audit.logits.margins`: positive where the image is in ``k``; the median, so a few saturated
+    images do not decide it)."""
     share, median = np.zeros(len(held)), np.zeros(len(held))
     with torch.no_grad():
         for k, indices in enumerate(held):
             hits, found = 0, []
             for start in range(0, len(indices), batch):
                 part = torch.from_numpy(indices[start:start + batch]).to(x.device)
-                logits = as_logits(classifier((x[part] + delta[k]).clamp(0, 1)))
+                logits = as_logits(classifier(change(x[part], k)))
                 hits += int((logits.argmax(1) == k).sum())
                 found.append(margins(logits, torch.full((len(part),), k, device=x.device)).double().cpu().numpy())
             share[k] = hits / len(indices)

@@ -87,7 +87,7 @@ SHORTCUT_THRESHOLD = 0.55  # shortcut: gap at or above this is "suspicious" (ben
 UNTRANSFERRED_THRESHOLD = UNIVERSAL_THRESHOLD
 # cleanse: Neural Cleanse flags an anomaly index above 2; the suspicion a / (a + 2) is 0.5 there
 CLEANSE_INDEX = 2.0
-CLEANSE_THRESHOLD = CLEANSE_INDEX / (CLEANSE_INDEX + CLEANSE_INDEX)
+CLEANSE_THRESHOLD = 0.5     # the suspicion a / (a + CLEANSE_INDEX) at a = CLEANSE_INDEX
 MAD_CONSISTENCY = 1.4826    # the median absolute deviation times this estimates a normal's standard deviation
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
@@ -416,16 +416,18 @@ def cleanse_verdict(norms: Sequence[float], success: Sequence[float] | None = No
     values = np.asarray(norms, dtype=float)
     if values.ndim != 1 or len(values) < 3 or not np.isfinite(values).all():
         return inconclusive("cleanse", f"{basis}: needs finite trigger norms of at least 3 classes")
-    figures = {"norms": [round(float(v), 6) for v in values]}
     for name, given in (("trigger_success", success), ("reached", reached)):
-        if given is not None:
-            if len(given) != len(values):
-                raise ValueError(f"one {name} figure per class: {len(given)} for {len(values)} classes")
-            figures[name] = [bool(v) for v in given] if name == "reached" else [round(float(v), 6) for v in given]
+        if given is not None and len(given) != len(values):
+            raise ValueError(f"one {name} figure per class: {len(given)} for {len(values)} classes")
+    figures = {"norms": [round(float(v), 6) for v in values]}
+    if success is not None:
+        figures["trigger_success"] = [round(float(v), 6) for v in success]
+    if reached is not None:
+        figures["reached"] = [bool(v) for v in reached]
     if reached is not None and not any(reached):
         return inconclusive("cleanse", f"{basis}: no class's trigger reached the search's level")
     top, index = anomaly_index(values)
-    suspicion = 1.0 if np.isinf(index) else round(index / (index + CLEANSE_INDEX), 6)
+    suspicion = 1.0 if np.isinf(index) else round(index / (index + CLEANSE_INDEX), 6)     # 0.5 at the index cut
     return Verdict("cleanse", suspicion, "suspicious" if suspicion >= CLEANSE_THRESHOLD else "clean", top,
                    CLEANSE_THRESHOLD, basis, {"anomaly_index": round(index, 6) if np.isfinite(index) else None,
                                                **figures})
