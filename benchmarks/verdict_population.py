@@ -292,7 +292,7 @@ def auc(clean: list[float], backdoored: list[float]) -> float:
 
 
 # by the scan (fmt_audit.verdict)
-VERDICTS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "cleanse")
+VERDICTS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "cleanse", "combined")
 STATISTICS = (*VERDICTS, "mean")     # mean: of margin and sink, the secondary statistic of session 8
 
 
@@ -388,7 +388,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
     parser.add_argument("--statistics", default="margin,sink",
                         help="the verdicts to compute, comma-separated: margin, sink, universal, transfer, shortcut, "
-                             "untransferred, cleanse "
+                             "untransferred, cleanse, combined "
                              "(cached: a model's verdicts computed before are read back, and every statistic all the "
                              "rows have is summarised)")
     args = parser.parse_args()

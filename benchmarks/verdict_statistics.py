@@ -212,7 +212,12 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                "F2": [("digits", "clean", range(84, 104))] + [("digits", a, range(36, 42)) for a in ATTACKS]
                + [("mnist", "clean", range(18, 24))] + [("mnist", a, range(8, 10)) for a in ATTACKS]
                + [("cifar10", "clean", range(20, 24))]
-               + [("cifar10", a, range(10, 12)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(10, 12)) for a in ("badnets", "blended", "sig")],
+               # (G): pre-registered in session 16 for the combined verdict
+               "G": [("digits", "clean", range(104, 124))] + [("digits", a, range(42, 47)) for a in ATTACKS]
+               + [("mnist", "clean", range(24, 34))] + [("mnist", a, range(10, 13)) for a in ATTACKS]
+               + [("cifar10", "clean", range(24, 30))]
+               + [("cifar10", a, range(12, 14)) for a in ("badnets", "blended", "sig")]}
 
 
 def with_secondaries(row: dict) -> dict:
@@ -268,9 +273,9 @@ def untransferred_of(row: dict) -> dict:
     untransferred`` computes it from the figures of the row's ``transfer`` verdict."""
     from fmt_audit.verdict import untransferred_verdict
 
-    v = row["transfer"]
     if "untransferred" in row:      # computed by the scan itself
         return row["untransferred"]
+    v = row["transfer"]
     if v.get("suspicion") is None:
         print(f"no transfer figures: {row.get('dataset')} {row['attack']} {row['number']}; run "
               "verdict_population.py --statistics untransferred on it", flush=True)
@@ -444,6 +449,95 @@ def cleanse_population_test() -> None:
                                                              "untransferred")}), flush=True)
 
 
+def with_parts(row: dict) -> dict:
+    """The row with the combined verdict's two parts beside it, recomputed from its figures: ``cleanse``
+    (Neural Cleanse's anomaly index), ``untransferred`` (the lead), ``ratio`` (the mask ratio alone, over the
+    same cut as in ``combined``) and session 15's ``either`` (:func:`with_either`)."""
+    from fmt_audit.verdict import (
+        COMBINED_RATIO,
+        cleanse_verdict,
+        inconclusive,
+        mask_ratio,
+        untransferred_verdict,
+    )
+
+    v = row["combined"]
+    if "norms" in v:
+        cleanse = cleanse_verdict(v["norms"], v.get("trigger_success"), v.get("reached")).to_dict()
+        top, ratio = mask_ratio(v["norms"])
+        value = np.log(ratio) / np.log(COMBINED_RATIO)
+        alone = {"suspicion": 1.0 if np.isinf(value) else value / (value + 1), "target_class": top}
+    else:
+        cleanse, alone = inconclusive("cleanse", "no figures").to_dict(), {"suspicion": None, "target_class": None}
+    lead = (untransferred_verdict(v["budgets"], v["success"], v["reference_success"], v["reference_baseline"])
+            if "untransferred" in v else inconclusive("untransferred", "no figures")).to_dict()
+    return with_either(row | {"cleanse": cleanse, "untransferred": lead, "ratio": alone})
+
+
+def kept_parts() -> list[dict]:
+    """The kept figures of (D)-(F) as rows ``with_parts`` reads: every model measured with Neural Cleanse in
+    session 15 (results/verdict_cleanse_D-F2.json) with its transfer figures (:data:`KEPT`)."""
+    from pathlib import Path
+
+    from fmt_audit.verdict import cleanse_verdict, combined_verdict, untransferred_verdict
+
+    results = Path(__file__).resolve().parent / "results"
+    figures = {(r["population"], r["dataset"], r["attack"], r["number"]): r
+               for name in KEPT for r in json.loads((results / name).read_text())}
+    rows = []
+    for c in json.loads((results / "verdict_cleanse_D-F2.json").read_text()):
+        f = figures[(c["population"], c["dataset"], c["attack"], c["number"])]
+        combined = combined_verdict(cleanse_verdict(c["norms"], c["trigger_success"], c["reached"]),
+                                    untransferred_verdict(f["budgets"], f["success"], f["reference_success"],
+                                                          f["reference_baseline"]))
+        rows.append(with_parts(c | {"combined": combined.to_dict()}))
+    return rows
+
+
+def combined_population_test(names: tuple[str, ...]) -> None:
+    """Session 16's pre-registered test (benchmarks/README.md, "Both families of evidence"): the ``combined``
+    verdict on population (G), pooled, then per dataset, attack and architecture, with its parts beside
+    (:func:`with_parts`). ``names`` ("kept"): the same figures on the development data of (D)-(F) instead.
+    The measured models' figures are kept in ``results/verdict_combined_G.json``."""
+    from pathlib import Path
+
+    if names == ("kept",):
+        rows = kept_parts()
+    else:
+        rows, missing = [], []
+        for population in names:
+            for dataset, attack, numbers in POPULATIONS[population]:
+                for number in numbers:
+                    folder = folder_of(attack, number, dataset)
+                    path = folder / "verdicts.json"
+                    found = json.loads(path.read_text()) if path.exists() else {}
+                    if "combined" not in found:
+                        missing.append(f"{population} {dataset} {attack} {number}")
+                        continue
+                    facts = json.loads((folder / "facts.json").read_text())
+                    rows.append(with_parts(facts | {"combined": found["combined"], "population": population}))
+        print(f"measured {len(rows)}, not measured {len(missing)}: {missing}", flush=True)
+        kept = Path(__file__).resolve().parent / "results" / f"verdict_combined_{'-'.join(names)}.json"
+        kept.write_text("[\n" + ",\n".join(json.dumps({
+            **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
+                                     "poison_rate", "acc", "asr")},
+            **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "norms",
+                                                 "trigger_success", "reached", "budgets", "success",
+                                                 "reference_success", "reference_baseline")}}) for r in rows)
+            + "\n]\n")
+    parts = {"all": rows}
+    for key in ("population", "dataset"):
+        for value in dict.fromkeys(r.get(key, "digits") for r in rows):
+            parts[value] = [r for r in rows if r.get(key, "digits") == value]
+    for dataset, architecture in dict.fromkeys((r.get("dataset", "digits"), r["architecture"]) for r in rows):
+        parts[f"{dataset} {architecture}"] = [r for r in rows if (r.get("dataset", "digits"), r["architecture"])
+                                              == (dataset, architecture)]
+    for name, part in parts.items():
+        summary = summarise(part, {"ratio": 0.5, "either": 1.0})
+        print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined", "ratio",
+                                                             "cleanse", "untransferred", "either")}), flush=True)
+
+
 def main() -> None:
     import argparse
 
@@ -467,7 +561,13 @@ def main() -> None:
                         help="the session-14 test's figures on population (F), or a half of it, then stop")
     parser.add_argument("--test-cleanse", action="store_true",
                         help="the session-15 test's figures (cleanse on D, E, F1, F2), then stop")
+    parser.add_argument("--test-combined", nargs="?", const="G", default=None, metavar="POPULATIONS",
+                        help="the session-16 test's figures (combined on G, or 'kept': on D-F's kept figures), "
+                             "then stop")
     args = parser.parse_args()
+    if args.test_combined:
+        combined_population_test(tuple(args.test_combined.split(",")))
+        return
     if args.test_cleanse:
         cleanse_population_test()
         return

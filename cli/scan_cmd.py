@@ -34,7 +34,7 @@ SCAN_OPTIONS = [
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]"),
     click.option("--seed", type=int, default=None, help="[default: 0]"),
     click.option("--verdict", type=click.Choice(["margin", "sink", "universal", "transfer", "shortcut", "untransferred",
-                                                    "cleanse", "none"]),
+                                                    "cleanse", "combined", "none"]),
                  default=None,
                  help="The model-level verdict: margin: the maximum-margin test (MM-BD, data-free); sink: where "
                       "FMT's gradient test sends predictions; universal: how far one faint perturbation carries "
@@ -43,7 +43,8 @@ SCAN_OPTIONS = [
                       "perturbations carry furthest beyond what they do in the clean networks; untransferred: "
                       "which class one perturbation reaches alone, less what it moves in the clean networks; "
                       "cleanse: which class a far smaller mask-and-pattern trigger reaches than any other "
-                      "(Neural Cleanse); none.  "
+                      "(Neural Cleanse); combined: the trigger search's mask ratio and the untransferred test, "
+                      "suspicious when either is over its cut; none.  "
                       "[default: margin]"),
     click.option("--margin-restarts", type=int, default=None, metavar="R",
                  help="--verdict margin: random starting images per class.  [default: 16]"),

@@ -27,6 +27,7 @@ _EXPORTS = {
     "shortcut_verdict": "verdict",
     "untransferred_verdict": "verdict",
     "cleanse_test": "cleanse", "cleanse_verdict": "verdict", "CleanseConfig": "verdict",
+    "combined_verdict": "verdict", "mask_ratio": "verdict",
     "train_reference": "reference",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",

@@ -29,6 +29,7 @@ from .verdict import (
     UniversalConfig,
     Verdict,
     cleanse_verdict,
+    combined_verdict,
     inconclusive,
     margin_verdict,
     shortcut_verdict,
@@ -68,7 +69,7 @@ class ScanConfig:
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
     verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut |
-    #                                     untransferred | cleanse | none
+    #                                     untransferred | cleanse | combined | none
     #                                     (fmt_audit.verdict)
     verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
     margin_restarts: int = 16           # verdict "margin": random starts per class
@@ -290,14 +291,10 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                          config.margin_config(), scanner.bridge if scanner else None)
             return margin_verdict(margins, "; ".join([_margin_basis(config), *notes]))
         if config.verdict == "cleanse":
-            from .cleanse import cleanse_test
-
-            search = config.cleanse_config()
-            found, notes = cleanse_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
-                                        config.device, search, scanner.bridge if scanner else None)
-            basis = (f"trigger search, {search.steps} steps, {found.images} images per class to "
-                     f"fit, at least {found.held_out} held out")
-            return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
+            return _cleanse_verdict(loaded, dataset, config, scanner)
+        if config.verdict == "combined":
+            return combined_verdict(_cleanse_verdict(loaded, dataset, config, scanner),
+                                    _transfer_family_verdict(loaded, dataset, config, scanner, "untransferred"))
         if config.verdict == "universal":
             from .universal import universal_test
 
@@ -306,26 +303,7 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
                                            scanner.bridge if scanner else None)
             return universal_verdict(ladder.budgets, ladder.success, "; ".join([_ladder_basis(ladder), *notes]))
         if config.verdict in ("transfer", "shortcut", "untransferred"):
-            from .transfer import transfer_test
-
-            found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
-                                         config.device, config.universal_config(), config.reference_config(),
-                                         scanner.bridge if scanner else None,
-                                         margin=config.margin_config() if config.verdict == "transfer" else None)
-            ladder = found.ladder
-            tested = (f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference networks trained on the "
-                      "scan's images")
-            if config.verdict == "shortcut":
-                return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
-                                        basis="; ".join([f"the margins of the {tested}", *notes]))
-            if config.verdict == "untransferred":
-                return untransferred_verdict(ladder.budgets, ladder.success, found.reference_success,
-                                             found.reference_baseline,
-                                             basis="; ".join([f"the transfer of the {tested}", *notes]))
-            return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
-                                    found.reference_baseline,
-                                    "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}",
-                                               *notes]), found.margin_figures)
+            return _transfer_family_verdict(loaded, dataset, config, scanner, config.verdict)
         if config.mode == "gradient":
             return sink_concentration([r.shift for r in results], [r.sink for r in results])
         if not config.verdict_probe:
@@ -333,6 +311,49 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
         return verdict_probe(loaded, dataset, config, layers)
     except FmtAuditError as error:
         return inconclusive(config.verdict, f"no {config.verdict} evidence: {error}")
+
+
+def _cleanse_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None) -> Verdict:
+    """Neural Cleanse's verdict (``cleanse``), or an inconclusive one saying why there is no evidence."""
+    from .cleanse import cleanse_test
+
+    search = config.cleanse_config()
+    try:
+        found, notes = cleanse_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
+                                    search, scanner.bridge if scanner else None)
+    except FmtAuditError as error:
+        return inconclusive("cleanse", f"no cleanse evidence: {error}")
+    basis = (f"trigger search, {search.steps} steps, {found.images} images per class to fit, at least "
+             f"{found.held_out} held out")
+    return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
+
+
+def _transfer_family_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None,
+                             method: str) -> Verdict:
+    """The ``transfer``, ``shortcut`` or ``untransferred`` verdict (``method``) from one universal ladder and its
+    transfer to reference networks, or an inconclusive one saying why there is no evidence."""
+    from .transfer import transfer_test
+
+    try:
+        found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
+                                     config.universal_config(), config.reference_config(),
+                                     scanner.bridge if scanner else None,
+                                     margin=config.margin_config() if method == "transfer" else None)
+    except FmtAuditError as error:
+        return inconclusive(method, f"no {method} evidence: {error}")
+    ladder = found.ladder
+    tested = (f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference networks trained on the "
+              "scan's images")
+    if method == "shortcut":
+        return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
+                                basis="; ".join([f"the margins of the {tested}", *notes]))
+    if method == "untransferred":
+        return untransferred_verdict(ladder.budgets, ladder.success, found.reference_success, found.reference_baseline,
+                                     basis="; ".join([f"the transfer of the {tested}", *notes]))
+    return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
+                            found.reference_baseline,
+                            "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}", *notes]),
+                            found.margin_figures)
 
 
 def _margin_basis(config: ScanConfig) -> str:

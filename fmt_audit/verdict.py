@@ -63,6 +63,15 @@ smallest mask's L1 norm, how far below the median class's it stands in robust st
 (:func:`anomaly_index`), as the suspicion ``a / (a + 2)``, ``suspicious`` from the paper's ``a = 2`` (0.5).
 A patch trigger is small in L1 though large in L2, where the ``universal`` ladder does not reach. Needs
 labelled data.
+
+``combined``: both families of evidence, each over its own cut. The trigger search's **mask ratio**, how
+many times smaller the smallest class's mask is than the median class's (:func:`mask_ratio`; a ratio of
+:data:`COMBINED_RATIO` counts as 1, on a log scale), and the ``untransferred`` lead (its threshold counts as
+1); the larger of the two, ``v``, as the suspicion ``v / (v + 1)``, ``suspicious`` from 0.5 (when either is
+over its cut), naming the class of the one further over. The ratio, not Neural Cleanse's MAD-scaled index:
+a clean model whose classes need near-equal masks has a tiny spread that inflates the index of a merely
+ordinary smallest class. Chosen on the kept figures of (D)-(F) (benchmarks/README.md, session 16). Needs
+labelled data; costs the two tests together.
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "cleanse", "none")
+METHODS = ("margin", "sink", "universal", "transfer", "shortcut", "untransferred", "cleanse", "combined", "none")
 MIN_SHIFT = 0.2          # sink: a candidate batch counts when it pushed >= 20% of the images into one wrong class
 MIN_PAIRS = 8            # sink: fewer counting candidates than this is too little evidence for a verdict
 SINK_THRESHOLD = 0.75    # sink: suspicion at or above this is "suspicious" (benchmarks/README.md, Verdict)
@@ -88,6 +97,10 @@ UNTRANSFERRED_THRESHOLD = UNIVERSAL_THRESHOLD
 # cleanse: Neural Cleanse flags an anomaly index above 2; the suspicion a / (a + 2) is 0.5 there
 CLEANSE_INDEX = 2.0
 CLEANSE_THRESHOLD = 0.5     # the suspicion a / (a + CLEANSE_INDEX) at a = CLEANSE_INDEX
+# combined: the median class's mask this many times the smallest's counts as 1 (as the untransferred threshold
+# does); the cut with the largest TPR - FPR on the kept figures of (D)-(F), 2-3 all within 0.01 of its ROC-AUC
+COMBINED_RATIO = 2.5
+COMBINED_THRESHOLD = 0.5    # the suspicion v / (v + 1) at v = 1: one of the two at its cut
 MAD_CONSISTENCY = 1.4826    # the median absolute deviation times this estimates a normal's standard deviation
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
 
@@ -219,19 +232,22 @@ def describe(verdict: dict) -> str:
                     f"{len(verdict['reference_margin'])} reference networks trained on the scan's images; the next "
                     f"class {ordered[1]:.3g}")
     elif verdict["method"] == "untransferred":
-        top = verdict["target_class"]
-        ordered = sorted(verdict["untransferred"], reverse=True)
-        evidence = (f"class {top}'s perturbation (RMS {verdict['budgets'][-1]:.3g}) sends "
-                    f"{verdict['success'][-1][top]:.0%} of held-out images to it, {ordered[0]:.0%} beyond what it "
-                    f"moves there in {len(verdict['reference_success'])} reference networks trained on the scan's "
-                    f"images; the next class {ordered[1]:.0%}")
+        evidence = _untransferred_evidence(verdict, verdict["target_class"])
     elif verdict["method"] == "cleanse":
-        top, index = verdict["target_class"], verdict["anomaly_index"]
-        evidence = (f"class {top}'s smallest reversed trigger covers {verdict['norms'][top]:.1%} of the pixels, the "
-                    f"median class's {float(np.median(verdict['norms'])):.1%}: anomaly index "
+        index = verdict["anomaly_index"]
+        evidence = (f"{_trigger_evidence(verdict, verdict['target_class'])}: anomaly index "
                     f"{'infinite' if index is None else format(index, '.3g')}")
-        if "trigger_success" in verdict:
-            evidence += f"; it sends {verdict['trigger_success'][top]:.0%} of held-out images there"
+    elif verdict["method"] == "combined":
+        parts = []
+        if "norms" in verdict:
+            ratio = verdict["mask_ratio"]
+            parts.append(f"{_trigger_evidence(verdict, verdict['cleanse_class'])}, "
+                         f"{'infinitely' if ratio is None else format(ratio, '.3g') + ' times'} smaller (counts "
+                         f"from {COMBINED_RATIO:g})")
+        if "untransferred" in verdict:
+            parts.append(f"{_untransferred_evidence(verdict, verdict['untransferred_class'])} (counts from "
+                         f"{UNTRANSFERRED_THRESHOLD:.0%})")
+        evidence = "; ".join(parts)
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
         evidence = (f"one perturbation of RMS {verdict['budgets'][-1]:.3g} sends {ordered[0]:.0%} of held-out images "
@@ -242,9 +258,26 @@ def describe(verdict: dict) -> str:
             f"{evidence}; {verdict['basis']})")
 
 
+def _untransferred_evidence(verdict: dict, top: int) -> str:
+    ordered = sorted(verdict["untransferred"], reverse=True)
+    return (f"class {top}'s perturbation (RMS {verdict['budgets'][-1]:.3g}) sends {verdict['success'][-1][top]:.0%} "
+            f"of held-out images to it, {ordered[0]:.0%} beyond what it moves there in "
+            f"{len(verdict['reference_success'])} reference networks trained on the scan's images; the next class "
+            f"{ordered[1]:.0%}")
+
+
+def _trigger_evidence(verdict: dict, top: int) -> str:
+    evidence = (f"class {top}'s smallest reversed trigger covers {verdict['norms'][top]:.1%} of the pixels, the "
+                f"median class's {float(np.median(verdict['norms'])):.1%}")
+    if "trigger_success" in verdict:
+        evidence += f" (it sends {verdict['trigger_success'][top]:.0%} of held-out images there)"
+    return evidence
+
+
 THRESHOLDS = {"margin": MARGIN_THRESHOLD, "sink": SINK_THRESHOLD, "universal": UNIVERSAL_THRESHOLD,
               "transfer": TRANSFER_THRESHOLD, "shortcut": SHORTCUT_THRESHOLD,
-              "untransferred": UNTRANSFERRED_THRESHOLD, "cleanse": CLEANSE_THRESHOLD}
+              "untransferred": UNTRANSFERRED_THRESHOLD, "cleanse": CLEANSE_THRESHOLD,
+              "combined": COMBINED_THRESHOLD}
 
 
 def inconclusive(method: str, why: str) -> Verdict:
@@ -431,6 +464,49 @@ def cleanse_verdict(norms: Sequence[float], success: Sequence[float] | None = No
     return Verdict("cleanse", suspicion, "suspicious" if suspicion >= CLEANSE_THRESHOLD else "clean", top,
                    CLEANSE_THRESHOLD, basis, {"anomaly_index": round(index, 6) if np.isfinite(index) else None,
                                                **figures})
+
+
+def mask_ratio(norms: Sequence[float]) -> tuple[int, float]:
+    """The class with the smallest reversed trigger, and how many times smaller its mask is than the median
+    class's (1: no smaller; infinite for an empty mask under a non-empty median)."""
+    values = np.asarray(norms, dtype=float)
+    top = int(values.argmin())
+    median = float(np.median(values))
+    if values[top] <= 0:
+        return top, float("inf") if median > 0 else 1.0
+    return top, max(median / float(values[top]), 1.0)
+
+
+def combined_verdict(cleanse: Verdict, untransferred: Verdict) -> Verdict:
+    """The ``combined`` verdict from a model's ``cleanse`` and ``untransferred`` verdicts (their figures in
+    their details): the larger of the mask ratio's log over :data:`COMBINED_RATIO`'s and the untransferred
+    lead over its threshold, ``v``, as the suspicion ``v / (v + 1)``; the class is the one of the larger.
+    Where one of the two is inconclusive the other decides alone, and the basis says so."""
+    over, notes = [], []
+    if cleanse.suspicion is not None:
+        top, ratio = mask_ratio(cleanse.details["norms"])
+        over.append((np.log(ratio) / np.log(COMBINED_RATIO), top))
+    else:
+        notes.append(f"no trigger search ({cleanse.basis})")
+    if untransferred.suspicion is not None:
+        over.append((untransferred.suspicion / UNTRANSFERRED_THRESHOLD, untransferred.target_class))
+    else:
+        notes.append(f"no untransferred test ({untransferred.basis})")
+    basis = "; ".join([f"{cleanse.basis}; {untransferred.basis}", *notes])
+    if not over:
+        return inconclusive("combined", basis)
+    value, top = max(over, key=lambda pair: pair[0])
+    suspicion = 1.0 if np.isinf(value) else round(float(value / (value + 1)), 6)
+    figures = {k: v for verdict in (untransferred, cleanse) for k, v in verdict.details.items()}
+    if cleanse.suspicion is not None:
+        ratio = mask_ratio(cleanse.details["norms"])[1]
+        figures["mask_ratio"] = round(ratio, 6) if np.isfinite(ratio) else None
+        figures["cleanse_class"] = cleanse.target_class
+    if untransferred.suspicion is not None:
+        figures["lead"] = untransferred.suspicion
+        figures["untransferred_class"] = untransferred.target_class
+    return Verdict("combined", suspicion, "suspicious" if suspicion >= COMBINED_THRESHOLD else "clean", top,
+                   COMBINED_THRESHOLD, basis, figures)
 
 
 def margin_verdict(margins: Sequence[float], basis: str = "maximum-margin test") -> Verdict:

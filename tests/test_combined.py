@@ -1,0 +1,102 @@
+"""The combined verdict (issue 8): the trigger search's mask ratio and the untransferred lead, each over its cut."""
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLES
+from fmt_audit_cli.main import main
+
+from fmt_audit.scan import ScanConfig
+from fmt_audit.verdict import (
+    COMBINED_RATIO,
+    COMBINED_THRESHOLD,
+    CleanseConfig,
+    ReferenceConfig,
+    UniversalConfig,
+    cleanse_verdict,
+    combined_verdict,
+    describe,
+    inconclusive,
+    mask_ratio,
+    untransferred_verdict,
+)
+
+TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
+           if m["attack"] != "none"}
+DATA = SAMPLES / "defender.npz"
+
+# an untransferred test whose class 1 leads by 0.1 (half its cut), as test_transfer's figures
+BUDGETS, SUCCESS = [0.01], [[0.3, 0.9, 0.8, 0.0, 0.0]]
+NOTHING = [[0.0] * 5]
+
+
+def test_the_mask_ratio_is_how_many_times_smaller_the_smallest_mask_is_than_the_median():
+    assert mask_ratio([0.02, 0.1, 0.12, 0.09, 0.11]) == (0, pytest.approx(5.0))
+    assert mask_ratio([0.1, 0.1, 0.1]) == (0, 1.0)
+    assert mask_ratio([0.3, 0.0, 0.2]) == (1, math.inf)
+    assert mask_ratio([0.0, 0.0, 0.0]) == (0, 1.0)
+
+
+def test_the_combined_verdict_is_the_larger_of_the_two_over_their_cuts():
+    lead = untransferred_verdict(BUDGETS, SUCCESS, NOTHING, NOTHING)        # 0.1: half the cut
+    assert lead.suspicion == pytest.approx(0.1) and lead.target_class == 1
+    # class 3's mask is the median's / 5: log 5 / log 2.5 = 1.76 times the cut, more than the lead's 0.5
+    small = cleanse_verdict([0.1, 0.12, 0.09, 0.02, 0.11], [0.5, 0.5, 0.5, 0.9, 0.5], [True] * 5)
+    verdict = combined_verdict(small, lead)
+    value = math.log(0.1 / 0.02) / math.log(COMBINED_RATIO)
+    assert verdict.method == "combined" and verdict.target_class == 3 and verdict.verdict == "suspicious"
+    assert verdict.suspicion == pytest.approx(value / (value + 1), abs=1e-6)
+    assert verdict.details["mask_ratio"] == pytest.approx(5.0) and verdict.details["lead"] == pytest.approx(0.1)
+    assert verdict.details["cleanse_class"] == 3 and verdict.details["untransferred_class"] == 1
+    # both tests' figures are kept, so the report shows (and a reader can recompute) both
+    assert verdict.details["norms"] == small.details["norms"] and verdict.details["success"] == SUCCESS
+    text = describe(verdict.to_dict())
+    assert "class 3's smallest reversed trigger covers 2.0% of the pixels, the median class's 10.0%" in text
+    assert "5 times smaller (counts from 2.5)" in text and "class 1's perturbation" in text
+    # near-equal masks: the lead decides, and names its class
+    even = cleanse_verdict([0.1, 0.12, 0.09, 0.08, 0.11])
+    strong = untransferred_verdict(BUDGETS, [[0.0, 0.9, 0.3, 0.0, 0.0]], NOTHING, NOTHING)     # lead 0.6
+    both = combined_verdict(even, strong)
+    assert both.target_class == 1 and both.suspicion == pytest.approx(3 / 4) and both.verdict == "suspicious"
+    # a mask 2.5 times below the median's is the cut, suspicion 0.5; anything under it is clean
+    at_cut = combined_verdict(cleanse_verdict([0.04, 0.1, 0.1, 0.1, 0.1]), lead)
+    assert at_cut.suspicion == pytest.approx(COMBINED_THRESHOLD) and COMBINED_THRESHOLD == 0.5
+    assert combined_verdict(even, lead).verdict == "clean"
+
+
+def test_the_combined_verdict_uses_what_evidence_there_is():
+    lead = untransferred_verdict(BUDGETS, SUCCESS, NOTHING, NOTHING)
+    missing = inconclusive("cleanse", "no cleanse evidence: too few images")
+    alone = combined_verdict(missing, lead)
+    assert alone.suspicion == pytest.approx(0.5 / 1.5) and alone.target_class == 1
+    assert "no trigger search (no cleanse evidence: too few images)" in alone.basis
+    assert "mask_ratio" not in alone.details and "class 1's perturbation" in describe(alone.to_dict())
+    empty = combined_verdict(cleanse_verdict([0.3, 0.0, 0.2]), inconclusive("untransferred", "no references"))
+    assert empty.suspicion == 1.0 and empty.target_class == 1 and empty.details["mask_ratio"] is None
+    assert "infinitely smaller" in describe(empty.to_dict())
+    neither = combined_verdict(missing, inconclusive("untransferred", "no references"))
+    assert neither.verdict == "inconclusive" and neither.suspicion is None and neither.method == "combined"
+
+
+def test_scan_and_cli_take_the_combined_verdict(monkeypatch, tmp_path):
+    monkeypatch.setattr(ScanConfig, "cleanse_config", lambda self: CleanseConfig(steps=100, images=16))
+    monkeypatch.setattr(ScanConfig, "universal_config", lambda self: UniversalConfig(images=16, steps=8))
+    monkeypatch.setattr(ScanConfig, "reference_config", lambda self: ReferenceConfig(steps=150))
+    result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
+                                       "--samples", "96", "--skip-layers", "block", "--verdict", "combined",
+                                       "--fail-on-suspicious", "--json", str(tmp_path / "r.json"),
+                                       "--html", str(tmp_path / "r.html")])
+    assert result.exit_code == 1 and "smallest reversed trigger" in result.output, result.output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    v = saved["verdict"]
+    assert v["method"] == "combined" and v["target_class"] == TARGETS["badnets"] and v["verdict"] == "suspicious"
+    assert saved["summary"]["verdict"] == "suspicious" and v["cleanse_class"] == TARGETS["badnets"]
+    # the verdict follows from the two tests' figures the report keeps
+    again = combined_verdict(cleanse_verdict(v["norms"], v["trigger_success"], v["reached"]),
+                             untransferred_verdict(v["budgets"], v["success"], v["reference_success"],
+                                                   v["reference_baseline"]))
+    assert again.suspicion == v["suspicion"] and again.target_class == v["target_class"]
+    page = (tmp_path / "r.html").read_text()
+    assert "Trigger search" in page and "Untransferred test" in page
