@@ -411,31 +411,27 @@ def with_either(row: dict) -> dict:
     return row | {"either": {"suspicion": min(value, 1e9), "target_class": target}}
 
 
-def cleanse_population_test() -> None:
-    """Session 15's pre-registered test (benchmarks/README.md, "A published detector"): the ``cleanse`` verdict
-    on every model of (D), (E), (F1) and (F2) it was computed for, pooled first, then per population, dataset,
-    dataset and architecture; ``either`` (:func:`with_either`) and ``untransferred`` beside on the same models.
-    Every measured model's figures are kept in ``results/verdict_cleanse_D-F2.json``."""
-    from pathlib import Path
-
+def measured(names: tuple[str, ...], statistic: str) -> list[dict]:
+    """Every model of populations ``names`` with a cached ``statistic`` verdict, as a row of its facts, its
+    verdicts and its population; the models without one are listed."""
     rows, missing = [], []
-    for population in ("D", "E", "F1", "F2"):
+    for population in names:
         for dataset, attack, numbers in POPULATIONS[population]:
             for number in numbers:
                 folder = folder_of(attack, number, dataset)
-                found = json.loads((folder / "verdicts.json").read_text())
-                if "cleanse" not in found:
+                path = folder / "verdicts.json"
+                found = json.loads(path.read_text()) if path.exists() else {}
+                if statistic not in found:
                     missing.append(f"{population} {dataset} {attack} {number}")
                     continue
                 facts = json.loads((folder / "facts.json").read_text())
-                rows.append(with_either(facts | found | {"population": population}))
+                rows.append(facts | found | {"population": population})
     print(f"measured {len(rows)}, not measured {len(missing)}: {missing}", flush=True)
-    kept = Path(__file__).resolve().parent / "results" / "verdict_cleanse_D-F2.json"    # per-class figures
-    kept.write_text("[\n" + ",\n".join(json.dumps({
-        **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target", "acc",
-                                 "asr")},
-        **{k: r["cleanse"].get(k) for k in ("suspicion", "target_class", "anomaly_index", "norms", "reached")},
-        "trigger_success": r["cleanse"].get("trigger_success", r["cleanse"].get("success"))}) for r in rows) + "\n]\n")
+    return rows
+
+
+def parts_of(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows all together, then per population, dataset, and dataset and architecture."""
     parts = {"all": rows}
     for key in ("population", "dataset"):
         for value in dict.fromkeys(r.get(key, "digits") for r in rows):
@@ -443,7 +439,24 @@ def cleanse_population_test() -> None:
     for dataset, architecture in dict.fromkeys((r.get("dataset", "digits"), r["architecture"]) for r in rows):
         parts[f"{dataset} {architecture}"] = [r for r in rows if (r.get("dataset", "digits"), r["architecture"])
                                               == (dataset, architecture)]
-    for name, part in parts.items():
+    return parts
+
+
+def cleanse_population_test() -> None:
+    """Session 15's pre-registered test (benchmarks/README.md, "A published detector"): the ``cleanse`` verdict
+    on every model of (D), (E), (F1) and (F2) it was computed for, pooled first, then per population, dataset,
+    dataset and architecture; ``either`` (:func:`with_either`) and ``untransferred`` beside on the same models.
+    Every measured model's figures are kept in ``results/verdict_cleanse_D-F2.json``."""
+    from pathlib import Path
+
+    rows = [with_either(row) for row in measured(("D", "E", "F1", "F2"), "cleanse")]
+    kept = Path(__file__).resolve().parent / "results" / "verdict_cleanse_D-F2.json"    # per-class figures
+    kept.write_text("[\n" + ",\n".join(json.dumps({
+        **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target", "acc",
+                                 "asr")},
+        **{k: r["cleanse"].get(k) for k in ("suspicion", "target_class", "anomaly_index", "norms", "reached")},
+        "trigger_success": r["cleanse"].get("trigger_success", r["cleanse"].get("success"))}) for r in rows) + "\n]\n")
+    for name, part in parts_of(rows).items():
         summary = summarise(part, {"either": 1.0})
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "cleanse", "either",
                                                              "untransferred")}), flush=True)
@@ -504,19 +517,7 @@ def combined_population_test(names: tuple[str, ...]) -> None:
     if names == ("kept",):
         rows = kept_parts()
     else:
-        rows, missing = [], []
-        for population in names:
-            for dataset, attack, numbers in POPULATIONS[population]:
-                for number in numbers:
-                    folder = folder_of(attack, number, dataset)
-                    path = folder / "verdicts.json"
-                    found = json.loads(path.read_text()) if path.exists() else {}
-                    if "combined" not in found:
-                        missing.append(f"{population} {dataset} {attack} {number}")
-                        continue
-                    facts = json.loads((folder / "facts.json").read_text())
-                    rows.append(with_parts(facts | {"combined": found["combined"], "population": population}))
-        print(f"measured {len(rows)}, not measured {len(missing)}: {missing}", flush=True)
+        rows = [with_parts(row) for row in measured(names, "combined")]
         kept = Path(__file__).resolve().parent / "results" / f"verdict_combined_{'-'.join(names)}.json"
         kept.write_text("[\n" + ",\n".join(json.dumps({
             **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
@@ -525,14 +526,7 @@ def combined_population_test(names: tuple[str, ...]) -> None:
                                                  "trigger_success", "reached", "budgets", "success",
                                                  "reference_success", "reference_baseline")}}) for r in rows)
             + "\n]\n")
-    parts = {"all": rows}
-    for key in ("population", "dataset"):
-        for value in dict.fromkeys(r.get(key, "digits") for r in rows):
-            parts[value] = [r for r in rows if r.get(key, "digits") == value]
-    for dataset, architecture in dict.fromkeys((r.get("dataset", "digits"), r["architecture"]) for r in rows):
-        parts[f"{dataset} {architecture}"] = [r for r in rows if (r.get("dataset", "digits"), r["architecture"])
-                                              == (dataset, architecture)]
-    for name, part in parts.items():
+    for name, part in parts_of(rows).items():
         summary = summarise(part, {"ratio": 0.5, "either": 1.0})
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined", "ratio",
                                                              "cleanse", "untransferred", "either")}), flush=True)
