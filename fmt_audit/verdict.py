@@ -482,17 +482,19 @@ def combined_verdict(cleanse: Verdict, untransferred: Verdict) -> Verdict:
     their details): the larger of the mask ratio's log over :data:`COMBINED_RATIO`'s and the untransferred
     lead over its threshold, ``v``, as the suspicion ``v / (v + 1)``; the class is the one of the larger.
     Where one of the two is inconclusive the other decides alone, and the basis says so."""
-    over, notes = [], []
+    over, bases = [], []
     if cleanse.suspicion is not None:
         top, ratio = mask_ratio(cleanse.details["norms"])
         over.append((np.log(ratio) / np.log(COMBINED_RATIO), top))
+        bases.append(cleanse.basis)
     else:
-        notes.append(f"no trigger search ({cleanse.basis})")
+        bases.append(f"no trigger search ({cleanse.basis})")
     if untransferred.suspicion is not None:
         over.append((untransferred.suspicion / UNTRANSFERRED_THRESHOLD, untransferred.target_class))
+        bases.append(untransferred.basis)
     else:
-        notes.append(f"no untransferred test ({untransferred.basis})")
-    basis = "; ".join([f"{cleanse.basis}; {untransferred.basis}", *notes])
+        bases.append(f"no untransferred test ({untransferred.basis})")
+    basis = "; ".join(bases)
     if not over:
         return inconclusive("combined", basis)
     value, top = max(over, key=lambda pair: pair[0])
