@@ -70,8 +70,8 @@ many times smaller the smallest class's mask is than the median class's (:func:`
 1); the larger of the two, ``v``, as the suspicion ``v / (v + 1)``, ``suspicious`` from 0.5 (when either is
 over its cut), naming the class of the one further over. The ratio, not Neural Cleanse's MAD-scaled index:
 a clean model whose classes need near-equal masks has a tiny spread that inflates the index of a merely
-ordinary smallest class. Chosen on the kept figures of (D)-(F) (benchmarks/README.md, session 16). Needs
-labelled data; costs the two tests together.
+ordinary smallest class. Chosen on the kept figures of (D)-(F); ROC-AUC 0.899 on the fresh (G)
+(benchmarks/README.md, session 16). Needs labelled data; costs the two tests together.
 """
 
 from __future__ import annotations
