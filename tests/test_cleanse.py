@@ -12,7 +12,7 @@ from fmt_audit.cleanse import cleanse_test
 from fmt_audit.data import Dataset, Preprocessing, load_npz
 from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.loading import load_model
-from fmt_audit.scan import ScanConfig, scan
+from fmt_audit.scan import ScanConfig
 from fmt_audit.verdict import CLEANSE_THRESHOLD, CleanseConfig, anomaly_index, cleanse_verdict, describe
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
@@ -101,15 +101,13 @@ def test_same_seed_same_triggers_and_a_small_set_is_refused():
 
 def test_scan_and_cli_take_the_cleanse_verdict(monkeypatch, tmp_path):
     monkeypatch.setattr(ScanConfig, "cleanse_config", lambda self: QUICK)
-    report = scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=96, skip_layers="block",
-                                                                   verdict="cleanse"))
-    assert report.verdict["method"] == "cleanse" and report.verdict["target_class"] == TARGETS["badnets"]
-    assert "smallest reversed trigger" in report.format_text()
     result = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
                                        "--samples", "96", "--skip-layers", "block", "--verdict", "cleanse",
                                        "--fail-on-suspicious", "--json", str(tmp_path / "r.json"),
                                        "--html", str(tmp_path / "r.html")])
     verdict = json.loads((tmp_path / "r.json").read_text())["verdict"]
+    assert verdict["method"] == "cleanse" and verdict["target_class"] == TARGETS["badnets"]
+    assert "smallest reversed trigger" in result.output
     recomputed = cleanse_verdict(verdict["norms"], verdict["trigger_success"], verdict["reached"])
     assert verdict["suspicion"] == recomputed.suspicion and verdict["verdict"] == recomputed.verdict
     assert result.exit_code == (1 if verdict["verdict"] == "suspicious" else 0), result.output
