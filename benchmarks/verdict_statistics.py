@@ -54,12 +54,15 @@ untransferred lead, each over its threshold, beside.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from verdict_population import ATTACKS, CACHE, auc, fit_threshold, folder_of, summarise
 
 from fmt_audit.selection import select_outliers
 from fmt_audit.verdict import MIN_SHIFT, sink_concentration
+
+RESULTS = Path(__file__).resolve().parent / "results"    # the figures kept in the repository
 
 
 def outlier_agreement(layers, samples: int, prior_weight: float = 1.0) -> tuple[float, int | None]:
@@ -288,12 +291,17 @@ FIGURES = ("margins", "p_value", "budgets", "success", "transferred", "reference
            "held_out_margin", "reference_margin", "reference_margin_baseline")
 
 
+def write_kept(name: str, records: list[dict]) -> Path:
+    """Write ``records`` to ``results/name`` as a JSON list, one model a line (so a diff shows which changed)."""
+    out = RESULTS / name
+    out.write_text("[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n")
+    return out
+
+
 def export_figures(names: tuple[str, ...] = ("D", "E")) -> None:
     """Every model's per-class figures from the cached verdicts of populations ``names`` (the transfer verdict's,
     and the shortcut verdict's margins where the transfer verdict predates them), into one results file: the
     development data of later statistics, kept in the repository because the model cache is not."""
-    from pathlib import Path
-
     rows = []
     for population in names:
         for dataset, attack, numbers in POPULATIONS[population]:
@@ -306,8 +314,7 @@ def export_figures(names: tuple[str, ...] = ("D", "E")) -> None:
                     "dataset", "attack", "number", "architecture", "target", "poison_rate", "acc", "asr")},
                     **{k: json.loads(json.dumps(figures[k]), parse_float=lambda v: round(float(v), 4))
                        for k in FIGURES if k in figures}})
-    out = Path(__file__).resolve().parent / "results" / f"verdict_figures_{'-'.join(names)}.json"
-    out.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")     # one model a line
+    out = write_kept(f"verdict_figures_{'-'.join(names)}.json", rows)
     print(f"{len(rows)} models: {out}")
 
 
@@ -318,8 +325,6 @@ def kept_statistics() -> None:
     """Every shipped statistic that one transfer run's figures give, recomputed from the kept figures (no model
     cache needed): ROC-AUC per kept population, each population alone and all together. A new statistic is
     judged the same way, on the populations it was not developed on."""
-    from pathlib import Path
-
     from fmt_audit.verdict import (
         margin_verdict,
         shortcut_verdict,
@@ -337,8 +342,7 @@ def kept_statistics() -> None:
                                                r["reference_margin"], r["reference_margin_baseline"]),
         "untransferred": lambda r: untransferred_verdict(r["budgets"], r["success"], r["reference_success"],
                                                          r["reference_baseline"])}
-    results = Path(__file__).resolve().parent / "results"
-    rows = [row for name in KEPT for row in json.loads((results / name).read_text())]
+    rows = [row for name in KEPT for row in json.loads((RESULTS / name).read_text())]
     parts = {population: [r for r in rows if r["population"] == population]
              for population in dict.fromkeys(r["population"] for r in rows)} | {"all": rows}
     print(f"{'statistic':14s}" + "".join(f"{name:>8s}" for name in parts))
@@ -447,15 +451,12 @@ def cleanse_population_test() -> None:
     on every model of (D), (E), (F1) and (F2) it was computed for, pooled first, then per population, dataset,
     dataset and architecture; ``either`` (:func:`with_either`) and ``untransferred`` beside on the same models.
     Every measured model's figures are kept in ``results/verdict_cleanse_D-F2.json``."""
-    from pathlib import Path
-
     rows = [with_either(row) for row in measured(("D", "E", "F1", "F2"), "cleanse")]
-    kept = Path(__file__).resolve().parent / "results" / "verdict_cleanse_D-F2.json"    # per-class figures
-    kept.write_text("[\n" + ",\n".join(json.dumps({
+    write_kept("verdict_cleanse_D-F2.json", [{     # per-class figures
         **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target", "acc",
                                  "asr")},
         **{k: r["cleanse"].get(k) for k in ("suspicion", "target_class", "anomaly_index", "norms", "reached")},
-        "trigger_success": r["cleanse"].get("trigger_success", r["cleanse"].get("success"))}) for r in rows) + "\n]\n")
+        "trigger_success": r["cleanse"].get("trigger_success", r["cleanse"].get("success"))} for r in rows])
     for name, part in parts_of(rows).items():
         summary = summarise(part, {"either": 1.0})
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "cleanse", "either",
@@ -466,39 +467,27 @@ def with_parts(row: dict) -> dict:
     """The row with the combined verdict's two parts beside it, recomputed from its figures: ``cleanse``
     (Neural Cleanse's anomaly index), ``untransferred`` (the lead), ``ratio`` (the mask ratio alone, over the
     same cut as in ``combined``) and session 15's ``either`` (:func:`with_either`)."""
-    from fmt_audit.verdict import (
-        COMBINED_RATIO,
-        cleanse_verdict,
-        inconclusive,
-        mask_ratio,
-        untransferred_verdict,
-    )
+    from fmt_audit.verdict import cleanse_verdict, combined_verdict, inconclusive, untransferred_verdict
 
     v = row["combined"]
-    if "norms" in v:
-        cleanse = cleanse_verdict(v["norms"], v.get("trigger_success"), v.get("reached")).to_dict()
-        top, ratio = mask_ratio(v["norms"])
-        value = np.log(ratio) / np.log(COMBINED_RATIO)
-        alone = {"suspicion": 1.0 if np.isinf(value) else value / (value + 1), "target_class": top}
-    else:
-        cleanse, alone = inconclusive("cleanse", "no figures").to_dict(), {"suspicion": None, "target_class": None}
+    cleanse = (cleanse_verdict(v["norms"], v.get("trigger_success"), v.get("reached")) if "norms" in v
+               else inconclusive("cleanse", "no figures"))
     lead = (untransferred_verdict(v["budgets"], v["success"], v["reference_success"], v["reference_baseline"])
-            if "untransferred" in v else inconclusive("untransferred", "no figures")).to_dict()
+            if "untransferred" in v else inconclusive("untransferred", "no figures"))
+    alone = combined_verdict(cleanse, inconclusive("untransferred", "left out"))     # the mask ratio alone
+    cleanse, lead, alone = cleanse.to_dict(), lead.to_dict(), alone.to_dict()
     return with_either(row | {"cleanse": cleanse, "untransferred": lead, "ratio": alone})
 
 
 def kept_parts() -> list[dict]:
     """The kept figures of (D)-(F) as rows ``with_parts`` reads: every model measured with Neural Cleanse in
     session 15 (results/verdict_cleanse_D-F2.json) with its transfer figures (:data:`KEPT`)."""
-    from pathlib import Path
-
     from fmt_audit.verdict import cleanse_verdict, combined_verdict, untransferred_verdict
 
-    results = Path(__file__).resolve().parent / "results"
     figures = {(r["population"], r["dataset"], r["attack"], r["number"]): r
-               for name in KEPT for r in json.loads((results / name).read_text())}
+               for name in KEPT for r in json.loads((RESULTS / name).read_text())}
     rows = []
-    for c in json.loads((results / "verdict_cleanse_D-F2.json").read_text()):
+    for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text()):
         f = figures[(c["population"], c["dataset"], c["attack"], c["number"])]
         combined = combined_verdict(cleanse_verdict(c["norms"], c["trigger_success"], c["reached"]),
                                     untransferred_verdict(f["budgets"], f["success"], f["reference_success"],
@@ -512,20 +501,16 @@ def combined_population_test(names: tuple[str, ...]) -> None:
     verdict on population (G), pooled, then per dataset, attack and architecture, with its parts beside
     (:func:`with_parts`). ``names`` ("kept"): the same figures on the development data of (D)-(F) instead.
     The measured models' figures are kept in ``results/verdict_combined_G.json``."""
-    from pathlib import Path
-
     if names == ("kept",):
         rows = kept_parts()
     else:
         rows = [with_parts(row) for row in measured(names, "combined")]
-        kept = Path(__file__).resolve().parent / "results" / f"verdict_combined_{'-'.join(names)}.json"
-        kept.write_text("[\n" + ",\n".join(json.dumps({
+        write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
             **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
                                      "poison_rate", "acc", "asr")},
             **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "norms",
                                                  "trigger_success", "reached", "budgets", "success",
-                                                 "reference_success", "reference_baseline")}}) for r in rows)
-            + "\n]\n")
+                                                 "reference_success", "reference_baseline")}} for r in rows])
     for name, part in parts_of(rows).items():
         summary = summarise(part, {"ratio": 0.5, "either": 1.0})
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined", "ratio",

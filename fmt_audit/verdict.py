@@ -483,15 +483,18 @@ def combined_verdict(cleanse: Verdict, untransferred: Verdict) -> Verdict:
     lead over its threshold, ``v``, as the suspicion ``v / (v + 1)``; the class is the one of the larger.
     Where one of the two is inconclusive the other decides alone, and the basis says so."""
     over, bases = [], []
+    figures = {k: v for verdict in (untransferred, cleanse) for k, v in verdict.details.items()}
     if cleanse.suspicion is not None:
         top, ratio = mask_ratio(cleanse.details["norms"])
         over.append((np.log(ratio) / np.log(COMBINED_RATIO), top))
         bases.append(cleanse.basis)
+        figures |= {"mask_ratio": round(ratio, 6) if np.isfinite(ratio) else None, "cleanse_class": top}
     else:
         bases.append(f"no trigger search ({cleanse.basis})")
     if untransferred.suspicion is not None:
         over.append((untransferred.suspicion / UNTRANSFERRED_THRESHOLD, untransferred.target_class))
         bases.append(untransferred.basis)
+        figures |= {"lead": untransferred.suspicion, "untransferred_class": untransferred.target_class}
     else:
         bases.append(f"no untransferred test ({untransferred.basis})")
     basis = "; ".join(bases)
@@ -499,14 +502,6 @@ def combined_verdict(cleanse: Verdict, untransferred: Verdict) -> Verdict:
         return inconclusive("combined", basis)
     value, top = max(over, key=lambda pair: pair[0])
     suspicion = 1.0 if np.isinf(value) else round(float(value / (value + 1)), 6)
-    figures = {k: v for verdict in (untransferred, cleanse) for k, v in verdict.details.items()}
-    if cleanse.suspicion is not None:
-        ratio = mask_ratio(cleanse.details["norms"])[1]
-        figures["mask_ratio"] = round(ratio, 6) if np.isfinite(ratio) else None
-        figures["cleanse_class"] = cleanse.target_class
-    if untransferred.suspicion is not None:
-        figures["lead"] = untransferred.suspicion
-        figures["untransferred_class"] = untransferred.target_class
     return Verdict("combined", suspicion, "suspicious" if suspicion >= COMBINED_THRESHOLD else "clean", top,
                    COMBINED_THRESHOLD, basis, figures)
 
