@@ -220,7 +220,12 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                "G": [("digits", "clean", range(104, 124))] + [("digits", a, range(42, 47)) for a in ATTACKS]
                + [("mnist", "clean", range(24, 34))] + [("mnist", a, range(10, 13)) for a in ATTACKS]
                + [("cifar10", "clean", range(24, 30))]
-               + [("cifar10", a, range(12, 14)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(12, 14)) for a in ("badnets", "blended", "sig")],
+               # (H): pre-registered in session 17 for the combined verdict with the lead counting from 0.35
+               "H": [("digits", "clean", range(124, 144))] + [("digits", a, range(47, 52)) for a in ATTACKS]
+               + [("mnist", "clean", range(34, 44))] + [("mnist", a, range(13, 16)) for a in ATTACKS]
+               + [("cifar10", "clean", range(30, 36))]
+               + [("cifar10", a, range(14, 16)) for a in ("badnets", "blended", "sig")]}
 
 
 def with_secondaries(row: dict) -> dict:
@@ -464,9 +469,11 @@ def cleanse_population_test() -> None:
 
 
 def with_parts(row: dict) -> dict:
-    """The row with the combined verdict's two parts beside it, recomputed from its figures: ``cleanse``
-    (Neural Cleanse's anomaly index), ``untransferred`` (the lead), ``ratio`` (the mask ratio alone, over the
-    same cut as in ``combined``) and session 15's ``either`` (:func:`with_either`)."""
+    """The row with the combined verdict recomputed from its figures by the shipped rule (``combined``; the
+    cached verdict may predate it), and beside it: its two parts, ``cleanse`` (Neural Cleanse's anomaly
+    index) and ``untransferred`` (the lead); ``ratio`` (the mask ratio alone, over the same cut as in
+    ``combined``); ``session16`` (the rule tested on (G): the lead counting from 0.2); and session 15's
+    ``either`` (:func:`with_either`)."""
     from fmt_audit.verdict import cleanse_verdict, combined_verdict, inconclusive, untransferred_verdict
 
     v = row["combined"]
@@ -474,9 +481,10 @@ def with_parts(row: dict) -> dict:
                else inconclusive("cleanse", "no figures"))
     lead = (untransferred_verdict(v["budgets"], v["success"], v["reference_success"], v["reference_baseline"])
             if "untransferred" in v else inconclusive("untransferred", "no figures"))
-    alone = combined_verdict(cleanse, inconclusive("untransferred", "left out"))     # the mask ratio alone
-    cleanse, lead, alone = cleanse.to_dict(), lead.to_dict(), alone.to_dict()
-    return with_either(row | {"cleanse": cleanse, "untransferred": lead, "ratio": alone})
+    parts = {"combined": combined_verdict(cleanse, lead), "session16": combined_verdict(cleanse, lead, 0.2),
+             "ratio": combined_verdict(cleanse, inconclusive("untransferred", "left out")),   # the ratio alone
+             "cleanse": cleanse, "untransferred": lead}
+    return with_either(row | {name: verdict.to_dict() for name, verdict in parts.items()})
 
 
 def kept_parts() -> list[dict]:
@@ -497,10 +505,11 @@ def kept_parts() -> list[dict]:
 
 
 def combined_population_test(names: tuple[str, ...]) -> None:
-    """Session 16's pre-registered test (benchmarks/README.md, "Both families of evidence"): the ``combined``
-    verdict on population (G), pooled, then per dataset, attack and architecture, with its parts beside
-    (:func:`with_parts`). ``names`` ("kept"): the same figures on the development data of (D)-(F) instead.
-    The measured models' figures are kept in ``results/verdict_combined_G.json``."""
+    """The pre-registered tests of the combined verdict (benchmarks/README.md, "Both families of evidence"):
+    session 16's on population (G), session 17's on (H); pooled, then per dataset, attack and architecture,
+    with its parts and session 16's rule beside (:func:`with_parts`). ``names`` ("kept"): the same figures on
+    the development data of (D)-(F) instead. The measured models' figures are kept in
+    ``results/verdict_combined_<names>.json``, with the suspicion by the shipped rule."""
     if names == ("kept",):
         rows = kept_parts()
     else:
@@ -508,13 +517,15 @@ def combined_population_test(names: tuple[str, ...]) -> None:
         write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
             **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
                                      "poison_rate", "acc", "asr")},
-            **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "norms",
+            **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "lead_cut",
+                                                 "norms",
                                                  "trigger_success", "reached", "budgets", "success",
                                                  "reference_success", "reference_baseline")}} for r in rows])
     for name, part in parts_of(rows).items():
-        summary = summarise(part, {"ratio": 0.5, "either": 1.0})
-        print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined", "ratio",
-                                                             "cleanse", "untransferred", "either")}), flush=True)
+        summary = summarise(part, {"ratio": 0.5, "session16": 0.5, "either": 1.0})
+        print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined",
+                                                             "session16", "ratio", "cleanse", "untransferred",
+                                                             "either")}), flush=True)
 
 
 def main() -> None:
@@ -541,8 +552,8 @@ def main() -> None:
     parser.add_argument("--test-cleanse", action="store_true",
                         help="the session-15 test's figures (cleanse on D, E, F1, F2), then stop")
     parser.add_argument("--test-combined", nargs="?", const="G", default=None, metavar="POPULATIONS",
-                        help="the session-16 test's figures (combined on G, or 'kept': on D-F's kept figures), "
-                             "then stop")
+                        help="the combined verdict's tests (on G, session 16's; on H, session 17's; 'kept': on "
+                             "D-F's kept figures), then stop")
     args = parser.parse_args()
     if args.test_combined:
         combined_population_test(tuple(args.test_combined.split(",")))

@@ -66,12 +66,14 @@ labelled data.
 
 ``combined``: both families of evidence, each over its own cut. The trigger search's **mask ratio**, how
 many times smaller the smallest class's mask is than the median class's (:func:`mask_ratio`; a ratio of
-:data:`COMBINED_RATIO` counts as 1, on a log scale), and the ``untransferred`` lead (its threshold counts as
-1); the larger of the two, ``v``, as the suspicion ``v / (v + 1)``, ``suspicious`` from 0.5 (when either is
-over its cut), naming the class of the one further over. The ratio, not Neural Cleanse's MAD-scaled index:
-a clean model whose classes need near-equal masks has a tiny spread that inflates the index of a merely
-ordinary smallest class. Chosen on the kept figures of (D)-(F); ROC-AUC 0.899 on the fresh (G)
-(benchmarks/README.md, session 16). Needs labelled data; costs the two tests together.
+:data:`COMBINED_RATIO` counts as 1, on a log scale), and the ``untransferred`` lead (:data:`COMBINED_LEAD`
+counts as 1); the larger of the two, ``v``, as the suspicion ``v / (v + 1)``, ``suspicious`` from 0.5 (when
+either is over its cut), naming the class of the one further over. The ratio, not Neural Cleanse's
+MAD-scaled index: a clean model whose classes need near-equal masks has a tiny spread that inflates the index
+of a merely ordinary smallest class. Chosen on the kept figures of (D)-(F) with the lead counting from the
+untransferred threshold, 0.2: ROC-AUC 0.899 on the fresh (G) (benchmarks/README.md, session 16), where the
+lead's false positives cost most; the lead's cut then moved to 0.35 on (D)-(G) (session 17).
+Needs labelled data; costs the two tests together.
 """
 
 from __future__ import annotations
@@ -100,6 +102,11 @@ CLEANSE_THRESHOLD = 0.5     # the suspicion a / (a + CLEANSE_INDEX) at a = CLEAN
 # combined: the median class's mask this many times the smallest's counts as 1 (as the untransferred threshold
 # does); the cut with the largest TPR - FPR on the kept figures of (D)-(F), 2-3 all within 0.01 of its ROC-AUC
 COMBINED_RATIO = 2.5
+# combined: the untransferred lead that counts as 1. The untransferred verdict's own 0.2 (session 16) let the
+# lead's false positives decide (G); on all 293 models of (D)-(G) cuts of 0.3-0.4 (at the ratio's 2.5) all
+# score ROC-AUC 0.911-0.912 (0.2: 0.906) with fewer false positives (FPR 0.09 vs 0.13 at 0.5); 0.35 is the
+# middle of that plateau (benchmarks/README.md, session 17)
+COMBINED_LEAD = 0.35
 COMBINED_THRESHOLD = 0.5    # the suspicion v / (v + 1) at v = 1: one of the two at its cut
 MAD_CONSISTENCY = 1.4826    # the median absolute deviation times this estimates a normal's standard deviation
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
@@ -246,7 +253,7 @@ def describe(verdict: dict) -> str:
                          f"from {COMBINED_RATIO:g})")
         if "untransferred" in verdict:
             parts.append(f"{_untransferred_evidence(verdict, verdict['untransferred_class'])} (counts from "
-                         f"{UNTRANSFERRED_THRESHOLD:.0%})")
+                         f"{verdict.get('lead_cut', COMBINED_LEAD):.0%})")
         evidence = "; ".join(parts)
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
@@ -477,11 +484,13 @@ def mask_ratio(norms: Sequence[float]) -> tuple[int, float]:
     return top, max(median / float(values[top]), 1.0)
 
 
-def combined_verdict(cleanse: Verdict, untransferred: Verdict) -> Verdict:
+def combined_verdict(cleanse: Verdict, untransferred: Verdict, lead_cut: float = COMBINED_LEAD) -> Verdict:
     """The ``combined`` verdict from a model's ``cleanse`` and ``untransferred`` verdicts (their figures in
     their details): the larger of the mask ratio's log over :data:`COMBINED_RATIO`'s and the untransferred
-    lead over its threshold, ``v``, as the suspicion ``v / (v + 1)``; the class is the one of the larger.
+    lead over ``lead_cut``, ``v``, as the suspicion ``v / (v + 1)``; the class is the one of the larger.
     Where one of the two is inconclusive the other decides alone, and the basis says so."""
+    if not (np.isfinite(lead_cut) and lead_cut > 0):
+        raise ConfigError(f"the combined verdict's lead cut must be positive; got {lead_cut}")
     over, bases = [], []
     figures = {k: v for verdict in (untransferred, cleanse) for k, v in verdict.details.items()}
     if cleanse.suspicion is not None:
@@ -492,9 +501,10 @@ def combined_verdict(cleanse: Verdict, untransferred: Verdict) -> Verdict:
     else:
         bases.append(f"no trigger search ({cleanse.basis})")
     if untransferred.suspicion is not None:
-        over.append((untransferred.suspicion / UNTRANSFERRED_THRESHOLD, untransferred.target_class))
+        over.append((untransferred.suspicion / lead_cut, untransferred.target_class))
         bases.append(untransferred.basis)
-        figures |= {"lead": untransferred.suspicion, "untransferred_class": untransferred.target_class}
+        figures |= {"lead": untransferred.suspicion, "lead_cut": lead_cut,
+                    "untransferred_class": untransferred.target_class}
     else:
         bases.append(f"no untransferred test ({untransferred.basis})")
     basis = "; ".join(bases)

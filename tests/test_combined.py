@@ -8,8 +8,10 @@ from click.testing import CliRunner
 from conftest import SAMPLES
 from fmt_audit_cli.main import main
 
+from fmt_audit.errors import ConfigError
 from fmt_audit.scan import ScanConfig
 from fmt_audit.verdict import (
+    COMBINED_LEAD,
     COMBINED_RATIO,
     COMBINED_THRESHOLD,
     CleanseConfig,
@@ -27,7 +29,7 @@ TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.jso
            if m["attack"] != "none"}
 DATA = SAMPLES / "defender.npz"
 
-# an untransferred test whose class 1 leads by 0.1 (half its cut), as test_transfer's figures
+# an untransferred test whose class 1 leads by 0.1 (under its cut), as test_transfer's figures
 BUDGETS, SUCCESS = [0.01], [[0.3, 0.9, 0.8, 0.0, 0.0]]
 NOTHING = [[0.0] * 5]
 
@@ -40,9 +42,9 @@ def test_the_mask_ratio_is_how_many_times_smaller_the_smallest_mask_is_than_the_
 
 
 def test_the_combined_verdict_is_the_larger_of_the_two_over_their_cuts():
-    lead = untransferred_verdict(BUDGETS, SUCCESS, NOTHING, NOTHING)        # 0.1: half the cut
+    lead = untransferred_verdict(BUDGETS, SUCCESS, NOTHING, NOTHING)        # 0.1: under the cut
     assert lead.suspicion == pytest.approx(0.1) and lead.target_class == 1
-    # class 3's mask is the median's / 5: log 5 / log 2.5 = 1.76 times the cut, more than the lead's 0.5
+    # class 3's mask is the median's / 5: log 5 / log 2.5 = 1.76 times the cut, more than the lead's 0.29
     small = cleanse_verdict([0.1, 0.12, 0.09, 0.02, 0.11], [0.5, 0.5, 0.5, 0.9, 0.5], [True] * 5)
     verdict = combined_verdict(small, lead)
     value = math.log(0.1 / 0.02) / math.log(COMBINED_RATIO)
@@ -50,16 +52,26 @@ def test_the_combined_verdict_is_the_larger_of_the_two_over_their_cuts():
     assert verdict.suspicion == pytest.approx(value / (value + 1), abs=1e-6)
     assert verdict.details["mask_ratio"] == pytest.approx(5.0) and verdict.details["lead"] == pytest.approx(0.1)
     assert verdict.details["cleanse_class"] == 3 and verdict.details["untransferred_class"] == 1
+    assert verdict.details["lead_cut"] == COMBINED_LEAD == 0.35
     # both tests' figures are kept, so the report shows (and a reader can recompute) both
     assert verdict.details["norms"] == small.details["norms"] and verdict.details["success"] == SUCCESS
     text = describe(verdict.to_dict())
     assert "class 3's smallest reversed trigger covers 2.0% of the pixels, the median class's 10.0%" in text
     assert "5 times smaller (counts from 2.5)" in text and "class 1's perturbation" in text
+    assert "(counts from 35%)" in text
     # near-equal masks: the lead decides, and names its class
     even = cleanse_verdict([0.1, 0.12, 0.09, 0.08, 0.11])
     strong = untransferred_verdict(BUDGETS, [[0.0, 0.9, 0.3, 0.0, 0.0]], NOTHING, NOTHING)     # lead 0.6
     both = combined_verdict(even, strong)
-    assert both.target_class == 1 and both.suspicion == pytest.approx(3 / 4) and both.verdict == "suspicious"
+    value = 0.6 / COMBINED_LEAD
+    assert both.target_class == 1 and both.suspicion == pytest.approx(value / (value + 1), abs=1e-6)
+    assert both.verdict == "suspicious"
+    # the lead's cut is a parameter: session 16's rule counted it from the untransferred threshold, 0.2
+    earlier = combined_verdict(even, lead, lead_cut=0.2)
+    assert earlier.suspicion == pytest.approx(1 / 3) and earlier.details["lead_cut"] == 0.2
+    assert "(counts from 20%)" in describe(earlier.to_dict())
+    with pytest.raises(ConfigError, match="lead cut must be positive; got 0"):
+        combined_verdict(even, lead, lead_cut=0)
     # a mask 2.5 times below the median's is the cut, suspicion 0.5; anything under it is clean
     at_cut = combined_verdict(cleanse_verdict([0.04, 0.1, 0.1, 0.1, 0.1]), lead)
     assert at_cut.suspicion == pytest.approx(COMBINED_THRESHOLD) and COMBINED_THRESHOLD == 0.5
@@ -70,7 +82,8 @@ def test_the_combined_verdict_uses_what_evidence_there_is():
     lead = untransferred_verdict(BUDGETS, SUCCESS, NOTHING, NOTHING)
     missing = inconclusive("cleanse", "no cleanse evidence: too few images")
     alone = combined_verdict(missing, lead)
-    assert alone.suspicion == pytest.approx(0.5 / 1.5) and alone.target_class == 1
+    value = 0.1 / COMBINED_LEAD
+    assert alone.suspicion == pytest.approx(value / (value + 1), abs=1e-6) and alone.target_class == 1
     assert "no trigger search (no cleanse evidence: too few images)" in alone.basis
     assert "mask_ratio" not in alone.details and "class 1's perturbation" in describe(alone.to_dict())
     empty = combined_verdict(cleanse_verdict([0.3, 0.0, 0.2]), inconclusive("untransferred", "no references"))
