@@ -480,7 +480,7 @@ def with_parts(row: dict) -> dict:
     cleanse = (cleanse_verdict(v["norms"], v.get("trigger_success"), v.get("reached")) if "norms" in v
                else inconclusive("cleanse", "no figures"))
     lead = (untransferred_verdict(v["budgets"], v["success"], v["reference_success"], v["reference_baseline"])
-            if "untransferred" in v else inconclusive("untransferred", "no figures"))
+            if "budgets" in v else inconclusive("untransferred", "no figures"))
     parts = {"combined": combined_verdict(cleanse, lead), "session16": combined_verdict(cleanse, lead, 0.2),
              "ratio": combined_verdict(cleanse, inconclusive("untransferred", "left out")),   # the ratio alone
              "cleanse": cleanse, "untransferred": lead}
@@ -508,10 +508,13 @@ def combined_population_test(names: tuple[str, ...]) -> None:
     """The pre-registered tests of the combined verdict (benchmarks/README.md, "Both families of evidence"):
     session 16's on population (G), session 17's on (H); pooled, then per dataset, attack and architecture,
     with its parts and session 16's rule beside (:func:`with_parts`). ``names`` ("kept"): the same figures on
-    the development data of (D)-(F) instead. The measured models' figures are kept in
-    ``results/verdict_combined_<names>.json``, with the suspicion by the shipped rule."""
+    the development data of (D)-(F) instead; ("all"): the kept figures of (D)-(H). The measured models'
+    figures are kept in ``results/verdict_combined_<names>.json``, with the suspicion by the shipped rule."""
     if names == ("kept",):
         rows = kept_parts()
+    elif names == ("all",):     # every kept figure: (D)-(F)'s and the tested populations' (G), (H)
+        rows = kept_parts() + [with_parts(r | {"combined": r}) for name in ("G", "H")
+                               for r in json.loads((RESULTS / f"verdict_combined_{name}.json").read_text())]
     else:
         rows = [with_parts(row) for row in measured(names, "combined")]
         write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
@@ -553,7 +556,7 @@ def main() -> None:
                         help="the session-15 test's figures (cleanse on D, E, F1, F2), then stop")
     parser.add_argument("--test-combined", nargs="?", const="G", default=None, metavar="POPULATIONS",
                         help="the combined verdict's tests (on G, session 16's; on H, session 17's; 'kept': on "
-                             "D-F's kept figures), then stop")
+                             "D-F's kept figures; 'all': on D-H's), then stop")
     args = parser.parse_args()
     if args.test_combined:
         combined_population_test(tuple(args.test_combined.split(",")))
