@@ -472,16 +472,23 @@ def with_parts(row: dict) -> dict:
     """The row with the combined verdict recomputed from its figures by the shipped rule (``combined``; the
     cached verdict may predate it), and beside it: its two parts, ``cleanse`` (Neural Cleanse's anomaly
     index) and ``untransferred`` (the lead); ``ratio`` (the mask ratio alone, over the same cut as in
-    ``combined``); ``session16`` (the rule tested on (G): the lead counting from 0.2); and session 15's
-    ``either`` (:func:`with_either`)."""
-    from fmt_audit.verdict import cleanse_verdict, combined_verdict, inconclusive, untransferred_verdict
+    ``combined``); ``session16`` (the rule tested on (G): the lead counting from the untransferred threshold,
+    0.2); and session 15's ``either`` (:func:`with_either`)."""
+    from fmt_audit.verdict import (
+        UNTRANSFERRED_THRESHOLD,
+        cleanse_verdict,
+        combined_verdict,
+        inconclusive,
+        untransferred_verdict,
+    )
 
     v = row["combined"]
     cleanse = (cleanse_verdict(v["norms"], v.get("trigger_success"), v.get("reached")) if "norms" in v
                else inconclusive("cleanse", "no figures"))
     lead = (untransferred_verdict(v["budgets"], v["success"], v["reference_success"], v["reference_baseline"])
             if "budgets" in v else inconclusive("untransferred", "no figures"))
-    parts = {"combined": combined_verdict(cleanse, lead), "session16": combined_verdict(cleanse, lead, 0.2),
+    parts = {"combined": combined_verdict(cleanse, lead),
+             "session16": combined_verdict(cleanse, lead, UNTRANSFERRED_THRESHOLD),
              "ratio": combined_verdict(cleanse, inconclusive("untransferred", "left out")),   # the ratio alone
              "cleanse": cleanse, "untransferred": lead}
     return with_either(row | {name: verdict.to_dict() for name, verdict in parts.items()})
@@ -489,19 +496,12 @@ def with_parts(row: dict) -> dict:
 
 def kept_parts() -> list[dict]:
     """The kept figures of (D)-(F) as rows ``with_parts`` reads: every model measured with Neural Cleanse in
-    session 15 (results/verdict_cleanse_D-F2.json) with its transfer figures (:data:`KEPT`)."""
-    from fmt_audit.verdict import cleanse_verdict, combined_verdict, untransferred_verdict
-
+    session 15 (results/verdict_cleanse_D-F2.json) with its transfer figures (:data:`KEPT`), both under
+    ``combined``, where a measured row carries them."""
     figures = {(r["population"], r["dataset"], r["attack"], r["number"]): r
                for name in KEPT for r in json.loads((RESULTS / name).read_text())}
-    rows = []
-    for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text()):
-        f = figures[(c["population"], c["dataset"], c["attack"], c["number"])]
-        combined = combined_verdict(cleanse_verdict(c["norms"], c["trigger_success"], c["reached"]),
-                                    untransferred_verdict(f["budgets"], f["success"], f["reference_success"],
-                                                          f["reference_baseline"]))
-        rows.append(with_parts(c | {"combined": combined.to_dict()}))
-    return rows
+    return [with_parts(c | {"combined": c | figures[(c["population"], c["dataset"], c["attack"], c["number"])]})
+            for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text())]
 
 
 def combined_population_test(names: tuple[str, ...]) -> None:
@@ -521,8 +521,7 @@ def combined_population_test(names: tuple[str, ...]) -> None:
             **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
                                      "poison_rate", "acc", "asr")},
             **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "lead_cut",
-                                                 "norms",
-                                                 "trigger_success", "reached", "budgets", "success",
+                                                 "norms", "trigger_success", "reached", "budgets", "success",
                                                  "reference_success", "reference_baseline")}} for r in rows])
     for name, part in parts_of(rows).items():
         summary = summarise(part, {"ratio": 0.5, "session16": 0.5, "either": 1.0})
