@@ -45,10 +45,13 @@ statistic's ROC-AUC per population (D, E, F1, F2) and over all, from those kept 
 With ``--test-cleanse``: the test pre-registered in session 15 ("A published detector"): the cleanse verdict
 (Neural Cleanse) on the models of (D), (E), (F1) and (F2) it was computed for, with the larger of it and the
 untransferred lead, each over its threshold, beside.
+With ``--test-combined G|H|I|kept|all``: the combined verdict's pre-registered tests (sessions 16-18) or its
+development figures; ``--smooth-figures`` measures the smooth-image shares it checks the class with on every
+model of (D)-(H) into ``results/verdict_smooth_D-H.json``.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
         [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures [D,E|F1,F2]]
-        [--kept] [--test-cleanse]
+        [--kept] [--test-cleanse] [--test-combined G|H|I|kept|all] [--smooth-figures]
 """
 
 from __future__ import annotations
@@ -225,7 +228,12 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                "H": [("digits", "clean", range(124, 144))] + [("digits", a, range(47, 52)) for a in ATTACKS]
                + [("mnist", "clean", range(34, 44))] + [("mnist", a, range(13, 16)) for a in ATTACKS]
                + [("cifar10", "clean", range(30, 36))]
-               + [("cifar10", a, range(14, 16)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(14, 16)) for a in ("badnets", "blended", "sig")],
+               # (I): pre-registered in session 18 for the combined verdict with its two checks on the class
+               "I": [("digits", "clean", range(144, 164))] + [("digits", a, range(52, 57)) for a in ATTACKS]
+               + [("mnist", "clean", range(44, 54))] + [("mnist", a, range(16, 19)) for a in ATTACKS]
+               + [("cifar10", "clean", range(36, 41))]
+               + [("cifar10", a, range(16, 18)) for a in ("badnets", "blended", "sig")]}
 
 
 def with_secondaries(row: dict) -> dict:
@@ -468,12 +476,42 @@ def cleanse_population_test() -> None:
                                                              "untransferred")}), flush=True)
 
 
+SMOOTH_KEPT = "verdict_smooth_D-H.json"     # every model's smooth-image shares, measured in session 18
+
+
+def smooth_figures() -> None:
+    """Measure the smooth-image shares (:func:`fmt_audit.smooth.smooth_test`, as the scan's combined verdict
+    does) of every model of (D)-(H) and keep them in ``results/`` (:data:`SMOOTH_KEPT`)."""
+    write_kept(SMOOTH_KEPT, [{"population": population, "dataset": dataset, "attack": attack, "number": number,
+                              "smooth_shares": measure_smooth(folder_of(attack, number, dataset))}
+                             for population in ("D", "E", "F1", "F2", "G", "H")
+                             for dataset, attack, numbers in POPULATIONS[population] for number in numbers])
+
+
+def measure_smooth(folder) -> list[float]:
+    """The smooth-image shares of the model in ``folder``, as the scan's ``default`` preset measures them."""
+    from fmt_audit.loading import load_model
+    from fmt_audit.scan import ScanConfig
+    from fmt_audit.smooth import smooth_test
+
+    loaded = load_model(folder / "model.onnx")
+    return smooth_test(loaded.proto, loaded.image_input, ScanConfig.from_preset("default").preprocessing, "cpu")[0]
+
+
+def kept_smooth() -> dict[tuple, list[float]]:
+    """The kept smooth-image shares, by (population, dataset, attack, number)."""
+    return {(r["population"], r["dataset"], r["attack"], r["number"]): r["smooth_shares"]
+            for r in json.loads((RESULTS / SMOOTH_KEPT).read_text())}
+
+
 def with_parts(row: dict) -> dict:
     """The row with the combined verdict recomputed from its figures by the shipped rule (``combined``; the
-    cached verdict may predate it), and beside it: its two parts, ``cleanse`` (Neural Cleanse's anomaly
-    index) and ``untransferred`` (the lead); ``ratio`` (the mask ratio alone, over the same cut as in
-    ``combined``); ``session16`` (the rule tested on (G): the lead counting from the untransferred threshold,
-    0.2); and session 15's ``either`` (:func:`with_either`)."""
+    cached verdict may predate it; the smooth-image shares from ``row["combined"]["smooth_shares"]``), and
+    beside it: its two parts, ``cleanse`` (Neural Cleanse's anomaly index) and ``untransferred`` (the lead);
+    ``session17`` (the rule tested on (H): no checks on the class); ``tests_agree`` (the one check that needs
+    no smooth images); ``ratio`` (the mask ratio alone, over the same cut as in ``combined``); ``session16``
+    (the rule tested on (G): session 17's with the lead counting from the untransferred threshold, 0.2); and
+    session 15's ``either`` (:func:`with_either`)."""
     from fmt_audit.verdict import (
         UNTRANSFERRED_THRESHOLD,
         cleanse_verdict,
@@ -487,9 +525,11 @@ def with_parts(row: dict) -> dict:
                else inconclusive("cleanse", "no figures"))
     lead = (untransferred_verdict(v["budgets"], v["success"], v["reference_success"], v["reference_baseline"])
             if "budgets" in v else inconclusive("untransferred", "no figures"))
-    parts = {"combined": combined_verdict(cleanse, lead),
-             "session16": combined_verdict(cleanse, lead, UNTRANSFERRED_THRESHOLD),
-             "ratio": combined_verdict(cleanse, inconclusive("untransferred", "left out")),   # the ratio alone
+    parts = {"combined": combined_verdict(cleanse, lead, smooth=v.get("smooth_shares")),
+             "session17": combined_verdict(cleanse, lead, agreement=1.0),
+             "tests_agree": combined_verdict(cleanse, lead),
+             "session16": combined_verdict(cleanse, lead, UNTRANSFERRED_THRESHOLD, agreement=1.0),
+             "ratio": combined_verdict(cleanse, inconclusive("untransferred", "left out"), agreement=1.0),
              "cleanse": cleanse, "untransferred": lead}
     return with_either(row | {name: verdict.to_dict() for name, verdict in parts.items()})
 
@@ -500,34 +540,50 @@ def kept_parts() -> list[dict]:
     ``combined``, where a measured row carries them."""
     figures = {(r["population"], r["dataset"], r["attack"], r["number"]): r
                for name in KEPT for r in json.loads((RESULTS / name).read_text())}
-    return [with_parts(c | {"combined": c | figures[(c["population"], c["dataset"], c["attack"], c["number"])]})
-            for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text())]
+    smooth = kept_smooth()
+    rows = []
+    for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text()):
+        key = (c["population"], c["dataset"], c["attack"], c["number"])
+        rows.append(with_parts(c | {"combined": c | figures[key] | {"smooth_shares": smooth[key]}}))
+    return rows
 
 
 def combined_population_test(names: tuple[str, ...]) -> None:
     """The pre-registered tests of the combined verdict (benchmarks/README.md, "Both families of evidence"):
-    session 16's on population (G), session 17's on (H); pooled, then per dataset, attack and architecture,
-    with its parts and session 16's rule beside (:func:`with_parts`). ``names`` ("kept"): the same figures on
-    the development data of (D)-(F) instead; ("all"): the kept figures of (D)-(H). The measured models'
-    figures are kept in ``results/verdict_combined_<names>.json``, with the suspicion by the shipped rule."""
+    session 16's on population (G), session 17's on (H), session 18's on (I); pooled, then per dataset, attack
+    and architecture, with its parts and the earlier rules beside (:func:`with_parts`). ``names`` ("kept"): the
+    same figures on the development data of (D)-(F) instead; ("all"): the kept figures of (D)-(H). The
+    smooth-image shares: the scan's own where its verdict has them, else the kept ones (:data:`SMOOTH_KEPT`),
+    else measured now. The measured models' figures are kept in ``results/verdict_combined_<names>.json``,
+    with the suspicion by the shipped rule."""
+    smooth = kept_smooth()
+
+    def with_smooth(row: dict, figures: dict) -> dict:     # the shares: the scan's own, kept, or measured now
+        key = (row["population"], row.get("dataset", "digits"), row["attack"], row["number"])
+        shares = (figures.get("smooth_shares") or smooth.get(key)
+                  or measure_smooth(folder_of(row["attack"], row["number"], key[1])))
+        return with_parts(row | {"combined": figures | {"smooth_shares": shares}})
     if names == ("kept",):
         rows = kept_parts()
     elif names == ("all",):     # every kept figure: (D)-(F)'s and the tested populations' (G), (H)
-        rows = kept_parts() + [with_parts(r | {"combined": r}) for name in ("G", "H")
+        rows = kept_parts() + [with_smooth(r, r) for name in ("G", "H")
                                for r in json.loads((RESULTS / f"verdict_combined_{name}.json").read_text())]
     else:
-        rows = [with_parts(row) for row in measured(names, "combined")]
+        rows = [with_smooth(row, row["combined"]) for row in measured(names, "combined")]
         write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
             **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
                                      "poison_rate", "acc", "asr")},
             **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "lead_cut",
-                                                 "norms", "trigger_success", "reached", "budgets", "success",
-                                                 "reference_success", "reference_baseline")}} for r in rows])
+                                                 "tests_agree", "smooth_agrees", "agreement_factor",
+                                                 "smooth_shares", "norms", "trigger_success", "reached", "budgets",
+                                                 "success", "reference_success", "reference_baseline")}}
+            for r in rows])
+    secondaries = {"session17": 0.5, "tests_agree": 0.5, "session16": 0.5, "ratio": 0.5, "either": 1.0}
     for name, part in parts_of(rows).items():
-        summary = summarise(part, {"ratio": 0.5, "session16": 0.5, "either": 1.0})
+        summary = summarise(part, secondaries)
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined",
-                                                             "session16", "ratio", "cleanse", "untransferred",
-                                                             "either")}), flush=True)
+                                                             *secondaries, "cleanse", "untransferred")}),
+              flush=True)
 
 
 def main() -> None:
@@ -554,9 +610,14 @@ def main() -> None:
     parser.add_argument("--test-cleanse", action="store_true",
                         help="the session-15 test's figures (cleanse on D, E, F1, F2), then stop")
     parser.add_argument("--test-combined", nargs="?", const="G", default=None, metavar="POPULATIONS",
-                        help="the combined verdict's tests (on G, session 16's; on H, session 17's; 'kept': on "
-                             "D-F's kept figures; 'all': on D-H's), then stop")
+                        help="the combined verdict's tests (on G, session 16's; on H, session 17's; on I, "
+                             "session 18's; 'kept': on D-F's kept figures; 'all': on D-H's), then stop")
+    parser.add_argument("--smooth-figures", action="store_true",
+                        help="measure the smooth-image shares of every model of D-H into results/, then stop")
     args = parser.parse_args()
+    if args.smooth_figures:
+        smooth_figures()
+        return
     if args.test_combined:
         combined_population_test(tuple(args.test_combined.split(",")))
         return

@@ -44,7 +44,8 @@ SCAN_OPTIONS = [
                       "which class one perturbation reaches alone, less what it moves in the clean networks; "
                       "cleanse: which class a far smaller mask-and-pattern trigger reaches than any other "
                       "(Neural Cleanse); combined: the trigger search's mask ratio and the untransferred test, "
-                      "suspicious when either is over its cut; none.  "
+                      "suspicious when either is over its cut, weighed by whether the two, and smooth random "
+                      "images, name the same class; none.  "
                       "[default: margin]"),
     click.option("--margin-restarts", type=int, default=None, metavar="R",
                  help="--verdict margin: random starting images per class.  [default: 16]"),

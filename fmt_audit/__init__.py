@@ -27,7 +27,7 @@ _EXPORTS = {
     "shortcut_verdict": "verdict",
     "untransferred_verdict": "verdict",
     "cleanse_test": "cleanse", "cleanse_verdict": "verdict", "CleanseConfig": "verdict",
-    "combined_verdict": "verdict", "mask_ratio": "verdict",
+    "combined_verdict": "verdict", "mask_ratio": "verdict", "smooth_test": "smooth", "smooth_images": "smooth",
     "train_reference": "reference",
     "RepairConfig": "repair", "RepairResult": "repair", "FineTuneConfig": "finetune", "RepairReport": "report",
     "evaluate": "evaluation", "Evaluation": "evaluation", "Metrics": "evaluation",

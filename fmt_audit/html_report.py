@@ -190,6 +190,11 @@ def _scan_sections(report: ScanReport) -> list[str]:
                     "found that sends the other classes' images there, as the share of the image's pixels it "
                     "covers (Neural Cleanse). A backdoor's target needs a far smaller one than the other classes."
                     "</p>" + class_plot(v["norms"], v.get("target_class"), "mask's share of the pixels"))
+    if v.get("smooth_shares"):
+        body.append("<h2>Smooth-input test</h2><p class=\"note\">For each class, the share of smooth random images "
+                    "(coarse noise upsampled, flat grey levels) the model puts there. A poisoned model often sends "
+                    "them to its target; the combined verdict checks the class it names against the favoured one."
+                    "</p>" + class_plot(v["smooth_shares"], v.get("target_class"), "share of smooth images"))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "

@@ -294,7 +294,8 @@ def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, lay
             return _cleanse_verdict(loaded, dataset, config, scanner)
         if config.verdict == "combined":
             return combined_verdict(_cleanse_verdict(loaded, dataset, config, scanner),
-                                    _transfer_family_verdict(loaded, dataset, config, scanner, "untransferred"))
+                                    _transfer_family_verdict(loaded, dataset, config, scanner, "untransferred"),
+                                    smooth=_smooth_shares(loaded, config, scanner))
         if config.verdict == "universal":
             from .universal import universal_test
 
@@ -326,6 +327,18 @@ def _cleanse_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, 
     basis = (f"trigger search, {search.steps} steps, {found.images} images per class to fit, at least "
              f"{found.held_out} held out")
     return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
+
+
+def _smooth_shares(loaded: LoadedModel, config: ScanConfig, scanner: _Scanner | None) -> list[float] | None:
+    """Per class, the share of smooth random images the model puts there (:mod:`fmt_audit.smooth`), or None
+    where they cannot be classified (the combined verdict then leaves that check out)."""
+    from .smooth import smooth_test
+
+    try:
+        return smooth_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
+                           scanner.bridge if scanner else None)[0]
+    except FmtAuditError:
+        return None
 
 
 def _transfer_family_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None,

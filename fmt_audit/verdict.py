@@ -72,8 +72,11 @@ either is over its cut), naming the class of the one further over. The ratio, no
 MAD-scaled index: a clean model whose classes need near-equal masks has a tiny spread that inflates the index
 of a merely ordinary smallest class. Chosen on the kept figures of (D)-(F) with the lead counting from the
 untransferred threshold, 0.2: ROC-AUC 0.899 on the fresh (G) (benchmarks/README.md, session 16), where the
-lead's false positives cost most; the lead's cut then moved to 0.35 on (D)-(G) (session 17).
-Needs labelled data; costs the two tests together.
+lead's false positives cost most; the lead's cut then moved to 0.35 on (D)-(G) (session 17). Then two checks
+on the class named (session 18): do the two tests name the same class, and is it the class smooth random
+images fall into most (:mod:`fmt_audit.smooth`)? Each check that agrees multiplies ``v`` by the square root of
+:data:`COMBINED_AGREEMENT`, each that does not divides it; a check without its evidence is left out.
+Needs labelled data; costs the two tests together (the smooth images, a few forward passes, not).
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ COMBINED_RATIO = 2.5
 # score ROC-AUC 0.911-0.912 (0.2: 0.906) with fewer false positives (FPR 0.09 vs 0.13 at 0.5); 0.35 is the
 # middle of that plateau (benchmarks/README.md, session 17)
 COMBINED_LEAD = 0.35
+# combined: v's factor between a check on the class named that agrees and one that does not. On the 366 usable
+# models of (D)-(H) the two tests name the same class in 83% of the backdoored models and 34% of the clean
+# ones, and smooth images favour the class named in 50% against 12%; factors 1.25-2.5 all score ROC-AUC
+# 0.917-0.922 (1: 0.901), with 0.5 still the cut of the largest TPR - FPR (benchmarks/README.md, session 18)
+COMBINED_AGREEMENT = 1.5
 COMBINED_THRESHOLD = 0.5    # the suspicion v / (v + 1) at v = 1: one of the two at its cut
 MAD_CONSISTENCY = 1.4826    # the median absolute deviation times this estimates a normal's standard deviation
 MARGIN_FLOOR = 1e-6      # margins at or below 0 (a class no start reached) count as this share of the largest
@@ -254,6 +262,8 @@ def describe(verdict: dict) -> str:
         if "untransferred" in verdict:
             parts.append(f"{_untransferred_evidence(verdict, verdict['untransferred_class'])} (counts from "
                          f"{verdict.get('lead_cut', COMBINED_LEAD):.0%})")
+        if "agreement_factor" in verdict:
+            parts.append(_checks_evidence(verdict))
         evidence = "; ".join(parts)
     elif verdict["method"] == "universal":
         ordered = sorted(verdict["success"][-1], reverse=True)
@@ -271,6 +281,16 @@ def _untransferred_evidence(verdict: dict, top: int) -> str:
             f"of held-out images to it, {ordered[0]:.0%} beyond what it moves there in "
             f"{len(verdict['reference_success'])} reference networks trained on the scan's images; the next class "
             f"{ordered[1]:.0%}")
+
+
+def _checks_evidence(verdict: dict) -> str:
+    checks = []
+    if "tests_agree" in verdict:
+        checks.append(f"the two tests name {'the same class' if verdict['tests_agree'] else 'different classes'}")
+    if "smooth_class" in verdict:
+        share = verdict["smooth_shares"][verdict["smooth_class"]]
+        checks.append(f"smooth random images favour class {verdict['smooth_class']} ({share:.0%} of them)")
+    return f"{' and '.join(checks)}: x{verdict['agreement_factor']:.3g}"
 
 
 def _trigger_evidence(verdict: dict, top: int) -> str:
@@ -484,25 +504,34 @@ def mask_ratio(norms: Sequence[float]) -> tuple[int, float]:
     return top, max(median / float(values[top]), 1.0)
 
 
-def combined_verdict(cleanse: Verdict, untransferred: Verdict, lead_cut: float = COMBINED_LEAD) -> Verdict:
+def combined_verdict(cleanse: Verdict, untransferred: Verdict, lead_cut: float = COMBINED_LEAD,
+                     smooth: Sequence[float] | None = None, agreement: float = COMBINED_AGREEMENT) -> Verdict:
     """The ``combined`` verdict from a model's ``cleanse`` and ``untransferred`` verdicts (their figures in
-    their details): the larger of the mask ratio's log over :data:`COMBINED_RATIO`'s and the untransferred
-    lead over ``lead_cut``, ``v``, as the suspicion ``v / (v + 1)``; the class is the one of the larger.
-    Where one of the two is inconclusive the other decides alone, and the basis says so."""
+    their details) and, optionally, the share of smooth random images each class takes (``smooth``,
+    :func:`fmt_audit.smooth.smooth_test`): the larger of the mask ratio's log over :data:`COMBINED_RATIO`'s and
+    the untransferred lead over ``lead_cut``, ``v``, naming the class of the larger; then each check on that
+    class (the two tests name the same class; the class smooth images favour is it) multiplies ``v`` by
+    ``sqrt(agreement)`` when it agrees and divides it when it does not. The suspicion is ``v / (v + 1)``.
+    Where one of the two tests is inconclusive the other decides alone, and the basis says so.
+    ``agreement=1`` (no checks) with ``lead_cut=0.35`` is session 17's rule, with ``0.2`` session 16's."""
     if not (np.isfinite(lead_cut) and lead_cut > 0):
         raise ConfigError(f"the combined verdict's lead cut must be positive; got {lead_cut}")
-    over, bases = [], []
+    if not (np.isfinite(agreement) and agreement >= 1):
+        raise ConfigError(f"the combined verdict's agreement factor must be at least 1; got {agreement}")
+    over, bases, named = [], [], {}
     figures = {k: v for verdict in (untransferred, cleanse) for k, v in verdict.details.items()}
     if cleanse.suspicion is not None:
         top, ratio = mask_ratio(cleanse.details["norms"])
         over.append((np.log(ratio) / np.log(COMBINED_RATIO), top))
         bases.append(cleanse.basis)
+        named["cleanse"] = top
         figures |= {"mask_ratio": round(ratio, 6) if np.isfinite(ratio) else None, "cleanse_class": top}
     else:
         bases.append(f"no trigger search ({cleanse.basis})")
     if untransferred.suspicion is not None:
         over.append((untransferred.suspicion / lead_cut, untransferred.target_class))
         bases.append(untransferred.basis)
+        named["untransferred"] = untransferred.target_class
         figures |= {"lead": untransferred.suspicion, "lead_cut": lead_cut,
                     "untransferred_class": untransferred.target_class}
     else:
@@ -511,6 +540,19 @@ def combined_verdict(cleanse: Verdict, untransferred: Verdict, lead_cut: float =
     if not over:
         return inconclusive("combined", basis)
     value, top = max(over, key=lambda pair: pair[0])
+    checks = {}
+    if len(named) == 2:
+        checks["tests_agree"] = named["cleanse"] == named["untransferred"]
+    if smooth is not None:
+        shares = np.asarray(smooth, dtype=float)
+        if shares.ndim != 1 or len(shares) <= top or not np.isfinite(shares).all():
+            raise ValueError(f"one finite smooth-image share per class, at least {top + 1}; got {list(shares)}")
+        figures |= {"smooth_shares": [round(float(v), 6) for v in shares], "smooth_class": int(shares.argmax())}
+        checks["smooth_agrees"] = int(shares.argmax()) == top
+    if checks:
+        factor = agreement ** (0.5 * sum(1 if agrees else -1 for agrees in checks.values()))
+        value *= factor
+        figures |= {**checks, "agreement": agreement, "agreement_factor": round(float(factor), 6)}
     suspicion = 1.0 if np.isinf(value) else round(float(value / (value + 1)), 6)
     return Verdict("combined", suspicion, "suspicious" if suspicion >= COMBINED_THRESHOLD else "clean", top,
                    COMBINED_THRESHOLD, basis, figures)
