@@ -46,8 +46,9 @@ With ``--test-cleanse``: the test pre-registered in session 15 ("A published det
 (Neural Cleanse) on the models of (D), (E), (F1) and (F2) it was computed for, with the larger of it and the
 untransferred lead, each over its threshold, beside.
 With ``--test-combined G|H|I|kept|all``: the combined verdict's pre-registered tests (sessions 16-18) or its
-development figures; ``--smooth-figures`` measures the smooth-image shares it checks the class with on every
-model of (D)-(H) into ``results/verdict_smooth_D-H.json``.
+development figures (with ``--kept``, tested populations from their kept figures: ``--test-combined H,I
+--kept``); ``--smooth-figures`` measures the smooth-image shares it checks the class with on every model of
+(D)-(H) into ``results/verdict_smooth_D-H.json``.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
         [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures [D,E|F1,F2]]
@@ -548,14 +549,15 @@ def kept_parts() -> list[dict]:
     return rows
 
 
-def combined_population_test(names: tuple[str, ...]) -> None:
+def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None:
     """The pre-registered tests of the combined verdict (benchmarks/README.md, "Both families of evidence"):
     session 16's on population (G), session 17's on (H), session 18's on (I); pooled, then per dataset, attack
     and architecture, with its parts and the earlier rules beside (:func:`with_parts`). ``names`` ("kept"): the
-    same figures on the development data of (D)-(F) instead; ("all"): the kept figures of (D)-(H). The
-    smooth-image shares: the scan's own where its verdict has them, else the kept ones (:data:`SMOOTH_KEPT`),
-    else measured now. The measured models' figures are kept in ``results/verdict_combined_<names>.json``,
-    with the suspicion by the shipped rule."""
+    same figures on the development data of (D)-(F) instead; ("all"): the kept figures of (D)-(H); with
+    ``kept``, the tested populations named from their kept figures (``results/verdict_combined_<name>.json``)
+    instead of their cached verdicts. The smooth-image shares: the scan's own where its verdict has them,
+    else the kept ones (:data:`SMOOTH_KEPT`), else measured now. The measured models' figures are kept in
+    ``results/verdict_combined_<names>.json``, with the suspicion by the shipped rule."""
     smooth = kept_smooth()
 
     def with_smooth(row: dict, figures: dict) -> dict:     # the shares: the scan's own, kept, or measured now
@@ -563,11 +565,15 @@ def combined_population_test(names: tuple[str, ...]) -> None:
         shares = (figures.get("smooth_shares") or smooth.get(key)
                   or measure_smooth(folder_of(row["attack"], row["number"], key[1])))
         return with_parts(row | {"combined": figures | {"smooth_shares": shares}})
+    def kept_tested(tested: tuple[str, ...]) -> list[dict]:
+        return [with_smooth(r, r) for name in tested
+                for r in json.loads((RESULTS / f"verdict_combined_{name}.json").read_text())]
     if names == ("kept",):
         rows = kept_parts()
     elif names == ("all",):     # every kept figure: (D)-(F)'s and the tested populations' (G), (H)
-        rows = kept_parts() + [with_smooth(r, r) for name in ("G", "H")
-                               for r in json.loads((RESULTS / f"verdict_combined_{name}.json").read_text())]
+        rows = kept_parts() + kept_tested(("G", "H"))
+    elif kept:
+        rows = kept_tested(names)
     else:
         rows = [with_smooth(row, row["combined"]) for row in measured(names, "combined")]
         write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
@@ -619,7 +625,7 @@ def main() -> None:
         smooth_figures()
         return
     if args.test_combined:
-        combined_population_test(tuple(args.test_combined.split(",")))
+        combined_population_test(tuple(args.test_combined.split(",")), kept=args.kept)
         return
     if args.test_cleanse:
         cleanse_population_test()
