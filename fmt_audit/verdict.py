@@ -76,7 +76,7 @@ lead's false positives cost most; the lead's cut then moved to 0.35 on (D)-(G) (
 on the class named (session 18): do the two tests name the same class, and is it the class smooth random
 images fall into most (:mod:`fmt_audit.smooth`)? Each check that agrees multiplies ``v`` by the square root of
 :data:`COMBINED_AGREEMENT`, each that does not divides it; a check without its evidence is left out.
-Needs labelled data; costs the two tests together (the smooth images, a few forward passes, not).
+Needs labelled data; costs the two tests together, and 1024 forward passes for the smooth images.
 """
 
 from __future__ import annotations
