@@ -542,11 +542,18 @@ def kept_parts() -> list[dict]:
     figures = {(r["population"], r["dataset"], r["attack"], r["number"]): r
                for name in KEPT for r in json.loads((RESULTS / name).read_text())}
     smooth = kept_smooth()
-    rows = []
-    for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text()):
-        key = (c["population"], c["dataset"], c["attack"], c["number"])
-        rows.append(with_parts(c | {"combined": c | figures[key] | {"smooth_shares": smooth[key]}}))
-    return rows
+    return [with_smooth(c, c | figures[(c["population"], c["dataset"], c["attack"], c["number"])], smooth)
+            for c in json.loads((RESULTS / "verdict_cleanse_D-F2.json").read_text())]
+
+
+def with_smooth(row: dict, figures: dict, smooth: dict[tuple, list[float]]) -> dict:
+    """:func:`with_parts` of ``row`` with ``figures`` as its combined verdict's, and the smooth-image shares:
+    the scan's own where the figures have them, else the kept ones (``smooth``, :func:`kept_smooth`), else
+    measured now."""
+    key = (row["population"], row.get("dataset", "digits"), row["attack"], row["number"])
+    shares = (figures.get("smooth_shares") or smooth.get(key)
+              or measure_smooth(folder_of(row["attack"], row["number"], key[1])))
+    return with_parts(row | {"combined": figures | {"smooth_shares": shares}})
 
 
 def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None:
@@ -560,14 +567,10 @@ def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None
     ``results/verdict_combined_<names>.json``, with the suspicion by the shipped rule."""
     smooth = kept_smooth()
 
-    def with_smooth(row: dict, figures: dict) -> dict:     # the shares: the scan's own, kept, or measured now
-        key = (row["population"], row.get("dataset", "digits"), row["attack"], row["number"])
-        shares = (figures.get("smooth_shares") or smooth.get(key)
-                  or measure_smooth(folder_of(row["attack"], row["number"], key[1])))
-        return with_parts(row | {"combined": figures | {"smooth_shares": shares}})
     def kept_tested(tested: tuple[str, ...]) -> list[dict]:
-        return [with_smooth(r, r) for name in tested
+        return [with_smooth(r, r, smooth) for name in tested
                 for r in json.loads((RESULTS / f"verdict_combined_{name}.json").read_text())]
+
     if names == ("kept",):
         rows = kept_parts()
     elif names == ("all",):     # every kept figure: (D)-(F)'s and the tested populations' (G), (H)
@@ -575,7 +578,7 @@ def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None
     elif kept:
         rows = kept_tested(names)
     else:
-        rows = [with_smooth(row, row["combined"]) for row in measured(names, "combined")]
+        rows = [with_smooth(row, row["combined"], smooth) for row in measured(names, "combined")]
         write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
             **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
                                      "poison_rate", "acc", "asr")},
