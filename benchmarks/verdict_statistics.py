@@ -234,7 +234,12 @@ POPULATIONS = {"A": [("digits", "clean", range(10, 30))] + [("digits", a, range(
                "I": [("digits", "clean", range(144, 164))] + [("digits", a, range(52, 57)) for a in ATTACKS]
                + [("mnist", "clean", range(44, 54))] + [("mnist", a, range(16, 19)) for a in ATTACKS]
                + [("cifar10", "clean", range(36, 41))]
-               + [("cifar10", a, range(16, 18)) for a in ("badnets", "blended", "sig")]}
+               + [("cifar10", a, range(16, 18)) for a in ("badnets", "blended", "sig")],
+               # (J): pre-registered in session 19, the same rule as (I) unchanged, tested again on fresh models
+               "J": [("digits", "clean", range(164, 174))] + [("digits", a, range(57, 60)) for a in ATTACKS]
+               + [("mnist", "clean", range(54, 59))] + [("mnist", a, range(19, 21)) for a in ATTACKS]
+               + [("cifar10", "clean", range(41, 44))]
+               + [("cifar10", a, range(18, 19)) for a in ("badnets", "blended", "sig")]}
 
 
 def with_secondaries(row: dict) -> dict:
@@ -558,7 +563,8 @@ def with_smooth(row: dict, figures: dict, smooth: dict[tuple, list[float]]) -> d
 
 def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None:
     """The pre-registered tests of the combined verdict (benchmarks/README.md, "Both families of evidence"):
-    session 16's on population (G), session 17's on (H), session 18's on (I); pooled, then per dataset, attack
+    session 16's on population (G), session 17's on (H), session 18's on (I), session 19's on (J) with
+    (I); pooled, then per dataset, attack
     and architecture, with its parts and the earlier rules beside (:func:`with_parts`). ``names`` ("kept"): the
     same figures on the development data of (D)-(F) instead; ("all"): the kept figures of (D)-(H); with
     ``kept``, the tested populations named from their kept figures (``results/verdict_combined_<name>.json``)
