@@ -45,14 +45,14 @@ statistic's ROC-AUC per population (D, E, F1, F2) and over all, from those kept 
 With ``--test-cleanse``: the test pre-registered in session 15 ("A published detector"): the cleanse verdict
 (Neural Cleanse) on the models of (D), (E), (F1) and (F2) it was computed for, with the larger of it and the
 untransferred lead, each over its threshold, beside.
-With ``--test-combined G|H|I|kept|all``: the combined verdict's pre-registered tests (sessions 16-18) or its
+With ``--test-combined G|H|I|J|kept|all``: the combined verdict's pre-registered tests (sessions 16-19) or its
 development figures (with ``--kept``, tested populations from their kept figures: ``--test-combined H,I
 --kept``); ``--smooth-figures`` measures the smooth-image shares it checks the class with on every model of
 (D)-(H) into ``results/verdict_smooth_D-H.json``.
 
     python benchmarks/verdict_statistics.py [--probe] [--first N] [--probe-sizes] [--margin-test] [--test-c]
         [--test-d] [--test-e] [--test-f F1|F2|F] [--export-figures [D,E|F1,F2]]
-        [--kept] [--test-cleanse] [--test-combined G|H|I|kept|all] [--smooth-figures]
+        [--kept] [--test-cleanse] [--test-combined G|H|I|J|kept|all] [--smooth-figures]
 """
 
 from __future__ import annotations
@@ -444,13 +444,37 @@ def measured(names: tuple[str, ...], statistic: str) -> list[dict]:
                 folder = folder_of(attack, number, dataset)
                 path = folder / "verdicts.json"
                 found = json.loads(path.read_text()) if path.exists() else {}
-                if statistic not in found:
+                if statistic in found:
+                    facts = json.loads((folder / "facts.json").read_text())
+                    rows.append(facts | found | {"population": population})
+                elif (published := published_row(dataset, attack, number, statistic)) is not None:
+                    rows.append(published | {"population": population})
+                else:
                     missing.append(f"{population} {dataset} {attack} {number}")
-                    continue
-                facts = json.loads((folder / "facts.json").read_text())
-                rows.append(facts | found | {"population": population})
-    print(f"measured {len(rows)}, not measured {len(missing)}: {missing}", flush=True)
+    print(f"measured {len(rows)} ({sum(SUMMARY_ONLY in r[statistic] for r in rows)} from their published rows "
+          f"alone), not measured {len(missing)}: {missing}", flush=True)
     return rows
+
+
+FACTS = ("population", "dataset", "attack", "number", "architecture", "target", "poison_rate", "acc", "asr")
+SUMMARY_ONLY = "summary_only"   # marks a verdict known by its suspicion and class alone (no figures kept)
+
+
+def published_row(dataset: str, attack: str, number: int, statistic: str) -> dict | None:
+    """The model's row as its own build published it (``verdict_population.py --first N --models-per-group N+1``
+    writes ``results/verdict_population_[<dataset>_]N-N+1_<attack>_threads*.json``), for a model whose cache
+    is gone: its facts and the scan's ``statistic`` verdict, suspicion and class only, marked
+    :data:`SUMMARY_ONLY` (the figures that :func:`with_parts` recomputes from were in the cache)."""
+    prefix = "" if dataset == "digits" else f"{dataset}_"
+    for path in sorted(RESULTS.glob(f"verdict_population_{prefix}{number}-{number + 1}_{attack}_threads*.json")):
+        for row in json.loads(path.read_text()):
+            if row["attack"] == attack and row.get(statistic) not in (None, "", "–"):
+                facts = {k: (None if row.get(k) in ("–", "") else row.get(k))
+                         for k in ("architecture", "target", "poison_rate", "acc", "asr")}
+                return facts | {"dataset": dataset, "attack": attack, "number": number,
+                                statistic: {"suspicion": row[statistic], "target_class": row[f"{statistic} class"],
+                                            SUMMARY_ONLY: True}}
+    return None
 
 
 def parts_of(rows: list[dict]) -> dict[str, list[dict]]:
@@ -555,6 +579,9 @@ def with_smooth(row: dict, figures: dict, smooth: dict[tuple, list[float]]) -> d
     """:func:`with_parts` of ``row`` with ``figures`` as its combined verdict's, and the smooth-image shares:
     the scan's own where the figures have them, else the kept ones (``smooth``, :func:`kept_smooth`), else
     measured now."""
+    if figures.get(SUMMARY_ONLY):    # nothing to recompute from: the scan's own verdict, no secondaries
+        return {k: row.get(k) for k in FACTS} | {
+            "combined": {k: figures[k] for k in ("suspicion", "target_class", SUMMARY_ONLY)}}
     key = (row["population"], row.get("dataset", "digits"), row["attack"], row["number"])
     shares = (figures.get("smooth_shares") or smooth.get(key)
               or measure_smooth(folder_of(row["attack"], row["number"], key[1])))
@@ -586,12 +613,12 @@ def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None
     else:
         rows = [with_smooth(row, row["combined"], smooth) for row in measured(names, "combined")]
         write_kept(f"verdict_combined_{'-'.join(names)}.json", [{
-            **{k: r.get(k) for k in ("population", "dataset", "attack", "number", "architecture", "target",
-                                     "poison_rate", "acc", "asr")},
+            **{k: r.get(k) for k in FACTS},
             **{k: r["combined"].get(k) for k in ("suspicion", "target_class", "mask_ratio", "lead", "lead_cut",
                                                  "tests_agree", "smooth_agrees", "agreement_factor",
                                                  "smooth_shares", "norms", "trigger_success", "reached", "budgets",
-                                                 "success", "reference_success", "reference_baseline")}}
+                                                 "success", "reference_success", "reference_baseline")},
+            **{k: True for k in (SUMMARY_ONLY,) if SUMMARY_ONLY in r["combined"]}}
             for r in rows])
     secondaries = {"session17": 0.5, "tests_agree": 0.5, "session16": 0.5, "ratio": 0.5, "either": 1.0}
     for name, part in parts_of(rows).items():
@@ -599,6 +626,12 @@ def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined",
                                                              *secondaries, "cleanse", "untransferred")}),
               flush=True)
+        with_figures = [r for r in part if SUMMARY_ONLY not in r["combined"]]
+        if 0 < len(with_figures) < len(part):   # the secondaries, on the models whose figures are known
+            summary = summarise(with_figures, secondaries)
+            print(f"{name} (with figures)", json.dumps({k: summary.get(k) for k in (
+                "models", "clean", "backdoored", "combined", *secondaries, "cleanse", "untransferred")}),
+                flush=True)
 
 
 def main() -> None:
@@ -626,7 +659,8 @@ def main() -> None:
                         help="the session-15 test's figures (cleanse on D, E, F1, F2), then stop")
     parser.add_argument("--test-combined", nargs="?", const="G", default=None, metavar="POPULATIONS",
                         help="the combined verdict's tests (on G, session 16's; on H, session 17's; on I, "
-                             "session 18's; 'kept': on D-F's kept figures; 'all': on D-H's), then stop")
+                             "session 18's; on J, or I,J --kept, session 19's; 'kept': on D-F's kept figures; "
+                             "'all': on D-H's), then stop")
     parser.add_argument("--smooth-figures", action="store_true",
                         help="measure the smooth-image shares of every model of D-H into results/, then stop")
     args = parser.parse_args()
