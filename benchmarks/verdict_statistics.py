@@ -618,20 +618,21 @@ def combined_population_test(names: tuple[str, ...], kept: bool = False) -> None
                                                  "tests_agree", "smooth_agrees", "agreement_factor",
                                                  "smooth_shares", "norms", "trigger_success", "reached", "budgets",
                                                  "success", "reference_success", "reference_baseline")},
-            **{k: True for k in (SUMMARY_ONLY,) if SUMMARY_ONLY in r["combined"]}}
+            **({SUMMARY_ONLY: True} if SUMMARY_ONLY in r["combined"] else {})}
             for r in rows])
     secondaries = {"session17": 0.5, "tests_agree": 0.5, "session16": 0.5, "ratio": 0.5, "either": 1.0}
-    for name, part in parts_of(rows).items():
+
+    def show(name: str, part: list[dict]) -> None:
         summary = summarise(part, secondaries)
         print(name, json.dumps({k: summary.get(k) for k in ("models", "clean", "backdoored", "combined",
                                                              *secondaries, "cleanse", "untransferred")}),
               flush=True)
+
+    for name, part in parts_of(rows).items():
+        show(name, part)
         with_figures = [r for r in part if SUMMARY_ONLY not in r["combined"]]
         if 0 < len(with_figures) < len(part):   # the secondaries, on the models whose figures are known
-            summary = summarise(with_figures, secondaries)
-            print(f"{name} (with figures)", json.dumps({k: summary.get(k) for k in (
-                "models", "clean", "backdoored", "combined", *secondaries, "cleanse", "untransferred")}),
-                flush=True)
+            show(f"{name} (with figures)", with_figures)
 
 
 def main() -> None:
