@@ -1,6 +1,6 @@
 """Every repair method side by side (``fmt-audit compare``): ACC / ASR / RA / DER per model.
 
-For each model with a known trigger, :func:`fmt_audit.comparison.compare` runs
+For each model with a known trigger, :func:`fmt_audit.repair.comparison.compare` runs
 ``fmt`` (the scan with ``--preset``, removal, fine-tuning with unlearning),
 ``ft`` (fine-tuning alone), ``fp`` (Fine-Pruning) and ``clp`` (data-free CLP)
 on the same defender data, recipe and seed, and measures each repaired graph in
@@ -27,11 +27,11 @@ def main() -> None:
     parser.add_argument("--methods", default="fmt,ft,fp,clp")
     args = parser.parse_args()
 
-    from fmt_audit.comparison import compare
     from fmt_audit.data import Dataset
-    from fmt_audit.finetune import FineTuneConfig
-    from fmt_audit.repair import RepairConfig
-    from fmt_audit.scan import ScanConfig
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.repair.comparison import compare
+    from fmt_audit.repair.finetune import FineTuneConfig
+    from fmt_audit.repair.pipeline import RepairConfig
 
     rows = []
     for name in args.models:

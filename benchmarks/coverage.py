@@ -38,11 +38,11 @@ HEADER = ["architecture", "exporter", "input", "works", "why not", "conv layers"
 
 def run_case(row: dict, path, samples: int, scan_too: bool = True) -> None:
     """Fill ``row`` with what inspect, scan and repair of the model at ``path`` give."""
-    from fmt_audit.finetune import FineTuneConfig
-    from fmt_audit.inspection import summarize
-    from fmt_audit.loading import load_model
-    from fmt_audit.repair import RepairConfig, repair
-    from fmt_audit.scan import ScanConfig, scan
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.model.inspection import summarize
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.repair.finetune import FineTuneConfig
+    from fmt_audit.repair.pipeline import RepairConfig, repair
 
     loaded = load_model(path)
     conv = summarize(loaded).to_dict()["conv"]

@@ -2,7 +2,7 @@
 
 For each architecture: the torch module (``native``) is exported to ONNX as the
 benchmark models are (legacy exporter, opset 13, eval mode), and the ONNX graph
-converted back with ``fmt_audit.bridge.to_torch`` (``bridge``). Both then run the
+converted back with ``fmt_audit.backends.torch.bridge.to_torch`` (``bridge``). Both then run the
 same training step (SGD with momentum, cross-entropy, train mode, batch 128 of
 CIFAR-10 images), alternating in rounds so that both see the same machine state;
 images/s is the median over rounds. ``fmt-audit fine_tune`` is the library's
@@ -48,7 +48,7 @@ def bridged(module):
     import onnx
     import torch
 
-    from fmt_audit.bridge import to_torch
+    from fmt_audit.backends.torch.bridge import to_torch
 
     buffer = io.BytesIO()
     torch.onnx.export(module.eval(), torch.zeros(1, 3, 32, 32), buffer, input_names=["input"],
@@ -88,9 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from fmt_audit.bridge import BridgedClassifier
+    from fmt_audit.backends.torch.bridge import BridgedClassifier
     from fmt_audit.data import Dataset, Preprocessing
-    from fmt_audit.finetune import FineTuneConfig, fine_tune
+    from fmt_audit.repair.finetune import FineTuneConfig, fine_tune
 
     cifar = cifar_models.load_cifar()
     x_np = cifar["x_train"][:args.batch].astype(np.float32) / 255

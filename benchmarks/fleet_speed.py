@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--repair-epochs", type=int, default=None, help="also repair, fine-tuning this many epochs")
     args = parser.parse_args()
     repair = None if args.repair_epochs is None else {"epochs": args.repair_epochs}
-    from fmt_audit.fleet import read_source, run_fleet
+    from fmt_audit.fleet.audit import read_source, run_fleet
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

@@ -34,8 +34,8 @@ HEADER = ["model", "method", "removed", "ACC", "ASR", "RA", "DER", "holdout ACC"
 
 def cached_scan(model_path: Path, train, preset: str, samples: int, seed: int, cache: Path | None):
     """The scan report of ``model_path`` on ``train`` (read from ``cache`` if it was made before)."""
-    from fmt_audit.report import ScanReport
-    from fmt_audit.scan import ScanConfig, scan
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.report.json_report import ScanReport
 
     target = cache / f"scan_{preset}_n{samples}_seed{seed}.json" if cache else None
     if target and target.exists():
@@ -54,11 +54,11 @@ def main() -> None:
     import onnx
 
     from fmt_audit.data import Dataset, load_npz
-    from fmt_audit.evaluation import evaluate
-    from fmt_audit.finetune import FineTuneConfig
-    from fmt_audit.loading import load_model
-    from fmt_audit.repair import RepairConfig, repair, unlearning_eps
-    from fmt_audit.scan import ScanConfig
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.repair.evaluation import evaluate
+    from fmt_audit.repair.finetune import FineTuneConfig
+    from fmt_audit.repair.pipeline import RepairConfig, repair, unlearning_eps
 
     rows = []
     for label, model_path, defender, target, test, triggered in (c for n in args.models for c in cases(n)):
@@ -89,7 +89,7 @@ def main() -> None:
         rows.append({"model": label, "method": "none (backdoored)", "removed": 0, "ACC": round(b.acc, 4),
                      "ASR": round(b.asr, 4), "RA": round(b.ra, 4), "DER": "-", "holdout ACC": "-", "time s": 0})
         published = RepairConfig(config.fine_tune, unlearn=False)
-        # the unlearning eps, calibrated once per model as repair would (see fmt_audit.repair)
+        # the unlearning eps, calibrated once per model as repair would (see fmt_audit.repair.pipeline)
         eps, trace, _ = unlearning_eps(config, None, loaded, train, scan_config)
         print(json.dumps({"model": label, "unlearn_eps": eps, "calibration": trace}), flush=True)
         config = replace(config, unlearn_eps=eps)

@@ -4,7 +4,7 @@ For each model with a known trigger, runs ``scan`` under several presets on the
 same defender data and seed, and reports per preset:
 
 * channels flagged (count and share of all Conv channels);
-* the trigger-response oracle (:mod:`fmt_audit.oracle`): how many of its
+* the trigger-response oracle (the benchmarks' `oracle.py`): how many of its
   channels are flagged (recall), how many flagged channels are oracle channels
   (precision; compare with the oracle's base rate), and the ranking quality of
   the scan's per-layer z-scores against it (ROC AUC, threshold-free);
@@ -34,7 +34,7 @@ def ranking_auc(report, response) -> float:
     """ROC AUC of the per-channel suspicion, z-scored within each layer, against the oracle."""
     from sklearn.metrics import roc_auc_score
 
-    from fmt_audit.selection import robust_z
+    from fmt_audit.fmt.selection import robust_z
 
     labels, values = [], []
     for layer in report.layers:
@@ -56,10 +56,11 @@ def acc_asr(model, test, triggered, target, removed) -> tuple[float, float]:
 def main() -> None:
     args = arguments(__doc__, "default,gradient,paper", 200).parse_args()
 
-    from fmt_audit.loading import load_model
-    from fmt_audit.masked import MaskedModel
-    from fmt_audit.oracle import trigger_response
-    from fmt_audit.scan import ScanConfig, scan
+    from oracle import trigger_response
+
+    from fmt_audit.backends.onnxrt.masked import MaskedModel
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.model.loading import load_model
 
     rows = []
     for label, model_path, defender, target, test, triggered in (c for n in args.models for c in cases(n)):

@@ -19,7 +19,7 @@ K`` times the first K channels of every layer (for models whose full scan takes
 hours here); the gradient rows then run the scan's engine on those channels,
 built as ``scan`` builds it.
 
-The FLOP bound: the dense work testing cannot avoid (``fmt_audit.cost.scan_flops``:
+The FLOP bound: the dense work testing cannot avoid (``fmt_audit.fmt.memory.scan_flops``:
 two candidate forward passes and one backward pass to the input per channel,
 two forward passes to each layer) divided by this machine's measured dense
 throughput (fp32 matrix product, median of 10); ``of bound`` is that time over
@@ -53,7 +53,7 @@ def reference_loop(bridge, x: np.ndarray, y: np.ndarray, layers, channels: dict[
     """Per-channel accuracies [channels, 2], computed one channel at a time as the reference code does."""
     import torch
 
-    from fmt_audit.testing import random_start
+    from fmt_audit.fmt.gradient import random_start
 
     module = bridge.module.eval()
     clean = torch.from_numpy(x)
@@ -86,10 +86,10 @@ def reference_loop(bridge, x: np.ndarray, y: np.ndarray, layers, channels: dict[
 
 def engine_scores(loaded, data, config, channels: dict[str, list[int]]) -> np.ndarray:
     """The scan's gradient engine, built as ``scan`` builds it, on the given channels only."""
-    from fmt_audit.bridge import to_torch
-    from fmt_audit.runtime import OrtClassifier
-    from fmt_audit.scan import memory_plan
-    from fmt_audit.testing import FeatureMapTester, GradientTestConfig
+    from fmt_audit.backends.onnxrt.session import OrtClassifier
+    from fmt_audit.backends.torch.bridge import to_torch
+    from fmt_audit.fmt.gradient import FeatureMapTester, GradientTestConfig
+    from fmt_audit.fmt.scan import memory_plan
 
     plan = memory_plan(loaded, data, config, list(loaded.layers))
     predictor = None
@@ -108,11 +108,11 @@ def run_method(method: str, model_path: str, data_path: str, samples: int, seed:
     import onnx2torch  # noqa: F401  (imports are not what is timed: both methods need these)
     import onnxruntime  # noqa: F401
 
-    from fmt_audit.bridge import to_torch
-    from fmt_audit.cost import peak_memory_mib
+    from fmt_audit.backends.torch.bridge import to_torch
     from fmt_audit.data import load_npz
-    from fmt_audit.loading import load_model
-    from fmt_audit.scan import ScanConfig, scan
+    from fmt_audit.fmt.memory import peak_memory_mib
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.model.loading import load_model
 
     loaded = load_model(model_path)
     data = load_npz(data_path).take(samples, seed=seed)
@@ -170,9 +170,9 @@ def main() -> None:
                                     os.environ["SPEED_SCORES"])))
         return
 
-    from fmt_audit.cost import graph_cost, scan_flops
     from fmt_audit.data import load_npz
-    from fmt_audit.loading import load_model
+    from fmt_audit.fmt.memory import graph_cost, scan_flops
+    from fmt_audit.model.loading import load_model
 
     throughput = dense_gflops()
     print(f"dense fp32 throughput: {throughput:.0f} GFLOP/s", flush=True)

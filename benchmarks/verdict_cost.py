@@ -34,14 +34,14 @@ DEFAULT_RESTARTS, DEFAULT_STEPS = MarginConfig.restarts, MarginConfig.steps
 
 def measure(model: str, data: str, steps: int, samples: int) -> dict:
     """One model's timings, in this process."""
-    from fmt_audit.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import class_count
     from fmt_audit.data import load_data
-    from fmt_audit.loading import load_model
-    from fmt_audit.logits import class_count
-    from fmt_audit.margin import max_margins
-    from fmt_audit.scan import ScanConfig, model_verdict, scan
-    from fmt_audit.transfer import transfer_to_references
-    from fmt_audit.universal import universal_test
+    from fmt_audit.fmt.scan import ScanConfig, model_verdict, scan
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.verdict.evidence.transfer import transfer_to_references
+    from fmt_audit.verdict.evidence.universal import universal_test
+    from fmt_audit.verdict.margin import max_margins
 
     loaded = load_model(model)
     config = ScanConfig(samples=samples, verdict="none")

@@ -14,7 +14,7 @@ split into training, defender and test images). Their models train with random
 crops (and flips on CIFAR-10), the trigger stamped after augmentation.
 
 Each model gets two verdicts, computed by the scan's own
-:func:`fmt_audit.scan.model_verdict` under the ``default`` preset and cached beside
+:func:`fmt_audit.fmt.scan.model_verdict` under the ``default`` preset and cached beside
 it in ``verdicts.json``: the maximum-margin test (``margin``, the shipped default)
 and the sink probe (``sink``). ``--statistics margin`` computes only the first, so
 a slow population can be scored in two passes. The summary gives each statistic's
@@ -43,7 +43,7 @@ import cifar_models
 import numpy as np
 from cases import publish
 
-from fmt_audit.reference import random_crop
+from fmt_audit.verdict.evidence.reference import random_crop
 
 CACHE = cifar_models.CACHE / "verdict_population"
 SHARED = cifar_models.DATASET.parent
@@ -298,13 +298,13 @@ STATISTICS = (*VERDICTS, "mean")     # mean: of margin and sink, the secondary s
 
 def verdicts(folder, which: tuple[str, ...] = ("margin", "sink")) -> dict:
     """The model's verdicts, cached in ``verdicts.json`` as each is computed: ``margin`` (the ``default``
-    preset's verdict, by the scan's own :func:`fmt_audit.scan.model_verdict`) and ``sink`` (the gradient
+    preset's verdict, by the scan's own :func:`fmt_audit.fmt.scan.model_verdict`) and ``sink`` (the gradient
     probe's sink concentration on the scan's images and layers). ``which``: the ones to compute now."""
     from dataclasses import replace
 
     from fmt_audit.data import load_npz
-    from fmt_audit.loading import load_model
-    from fmt_audit.scan import ScanConfig, model_verdict
+    from fmt_audit.fmt.scan import ScanConfig, model_verdict
+    from fmt_audit.model.loading import load_model
 
     path = folder / "verdicts.json"
     found = json.loads(path.read_text()) if path.exists() else {"seconds": {}}
@@ -392,7 +392,7 @@ def main() -> None:
                              "(cached: a model's verdicts computed before are read back, and every statistic all the "
                              "rows have is summarised)")
     args = parser.parse_args()
-    from fmt_audit.scan import ScanConfig, scan
+    from fmt_audit.fmt.scan import ScanConfig, scan
 
     task = load_task(args.dataset)
     rows = []

@@ -10,7 +10,7 @@ on the defender's clean images finds the same ones; a backdoor's target is easy 
 much easier than the median class that class is in the reference (classes at or below the median are not
 changed), then MM-BD's p-value as :func:`fmt_audit.verdict.margin_verdict` takes it.
 
-The reference is :func:`fmt_audit.reference.train_reference`'s plain CNN (the transfer verdict's
+The reference is :func:`fmt_audit.verdict.evidence.reference.train_reference`'s plain CNN (the transfer verdict's
 references), trained from a seed with random crops, in [0, 1] pixel space. Its margins are cached per
 dataset and seed beside the population's models; the audited models' margins are read from their cached
 verdicts (``verdict_population.py``).
@@ -38,10 +38,10 @@ def reference_margins(dataset: str, seed: int) -> np.ndarray:
     from verdict_population import CACHE, load_task
 
     from fmt_audit.data import load_npz
-    from fmt_audit.margin import max_margins
-    from fmt_audit.reference import train_reference
-    from fmt_audit.scan import ScanConfig
+    from fmt_audit.fmt.scan import ScanConfig
     from fmt_audit.verdict import MarginConfig
+    from fmt_audit.verdict.evidence.reference import train_reference
+    from fmt_audit.verdict.margin import max_margins
 
     path = (CACHE if dataset == "digits" else CACHE / dataset) / f"reference_{seed}.json"
     if path.exists():

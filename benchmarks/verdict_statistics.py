@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 from verdict_population import ATTACKS, CACHE, auc, fit_threshold, folder_of, summarise
 
-from fmt_audit.selection import select_outliers
+from fmt_audit.fmt.selection import select_outliers
 from fmt_audit.verdict import MIN_SHIFT, sink_concentration
 
 RESULTS = Path(__file__).resolve().parent / "results"    # the figures kept in the repository
@@ -98,9 +98,9 @@ def _top_channels(layers, share: float) -> np.ndarray:
 
 def noise_share(folder, eps: float, sink: int) -> float:
     """Share of ``sink`` among the wrong predictions under random sign noise of size ``eps``."""
+    from fmt_audit.backends.onnxrt.session import OrtClassifier
     from fmt_audit.data import Preprocessing, load_npz
-    from fmt_audit.loading import load_model
-    from fmt_audit.runtime import OrtClassifier
+    from fmt_audit.model.loading import load_model
 
     classifier = OrtClassifier(load_model(folder / "model.onnx").proto, "cpu", Preprocessing())
     data = load_npz(folder / "defender.npz")
@@ -116,8 +116,8 @@ def noise_share(folder, eps: float, sink: int) -> float:
 def probe_verdict(folder):
     """The ``default`` preset's verdict: the mask-mode scan's probe, run alone."""
     from fmt_audit.data import load_npz
-    from fmt_audit.loading import load_model
-    from fmt_audit.scan import ScanConfig, verdict_probe
+    from fmt_audit.fmt.scan import ScanConfig, verdict_probe
+    from fmt_audit.model.loading import load_model
 
     loaded = load_model(folder / "model.onnx")
     config = ScanConfig()
@@ -155,7 +155,7 @@ PROBE_SEEDS = 20
 
 def probe_of(layers: list[dict], size: int, seed: int) -> float:
     """The shipped statistic on a seeded sample of ``size`` channels of a full gradient scan (as
-    ``fmt_audit.scan._sampled_channels`` draws them)."""
+    ``fmt_audit.fmt.scan._sampled_channels`` draws them)."""
     pairs = [(i, c) for i, layer in enumerate(layers) for c in range(len(layer["shift"]))]
     chosen = np.random.default_rng(seed).choice(len(pairs), size=min(size, len(pairs)), replace=False)
     shifts: list[list] = [[] for _ in layers]
@@ -510,7 +510,7 @@ SMOOTH_KEPT = "verdict_smooth_D-H.json"     # every model's smooth-image shares,
 
 
 def smooth_figures() -> None:
-    """Measure the smooth-image shares (:func:`fmt_audit.smooth.smooth_test`, as the scan's combined verdict
+    """Measure the smooth-image shares (:func:`fmt_audit.verdict.evidence.smooth.smooth_test`, as the scan's combined verdict
     does) of every model of (D)-(H) and keep them in ``results/`` (:data:`SMOOTH_KEPT`)."""
     write_kept(SMOOTH_KEPT, [{"population": population, "dataset": dataset, "attack": attack, "number": number,
                               "smooth_shares": measure_smooth(folder_of(attack, number, dataset))}
@@ -520,9 +520,9 @@ def smooth_figures() -> None:
 
 def measure_smooth(folder) -> list[float]:
     """The smooth-image shares of the model in ``folder``, as the scan's ``default`` preset measures them."""
-    from fmt_audit.loading import load_model
-    from fmt_audit.scan import ScanConfig
-    from fmt_audit.smooth import smooth_test
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.verdict.evidence.smooth import smooth_test
 
     loaded = load_model(folder / "model.onnx")
     return smooth_test(loaded.proto, loaded.image_input, ScanConfig.from_preset("default").preprocessing, "cpu")[0]

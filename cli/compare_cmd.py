@@ -33,9 +33,9 @@ def compare(ctx: click.Context, model: str, data: str, test_data: str, poisoned:
     """Repair MODEL with every method and measure each result: ACC, ASR, RA and DER in one table."""
     from pathlib import Path
 
-    from fmt_audit.comparison import compare as run_compare
-    from fmt_audit.loading import model_files
-    from fmt_audit.outputs import check_output_path, write_model
+    from fmt_audit.model.loading import model_files
+    from fmt_audit.model.outputs import check_output_path, write_model
+    from fmt_audit.repair.comparison import compare as run_compare
 
     scan_settings, repair_settings = split_options(options)
     config = scan_config(**scan_settings)

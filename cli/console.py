@@ -32,7 +32,7 @@ def write_report(destination: str, text: str) -> None:
     if destination == STDOUT:
         click.echo(text, nl=not text.endswith("\n"))
         return
-    from fmt_audit.outputs import write_atomic
+    from fmt_audit.model.outputs import write_atomic
 
     write_atomic(destination, text.encode())
 

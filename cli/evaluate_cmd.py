@@ -26,7 +26,7 @@ def evaluate(ctx: click.Context, model: str, data: str, poisoned: str | None, ta
              mean: str | None, std: str | None, device: str, as_json: bool) -> None:
     """Measure MODEL's clean accuracy and, given triggered data, its attack success rate."""
     from fmt_audit.data import Preprocessing, parse_channel_values
-    from fmt_audit.evaluation import evaluate as run_evaluate
+    from fmt_audit.repair.evaluation import evaluate as run_evaluate
 
     preprocessing = Preprocessing(parse_channel_values(mean, "--mean"), parse_channel_values(std, "--std"))
     result = run_evaluate(model, data, poisoned, target, baseline, preprocessing, device)

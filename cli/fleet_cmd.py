@@ -47,8 +47,8 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
           repair_when: str, method: str, **options) -> None:
     """Audit every model of SOURCE (a folder of .onnx files, or a .json/.csv manifest) into --out."""
     from fmt_audit.errors import ConfigError
-    from fmt_audit.fleet import ray_available, read_source, run_fleet
-    from fmt_audit.report import attention
+    from fmt_audit.fleet.audit import ray_available, read_source, run_fleet
+    from fmt_audit.report.json_report import attention
 
     models = read_source(source, out)
     options, repair_settings = split_options(options)
@@ -59,7 +59,7 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
             raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in given)} without --repair: add "
                               "--repair, or leave the repair options out")
     settings = None
-    if repair:      # repair_config's names and values (fmt_audit.repair.repair_config)
+    if repair:      # repair_config's names and values (fmt_audit.repair.pipeline.repair_config)
         settings = {"method": method, "augment": not repair_settings.pop("no_augment"),
                     "unlearn_eps": parse_eps(repair_settings.pop("unlearn_eps"), "--unlearn-eps"), **repair_settings}
     options["eps"] = parse_eps(options["eps"])
@@ -76,7 +76,7 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
                        repair_when=repair_when, address=address, workers=workers, gpus_per_task=gpus_per_task,
                        force=force, use_ray=False if sequential else None, on_row=report, inputs=[source])
     say(ctx, result.format_text())
-    if fail_on_suspicious:     # scan's gate (fmt_audit.report.attention), and any model that failed
+    if fail_on_suspicious:     # scan's gate (fmt_audit.report.json_report.attention), and any model that failed
         failing = [r.model for r in result.rows if r.error or attention(r.verdict, r.suspicion, r.flagged)]
         if failing:
             from .main import EXIT_SUSPICIOUS

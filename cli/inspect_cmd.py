@@ -13,8 +13,8 @@ import click
 @click.option("-v", "--verbose", is_flag=True, help="List every Conv layer.")
 def inspect(model: str, as_json: bool, verbose: bool) -> None:
     """Validate MODEL and summarise its inputs, Conv layers and convertibility."""
-    from fmt_audit.inspection import summarize
-    from fmt_audit.loading import load_model
+    from fmt_audit.model.inspection import summarize
+    from fmt_audit.model.loading import load_model
 
     summary = summarize(load_model(model))
     if as_json:

@@ -46,8 +46,8 @@ def repair_options(command):
 def repair_config(seed: int, prune_drop: float, clp_u: float, epochs: int, lr: float, batch_size: int | None,
                   no_augment: bool, flip: str, allow_regrowth: bool, unlearn: bool | None, unlearn_eps: str,
                   holdout: float, method: str = "fmt"):
-    """A RepairConfig from the repair options (fmt_audit.repair.repair_config validates them)."""
-    from fmt_audit.repair import repair_config as build
+    """A RepairConfig from the repair options (fmt_audit.repair.pipeline.repair_config validates them)."""
+    from fmt_audit.repair.pipeline import repair_config as build
 
     return build(seed, method, epochs=epochs, lr=lr, batch_size=batch_size, augment=not no_augment, flip=flip,
                  allow_regrowth=allow_regrowth, unlearn=unlearn, unlearn_eps=parse_eps(unlearn_eps, "--unlearn-eps"),
@@ -83,10 +83,10 @@ def split_options(options: dict) -> tuple[dict, dict]:
 def repair(ctx: click.Context, model: str, data: str | None, method: str, output: str, from_report: str | None,
            report_path: str | None, html_path: str | None, **options) -> None:
     """Remove MODEL's backdoor channels (by --method), fine-tune it on clean data, and write the repaired model."""
-    from fmt_audit.loading import model_files
-    from fmt_audit.outputs import check_output_path, write_model
-    from fmt_audit.repair import repair as run_repair
-    from fmt_audit.report import ScanReport
+    from fmt_audit.model.loading import model_files
+    from fmt_audit.model.outputs import check_output_path, write_model
+    from fmt_audit.repair.pipeline import repair as run_repair
+    from fmt_audit.report.json_report import ScanReport
 
     scan_settings, repair_settings = split_options(options)
     config = scan_config(**scan_settings)
@@ -110,7 +110,7 @@ def repair(ctx: click.Context, model: str, data: str | None, method: str, output
     if report_path:
         write_report(report_path, result.report.to_json())
     if html_path:
-        from fmt_audit.html_report import repair_html
+        from fmt_audit.report.html_report import repair_html
 
         # the scan run here, or the one the channels came from (--from-report)
         write_report(html_path, repair_html(result.report, result.scan or flagged))

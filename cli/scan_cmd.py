@@ -7,7 +7,7 @@ import click
 from .config_file import config_option
 from .console import STDOUT, progress, say, write_report
 
-# Options left unset (None) take the preset's value; see fmt_audit.scan.PRESETS.
+# Options left unset (None) take the preset's value; see fmt_audit.fmt.scan.PRESETS.
 DATA_HELP = "Clean labelled images: .npz (x, y) or an image folder root/<class>/*."
 SCAN_OPTIONS = [
     click.option("--preset", type=click.Choice(["default", "gradient", "paper"]), default="default",
@@ -104,7 +104,7 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
                 **options):
     """A ScanConfig from the scan options, validated by the library."""
     from fmt_audit.data import parse_channel_values
-    from fmt_audit.scan import ScanConfig
+    from fmt_audit.fmt.scan import ScanConfig
 
     return ScanConfig.from_preset(preset, eps=parse_eps(eps), mean=parse_channel_values(mean, "--mean"),
                                   std=parse_channel_values(std, "--std"), max_memory=parse_size(max_memory),
@@ -130,9 +130,9 @@ def scan_config(preset: str, mean: str | None, std: str | None, eps: str | None,
 def scan(ctx: click.Context, model: str, data: str, output: str | None, html_path: str | None,
          fail_on_suspicious: bool, use_ray: bool, address: str | None, workers: int | None, **options) -> None:
     """Test every Conv channel of MODEL and flag the suspicious ones."""
-    from fmt_audit.loading import model_files
-    from fmt_audit.outputs import check_output_path
-    from fmt_audit.scan import scan as run_scan
+    from fmt_audit.fmt.scan import scan as run_scan
+    from fmt_audit.model.loading import model_files
+    from fmt_audit.model.outputs import check_output_path
 
     config = scan_config(**options)
     inputs = [*model_files(model), data]
@@ -142,7 +142,7 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
             check_output_path(path, inputs=inputs)
     runner = None
     if use_ray:
-        from fmt_audit.ray_engine import ray_runner
+        from fmt_audit.fleet.ray_engine import ray_runner
 
         runner = ray_runner(address, workers)
     elif address or workers is not None:
@@ -156,7 +156,7 @@ def scan(ctx: click.Context, model: str, data: str, output: str | None, html_pat
     if output:
         write_report(output, report.to_json())
     if html_path:
-        from fmt_audit.html_report import scan_html
+        from fmt_audit.report.html_report import scan_html
 
         write_report(html_path, scan_html(report))
     say(ctx, report.format_text(), json_to_stdout=output == STDOUT)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, first_line
-from .graph import ImageInput
+from fmt_audit.errors import DataError, first_line
+from fmt_audit.model.graph import ImageInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
 

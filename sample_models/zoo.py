@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fmt_audit.backends.onnxrt.session import OrtClassifier
 from fmt_audit.data import Dataset, Preprocessing
-from fmt_audit.runtime import OrtClassifier
 
 CLASSES = 10
 EXPORTERS = ("legacy-11", "legacy-13", "legacy-17", "dynamo")

@@ -5,12 +5,12 @@ import torch
 from conftest import build_synthetic, sample_images, synthetic_images
 from onnx import helper, numpy_helper
 
-from fmt_audit.bridge import prepare_for_torch, to_torch, write_back
-from fmt_audit.bridge_ops import live_registry, snapshot, unsupported_ops
+from fmt_audit.backends.onnxrt.session import create_session
+from fmt_audit.backends.torch.bridge import prepare_for_torch, to_torch, write_back
+from fmt_audit.backends.torch.ops import live_registry, snapshot, unsupported_ops
 from fmt_audit.errors import BridgeError
-from fmt_audit.graph import conv_layers
-from fmt_audit.loading import load_model
-from fmt_audit.runtime import create_session
+from fmt_audit.model.graph import conv_layers
+from fmt_audit.model.loading import load_model
 
 
 def _torch_logits(bridge, x):
@@ -24,7 +24,7 @@ def _ort_logits(model, x):
 
 
 def test_snapshot_matches_installed_onnx2torch():
-    assert snapshot() == live_registry(), "regenerate with: python -m fmt_audit.bridge_ops"
+    assert snapshot() == live_registry(), "regenerate with: python -m fmt_audit.backends.torch.ops"
 
 
 def test_parity_on_every_sample(sample_path):
@@ -211,9 +211,9 @@ def test_a_fixed_batch_that_cannot_be_freed_is_converted_as_it_is():
     """A Reshape [1, -1] after a Transpose that moved the batch off axis 0: freeing its target would read
     the channels as the batch. The freed module fails the image-by-image check, and the bridge falls
     back to the graph as exported (which then runs at its batch size only)."""
-    from fmt_audit.bridge import check_free_batch
+    from fmt_audit.backends.torch.bridge import check_free_batch
     from fmt_audit.errors import UnsupportedModelError
-    from fmt_audit.graph import image_input
+    from fmt_audit.model.graph import image_input
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),

@@ -8,12 +8,12 @@ from click.testing import CliRunner
 from conftest import SAMPLES
 from fmt_audit_cli.main import main
 
-from fmt_audit.cleanse import cleanse_test
 from fmt_audit.data import Dataset, Preprocessing, load_npz
 from fmt_audit.errors import ConfigError, DataError
-from fmt_audit.loading import load_model
-from fmt_audit.scan import ScanConfig
+from fmt_audit.fmt.scan import ScanConfig
+from fmt_audit.model.loading import load_model
 from fmt_audit.verdict import CLEANSE_THRESHOLD, CleanseConfig, anomaly_index, cleanse_verdict, describe
+from fmt_audit.verdict.evidence.cleanse import cleanse_test
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
            if m["attack"] != "none"}

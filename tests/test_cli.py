@@ -73,12 +73,12 @@ def test_no_conv_exit_2(tmp_path):
 
 
 def test_internal_error_exit_3_and_debug_traceback(monkeypatch):
-    import fmt_audit.inspection
+    import fmt_audit.model.inspection
 
     def broken(model):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(fmt_audit.inspection, "summarize", broken)
+    monkeypatch.setattr(fmt_audit.model.inspection, "summarize", broken)
     result = _invoke("inspect", str(SAMPLES / "clean_op13.onnx"))
     assert result.exit_code == 3 and "internal error: RuntimeError: boom" in result.output
     result = _invoke("--debug", "inspect", str(SAMPLES / "clean_op13.onnx"))

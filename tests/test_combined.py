@@ -10,7 +10,7 @@ from conftest import SAMPLES
 from fmt_audit_cli.main import main
 
 from fmt_audit.errors import ConfigError
-from fmt_audit.scan import ScanConfig
+from fmt_audit.fmt.scan import ScanConfig
 from fmt_audit.verdict import (
     COMBINED_AGREEMENT,
     COMBINED_LEAD,

@@ -6,8 +6,8 @@ import pytest
 from conftest import SAMPLES
 from onnx import TensorProto, helper, numpy_helper
 
-from fmt_audit.cost import graph_cost, plan_memory, scan_flops
-from fmt_audit.graph import conv_layers, with_node_names
+from fmt_audit.fmt.memory import graph_cost, plan_memory, scan_flops
+from fmt_audit.model.graph import conv_layers, with_node_names
 
 
 def _conv_gemm_graph() -> onnx.ModelProto:

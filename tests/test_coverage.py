@@ -20,13 +20,13 @@ import pytest
 from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
 from onnx import numpy_helper
 
+from fmt_audit.backends.onnxrt.session import OrtClassifier
 from fmt_audit.data import Preprocessing
-from fmt_audit.finetune import FineTuneConfig
-from fmt_audit.inspection import summarize
-from fmt_audit.loading import load_model
-from fmt_audit.repair import RepairConfig, repair
-from fmt_audit.runtime import OrtClassifier
-from fmt_audit.scan import ScanConfig, scan
+from fmt_audit.fmt.scan import ScanConfig, scan
+from fmt_audit.model.inspection import summarize
+from fmt_audit.model.loading import load_model
+from fmt_audit.repair.finetune import FineTuneConfig
+from fmt_audit.repair.pipeline import RepairConfig, repair
 
 sys.path.insert(0, str(SAMPLES))
 import zoo

@@ -4,7 +4,7 @@ from conftest import SAMPLES
 
 from fmt_audit.data import Preprocessing, load_data, parse_channel_values
 from fmt_audit.errors import DataError
-from fmt_audit.graph import ImageInput
+from fmt_audit.model.graph import ImageInput
 
 GRAY16 = ImageInput("input", ("batch", 1, 16, 16), "float32")
 RGB8 = ImageInput("x", ("N", 3, 8, 8), "float32")

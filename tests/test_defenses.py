@@ -10,16 +10,16 @@ from conftest import MANIFEST, SAMPLES, build_synthetic, save
 from fmt_audit_cli.main import main
 from onnx import helper, numpy_helper
 
-from fmt_audit.bridge import BridgedClassifier, to_torch
-from fmt_audit.comparison import compare
+from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
 from fmt_audit.data import Preprocessing, load_npz
 from fmt_audit.errors import ConfigError
-from fmt_audit.evaluation import defense_effectiveness, evaluate
-from fmt_audit.finetune import FineTuneConfig
-from fmt_audit.graph import conv_layers, last_conv_layers, with_node_names
-from fmt_audit.loading import load_model
-from fmt_audit.pruning import clp_channels, dormant_channels, lipschitz_bounds, mean_activations
-from fmt_audit.repair import RepairConfig, nonzero_removed, repair
+from fmt_audit.model.graph import conv_layers, last_conv_layers, with_node_names
+from fmt_audit.model.loading import load_model
+from fmt_audit.repair.comparison import compare
+from fmt_audit.repair.evaluation import defense_effectiveness, evaluate
+from fmt_audit.repair.finetune import FineTuneConfig
+from fmt_audit.repair.pipeline import RepairConfig, nonzero_removed, repair
+from fmt_audit.repair.pruning import clp_channels, dormant_channels, lipschitz_bounds, mean_activations
 
 BADNETS = SAMPLES / "badnets_op13.onnx"
 TARGET = next(m["target"] for m in MANIFEST["models"] if m["file"] == "badnets_op13.onnx")

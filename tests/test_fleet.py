@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 
-from fmt_audit import fleet as fleet_module
-from fmt_audit.fleet import read_source, run_fleet
+from fmt_audit.fleet import audit as fleet_module
+from fmt_audit.fleet.audit import read_source, run_fleet
 
 FAST = {"samples": 8, **QUICK_MARGIN}
 DATA = SAMPLES / "defender.npz"
@@ -54,7 +54,7 @@ def test_a_folder_fleet_writes_every_report_and_records_a_failure_as_a_row(sourc
     csv_lines = (out / "fleet.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,verdict,suspicion") and len(csv_lines) == 4
     # the same report as a plain scan with the same options
-    from fmt_audit.scan import ScanConfig, scan
+    from fmt_audit.fmt.scan import ScanConfig, scan
 
     direct = scan(source / "badnets_op13.onnx", DATA, ScanConfig(**FAST))
     stored = json.loads((out / "badnets_op13.json").read_text())
@@ -163,14 +163,14 @@ def test_ray_on_this_machine_gives_the_sequential_reports(source, tmp_path):
 @pytest.mark.parametrize("mode", ["mask", "gradient"])
 def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
     pytest.importorskip("ray")
-    from fmt_audit.ray_engine import ray_runner
-    from fmt_audit.scan import ScanConfig, scan
+    from fmt_audit.fleet.ray_engine import ray_runner
+    from fmt_audit.fmt.scan import ScanConfig, scan
 
     config = ScanConfig(mode=mode, samples=16, **QUICK_MARGIN)
     local = scan(SAMPLES / "badnets_op13.onnx", DATA, config)
     split = scan(SAMPLES / "badnets_op13.onnx", DATA, config, runner=ray_runner(workers=2))
-    from fmt_audit.loading import load_model
-    from fmt_audit.ray_engine import chunks
+    from fmt_audit.fleet.ray_engine import chunks
+    from fmt_audit.model.loading import load_model
 
     assert len(chunks(list(load_model(SAMPLES / "badnets_op13.onnx").layers), 2 * 2)) == 4   # 4 tasks on 2 CPUs
     assert json.loads(split.to_json())["layers"] == json.loads(local.to_json())["layers"]
@@ -179,8 +179,8 @@ def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
 
 
 def test_layer_chunks_are_consecutive_and_balanced():
-    from fmt_audit.graph import ConvLayer
-    from fmt_audit.ray_engine import chunks
+    from fmt_audit.fleet.ray_engine import chunks
+    from fmt_audit.model.graph import ConvLayer
 
     layers = [ConvLayer(f"c{i}", i, "o", "w", None, c, 3, (3, 3), (1, 1), 1, True)
               for i, c in enumerate([8, 8, 16, 16, 32, 32, 64, 64])]
@@ -249,9 +249,9 @@ def test_a_report_replaced_without_its_new_record_is_not_kept_later(source, tmp_
 
 
 def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
-    from fmt_audit.repair import repair, repair_config
-    from fmt_audit.report import ScanReport
-    from fmt_audit.scan import ScanConfig
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.repair.pipeline import repair, repair_config
+    from fmt_audit.report.json_report import ScanReport
 
     shutil.rmtree(source / "vendor")
     out = tmp_path / "out"

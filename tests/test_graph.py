@@ -1,7 +1,7 @@
 from conftest import build_synthetic
 from onnx import helper
 
-from fmt_audit.graph import conv_layers, image_input, node_names, with_node_names
+from fmt_audit.model.graph import conv_layers, image_input, node_names, with_node_names
 
 
 def test_node_names_are_unique_stable_and_keep_given_names():

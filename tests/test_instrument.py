@@ -3,10 +3,10 @@ import onnx
 import pytest
 from conftest import build_synthetic, sample_images, synthetic_images
 
-from fmt_audit.graph import conv_layers
-from fmt_audit.instrument import feature_output_name, instrument, mask_input_name
-from fmt_audit.loading import load_model
-from fmt_audit.runtime import create_session
+from fmt_audit.backends.onnxrt.instrument import feature_output_name, instrument, mask_input_name
+from fmt_audit.backends.onnxrt.session import create_session
+from fmt_audit.model.graph import conv_layers
+from fmt_audit.model.loading import load_model
 
 
 def _ones(layers, batch=1):

@@ -5,7 +5,7 @@ from conftest import MANIFEST, SAMPLES, build_synthetic, save
 from onnx import TensorProto, helper, numpy_helper
 
 from fmt_audit.errors import ModelLoadError, UnsupportedModelError
-from fmt_audit.loading import load_model
+from fmt_audit.model.loading import load_model
 
 
 def test_loads_every_sample(sample_path):

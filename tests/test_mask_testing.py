@@ -1,16 +1,21 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from conftest import QUICK_MARGIN, SAMPLES
 
+from fmt_audit.backends.onnxrt.masked import MaskedModel
+from fmt_audit.backends.onnxrt.session import create_session
 from fmt_audit.data import load_data, load_npz
-from fmt_audit.graph import conv_layers
-from fmt_audit.loading import load_model
-from fmt_audit.mask_testing import MaskTestConfig, MaskTester
-from fmt_audit.masked import MaskedModel
-from fmt_audit.oracle import trigger_response
-from fmt_audit.runtime import create_session
-from fmt_audit.scan import ScanConfig, scan
+from fmt_audit.fmt.mask import MaskTestConfig, MaskTester
+from fmt_audit.fmt.scan import ScanConfig, scan
+from fmt_audit.model.graph import conv_layers
+from fmt_audit.model.loading import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from oracle import trigger_response
 
 N = 40
 

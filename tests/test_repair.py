@@ -10,15 +10,15 @@ from conftest import MANIFEST, QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES, build_s
 from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
+from fmt_audit.backends.onnxrt.session import create_session
 from fmt_audit.data import Dataset, load_npz
 from fmt_audit.errors import ConfigError, DataError
-from fmt_audit.evaluation import Metrics, attack_metrics, defense_effectiveness, evaluate
-from fmt_audit.finetune import FineTuneConfig, augment_batch
-from fmt_audit.loading import load_model
-from fmt_audit.repair import RepairConfig, channel_tensors, repair
-from fmt_audit.report import ScanReport
-from fmt_audit.runtime import create_session
-from fmt_audit.scan import EPS_GRID, ScanConfig
+from fmt_audit.fmt.scan import EPS_GRID, ScanConfig
+from fmt_audit.model.loading import load_model
+from fmt_audit.repair.evaluation import Metrics, attack_metrics, defense_effectiveness, evaluate
+from fmt_audit.repair.finetune import FineTuneConfig, augment_batch
+from fmt_audit.repair.pipeline import RepairConfig, channel_tensors, repair
+from fmt_audit.report.json_report import ScanReport
 
 SHORT = RepairConfig(FineTuneConfig(epochs=2), unlearn=False)
 # feeds a residual Add, so its channels can regrow when allowed (a Conv followed by
@@ -114,9 +114,9 @@ def test_report_of_another_model_and_unknown_channels_are_refused():
 
 
 def test_feature_map_perturbation_stays_in_the_ball_and_disturbs_the_feature_map():
-    from fmt_audit.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
     from fmt_audit.data import Preprocessing
-    from fmt_audit.testing import FeatureMapPerturbation, layer_output
+    from fmt_audit.fmt.gradient import FeatureMapPerturbation, layer_output
 
     loaded = load_model(SAMPLES / "badnets_op13.onnx")
     classifier = BridgedClassifier(to_torch(loaded.proto), Preprocessing())

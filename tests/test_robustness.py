@@ -16,8 +16,8 @@ from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
 from fmt_audit.errors import DataError, ModelLoadError, OutputError
-from fmt_audit.loading import load_model
-from fmt_audit.outputs import write_atomic
+from fmt_audit.model.loading import load_model
+from fmt_audit.model.outputs import write_atomic
 
 
 def _invoke(*args):
@@ -55,12 +55,12 @@ def test_nan_weights_are_reported_and_repair_refused(tmp_path):
 
 
 def test_multi_line_messages_reach_the_user_as_one_line(monkeypatch):
-    import fmt_audit.inspection
+    import fmt_audit.model.inspection
 
     def broken(model):
         raise ModelLoadError("first line of the story\nsecond line\nthird")
 
-    monkeypatch.setattr(fmt_audit.inspection, "summarize", broken)
+    monkeypatch.setattr(fmt_audit.model.inspection, "summarize", broken)
     _one_line_exit_2(_invoke("inspect", SAMPLES / "clean_op13.onnx"), "first line of the story")
 
 
@@ -233,9 +233,9 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     import hashlib
     import json
 
-    import fmt_audit.graph
+    import fmt_audit.model.graph
 
-    monkeypatch.setattr(fmt_audit.graph, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(fmt_audit.model.graph, "PROTOBUF_LIMIT", 1000)
     out, report = tmp_path / "repaired.onnx", tmp_path / "repair.json"
     result = _invoke("repair", SAMPLES / "badnets_op13.onnx", "--data", SAMPLES / "defender.npz", "--epochs", "1",
                      "--samples", "32", "--no-unlearn", "-o", out, "--report", report, *QUICK_MARGIN_ARGS)
@@ -250,8 +250,8 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
                       "--steps", "1", "--eps", "0.1", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0, scanned.output
     # a small model written over it takes its data file along; an unrelated file of that name stays
-    monkeypatch.setattr(fmt_audit.graph, "PROTOBUF_LIMIT", 2**31)
-    from fmt_audit.outputs import write_model
+    monkeypatch.setattr(fmt_audit.model.graph, "PROTOBUF_LIMIT", 2**31)
+    from fmt_audit.model.outputs import write_model
 
     write_model(out, onnx.load(SAMPLES / "clean_op13.onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair.json", "repaired.onnx"]
@@ -278,7 +278,7 @@ def test_broken_graphs_are_one_line_errors(tmp_path, damage):
 
 @pytest.mark.parametrize("damage", [{"scores": "abc"}, {"scores": [["x", 1]]}, {"flagged": [None]}, {"shift": 3}])
 def test_malformed_scan_reports_are_data_errors(damage):
-    from fmt_audit.report import ScanReport
+    from fmt_audit.report.json_report import ScanReport
 
     layer = {"name": "conv", "channels": 2, "depthwise": False, "scores": [[1, 1], [1, 1]],
              "shift": [[0, 0], [0, 0]], "flagged": [], "selection": {}}
@@ -293,8 +293,8 @@ def test_write_back_keeps_identity_copies_of_a_changed_tensor():
     import torch
     from onnx import helper
 
-    from fmt_audit.bridge import to_torch, write_back
-    from fmt_audit.runtime import OrtClassifier
+    from fmt_audit.backends.onnxrt.session import OrtClassifier
+    from fmt_audit.backends.torch.bridge import to_torch, write_back
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
@@ -337,7 +337,7 @@ def test_html_to_stdout_is_refused():
 def test_graph_costs_stay_cheap_on_long_graphs():
     from onnx import helper
 
-    from fmt_audit.cost import graph_cost
+    from fmt_audit.fmt.memory import graph_cost
 
     nodes = [helper.make_node("Conv", ["input", "w"], ["v0"], name="conv", pads=[1, 1, 1, 1])]
     nodes += [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"], name=f"relu{i}") for i in range(5000)]
@@ -350,7 +350,7 @@ def test_graph_costs_stay_cheap_on_long_graphs():
 
 
 def test_cuda_requested_without_cuda_is_a_one_line_error():
-    from fmt_audit.runtime import cuda_available
+    from fmt_audit.backends.onnxrt.session import cuda_available
 
     if cuda_available():
         pytest.skip("this machine has CUDA")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from conftest import build_synthetic, synthetic_images
 
+from fmt_audit.backends.onnxrt.session import CPU, create_session, cuda_available, run_batched
 from fmt_audit.errors import DeviceError
-from fmt_audit.runtime import CPU, create_session, cuda_available, run_batched
 
 
 def test_cpu_session_reports_its_provider():

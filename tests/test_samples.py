@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import MANIFEST, SAMPLES
 
+from fmt_audit.backends.onnxrt.session import create_session, run_batched
 from fmt_audit.data import load_data
-from fmt_audit.loading import load_model
-from fmt_audit.runtime import create_session, run_batched
+from fmt_audit.model.loading import load_model
 
 
 def _predict(model, data):

@@ -8,15 +8,15 @@ from click.testing import CliRunner
 from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 
-from fmt_audit.bridge import to_torch
+from fmt_audit.backends.onnxrt.session import create_session
+from fmt_audit.backends.torch.bridge import to_torch
 from fmt_audit.data import load_data
 from fmt_audit.errors import ConfigError
-from fmt_audit.loading import load_model
-from fmt_audit.runtime import create_session
-from fmt_audit.scan import EPS_GRID, ScanConfig, scan
-from fmt_audit.scores import prediction_scores
-from fmt_audit.selection import select_kmeans, select_outliers
-from fmt_audit.testing import random_start
+from fmt_audit.fmt.gradient import random_start
+from fmt_audit.fmt.scan import EPS_GRID, ScanConfig, scan
+from fmt_audit.fmt.scores import prediction_scores
+from fmt_audit.fmt.selection import select_kmeans, select_outliers
+from fmt_audit.model.loading import load_model
 
 N = 48
 PAPER = ScanConfig.from_preset("paper", samples=N, seed=5, **QUICK_MARGIN)

@@ -6,8 +6,8 @@ import pytest
 from conftest import SAMPLES
 
 from fmt_audit.data import Preprocessing
-from fmt_audit.loading import load_model
-from fmt_audit.smooth import LATTICES, smooth_images, smooth_test
+from fmt_audit.model.loading import load_model
+from fmt_audit.verdict.evidence.smooth import LATTICES, smooth_images, smooth_test
 
 
 def test_smooth_images_are_seeded_smooth_and_in_range():

@@ -10,13 +10,11 @@ from click.testing import CliRunner
 from conftest import SAMPLES
 from fmt_audit_cli.main import main
 
-from fmt_audit import transfer
+from fmt_audit.verdict.evidence import transfer
 from fmt_audit.data import Dataset, Preprocessing, load_npz
 from fmt_audit.errors import ConfigError, DataError
-from fmt_audit.loading import load_model
-from fmt_audit.reference import train_reference
-from fmt_audit.scan import ScanConfig, scan
-from fmt_audit.transfer import trained_references, transfer_test
+from fmt_audit.fmt.scan import ScanConfig, scan
+from fmt_audit.model.loading import load_model
 from fmt_audit.verdict import (
     SHORTCUT_THRESHOLD,
     TRANSFER_THRESHOLD,
@@ -32,6 +30,8 @@ from fmt_audit.verdict import (
     untransferred_margins,
     untransferred_verdict,
 )
+from fmt_audit.verdict.evidence.reference import train_reference
+from fmt_audit.verdict.evidence.transfer import trained_references, transfer_test
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
            if m["attack"] != "none"}

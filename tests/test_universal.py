@@ -10,10 +10,10 @@ from fmt_audit_cli.main import main
 
 from fmt_audit.data import Dataset, Preprocessing, load_npz
 from fmt_audit.errors import ConfigError, DataError
-from fmt_audit.loading import load_model
-from fmt_audit.scan import ScanConfig, scan
-from fmt_audit.universal import universal_test
+from fmt_audit.fmt.scan import ScanConfig, scan
+from fmt_audit.model.loading import load_model
 from fmt_audit.verdict import UNIVERSAL_THRESHOLD, UniversalConfig, describe, universal_verdict
+from fmt_audit.verdict.evidence.universal import universal_test
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
            if m["attack"] != "none"}

@@ -10,14 +10,14 @@ from conftest import QUICK_MARGIN, SAMPLES, save
 from fmt_audit_cli.main import main
 from onnx import helper
 
-from fmt_audit.bridge import BridgedClassifier, to_torch
+from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+from fmt_audit.backends.torch.logits import without_final_softmax
 from fmt_audit.data import Preprocessing
 from fmt_audit.errors import ConfigError
-from fmt_audit.loading import load_model
-from fmt_audit.logits import without_final_softmax
-from fmt_audit.margin import margin_test, max_margins
-from fmt_audit.scan import ScanConfig, scan
+from fmt_audit.fmt.scan import ScanConfig, scan
+from fmt_audit.model.loading import load_model
 from fmt_audit.verdict import MARGIN_THRESHOLD, MarginConfig, describe, margin_verdict
+from fmt_audit.verdict.margin import margin_test, max_margins
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
            if m["attack"] != "none"}
@@ -150,13 +150,13 @@ def test_sink_verdict_names_the_attack_target_passes_the_clean_model_and_drives_
 
 
 def test_a_model_the_bridge_cannot_convert_keeps_its_scan_and_gets_an_inconclusive_verdict(monkeypatch):
-    import fmt_audit.logits
+    import fmt_audit.backends.torch.logits
     from fmt_audit.errors import BridgeError
 
     def refuse(model):
         raise BridgeError("onnx2torch cannot convert op 'Fancy'")
 
-    monkeypatch.setattr(fmt_audit.logits, "to_torch", refuse)
+    monkeypatch.setattr(fmt_audit.backends.torch.logits, "to_torch", refuse)
     report = scan(SAMPLES / "clean_op13.onnx", DATA, ScanConfig(samples=8, skip_layers="block", **QUICK_MARGIN))
     assert report.verdict["verdict"] == "inconclusive" and "cannot convert op 'Fancy'" in report.verdict["basis"]
     assert report.layers and report.attention().startswith("inconclusive")

@@ -1,0 +1,1 @@
+"""Where the model runs: ONNX Runtime (``onnxrt``) for inference, PyTorch (``torch``) for gradients."""

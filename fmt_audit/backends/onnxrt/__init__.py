@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions with their provider read back, the instrumented (masked) model."""

@@ -1,0 +1,1 @@
+"""Feature map testing: disturb every Conv channel, score it, select the outliers; ``scan``."""

@@ -1,0 +1,517 @@
+"""``scan``: load a model and clean data, test every Conv channel, select the suspicious ones."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from fmt_audit.backends.onnxrt.session import DEVICES
+from fmt_audit.data import Dataset, Preprocessing, load_data
+from fmt_audit.errors import ConfigError, FmtAuditError
+from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
+from fmt_audit.fmt.scores import ChannelScores
+from fmt_audit.fmt.selection import SELECTIONS, select
+from fmt_audit.model.graph import ConvLayer, nonfinite_weights, opset_version
+from fmt_audit.model.loading import LoadedModel, load_model
+from fmt_audit.report.json_report import LayerResult, ScanReport
+from fmt_audit.verdict import METHODS as VERDICTS
+from fmt_audit.verdict import (
+    CleanseConfig,
+    MarginConfig,
+    ReferenceConfig,
+    UniversalConfig,
+    Verdict,
+    cleanse_verdict,
+    combined_verdict,
+    inconclusive,
+    margin_verdict,
+    shortcut_verdict,
+    sink_concentration,
+    transfer_verdict,
+    universal_verdict,
+    untransferred_verdict,
+)
+
+log = logging.getLogger(__name__)
+MODES = ("gradient", "mask")
+PREDICTORS = ("onnxruntime", "torch")
+SCORES = ("accuracy", "shift")
+AUTO = "auto"
+# eps values tried by calibration, in [0,1] pixel space (the published 0.06 among them)
+EPS_GRID = (0.02, 0.03, 0.045, 0.06, 0.09, 0.13, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Every parameter of a scan. The defaults are the ``default`` preset; ``paper`` is the published method."""
+
+    mode: str = "mask"
+    samples: int = 256
+    eps: float | str = AUTO
+    alpha: float | None = None          # None: eps / 3, the published ratio (0.02 at eps 0.06)
+    steps: int = 5
+    gain: float = 10.0
+    score: str = "shift"
+    selection: str = "outlier"
+    outlier_threshold: float = 3.5
+    calibration_drop: float = 0.25
+    skip_layers: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "auto"
+    seed: int = 0
+    max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
+    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut |
+    #                                     untransferred | cleanse | combined | none
+    #                                     (fmt_audit.verdict)
+    verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
+    margin_restarts: int = 16           # verdict "margin": random starts per class
+    margin_steps: int = 200             # verdict "margin": gradient steps per start
+    preset: str = "default"
+    predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1; got {self.samples}")
+        if self.eps != AUTO and not (isinstance(self.eps, (int, float)) and 0 < self.eps <= 1):
+            raise ConfigError(f"--eps must be 'auto' or in (0, 1] (pixel space); got {self.eps}")
+        if self.alpha is not None and not 0 < self.alpha <= (self.eps if self.eps != AUTO else 1):
+            raise ConfigError(f"--alpha must be in (0, eps={self.eps}]; got {self.alpha}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1; got {self.steps}")
+        if not np.isfinite(self.gain) or self.gain in (0.0, 1.0):
+            raise ConfigError(f"--gain must be finite and not 0 or 1 (those remove or keep a channel); got {self.gain}")
+        if self.score not in SCORES:
+            raise ConfigError(f"--score must be one of {', '.join(SCORES)}; got {self.score!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
+        if self.outlier_threshold <= 0:
+            raise ConfigError(f"the outlier threshold must be positive; got {self.outlier_threshold}")
+        if not 0 < self.calibration_drop < 1:
+            raise ConfigError(f"calibration_drop must be in (0, 1); got {self.calibration_drop}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.predict_with not in PREDICTORS:
+            raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
+        if self.verdict not in VERDICTS:
+            raise ConfigError(f"--verdict must be one of {', '.join(VERDICTS)}; got {self.verdict!r}")
+        if self.verdict_probe < 0:
+            raise ConfigError(f"--verdict-probe must be 0 (no verdict in mask mode) or more; got {self.verdict_probe}")
+        self.margin_config()    # checks --margin-restarts and --margin-steps
+        if self.max_memory is not None and not (np.isfinite(self.max_memory) and self.max_memory > 0):
+            raise ConfigError(f"--max-memory must be a positive size such as 512M or 4G; got {self.max_memory} MiB")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        if self.skip_layers is not None:
+            try:
+                re.compile(self.skip_layers)
+            except re.error as error:
+                raise ConfigError(f"--skip-layers is not a valid regular expression: {error}") from None
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides) -> ScanConfig:
+        """The preset's settings, with ``overrides`` (``None`` values are ignored) on top."""
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**PRESETS[preset], **given, "preset": preset})
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.mean, self.std)
+
+    def step_size(self, eps: float) -> float:
+        return self.alpha if self.alpha is not None else eps / 3
+
+    def margin_config(self) -> MarginConfig:
+        return MarginConfig(restarts=self.margin_restarts, steps=self.margin_steps, seed=self.seed)
+
+    def universal_config(self) -> UniversalConfig:
+        return UniversalConfig(seed=self.seed)
+
+    def cleanse_config(self) -> CleanseConfig:
+        return CleanseConfig(seed=self.seed)
+
+    def reference_config(self) -> ReferenceConfig:
+        return ReferenceConfig()
+
+
+# The published method with the public reference code's defaults, and ours (see README, "Presets").
+PRESETS: dict[str, dict] = {
+    "paper": {"mode": "gradient", "eps": 0.06, "alpha": 0.02, "steps": 1, "score": "accuracy",
+              "selection": "kmeans"},
+    "default": {},
+    # iterated FMT: the gradient method with a calibrated eps, 5 steps and class-shift scores
+    "gradient": {"mode": "gradient"},
+}
+
+
+def _suspicion(scores: ChannelScores, score: str) -> np.ndarray:
+    """The ``[C, 2]`` matrix selection works on, higher = more suspicious."""
+    return 1.0 - scores.accuracy if score == "accuracy" else scores.shift
+
+
+class _Scanner:
+    """Builds the tester for a mode and scores layers with it."""
+
+    def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
+                 plan: MemoryPlan | None = None, memory_share: int = 1):
+        self.config = config
+        self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
+        preprocessing = config.preprocessing
+        self.plan = plan or memory_plan(loaded, dataset, config, layers, memory_share)
+        self.dataset = dataset
+        # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
+        self.masked = self.onnx = None
+        if config.mode == "mask":
+            from fmt_audit.backends.onnxrt.masked import MaskedModel
+
+            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
+            self.provider, self.device = self.masked.provider, self.masked.session.device
+            self.bridge = None
+            return
+        from fmt_audit.backends.torch.bridge import to_torch, torch_device
+
+        if config.predict_with == "onnxruntime":
+            from fmt_audit.backends.onnxrt.session import OrtClassifier
+
+            self.onnx = OrtClassifier(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
+        self.provider = self.onnx.provider if self.onnx else None
+        self.device = torch_device(config.device)
+        self.bridge = to_torch(loaded.proto)
+        if config.predict_with == "torch":
+            from fmt_audit.backends.torch.bridge import check_free_batch
+
+            check_free_batch(self.bridge, loaded.image_input, "predicting candidates with torch")
+
+    def tester(self, eps: float | None = None):
+        """The mode's tester; gradient mode needs ``eps`` except to measure clean accuracy."""
+        config, plan = self.config, self.plan
+        eps = 0.06 if eps is None else eps
+        if config.mode == "gradient":
+            from fmt_audit.fmt.gradient import FeatureMapTester, GradientTestConfig
+
+            settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed,
+                                          plan.candidate_batch, plan.gradient_batch, plan.predict_batch)
+            return FeatureMapTester(self.bridge, self.dataset.x, self.dataset.y, self.num_classes,
+                                    config.preprocessing, settings, self.device,
+                                    predictor=self.onnx.predict if self.onnx else None)
+        from fmt_audit.fmt.mask import MaskTestConfig, MaskTester
+
+        return MaskTester(self.masked, self.dataset.x, self.dataset.y, self.num_classes,
+                          MaskTestConfig(config.gain, plan.candidate_batch))
+
+
+def memory_plan(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
+                share: int = 1) -> MemoryPlan:
+    """Batch sizes for this scan under ``config.max_memory`` (when not given: half the free memory, divided
+    among ``share`` scans running side by side, as Ray tasks on one machine do)."""
+    from fmt_audit.backends.onnxrt.session import cuda_available
+
+    device = config.device
+    if device == "auto":   # where the heavy arrays will live
+        device = "cuda" if cuda_available() else "cpu"
+    budget = (config.max_memory * 2**20 if config.max_memory is not None
+              else available_memory(device) / 2 / max(1, share))
+    height, width = dataset.x.shape[2:]
+    cost = graph_cost(loaded.proto, height, width)
+    return plan_memory(cost, [layer.name for layer in layers], len(dataset), dataset.x[0].nbytes, budget, device)
+
+
+def calibrate_eps(scanner: _Scanner, layers: list[ConvLayer], clean_accuracy: float) -> tuple[float, list[dict]]:
+    """The smallest eps of :data:`EPS_GRID` at which testing moves predictions.
+
+    Scores a seeded sample of channels at each eps in turn and stops at the first
+    where the sample's median accuracy drop (2*alpha candidate) reaches
+    ``calibration_drop`` of the clean accuracy: below that, most perturbations
+    change nothing and every channel looks alike; far above it, every channel
+    collapses the model and again they look alike.
+    """
+    config = scanner.config
+    by_layer = _sampled_channels(layers, 32, config.seed)
+    trace = []
+    for eps in EPS_GRID:
+        tester = scanner.tester(eps)
+        accuracy = np.concatenate([tester.score_layer(layer, channels).accuracy[:, 1]
+                                   for layer, channels in by_layer.values()])
+        drop = float(np.median(clean_accuracy - accuracy)) / max(clean_accuracy, 1e-12)
+        trace.append({"eps": eps, "median_relative_drop": round(drop, 4)})
+        if drop >= config.calibration_drop:
+            return eps, trace
+    return EPS_GRID[-1], trace
+
+
+def _sampled_channels(layers: list[ConvLayer], count: int, seed: int) -> dict[str, tuple[ConvLayer, list[int]]]:
+    """A seeded sample of ``count`` channels over all layers, grouped by layer in layer order."""
+    rng = np.random.default_rng(seed)
+    pairs = [(layer, c) for layer in layers for c in range(layer.out_channels)]
+    chosen: dict[str, tuple[ConvLayer, list[int]]] = {}
+    for i in sorted(rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)):
+        layer, channel = pairs[i]
+        chosen.setdefault(layer.name, (layer, []))[1].append(channel)
+    return chosen
+
+
+def verdict_probe(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]) -> Verdict:
+    """The verdict of a mask-mode scan: the gradient test (eps calibrated) on ``config.verdict_probe`` channels."""
+    probe = replace(config, mode="gradient", predict_with="onnxruntime")
+    scanner = _Scanner(loaded, dataset, probe, layers)
+    eps = probe.eps
+    if eps == AUTO:
+        eps, _ = calibrate_eps(scanner, layers, scanner.tester().clean_accuracy())
+    tester = scanner.tester(eps)
+    results = [tester.score_layer(layer, channels)
+               for layer, channels in _sampled_channels(layers, config.verdict_probe, config.seed + 1).values()]
+    return sink_concentration([r.shift for r in results], [r.sink for r in results],
+                              basis=f"probe of {sum(len(r.shift) for r in results)} channels, gradient test at "
+                                    f"eps {eps}")
+
+
+def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
+                  results: list[LayerResult], scanner: _Scanner | None = None) -> Verdict | None:
+    """The model-level verdict ``config.verdict`` asks for (None for ``none``, or ``sink`` in mask mode with
+    ``verdict_probe`` 0). When the evidence cannot be gathered (the PyTorch bridge cannot convert the model, no
+    CUDA, ...), the verdict is inconclusive and says why; the channel scores stand."""
+    if config.verdict == "none":
+        return None
+    try:
+        if config.verdict == "margin":
+            from fmt_audit.verdict.margin import margin_test
+
+            margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
+                                         config.margin_config(), scanner.bridge if scanner else None)
+            return margin_verdict(margins, "; ".join([_margin_basis(config), *notes]))
+        if config.verdict == "cleanse":
+            return _cleanse_verdict(loaded, dataset, config, scanner)
+        if config.verdict == "combined":
+            return combined_verdict(_cleanse_verdict(loaded, dataset, config, scanner),
+                                    _transfer_family_verdict(loaded, dataset, config, scanner, "untransferred"),
+                                    smooth=_smooth_shares(loaded, config, scanner))
+        if config.verdict == "universal":
+            from fmt_audit.verdict.evidence.universal import universal_test
+
+            ladder, notes = universal_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
+                                           config.device, config.universal_config(),
+                                           scanner.bridge if scanner else None)
+            return universal_verdict(ladder.budgets, ladder.success, "; ".join([_ladder_basis(ladder), *notes]))
+        if config.verdict in ("transfer", "shortcut", "untransferred"):
+            return _transfer_family_verdict(loaded, dataset, config, scanner, config.verdict)
+        if config.mode == "gradient":
+            return sink_concentration([r.shift for r in results], [r.sink for r in results])
+        if not config.verdict_probe:
+            return None
+        return verdict_probe(loaded, dataset, config, layers)
+    except FmtAuditError as error:
+        return inconclusive(config.verdict, f"no {config.verdict} evidence: {error}")
+
+
+def _cleanse_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None) -> Verdict:
+    """Neural Cleanse's verdict (``cleanse``), or an inconclusive one saying why there is no evidence."""
+    from fmt_audit.verdict.evidence.cleanse import cleanse_test
+
+    search = config.cleanse_config()
+    try:
+        found, notes = cleanse_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
+                                    search, scanner.bridge if scanner else None)
+    except FmtAuditError as error:
+        return inconclusive("cleanse", f"no cleanse evidence: {error}")
+    basis = (f"trigger search, {search.steps} steps, {found.images} images per class to fit, at least "
+             f"{found.held_out} held out")
+    return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
+
+
+def _smooth_shares(loaded: LoadedModel, config: ScanConfig, scanner: _Scanner | None) -> list[float] | None:
+    """Per class, the share of smooth random images the model puts there (:mod:`fmt_audit.verdict.evidence.smooth`), or None
+    where they cannot be classified (the combined verdict then leaves that check out)."""
+    from fmt_audit.verdict.evidence.smooth import smooth_test
+
+    try:
+        return smooth_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
+                           scanner.bridge if scanner else None)[0]
+    except FmtAuditError:
+        return None
+
+
+def _transfer_family_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None,
+                             method: str) -> Verdict:
+    """The ``transfer``, ``shortcut`` or ``untransferred`` verdict (``method``) from one universal ladder and its
+    transfer to reference networks, or an inconclusive one saying why there is no evidence."""
+    from fmt_audit.verdict.evidence.transfer import transfer_test
+
+    try:
+        found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
+                                     config.universal_config(), config.reference_config(),
+                                     scanner.bridge if scanner else None,
+                                     margin=config.margin_config() if method == "transfer" else None)
+    except FmtAuditError as error:
+        return inconclusive(method, f"no {method} evidence: {error}")
+    ladder = found.ladder
+    tested = (f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference networks trained on the "
+              "scan's images")
+    if method == "shortcut":
+        return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
+                                basis="; ".join([f"the margins of the {tested}", *notes]))
+    if method == "untransferred":
+        return untransferred_verdict(ladder.budgets, ladder.success, found.reference_success, found.reference_baseline,
+                                     basis="; ".join([f"the transfer of the {tested}", *notes]))
+    return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
+                            found.reference_baseline,
+                            "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}", *notes]),
+                            found.margin_figures)
+
+
+def _margin_basis(config: ScanConfig) -> str:
+    return f"maximum-margin test, {config.margin_restarts} starts x {config.margin_steps} steps per class"
+
+
+def _ladder_basis(ladder) -> str:
+    return (f"universal-perturbation test, {ladder.images} images per class to fit, at least {ladder.held_out} "
+            f"held out")
+
+
+def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:
+    """The gradient-mode eps :func:`calibrate_eps` picks for this model and data, whatever ``config.mode``."""
+    gradient = replace(config, mode="gradient", eps=AUTO)
+    layers = list(loaded.layers)
+    scanner = _Scanner(loaded, dataset.take(gradient.samples, seed=gradient.seed), gradient, layers)
+    return calibrate_eps(scanner, layers, scanner.tester().clean_accuracy())
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What testing any subset of a scan's layers needs, so that other processes (Ray workers) can test
+    some of them and return exactly what this process would have: the same model (checked by sha256),
+    images, options, eps and batch sizes."""
+
+    model_path: str
+    sha256: str
+    dataset: Dataset
+    config: ScanConfig
+    eps: float | None
+    plan: MemoryPlan
+
+
+# (work, layers, progress) -> one LayerResult per layer, in order; see fmt_audit.fleet.ray_engine
+LayerRunner = Callable[[LayerWork, list[ConvLayer], Callable[[str, int, int], None] | None], list[LayerResult]]
+
+
+def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None = None,
+                 progress: Callable[[str, int], None] | None = None, scanner: _Scanner | None = None
+                 ) -> list[LayerResult]:
+    """Test the layers ``names`` as the scan described by ``work`` does (in a worker: the model is loaded
+    from ``work.model_path`` and must have the scan's sha256; the scan itself passes its ``scanner``)."""
+    if loaded is None:
+        loaded = load_model(work.model_path)
+        if loaded.sha256 != work.sha256:
+            raise ConfigError(f"{work.model_path} changed during the scan (sha256 {loaded.sha256[:12]}, "
+                              f"expected {work.sha256[:12]})")
+    by_name = {layer.name: layer for layer in loaded.layers}
+    layers = [by_name[name] for name in names]
+    scanner = scanner or _Scanner(loaded, work.dataset, work.config, layers, plan=work.plan)
+    tester = scanner.tester(work.eps)
+    results = []
+    for layer in layers:
+        scores = tester.score_layer(layer, progress=(lambda k, name=layer.name: progress(name, k))
+                                    if progress else None)
+        chosen = select(_suspicion(scores, work.config.score), work.config.selection, seed=work.config.seed,
+                        threshold=work.config.outlier_threshold, samples=len(work.dataset))
+        results.append(LayerResult(layer.name, layer.out_channels, layer.depthwise,
+                                   _rounded(scores.accuracy), _rounded(scores.shift), chosen.flagged,
+                                   chosen.to_dict(), scores.sink.tolist(),
+                                   list(layer.feature_map) if layer.feature_map else None))
+    return results
+
+
+def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
+         config: ScanConfig | None = None,
+         progress: Callable[[str, int, int], None] | None = None,
+         runner: LayerRunner | None = None, memory_share: int = 1) -> ScanReport:
+    """Feature map testing of ``model`` on the clean labelled images in ``data``.
+
+    ``progress(layer, done, total)`` is called as channels are tested. ``runner``
+    tests the layers elsewhere (``fmt_audit.fleet.ray_engine.ray_runner``: Ray workers,
+    by chunks of layers); calibration and the verdict stay in this process, and
+    the report is the one a local scan gives. ``memory_share``: scans running side
+    by side on this machine, which share its memory (a runner may say how many it runs).
+    """
+    config = config or ScanConfig()
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    config.preprocessing.check_channels(loaded.image_input.channels)
+    dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+    dataset = dataset.take(config.samples, seed=config.seed)
+    skip = re.compile(config.skip_layers) if config.skip_layers else None
+    skipped = [layer.name for layer in loaded.layers if skip and skip.search(layer.name)]
+    layers = [layer for layer in loaded.layers if layer.name not in skipped]
+    if not layers:
+        raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
+    scanner = _Scanner(loaded, dataset, config, layers,
+                       memory_share=max(memory_share, getattr(runner, "memory_share", 1)))
+    log.info("scanning %d channels in %d layers on %d images, %s mode on %s; batches %s", sum(
+        layer.out_channels for layer in layers), len(layers), len(dataset), config.mode, scanner.device,
+        scanner.plan.to_dict())
+    if scanner.bridge is not None and scanner.bridge.steps:
+        log.info("PyTorch bridge: %s", "; ".join(scanner.bridge.steps))
+    clean_accuracy = scanner.tester().clean_accuracy()
+    calibration: list[dict] = []
+    eps = config.eps
+    if config.mode == "gradient" and eps == AUTO:
+        eps, calibration = calibrate_eps(scanner, layers, clean_accuracy)
+        log.info("calibrated eps %s (%s)", eps, ", ".join(f"{t['eps']}: drop {t['median_relative_drop']}"
+                                                          for t in calibration))
+    prepared = time.perf_counter()
+    work = LayerWork(str(Path(loaded.path).resolve()), loaded.sha256, dataset, config,
+                     None if eps == AUTO else eps, scanner.plan)
+    if runner is not None:
+        results = runner(work, layers, progress)
+    else:
+        total = sum(layer.out_channels for layer in layers)
+        done = 0
+
+        def advance(name: str, k: int) -> None:
+            nonlocal done
+            done += k
+            if progress:
+                progress(name, done, total)
+
+        results = score_layers(work, [layer.name for layer in layers], loaded, advance, scanner)
+    tested = time.perf_counter()
+    verdict = model_verdict(loaded, dataset, config, layers, results, scanner)
+    if verdict is not None:
+        log.info("verdict %s: suspicion %s (%s)", verdict.verdict, verdict.suspicion, verdict.basis)
+    finished = time.perf_counter()
+    shape = loaded.image_input.shape
+    resolved = replace(config, eps=eps) if config.mode == "gradient" else config
+    used = asdict(resolved)
+    if config.mode == "gradient":
+        used["alpha"] = config.step_size(eps)
+    return ScanReport(
+        model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
+               "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None,
+                         "layout": loaded.image_input.layout},
+               "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
+        config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
+                "device_used": scanner.device, "ort_provider": scanner.provider,
+                **({"layers_device_used": getattr(runner, "device_used", None)} if runner is not None else {}),
+                "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
+                "calibration": calibration},
+        layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
+        timing={"prepare_s": round(prepared - started, 3), "testing_s": round(tested - prepared, 3),
+                "verdict_s": round(finished - tested, 3),
+                "total_s": round(time.perf_counter() - started, 3)},
+        resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
+        verdict=verdict.to_dict() if verdict else None,
+    )
+
+
+def _rounded(values: np.ndarray) -> list[list[float]]:
+    return [[round(float(v), 6) for v in row] for row in values]

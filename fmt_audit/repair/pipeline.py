@@ -1,0 +1,368 @@
+"""``repair``: remove the flagged channels, fine-tune on clean data, write back, verify.
+
+1. The channels to remove depend on the method (:data:`METHODS`): ``fmt`` takes
+   them from a scan run here on the training part of the data, from a scan
+   report, or from the caller; ``ft`` removes none (fine-tuning alone); ``fp``
+   and ``clp`` choose them by the criteria of :mod:`fmt_audit.repair.pruning`.
+2. Removal makes each channel's output exactly zero: its Conv filter and bias,
+   and the scale and shift of a BatchNormalization that directly follows.
+3. Fine-tuning (:mod:`fmt_audit.repair.finetune`) through the PyTorch bridge, removed
+   channels held at zero unless regrowth is allowed.
+4. Write-back into the original graph (:func:`fmt_audit.backends.torch.bridge.write_back`):
+   same nodes, names, opset and metadata, only initializer values change.
+5. Verification before anything is returned: the ONNX checker passes, ONNX
+   Runtime runs the repaired graph, its logits match the torch module's, and the
+   removed channels' tensors are exactly zero in the graph.
+
+``clp`` is data-free: it runs without data and never fine-tunes; given data, it
+only measures accuracy.
+
+A part of the clean data (``holdout``) is kept out of scanning and training and
+measures accuracy before removal, after removal and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from fmt_audit.backends.torch.bridge import (
+    BridgedClassifier,
+    TorchBridge,
+    check_free_batch,
+    to_torch,
+    torch_device,
+    write_back,
+)
+from fmt_audit.data import Dataset, load_data
+from fmt_audit.errors import ConfigError, RepairError, UnsupportedModelError, first_line
+from fmt_audit.fmt.gradient import FeatureMapPerturbation
+from fmt_audit.fmt.scan import ScanConfig, calibrated_eps, scan
+from fmt_audit.model.graph import (
+    ImageInput,
+    batchnorm_after,
+    constant_tensors,
+    conv_layers,
+    nonfinite_weights,
+    with_node_names,
+)
+from fmt_audit.model.loading import LoadedModel, load_model, run_checker
+from fmt_audit.repair.finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
+from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channels
+from fmt_audit.report.json_report import RepairReport, ScanReport
+
+ChannelSet = Mapping[str, Sequence[int]]
+# fewer optimizer steps than this and fine-tuning barely moves the weights (the
+# published recipe takes about 100: 2,500 images, batch 256, 10 epochs)
+MIN_STEPS = 30
+# images for calibrating the unlearning eps when no gradient scan did: a median accuracy
+# drop over 32 channels needs far fewer images than scoring every channel does
+CALIBRATION_SAMPLES = 64
+# fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning
+METHODS = ("fmt", "ft", "fp", "clp")
+# images for checking ONNX Runtime against torch when a data-free repair has no data
+VERIFY_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Repair settings beyond the scan's (the scan's device, seed and preprocessing apply)."""
+
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    allow_regrowth: bool = False
+    holdout: float = 0.1
+    tolerance: float = 1e-4        # ORT vs torch logits, relative to max(1, largest |logit|)
+    # unlearning: fine-tune on feature-map perturbations too (FeatureMapPerturbation);
+    # None: on, except under the scan preset "paper" (the published repair)
+    unlearn: bool | None = None
+    unlearn_eps: float | str = "auto"   # auto: the scan's gradient-mode eps, else calibrated here
+    unlearn_steps: int = 5
+    method: str = "fmt"
+    prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
+    clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if not 0 < self.prune_drop < 1:
+            raise ConfigError(f"--prune-drop must be in (0, 1); got {self.prune_drop}")
+        if not (np.isfinite(self.clp_u) and self.clp_u > 0):
+            raise ConfigError(f"--clp-u must be a positive number; got {self.clp_u}")
+        if self.unlearn_eps != "auto" and not (isinstance(self.unlearn_eps, (int, float))
+                                               and 0 < self.unlearn_eps <= 1):
+            raise ConfigError(f"--unlearn-eps must be 'auto' or in (0, 1]; got {self.unlearn_eps}")
+        if self.unlearn_steps < 1:
+            raise ConfigError(f"--unlearn-steps must be at least 1; got {self.unlearn_steps}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"--holdout must be in [0, 1); got {self.holdout}")
+        if not self.tolerance > 0:
+            raise ConfigError(f"the verification tolerance must be positive; got {self.tolerance}")
+
+
+def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: float = 0.01,
+                  batch_size: int | None = None, augment: bool = True, flip: str = "auto",
+                  allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
+                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0) -> RepairConfig:
+    """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
+    models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
+    return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
+                                       augment=augment, flip=flip, seed=seed),
+                        allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
+                        method=method, prune_drop=prune_drop, clp_u=clp_u)
+
+
+@dataclass
+class RepairResult:
+    """The repaired graph, its report, and the scan that chose the channels (if one ran)."""
+
+    model: onnx.ModelProto
+    report: RepairReport
+    scan: ScanReport | None = None
+
+
+def check_channels(loaded: LoadedModel, channels: ChannelSet, where: str = "flagged channels") -> dict[str, list[int]]:
+    """Validate a layer -> channel indices map against the model; sorted, deduplicated, empty layers dropped."""
+    sizes = {layer.name: layer.out_channels for layer in loaded.layers}
+    out = {}
+    for name, indices in channels.items():
+        if name not in sizes:
+            raise ConfigError(f"{where}: {name!r} is not a Conv layer of this model "
+                              f"(it has {len(sizes)}: {', '.join(list(sizes)[:5])}{', ...' if len(sizes) > 5 else ''})")
+        values = sorted({int(c) for c in indices})
+        bad = [c for c in values if not 0 <= c < sizes[name]]
+        if bad:
+            raise ConfigError(f"{where}: layer {name!r} has channels 0..{sizes[name] - 1}; got {bad[:5]}")
+        if values:
+            out[name] = values
+    return out
+
+
+def channel_tensors(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Per Conv layer, the stored tensors whose slice along axis 0 makes up a channel's output:
+    the Conv weight and bias, and the scale and shift of a BatchNormalization that directly follows."""
+    named = with_node_names(model)
+    layers = conv_layers(named)
+    norms = batchnorm_after(named.graph, layers)
+    return {layer.name: [layer.weight] + ([layer.bias] if layer.bias else [])
+            + (list(norms[layer.name].input[1:3]) if layer.name in norms else [])
+            for layer in layers}
+
+
+def nonzero_removed(model: onnx.ModelProto, removed: ChannelSet) -> list[str]:
+    """The removed channels whose tensors in ``model`` are not exactly zero, as ``layer[c]: tensor`` strings."""
+    stored = constant_tensors(model.graph)
+    tensors = channel_tensors(model)
+    problems = []
+    for layer, channels in removed.items():
+        for name in tensors[layer]:
+            if name not in stored:
+                problems.append(f"{layer}: tensor {name!r} is computed, not stored")
+                continue
+            value = numpy_helper.to_array(stored[name])
+            for c in channels:
+                if np.any(value[c] != 0):
+                    problems.append(f"{layer}[{c}]: {name}")
+    return problems
+
+
+def remove_channels(bridge: TorchBridge, removed: ChannelSet) -> None:
+    """Zero the removed channels' parameters in the bridged module (filter, bias, following BN scale/shift)."""
+    with torch.no_grad():
+        for layer, channels in removed.items():
+            index = list(channels)
+            conv = bridge.conv_weights(layer)
+            conv.weight[index] = 0
+            if conv.bias is not None:
+                conv.bias[index] = 0
+            norm = bridge.channel_modules[layer]
+            if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                norm.weight[index] = 0
+                norm.bias[index] = 0
+
+
+def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarray,
+           removed: ChannelSet, device: str, tolerance: float, expect_zero: bool) -> dict:
+    """Check the repaired graph; :class:`RepairError` with the reason if it fails."""
+    from fmt_audit.backends.onnxrt.session import OrtClassifier
+
+    try:
+        run_checker(repaired)
+    except Exception as error:
+        raise RepairError(f"the repaired model fails the ONNX checker: {first_line(error)}") from error
+    in_ort = OrtClassifier(repaired, device, classifier.preprocessing)
+    ort_logits = in_ort.logits(x)
+    torch_logits = classifier.logits(x)
+    difference = float(np.abs(ort_logits - torch_logits).max())
+    allowed = tolerance * max(1.0, float(np.abs(torch_logits).max()))
+    if not difference <= allowed:
+        raise RepairError(f"the repaired ONNX model disagrees with the fine-tuned PyTorch module: "
+                          f"max |logit difference| {difference:.3g} > {allowed:.3g}")
+    problems = nonzero_removed(repaired, removed) if expect_zero else []
+    if problems:
+        raise RepairError(f"removed channels are not zero in the repaired model: {', '.join(problems[:5])}")
+    return {"checker": "passed", "ort_provider": in_ort.provider, "images": len(x),
+            "max_abs_logit_difference": difference, "allowed": allowed,
+            "removed_exactly_zero": expect_zero}
+
+
+def regrowth(bridge: TorchBridge, removed: ChannelSet) -> dict[str, list[float]]:
+    """L2 norm of each removed channel's filter after fine-tuning (non-zero only when regrowth is allowed)."""
+    return {layer: [round(float(bridge.conv_weights(layer).weight[c].norm()), 6) for c in channels]
+            for layer, channels in removed.items()}
+
+
+def unlearning_eps(config: RepairConfig, scanned, loaded: LoadedModel, train: Dataset,
+                 scan_config: ScanConfig) -> tuple[float, list[dict], str]:
+    """The unlearning eps, its calibration trace, and where it came from."""
+    if config.unlearn_eps != "auto":
+        return float(config.unlearn_eps), [], "given"
+    if isinstance(scanned, ScanReport) and scanned.config.get("mode") == "gradient":
+        return float(scanned.config["eps"]), list(scanned.config.get("calibration") or []), "scan"
+    eps, trace = calibrated_eps(loaded, train, replace(scan_config, samples=min(scan_config.samples,
+                                                                              CALIBRATION_SAMPLES)))
+    return eps, trace, "calibrated"
+
+
+def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Dataset | None,
+                        classifier: BridgedClassifier, scan_config: ScanConfig,
+                        flagged: ScanReport | ChannelSet | None,
+                        progress: Callable[[str, int, int], None] | None) -> tuple[str, ChannelSet, ScanReport | None,
+                                                                                    dict | None]:
+    """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp)."""
+    if config.method == "ft":
+        return "none (fine-tuning alone)", {}, None, None
+    if config.method in ("fp", "clp"):
+        choice: PruningChoice
+        if config.method == "clp":
+            choice = clp_channels(loaded.proto, loaded.layers, config.clp_u)
+        else:
+            choice = dormant_channels(classifier, loaded.proto, loaded.layers, train, config.prune_drop,
+                                      seed=scan_config.seed)
+        return {"fp": "fine-pruning", "clp": "clp"}[config.method], choice.channels, None, choice.evidence
+    if flagged is None:
+        report = scan(loaded, train, scan_config, progress=progress)
+        return "scan", report.flagged, report, None
+    if isinstance(flagged, ScanReport):
+        if flagged.model.get("sha256") != loaded.sha256:
+            made_for = str(flagged.model.get("sha256"))[:12]
+            raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
+                              f"this model {loaded.sha256[:12]}...)")
+        return "report", flagged.flagged, None, None
+    return "given", flagged, None, None
+
+
+def verification_images(image: ImageInput, seed: int) -> np.ndarray:
+    """Seeded uniform [0, 1] images of the model's input size, for checking a repair made without data."""
+    if image.height is None or image.width is None:
+        raise ConfigError("a repair without data needs a model with a fixed input height and width "
+                          "(to make images that check ONNX Runtime against torch); give --data")
+    shape = (VERIFY_IMAGES, image.channels or 3, image.height, image.width)
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset | None,
+           config: RepairConfig | None = None, scan_config: ScanConfig | None = None,
+           flagged: ScanReport | ChannelSet | None = None,
+           progress: Callable[[str, int, int], None] | None = None,
+           on_epoch: Callable[[EpochRecord], None] | None = None) -> RepairResult:
+    """Repair ``model`` with the clean labelled images in ``data`` by ``config.method``.
+
+    ``flagged`` (method ``fmt`` only): the channels to remove — a scan report of
+    this model, or a ``{layer: [channels]}`` map; ``None`` runs a scan with
+    ``scan_config`` on the training part of the data first. ``data`` may be
+    ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
+    ``on_epoch`` gets each epoch's record.
+    """
+    config = config or RepairConfig()
+    scan_config = scan_config or ScanConfig()
+    method = config.method
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    broken = nonfinite_weights(loaded.proto.graph)
+    if broken:
+        raise UnsupportedModelError(f"NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
+                                    "repair refused: fine-tuning cannot be trusted to fix a broken model")
+    if flagged is not None and method != "fmt":
+        raise ConfigError(f"given channels to remove (a scan report) go with --method fmt, not {method}")
+    if data is None and method != "clp":
+        raise ConfigError(f"--method {method} needs clean labelled data (--data); only clp is data-free")
+    preprocessing = scan_config.preprocessing
+    preprocessing.check_channels(loaded.image_input.channels)
+    dataset = None
+    if data is not None:
+        dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+        if len(dataset) < 2:
+            raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
+    empty = Dataset(np.zeros((0, 1, 1, 1), np.float32), np.zeros(0, np.int64))
+    train, holdout = dataset.split(config.holdout, seed=scan_config.seed) if dataset is not None else (empty, empty)
+    bridge = to_torch(loaded.proto)     # before the scan: a model that cannot be fine-tuned fails fast
+    check_free_batch(bridge, loaded.image_input, "fine-tuning")
+    device = torch_device(scan_config.device)
+    classifier = BridgedClassifier(bridge, preprocessing, device)
+    source, removed, scan_report, evidence = _channels_to_remove(config, loaded, train, classifier, scan_config,
+                                                                 flagged, progress)
+    removed = check_channels(loaded, removed)
+    scanned = time.perf_counter()
+
+    measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
+    accuracy = {"before": measure()}
+    tuning = config.fine_tune if method != "clp" else replace(config.fine_tune, epochs=0)
+    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method != "clp"
+                       else (False, {"setting": tuning.flip, "flip": False}))
+    remove_channels(bridge, removed)
+    accuracy["after_removal"] = measure()
+    unlearn = method == "fmt" and (config.unlearn if config.unlearn is not None else scan_config.preset != "paper")
+    perturb, unlearning = None, {"enabled": unlearn}
+    if unlearn and tuning.epochs:
+        eps, trace, origin = unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)
+        perturb = FeatureMapPerturbation(classifier, loaded.layers, eps, eps / 3, config.unlearn_steps,
+                                         seed=tuning.seed)
+        unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
+                           "calibration": trace})
+    hold = (contextlib.nullcontext() if config.allow_regrowth
+            else removed_held_at_zero(bridge.channel_modules, removed))
+    with hold:
+        history = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
+                            progress=on_epoch, perturb=perturb) if tuning.epochs else []
+        accuracy["after"] = measure()
+        trained = time.perf_counter()
+        repaired = write_back(loaded.proto, bridge)
+        check_images = next((d.x[:64] for d in (holdout, train) if len(d)), None)
+        if check_images is None:
+            check_images = verification_images(loaded.image_input, scan_config.seed)
+        verification = verify(repaired, classifier, check_images, removed, scan_config.device,
+                              config.tolerance, expect_zero=not config.allow_regrowth)
+
+    steps = tuning.epochs * tuning.steps_per_epoch(len(train))
+    batch_size = tuning.batch_for(len(train))
+    warnings = []
+    if 0 < steps < MIN_STEPS:
+        warnings.append(f"fine-tuning took only {steps} optimizer steps ({len(train)} training images, batch "
+                        f"{batch_size}, {tuning.epochs} epochs); a smaller --batch-size "
+                        "or more --epochs gives it more")
+    report = RepairReport(
+        model={"path": str(loaded.path), "sha256": loaded.sha256},
+        config={"method": method, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
+                "holdout": config.holdout, "tolerance": config.tolerance, "device_used": device,
+                **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning, "steps": steps,
+                "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
+                **({"prune_drop": config.prune_drop} if method == "fp" else {}),
+                **({"clp_u": config.clp_u} if method == "clp" else {})},
+        flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
+        data={"images": len(dataset) if dataset is not None else 0, "train": len(train), "holdout": len(holdout),
+              "source": dataset.source if dataset is not None else None},
+        accuracy=accuracy, epochs=[record.to_dict() for record in history], verification=verification,
+        regrowth=regrowth(bridge, removed) if config.allow_regrowth else None, warnings=warnings,
+        timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned, 3),
+                "total_s": round(time.perf_counter() - started, 3)},
+        method=method, evidence=evidence,
+    )
+    return RepairResult(repaired, report, scan_report)

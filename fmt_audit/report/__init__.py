@@ -1,0 +1,1 @@
+"""Reports: JSON (and its text summary), HTML."""

@@ -1,0 +1,1 @@
+"""The evidence the verdict methods gather: trigger search, universal ladder, references, smooth images."""
