@@ -30,8 +30,7 @@ def main() -> None:
     from fmt_audit.data import Dataset
     from fmt_audit.fmt.scan import ScanConfig
     from fmt_audit.repair.comparison import compare
-    from fmt_audit.repair.finetune import FineTuneConfig
-    from fmt_audit.repair.pipeline import RepairConfig
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
 
     rows = []
     for name in args.models:

@@ -4,7 +4,7 @@ For each case of ``sample_models/zoo.py`` — resnet18, vgg11_bn, mobilenet_v2,
 efficientnet_b0, shufflenet_v2_x1_0, densenet121 and googlenet with seeded random
 weights, through torch's legacy exporter (opsets 11, 13, 17) and its dynamo
 exporter (external data), plus the hand-built graphs — runs what a user runs:
-``inspect``, ``scan`` (mask mode, small N, with the verdict probe) and ``repair``
+``inspect``, ``scan`` (mask mode, small N, no verdict: its cost is benchmarks/verdict_cost.py's) and ``repair``
 (one epoch), then checks that ONNX Runtime and torch agree on the repaired model
 and that the write-back kept the graph's structure. A case that fails records
 why, in one line, and the others go on.
@@ -41,7 +41,7 @@ def run_case(row: dict, path, samples: int, scan_too: bool = True) -> None:
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.model.inspection import summarize
     from fmt_audit.model.loading import load_model
-    from fmt_audit.repair.finetune import FineTuneConfig
+    from fmt_audit.repair.config import FineTuneConfig
     from fmt_audit.repair.pipeline import RepairConfig, repair
 
     loaded = load_model(path)
@@ -49,11 +49,11 @@ def run_case(row: dict, path, samples: int, scan_too: bool = True) -> None:
     row.update({"conv layers": conv["layers"], "channels": conv["channels"], "depthwise": conv["depthwise"],
                 "1x1 maps": conv["one_by_one_maps"]})
     data = zoo.own_labels(loaded, 16)
-    config = ScanConfig(samples=samples, verdict="sink", verdict_probe=8)   # as the README table was measured
+    config = ScanConfig(samples=samples)
     flagged = {loaded.layers[0].name: [0]}      # without a scan: one channel removed, to exercise the write-back
     if scan_too:
         started = time.perf_counter()
-        flagged = scan(loaded, data, config)
+        flagged = scan(loaded, data, config, verdict=None)
         row["scan s"] = round(time.perf_counter() - started, 1)
     else:
         row["scan s"] = "not run"

@@ -20,11 +20,14 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from cases import SAMPLES, model_paths, publish
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "research"))   # the verdict study's digit models
 from verdict_population import ATTACKS, folder_of
 
 GROUPS = ("sample", "digits", "cifar")

@@ -40,7 +40,7 @@ def cached_scan(model_path: Path, train, preset: str, samples: int, seed: int, c
     target = cache / f"scan_{preset}_n{samples}_seed{seed}.json" if cache else None
     if target and target.exists():
         return ScanReport.read(target)
-    report = scan(model_path, train, ScanConfig.from_preset(preset, samples=samples, seed=seed))
+    report = scan(model_path, train, ScanConfig.from_preset(preset, samples=samples, seed=seed), verdict=None)
     if target:
         target.write_text(report.to_json())
     return report
@@ -56,8 +56,8 @@ def main() -> None:
     from fmt_audit.data import Dataset, load_npz
     from fmt_audit.fmt.scan import ScanConfig
     from fmt_audit.model.loading import load_model
+    from fmt_audit.repair.config import FineTuneConfig
     from fmt_audit.repair.evaluation import evaluate
-    from fmt_audit.repair.finetune import FineTuneConfig
     from fmt_audit.repair.pipeline import RepairConfig, repair, unlearning_eps
 
     rows = []

@@ -73,7 +73,7 @@ def main() -> None:
         for preset in args.presets.split(","):
             config = ScanConfig.from_preset(preset, samples=args.samples, seed=args.seed)
             started = time.perf_counter()
-            report = scan(loaded, defender, config)
+            report = scan(loaded, defender, config, verdict=None)
             seconds = time.perf_counter() - started
             flagged = report.flagged
             rng = np.random.default_rng(args.seed)

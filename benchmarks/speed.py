@@ -130,7 +130,7 @@ def run_method(method: str, model_path: str, data_path: str, samples: int, seed:
         elif per_layer:
             raise SystemExit("--channels-per-layer times gradient mode only")
         else:
-            report = scan(loaded, data, config)
+            report = scan(loaded, data, config, verdict=None)   # the channel scan; the verdict: verdict_cost.py
             if mode == "gradient":
                 scores = np.concatenate([np.asarray(layer.scores) for layer in report.layers])
     seconds = time.perf_counter() - started

@@ -83,9 +83,3 @@ def apply_config(ctx: click.Context, _param: click.Parameter, path: str | None) 
         values[name] = _value(path, key, value)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return path
-
-
-config_option = click.option(
-    "--config", type=click.Path(dir_okay=False, path_type=str), default=None, is_eager=True, expose_value=False,
-    callback=apply_config, help="Read option values from this TOML file ([scan], [repair], [evaluate] tables); "
-                                "options given here win.")

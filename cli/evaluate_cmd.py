@@ -4,33 +4,37 @@ from __future__ import annotations
 
 import click
 
-from .config_file import config_option
 from .console import STDOUT, say, write_report
+from .options import CONFIG, DEVICE, OptionGroup, check_outputs, command, data_options, json_option, opt
+
+EVALUATION = OptionGroup(
+    "Evaluation",
+    opt("--poisoned", default=None, type=click.Path(path_type=str),
+        help="The test images with the trigger applied, labelled with their true classes."),
+    opt("--target", type=int, default=None, help="The attack's target class (with --poisoned)."),
+    opt("--baseline", default=None, type=click.Path(dir_okay=False, path_type=str),
+        help="The model before the defense: its metrics side by side, and the DER."),
+)
 
 
-@click.command()
+@command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@config_option
-@click.option("--data", required=True, type=click.Path(path_type=str), help="Clean labelled test images.")
-@click.option("--poisoned", default=None, type=click.Path(path_type=str),
-              help="The test images with the trigger applied, labelled with their true classes.")
-@click.option("--target", type=int, default=None, help="The attack's target class (with --poisoned).")
-@click.option("--baseline", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="The model before the defense: its metrics side by side, and the DER.")
-@click.option("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465.")
-@click.option("--std", default=None, help="Per-channel std the model expects.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (and nothing else) on stdout.")
+@data_options("Clean labelled test images.")
+@EVALUATION
+@OptionGroup("Run", DEVICE, CONFIG)
+@json_option("the result")
 @click.pass_context
 def evaluate(ctx: click.Context, model: str, data: str, poisoned: str | None, target: int | None, baseline: str | None,
-             mean: str | None, std: str | None, device: str, as_json: bool) -> None:
+             mean: str | None, std: str | None, device: str | None, json_path: str | None) -> None:
     """Measure MODEL's clean accuracy and, given triggered data, its attack success rate."""
     from fmt_audit.data import Preprocessing, parse_channel_values
+    from fmt_audit.model.loading import model_files
     from fmt_audit.repair.evaluation import evaluate as run_evaluate
 
+    inputs = [*model_files(model), data, *([poisoned] if poisoned else []), *([baseline] if baseline else [])]
+    check_outputs(inputs, json_path)
     preprocessing = Preprocessing(parse_channel_values(mean, "--mean"), parse_channel_values(std, "--std"))
-    result = run_evaluate(model, data, poisoned, target, baseline, preprocessing, device)
-    if as_json:
-        write_report(STDOUT, result.to_json())
-    else:
-        say(ctx, result.format_text())
+    result = run_evaluate(model, data, poisoned, target, baseline, preprocessing, device or "auto")
+    if json_path:
+        write_report(json_path, result.to_json())
+    say(ctx, result.format_text(), json_to_stdout=json_path == STDOUT)

@@ -1,4 +1,4 @@
-"""``fmt-audit fleet SOURCE --out DIR [--repair]``: audit (and repair) a folder or manifest of models, one task
+"""``fmt-audit fleet SOURCE -o DIR [--repair]``: audit (and repair) a folder or manifest of models, one task
 per model (Ray)."""
 
 from __future__ import annotations
@@ -6,52 +6,74 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from .config_file import config_option
+from . import exit_codes
 from .console import say
-from .repair_cmd import METHOD_HELP, repair_options, split_options
-from .scan_cmd import parse_eps, parse_size, scan_options
+from .options import (
+    REPAIR,
+    RUN,
+    SCAN,
+    VERDICT,
+    OptionGroup,
+    command,
+    data_options,
+    opt,
+    parse_eps,
+    parse_size,
+    repair_method,
+)
 
 FLEET_DATA_HELP = ("Clean labelled images for every model (.npz or an image folder); a manifest may give each "
                    "model its own.")
+REPAIRING = OptionGroup(
+    "Repair",
+    opt("--repair", is_flag=True, help="Also repair the models (as fmt-audit repair, with the channels their scan "
+                                       "flagged) into NAME.repaired.onnx, with NAME.repair.json and .html."),
+    opt("--repair-when", type=click.Choice(["always", "suspicious"]), default="always", show_default=True,
+        help="With --repair: every model, or those whose scan is suspicious or inconclusive (or, without a "
+             "verdict, flags channels)."),
+)
+RAY = OptionGroup(
+    "Ray",
+    opt("--address", default=None, help="Join this Ray cluster (e.g. ray://head:10001 or auto); default: start Ray "
+                                        "on this machine."),
+    opt("--workers", type=int, default=None, help="Ray on this machine: CPUs to use (one model each).  [default: all]"),
+    opt("--gpus-per-task", type=float, default=0.0, show_default=True,
+        help="GPUs Ray reserves for each model's task (fractions share a GPU)."),
+    opt("--sequential", is_flag=True, help="Run in this process, one model after another, even with Ray."),
+)
+OUTPUT = OptionGroup(
+    "Output",
+    opt("-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
+        help="Folder for every model's JSON and HTML report and the summary (fleet.json, fleet.csv); created if "
+             "missing."),
+    opt("--force", is_flag=True, help="Rerun models already audited with the same model and configuration."),
+    opt("--fail-on-suspicious", is_flag=True,
+        help="Exit with code 1 when any model is suspicious or inconclusive, or failed."),
+)
 
 
-@click.command()
+@command()
 @click.argument("source", type=click.Path(path_type=str))
-@scan_options(data_help=FLEET_DATA_HELP)
-@config_option
-@click.option("--repair", is_flag=True,
-              help="Also repair the models (as fmt-audit repair, with the channels their scan flagged) into "
-                   "NAME.repaired.onnx, with NAME.repair.json and .html.")
-@click.option("--repair-when", type=click.Choice(["always", "suspicious"]), default="always", show_default=True,
-              help="With --repair: every model, or those whose scan is suspicious or inconclusive (or, without "
-                   "a verdict, flags channels).")
-@click.option("--method", type=click.Choice(["fmt", "ft", "fp", "clp"]), default="fmt", show_default=True,
-              help=f"With --repair: {METHOD_HELP}")
-@repair_options
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Folder for every model's JSON and HTML report and the summary (fleet.json, fleet.csv); "
-                   "created if missing.")
-@click.option("--address", default=None, help="Join this Ray cluster (e.g. ray://head:10001 or auto); default: "
-                                              "start Ray on this machine.")
-@click.option("--workers", type=int, default=None, help="Ray on this machine: CPUs to use (one model each). "
-                                                        "[default: all]")
-@click.option("--gpus-per-task", type=float, default=0.0, show_default=True,
-              help="GPUs Ray reserves for each model's task (fractions share a GPU).")
-@click.option("--sequential", is_flag=True, help="Run in this process, one model after another, even with Ray.")
-@click.option("--force", is_flag=True, help="Rerun models already audited with the same model and configuration.")
-@click.option("--fail-on-suspicious", is_flag=True,
-              help="Exit with code 1 when any model is suspicious or inconclusive, or failed.")
+@data_options(FLEET_DATA_HELP, required=False)
+@SCAN
+@VERDICT
+@REPAIRING
+@repair_method("With --repair: the method (see `fmt-audit repair --help`).")
+@REPAIR
+@RUN
+@RAY
+@OUTPUT
 @click.pass_context
 def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: str | None, workers: int | None,
           gpus_per_task: float, sequential: bool, force: bool, fail_on_suspicious: bool, repair: bool,
           repair_when: str, method: str, **options) -> None:
-    """Audit every model of SOURCE (a folder of .onnx files, or a .json/.csv manifest) into --out."""
+    """Audit every model of SOURCE (a folder of .onnx files, or a .json/.csv manifest) into -o DIR."""
     from fmt_audit.errors import ConfigError
     from fmt_audit.fleet.audit import ray_available, read_source, run_fleet
     from fmt_audit.report.json_report import attention
 
     models = read_source(source, out)
-    options, repair_settings = split_options(options)
+    repair_settings = REPAIR.take(options)
     if not repair:
         given = [name for name in ("method", "repair_when", *repair_settings)
                  if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]   # a --config file may share them
@@ -79,7 +101,5 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
     if fail_on_suspicious:     # scan's gate (fmt_audit.report.json_report.attention), and any model that failed
         failing = [r.model for r in result.rows if r.error or attention(r.verdict, r.suspicion, r.flagged)]
         if failing:
-            from .main import EXIT_SUSPICIOUS
-
             click.echo(f"suspicious, inconclusive or failed: {', '.join(failing)}", err=True)
-            ctx.exit(EXIT_SUSPICIOUS)
+            ctx.exit(exit_codes.SUSPICIOUS)

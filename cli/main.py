@@ -1,9 +1,9 @@
 """``fmt-audit`` entry point: the command group and the error policy.
 
-Exit codes: 0 success; 1 suspicious (``scan --fail-on-suspicious``); 2 usage or
-input error (one line on stderr); 3 internal error; 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM) — neither leaves a partial output file. ``--debug``
-shows the traceback instead of the one line.
+Exit codes (:mod:`fmt_audit_cli.exit_codes`): 0 success; 1 suspicious
+(``--fail-on-suspicious``); 2 usage or input error (one line on stderr); 3 internal
+error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM) — neither leaves a partial
+output file. ``--debug`` shows the traceback instead of the one line.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ import click
 
 from fmt_audit.errors import FmtAuditError, first_line
 
-EXIT_SUSPICIOUS = 1     # scan --fail-on-suspicious
-EXIT_INPUT_ERROR = 2
-EXIT_INTERNAL_ERROR = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
+from . import exit_codes
 
 
 class Terminated(BaseException):
@@ -57,19 +53,19 @@ class AuditGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {first_line(error)}", err=True)
-            ctx.exit(EXIT_INPUT_ERROR)
+            ctx.exit(exit_codes.INPUT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            ctx.exit(exit_codes.INTERRUPTED)
         except Terminated:
             click.echo("terminated", err=True)
-            ctx.exit(EXIT_TERMINATED)
+            ctx.exit(exit_codes.TERMINATED)
         except Exception as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"internal error: {type(error).__name__}: {first_line(error)} "
                        "(rerun with --debug for the traceback)", err=True)
-            ctx.exit(EXIT_INTERNAL_ERROR)
+            ctx.exit(exit_codes.INTERNAL_ERROR)
 
 
 @click.group(cls=AuditGroup, context_settings={"help_option_names": ["-h", "--help"]})

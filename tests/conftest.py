@@ -15,13 +15,45 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fmt_audit.report.schema import problems
+from fmt_audit.verdict import VerdictConfig
+
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
 SAMPLE_FILES = [entry["file"] for entry in MANIFEST["models"]]
 # The verdict's maximum-margin test at a sliver of its default effort (16 starts x 200 steps per class), for
 # the tests whose subject is not the verdict: the same code path in a fraction of the time
 QUICK_MARGIN = {"margin_restarts": 2, "margin_steps": 10}
-QUICK_MARGIN_ARGS = ("--margin-restarts", "2", "--margin-steps", "10")
+QUICK_MARGIN_ARGS = ("--verdict", "margin", "--margin-restarts", "2", "--margin-steps", "10")
+QUICK_VERDICT = VerdictConfig(method="margin", **QUICK_MARGIN)
+
+
+def quick_combined(monkeypatch) -> None:
+    """The combined verdict at a sliver of its default effort (a third of the trigger search's steps on half
+    its images, a shorter ladder, references trained 150 steps of 400): the same code path, quicker."""
+    import fmt_audit.verdict.combined
+    from fmt_audit.verdict.config import CleanseConfig, ReferenceConfig, UniversalConfig
+
+    monkeypatch.setattr(VerdictConfig, "cleanse", lambda self: CleanseConfig(steps=100, images=16, seed=self.seed))
+    monkeypatch.setattr(VerdictConfig, "universal", lambda self: UniversalConfig(images=16, steps=8, seed=self.seed))
+    monkeypatch.setattr(fmt_audit.verdict.combined, "ReferenceConfig", lambda: ReferenceConfig(steps=150))
+
+
+@pytest.fixture(autouse=True)
+def reports_match_their_schema(request):
+    """Every scan or repair report a test writes into its ``tmp_path`` matches the schema
+    (fmt_audit.report.schema, docs/report-schema.md)."""
+    yield
+    folder = request.node.funcargs.get("tmp_path")
+    if folder is None:
+        return
+    for path in Path(folder).rglob("*.json"):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue    # a test's own broken input
+        if isinstance(saved, dict) and "schema_version" in saved:
+            assert problems(saved) == [], f"{path.name} does not match the report schema"
 
 
 def sample_images(name: str = "test.npz", n: int = 64) -> np.ndarray:

@@ -23,9 +23,9 @@ def test_inspect_text():
 
 
 def test_inspect_json_on_opset18_with_external_data():
-    result = _invoke("inspect", "--json", str(SAMPLES / "badnets_op18.onnx"))
+    result = _invoke("inspect", "--json", "-", str(SAMPLES / "badnets_op18.onnx"))
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["opsets"] == {"": 18}
     assert summary["image_input"] == {"name": "input", "shape": ["batch", 1, 16, 16], "dtype": "float32",
                                       "layout": "NCHW"}
@@ -41,11 +41,11 @@ def test_inspect_reports_batchnorm_depthwise_and_unconvertible_ops(tmp_path):
     model.graph.node[-1].output[0] = "raw"
     model.graph.node.append(helper.make_node("Hardmax", ["raw"], ["logits"], name="hardmax"))
     path = save(model, tmp_path / "m.onnx")
-    summary = json.loads(_invoke("inspect", "--json", str(path)).output)
+    summary = json.loads(_invoke("inspect", "--json", "-", str(path)).stdout)
     assert summary["batchnorm"] == {"nodes": 1, "folded": False}
     assert summary["conv"]["depthwise"] == 1 and summary["conv"]["grouped"] == 1
     assert summary["bridge_unsupported_ops"] == ["Hardmax"]
-    text = _invoke("inspect", "-v", str(path)).output
+    text = _invoke("inspect", "--layers", str(path)).output
     assert "cannot convert: Hardmax" in text and "depthwise" in text and "Conv_3" in text
 
 

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from conftest import QUICK_MARGIN_ARGS, SAMPLES
 from fmt_audit_cli.main import main
 
-SCAN = ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"),
-        "--skip-layers", "block", "--samples", "16", *QUICK_MARGIN_ARGS]
+MODEL_AND_DATA = [str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--samples", "16"]
+SCAN = ["scan", *MODEL_AND_DATA, "--skip-layers", "block", *QUICK_MARGIN_ARGS]
 
 
 def _run(*args):
@@ -31,7 +31,8 @@ def test_quiet_prints_nothing_and_verbose_logs_the_steps():
 
 
 def test_repair_report_to_stdout(tmp_path):
-    result = _run("repair", *SCAN[1:], "--epochs", "1", "--no-unlearn", "-o", tmp_path / "r.onnx", "--json", "-")
+    result = _run("repair", *MODEL_AND_DATA, "--skip-layers", "block", "--epochs", "1", "--no-unlearn",
+                  "-o", tmp_path / "r.onnx", "--json", "-")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["output"]["path"] == str(tmp_path / "r.onnx")
     assert "wrote" in result.stderr
@@ -42,7 +43,7 @@ def test_config_file_values_and_command_line_precedence(tmp_path):
     config.write_text('seed = 3\nepochs = 99\n\n[scan]\npreset = "paper"\nsamples = 12\nskip-layers = "block"\n'
                       'mean = [0.5]\nstd = [0.25]\ndata = "%s"\n' % (SAMPLES / "defender.npz"))
     out = tmp_path / "r.json"
-    result = _run("scan", SAMPLES / "clean_op13.onnx", "--config", config, "--samples", "8", "-o", out,
+    result = _run("scan", SAMPLES / "clean_op13.onnx", "--config", config, "--samples", "8", "--json", out,
                   *QUICK_MARGIN_ARGS)
     assert result.exit_code == 0, result.stderr
     used = json.loads(out.read_text())["config"]

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
+from conftest import QUICK_MARGIN_ARGS, QUICK_VERDICT, SAMPLES
 from onnx import numpy_helper
 
 from fmt_audit.backends.onnxrt.session import OrtClassifier
@@ -25,7 +25,7 @@ from fmt_audit.data import Preprocessing
 from fmt_audit.fmt.scan import ScanConfig, scan
 from fmt_audit.model.inspection import summarize
 from fmt_audit.model.loading import load_model
-from fmt_audit.repair.finetune import FineTuneConfig
+from fmt_audit.repair.config import FineTuneConfig
 from fmt_audit.repair.pipeline import RepairConfig, repair
 
 sys.path.insert(0, str(SAMPLES))
@@ -69,8 +69,8 @@ def test_case_runs_inspect_scan_repair_to_the_end(case, zoo_folder, tmp_path):
     if case.startswith("efficientnet"):    # squeeze-and-excitation Convs act on 1x1 maps, and are tested
         assert summary["conv"]["one_by_one_maps"] > 0
     data = zoo.own_labels(loaded)
-    config = ScanConfig(samples=8, **QUICK_MARGIN)
-    report = scan(loaded, data, config)
+    config = ScanConfig(samples=8)
+    report = scan(loaded, data, config, verdict=QUICK_VERDICT)
     assert [layer.name for layer in report.layers] == [layer.name for layer in loaded.layers]
     depthwise = {layer.name for layer in loaded.layers if layer.depthwise}
     assert {layer.name for layer in report.layers if layer.depthwise} == depthwise
@@ -115,9 +115,9 @@ def test_nhwc_graph_through_the_cli_with_uint8_nhwc_data(tmp_path):
     images = zoo.own_labels(loaded, 32)
     np.savez(tmp_path / "data.npz", x=np.round(images.x.transpose(0, 2, 3, 1) * 255).astype(np.uint8),
              y=images.y)
-    inspected = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    inspected = CliRunner().invoke(main, ["inspect", str(path), "--json", "-"])
     assert inspected.exit_code == 0, inspected.output
-    assert json.loads(inspected.output)["image_input"]["layout"] == "NHWC"
+    assert json.loads(inspected.stdout)["image_input"]["layout"] == "NHWC"
     for command in (["scan", str(path), "--samples", "8", *QUICK_MARGIN_ARGS],
                     ["repair", str(path), "--samples", "8", "--epochs", "1", "-o", str(tmp_path / "out.onnx")]):
         result = CliRunner().invoke(main, [*command, "--data", str(tmp_path / "data.npz")])

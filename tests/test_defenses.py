@@ -16,8 +16,8 @@ from fmt_audit.errors import ConfigError
 from fmt_audit.model.graph import conv_layers, last_conv_layers, with_node_names
 from fmt_audit.model.loading import load_model
 from fmt_audit.repair.comparison import compare
+from fmt_audit.repair.config import FineTuneConfig
 from fmt_audit.repair.evaluation import defense_effectiveness, evaluate
-from fmt_audit.repair.finetune import FineTuneConfig
 from fmt_audit.repair.pipeline import RepairConfig, nonzero_removed, repair
 from fmt_audit.repair.pruning import clp_channels, dormant_channels, lipschitz_bounds, mean_activations
 
@@ -161,7 +161,7 @@ def test_compare_records_a_method_that_cannot_run_and_goes_on(tmp_path):
 def test_cli_compare_table_json_and_saved_models(tmp_path):
     result = _invoke("compare", BADNETS, "--data", SAMPLES / "defender.npz", "--test", SAMPLES / "test.npz",
                      "--poisoned", SAMPLES / "badnets_test.npz", "--target", TARGET, "--methods", "clp,ft",
-                     "--epochs", 1, "--json", tmp_path / "c.json", "--save-dir", tmp_path / "models")
+                     "--epochs", 1, "--json", tmp_path / "c.json", "-o", tmp_path / "models")
     assert result.exit_code == 0, result.output
     assert "DER" in result.output and "clp" in result.output
     saved = json.loads((tmp_path / "c.json").read_text())

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
+from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, QUICK_VERDICT, SAMPLES, quick_combined
 from fmt_audit_cli.main import main
 
 from fmt_audit.fleet import audit as fleet_module
 from fmt_audit.fleet.audit import read_source, run_fleet
 
-FAST = {"samples": 8, **QUICK_MARGIN}
+FAST = {"samples": 8, "verdict": "margin", **QUICK_MARGIN}    # fleet options: the scan's and the verdict's
 DATA = SAMPLES / "defender.npz"
 
 
@@ -56,7 +56,7 @@ def test_a_folder_fleet_writes_every_report_and_records_a_failure_as_a_row(sourc
     # the same report as a plain scan with the same options
     from fmt_audit.fmt.scan import ScanConfig, scan
 
-    direct = scan(source / "badnets_op13.onnx", DATA, ScanConfig(**FAST))
+    direct = scan(source / "badnets_op13.onnx", DATA, ScanConfig(samples=8), verdict=QUICK_VERDICT)
     stored = json.loads((out / "badnets_op13.json").read_text())
     assert stored["layers"] == json.loads(direct.to_json())["layers"]
     assert stored["verdict"] == direct.verdict
@@ -122,9 +122,10 @@ def test_bad_manifests_are_one_line_errors(tmp_path, entry, message):
 
 def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_module, "ray_available", lambda: False)
+    quick_combined(monkeypatch)
     shutil.rmtree(source / "vendor")
     result = CliRunner().invoke(main, ["fleet", str(source), "--data", str(DATA), "--out", str(tmp_path / "out"),
-                                       "--samples", "8", "--verdict", "sink", "--verdict-probe", "8",
+                                       "--samples", "8", "--verdict-samples", "96",
                                        "--fail-on-suspicious",
                                        "--repair", "--epochs", "0", "--no-augment", "--unlearn-eps", "0.05"])
     assert "Ray is not installed" in result.output
@@ -138,6 +139,7 @@ def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monke
     assert refused.exit_code == 2 and "--address needs Ray" in refused.output
 
 
+@pytest.mark.slow
 def test_ray_on_this_machine_gives_the_sequential_reports(source, tmp_path):
     pytest.importorskip("ray")
     shutil.rmtree(source / "vendor")
@@ -160,15 +162,16 @@ def test_ray_on_this_machine_gives_the_sequential_reports(source, tmp_path):
         run_fleet(read_source(source), DATA, tmp_path / "huge", {**FAST, "max_memory": 2.0**30}, workers=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mask", "gradient"])
 def test_a_scan_split_over_ray_workers_gives_the_local_report(mode):
     pytest.importorskip("ray")
     from fmt_audit.fleet.ray_engine import ray_runner
     from fmt_audit.fmt.scan import ScanConfig, scan
 
-    config = ScanConfig(mode=mode, samples=16, **QUICK_MARGIN)
-    local = scan(SAMPLES / "badnets_op13.onnx", DATA, config)
-    split = scan(SAMPLES / "badnets_op13.onnx", DATA, config, runner=ray_runner(workers=2))
+    config = ScanConfig(mode=mode, samples=16)
+    local = scan(SAMPLES / "badnets_op13.onnx", DATA, config, verdict=QUICK_VERDICT)
+    split = scan(SAMPLES / "badnets_op13.onnx", DATA, config, runner=ray_runner(workers=2), verdict=QUICK_VERDICT)
     from fmt_audit.fleet.ray_engine import chunks
     from fmt_audit.model.loading import load_model
 
@@ -250,7 +253,8 @@ def test_a_report_replaced_without_its_new_record_is_not_kept_later(source, tmp_
 
 def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
     from fmt_audit.fmt.scan import ScanConfig
-    from fmt_audit.repair.pipeline import repair, repair_config
+    from fmt_audit.repair.config import repair_config
+    from fmt_audit.repair.pipeline import repair
     from fmt_audit.report.json_report import ScanReport
 
     shutil.rmtree(source / "vendor")
@@ -260,7 +264,7 @@ def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
     assert row.model == "badnets_op13" and row.repaired == "badnets_op13.repaired.onnx" and not row.error
     scanned = ScanReport.read(out / "badnets_op13.json")
     direct = repair(source / "badnets_op13.onnx", DATA, repair_config(0, epochs=1, holdout=0.2),
-                    ScanConfig(**FAST), flagged=scanned)
+                    ScanConfig(samples=8), flagged=scanned)
     assert (out / "badnets_op13.repaired.onnx").read_bytes() == direct.model.SerializeToString()
     written = json.loads((out / "badnets_op13.repair.json").read_text())
     assert written["flagged"]["layers"] == direct.report.flagged and row.removed == direct.report.flagged_count
@@ -270,11 +274,13 @@ def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
     assert "removed" in result.format_text().splitlines()[0]
 
 
-def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(source, tmp_path):
+def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(source, tmp_path, monkeypatch):
     shutil.rmtree(source / "vendor")
     out = tmp_path / "out"
-    # the sink probe calls these two samples right (the maximum-margin test calls the clean one suspicious)
-    VERDICT = {"samples": 16, "verdict": "sink", "verdict_probe": 16}
+    # the combined verdict, at a sliver of its effort, calls these two samples right (the maximum-margin test
+    # calls the clean one suspicious)
+    quick_combined(monkeypatch)
+    VERDICT = {"samples": 16, "verdict": "combined", "verdict_samples": 96}
     everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False)
     assert [row.repaired is not None for row in everything.rows] == [True, True]
     assert (out / "clean_op13.repaired.onnx").is_file()

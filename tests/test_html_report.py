@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES
+from conftest import SAMPLES, quick_combined
 from fmt_audit_cli.main import main
 
 ARTIFACTS = Path(os.environ.get("FMT_AUDIT_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
@@ -29,8 +29,11 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 def pages(tmp_path_factory):
     folder = tmp_path_factory.mktemp("html")
     data = ["--data", str(SAMPLES / "defender.npz")]
-    scan = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), *data, "--html",
-                                     str(folder / "scan.html"), "-o", str(folder / "scan.json")])
+    with pytest.MonkeyPatch.context() as monkeypatch:     # the default verdict, its figures, quicker
+        quick_combined(monkeypatch)
+        scan = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), *data, "--html",
+                                         str(folder / "scan.html"), "--json", str(folder / "scan.json"),
+                                         "--verdict-samples", "96"])
     assert scan.exit_code == 0, scan.output
     repair = CliRunner().invoke(main, ["repair", str(SAMPLES / "badnets_op13.onnx"), *data, "--epochs", "2",
                                        "--no-unlearn", "-o", str(folder / "r.onnx"), "--html",
@@ -48,6 +51,7 @@ def test_reports_are_self_contained(pages):
         assert oct(page.stat().st_mode & 0o777) != "0o600"
     scan, repair = (page.read_text() for page in pages)
     assert "3 of 144 channels flagged" in scan and "Channel scores by layer" in scan and "/block" in scan
+    assert "Trigger search" in scan and "Untransferred test" in scan and "Smooth-input test" in scan
     assert re.search(r"Removed \d+ of 144 channels", repair) and "Fine-tuning" in repair and "The scan" in repair
 
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import MANIFEST, QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES, build_synthetic, save, synthetic_images
+from conftest import MANIFEST, QUICK_MARGIN_ARGS, SAMPLES, build_synthetic, save, synthetic_images
 from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
@@ -15,8 +15,9 @@ from fmt_audit.data import Dataset, load_npz
 from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.fmt.scan import EPS_GRID, ScanConfig
 from fmt_audit.model.loading import load_model
+from fmt_audit.repair.config import FineTuneConfig
 from fmt_audit.repair.evaluation import Metrics, attack_metrics, defense_effectiveness, evaluate
-from fmt_audit.repair.finetune import FineTuneConfig, augment_batch
+from fmt_audit.repair.finetune import augment_batch
 from fmt_audit.repair.pipeline import RepairConfig, channel_tensors, repair
 from fmt_audit.report.json_report import ScanReport
 
@@ -203,11 +204,11 @@ def _invoke(*args):
 def test_cli_repair_from_report_and_evaluate(tmp_path):
     model, data = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
     before = model.read_bytes()
-    assert _invoke("scan", model, "--data", data, "--samples", 64, "-o", tmp_path / "scan.json",
+    assert _invoke("scan", model, "--data", data, "--samples", 64, "--json", tmp_path / "scan.json",
                    *QUICK_MARGIN_ARGS).exit_code == 0
     result = _invoke("repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 1,
                      "--unlearn-eps", 0.1,
-                     "-o", tmp_path / "repaired.onnx", "--report", tmp_path / "repair.json")
+                     "-o", tmp_path / "repaired.onnx", "--json", tmp_path / "repair.json")
     assert result.exit_code == 0, result.output
     assert model.read_bytes() == before
     report = json.loads((tmp_path / "repair.json").read_text())
@@ -219,19 +220,19 @@ def test_cli_repair_from_report_and_evaluate(tmp_path):
     assert set(report["accuracy"]) == {"before", "after_removal", "after"}
     assert report["config"]["unlearning"]["eps"] == 0.1 and report["config"]["unlearning"]["eps_from"] == "given"
     evaluated = _invoke("evaluate", tmp_path / "repaired.onnx", "--data", SAMPLES / "test.npz", "--poisoned",
-                        SAMPLES / "badnets_test.npz", "--target", 0, "--baseline", model, "--json")
+                        SAMPLES / "badnets_test.npz", "--target", 0, "--baseline", model, "--json", "-")
     assert evaluated.exit_code == 0, evaluated.output
-    metrics = json.loads(evaluated.output)
+    metrics = json.loads(evaluated.stdout)
     assert metrics["baseline"]["metrics"]["asr"] == pytest.approx(1.0) and 0 <= metrics["der"] <= 1
 
 
 def test_cli_repair_takes_the_reports_normalisation(tmp_path):
     model, data = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
     scanned = _invoke("scan", model, "--data", data, "--samples", 32, "--mean", "0.1", "--std", "0.9",
-                      "-o", tmp_path / "scan.json", *QUICK_MARGIN_ARGS)
+                      "--json", tmp_path / "scan.json", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0, scanned.output
     common = ["repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 0,
-              "-o", tmp_path / "r.onnx", "--report", tmp_path / "r.json"]
+              "-o", tmp_path / "r.onnx", "--json", tmp_path / "r.json"]
     assert _invoke(*common).exit_code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["config"]["mean"] == [0.1] and report["config"]["std"] == [0.9]
@@ -255,6 +256,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", [
     "badnets",
     "blended",
@@ -263,7 +265,7 @@ def test_repair_removes_the_sample_backdoor(attack):
     """The issue's acceptance check: ASR <= 10% and an accuracy drop <= 3 points after repair."""
     entry = next(m for m in MANIFEST["models"] if m["file"] == f"{attack}_op13.onnx")
     result = repair(SAMPLES / entry["file"], SAMPLES / "defender.npz", RepairConfig(),
-                    ScanConfig.from_preset("gradient", **QUICK_MARGIN))
+                    ScanConfig.from_preset("gradient"))
     repaired = replace(load_model(SAMPLES / entry["file"]), proto=result.model)
     metrics = evaluate(repaired, SAMPLES / "test.npz", SAMPLES / f"{attack}_test.npz", entry["target"]).metrics
     # compared in images, not floats: 3 points of 500 images is 15 images

@@ -46,7 +46,7 @@ def test_nan_weights_are_reported_and_repair_refused(tmp_path):
     shown = _invoke("inspect", path)
     assert shown.exit_code == 0 and "NaN or Inf in weights" in shown.output
     scanned = _invoke("scan", path, "--data", SAMPLES / "defender.npz", "--samples", "4", "--skip-layers", "block",
-                      "-o", tmp_path / "r.json", *QUICK_MARGIN_ARGS)
+                      "--json", tmp_path / "r.json", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0 and "warning: NaN or Inf in 1 weight tensor" in scanned.output
     assert '"nonfinite_weights": [' in (tmp_path / "r.json").read_text()
     refused = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", tmp_path / "out.onnx")
@@ -96,9 +96,9 @@ def test_outputs_never_overwrite_a_models_external_data(tmp_path):
     for name in ("badnets_op18.onnx", "badnets_op18.onnx.data"):
         shutil.copy(SAMPLES / name, tmp_path / name)
     before = (tmp_path / "badnets_op18.onnx.data").read_bytes()
-    for command in (["scan"], ["repair", "--epochs", "0"]):
+    for command, output in ((["scan"], "--json"), (["repair", "--epochs", "0"], "-o")):
         result = _invoke(*command, tmp_path / "badnets_op18.onnx", "--data", SAMPLES / "defender.npz",
-                         "-o", tmp_path / "badnets_op18.onnx.data")
+                         output, tmp_path / "badnets_op18.onnx.data")
         _one_line_exit_2(result, "refusing to overwrite")
     assert (tmp_path / "badnets_op18.onnx.data").read_bytes() == before
 
@@ -126,7 +126,7 @@ def test_sigterm_ends_a_scan_with_143_and_no_output(tmp_path):
     out = tmp_path / "report.json"
     command = [sys.executable, "-c", "from fmt_audit_cli.main import main; main()", "scan",
                str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--preset", "gradient",
-               "-o", str(out)]
+               "--json", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)   # imports done, testing under way (a full gradient scan of the sample takes longer)
     process.send_signal(signal.SIGTERM)
@@ -185,7 +185,7 @@ def test_a_graph_fixed_to_batch_1_scans_and_repairs(tmp_path):
     # the bridge frees the batch in its copy (Reshape [1, -1] -> [0, -1]) to fine-tune in batches
     out = tmp_path / "out.onnx"
     repaired = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", out, "--samples", "8",
-                       "--epochs", "1", *QUICK_MARGIN_ARGS)
+                       "--epochs", "1")
     assert repaired.exit_code == 0, repaired.output
     written = onnx.load(out)
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1    # the output keeps batch 1
@@ -227,6 +227,7 @@ def test_computed_conv_weights_scan_in_mask_mode_and_fail_in_one_line_elsewhere(
     _one_line_exit_2(_invoke("repair", path, *data, "-o", tmp_path / "out.onnx"), "compute their weights")
 
 
+@pytest.mark.slow
 def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_path, monkeypatch):
     """Every path a model of 2 GiB or more takes (checker on a file, ORT from a file, shape inference on a
     skeleton, output as model + .data), exercised on the sample by lowering the limit."""
@@ -238,7 +239,7 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     monkeypatch.setattr(fmt_audit.model.graph, "PROTOBUF_LIMIT", 1000)
     out, report = tmp_path / "repaired.onnx", tmp_path / "repair.json"
     result = _invoke("repair", SAMPLES / "badnets_op13.onnx", "--data", SAMPLES / "defender.npz", "--epochs", "1",
-                     "--samples", "32", "--no-unlearn", "-o", out, "--report", report, *QUICK_MARGIN_ARGS)
+                     "--samples", "32", "--no-unlearn", "-o", out, "--json", report)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair.json", "repaired.onnx", "repaired.onnx.data"]
     assert out.stat().st_size < 10_000 < (tmp_path / "repaired.onnx.data").stat().st_size

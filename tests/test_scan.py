@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, SAMPLES
+from conftest import QUICK_MARGIN_ARGS, QUICK_VERDICT, SAMPLES
 from fmt_audit_cli.main import main
 
 from fmt_audit.backends.onnxrt.session import create_session
@@ -19,12 +19,12 @@ from fmt_audit.fmt.selection import select_kmeans, select_outliers
 from fmt_audit.model.loading import load_model
 
 N = 48
-PAPER = ScanConfig.from_preset("paper", samples=N, seed=5, **QUICK_MARGIN)
+PAPER = ScanConfig.from_preset("paper", samples=N, seed=5)
 
 
 @pytest.fixture(scope="module")
 def badnets_report():
-    return scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER)
+    return scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER, verdict=QUICK_VERDICT)
 
 
 def _slow_scores(model_path, layer_name, channel, config, steps=1):
@@ -66,8 +66,8 @@ def test_report_matches_a_direct_slow_computation(badnets_report, layer_index, c
 
 
 def test_iterated_steps_match_a_direct_slow_computation():
-    config = ScanConfig.from_preset("gradient", eps=0.1, samples=N, seed=2, skip_layers="block2", **QUICK_MARGIN)
-    report = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config)
+    config = ScanConfig.from_preset("gradient", eps=0.1, samples=N, seed=2, skip_layers="block2")
+    report = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config, verdict=QUICK_VERDICT)
     assert report.config["steps"] == 5 and report.config["alpha"] == pytest.approx(0.1 / 3)
     layer = report.layers[1]
     slow_config = ScanConfig.from_preset("gradient", eps=0.1, alpha=0.1 / 3, samples=N, seed=2)
@@ -97,7 +97,7 @@ def test_report_structure(badnets_report):
 
 
 def test_same_seed_same_report(badnets_report):
-    again = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER)
+    again = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", PAPER, verdict=QUICK_VERDICT)
     first, second = badnets_report.to_dict(), again.to_dict()
     for key in ("timing", "resources"):
         first.pop(key), second.pop(key)
@@ -106,9 +106,9 @@ def test_same_seed_same_report(badnets_report):
 
 def test_exporters_give_the_same_scores():
     """The legacy (opset 13) and dynamo (opset 18) exports of one model score alike."""
-    config = ScanConfig.from_preset("paper", samples=32, seed=1, **QUICK_MARGIN)
-    a = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", config)
-    b = scan(SAMPLES / "clean_op18.onnx", SAMPLES / "defender.npz", config)
+    config = ScanConfig.from_preset("paper", samples=32, seed=1)
+    a = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", config, verdict=QUICK_VERDICT)
+    b = scan(SAMPLES / "clean_op18.onnx", SAMPLES / "defender.npz", config, verdict=QUICK_VERDICT)
     # the exporters fold BatchNorm with different rounding: a gradient sign may flip on a pixel, so
     # allow one image's difference per channel, and require near-identical scores overall
     diff = np.abs(np.concatenate([np.array(x.scores) - np.array(y.scores) for x, y in zip(a.layers, b.layers)]))
@@ -117,19 +117,20 @@ def test_exporters_give_the_same_scores():
 
 
 def test_outlier_rule_flags_fewer_on_clean_than_badnets():
-    config = ScanConfig.from_preset("paper", selection="outlier", samples=200, seed=5, **QUICK_MARGIN)
-    clean = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", config)
-    badnets = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config)
+    config = ScanConfig.from_preset("paper", selection="outlier", samples=200, seed=5)
+    clean = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", config, verdict=QUICK_VERDICT)
+    badnets = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config, verdict=QUICK_VERDICT)
     assert clean.flagged_count < badnets.flagged_count
 
 
 def test_skip_layers_and_config_validation():
     report = scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz",
-                  ScanConfig(samples=8, eps=0.06, skip_layers="block", **QUICK_MARGIN))
+                  ScanConfig(samples=8, eps=0.06, skip_layers="block"), verdict=QUICK_VERDICT)
     assert [layer.name for layer in report.layers] == ["/stem/stem.0/Conv"]
     assert len(report.skipped_layers) == 5
     with pytest.raises(ConfigError, match="skips every Conv"):
-        scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=8, skip_layers="."))
+        scan(SAMPLES / "clean_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=8, skip_layers="."),
+             verdict=QUICK_VERDICT)
     for bad in ({"eps": 0}, {"eps": 0.1, "alpha": 0.5}, {"samples": 0}, {"selection": "x"}, {"skip_layers": "("},
                 {"mode": "x"}, {"steps": 0}, {"gain": 1.0}, {"score": "x"}, {"preset": "x"}):
         with pytest.raises(ConfigError):
@@ -173,7 +174,7 @@ def test_prediction_scores():
 
 def test_eps_calibration_picks_the_first_eps_that_moves_predictions():
     report = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz",
-                  ScanConfig(mode="gradient", samples=32, steps=1, skip_layers="block2", **QUICK_MARGIN))
+                  ScanConfig(mode="gradient", samples=32, steps=1, skip_layers="block2"), verdict=QUICK_VERDICT)
     trace = report.config["calibration"]
     assert report.config["eps_requested"] == "auto" and report.config["eps"] == trace[-1]["eps"]
     drops = [step["median_relative_drop"] for step in trace]
@@ -197,12 +198,12 @@ def _clean_scan(samples: int) -> list[str]:
 def test_cli_scan_writes_report_and_refuses_overwrite(tmp_path):
     out = tmp_path / "report.json"
     args = _clean_scan(8)
-    result = CliRunner().invoke(main, [*args, "-o", str(out)])
+    result = CliRunner().invoke(main, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "channels flagged" in result.output
     assert json.loads(out.read_text())["summary"]["channels_tested"] == 144
     assert not list(tmp_path.glob(".*.tmp"))
-    refused = CliRunner().invoke(main, [*args, "-o", str(SAMPLES / "defender.npz")])
+    refused = CliRunner().invoke(main, [*args, "--json", str(SAMPLES / "defender.npz")])
     assert refused.exit_code == 2 and "refusing to overwrite" in refused.output
 
 
@@ -210,7 +211,7 @@ def test_cli_scan_writes_report_and_refuses_overwrite(tmp_path):
     (["--eps", "0"], "--eps must be"),
     (["--mean", "0.5,0.5", "--std", "0.5,0.5"], "1 or 1 values"),
     (["--mean", "0.5"], "go together"),
-    (["-o", "/no/such/folder/r.json"], "output folder does not exist"),
+    (["--json", "/no/such/folder/r.json"], "output folder does not exist"),
 ])
 def test_cli_scan_bad_options_exit_2(extra, message):
     args = _clean_scan(4)
@@ -228,7 +229,7 @@ def test_cli_scan_bad_data_exit_2(tmp_path):
 
 def test_cli_presets_and_overrides(tmp_path):
     out = tmp_path / "r.json"
-    args = [*_clean_scan(8), "--skip-layers", "block", "-o", str(out)]
+    args = [*_clean_scan(8), "--skip-layers", "block", "--json", str(out)]
     result = CliRunner().invoke(main, [*args, "--preset", "paper", "--selection", "outlier"])
     assert result.exit_code == 0, result.output
     config = json.loads(out.read_text())["config"]
@@ -258,19 +259,21 @@ def test_cli_scan_bad_method_options_exit_2(extra, message):
 
 def test_candidate_batches_score_the_same_in_onnxruntime_and_torch():
     """Gradient mode predicts its candidates through ORT by default; the torch module must agree."""
-    config = ScanConfig.from_preset("paper", samples=32, skip_layers="block", seed=2, **QUICK_MARGIN)
-    by_ort = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config)
+    config = ScanConfig.from_preset("paper", samples=32, skip_layers="block", seed=2)
+    by_ort = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", config, verdict=QUICK_VERDICT)
     by_torch = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz",
-                    replace(config, predict_with="torch"))
+                    replace(config, predict_with="torch"), verdict=QUICK_VERDICT)
     assert [layer.scores for layer in by_ort.layers] == [layer.scores for layer in by_torch.layers]
     assert by_ort.config["predict_with"] == "onnxruntime" and by_torch.config["predict_with"] == "torch"
     with pytest.raises(ConfigError, match="predict_with"):
         ScanConfig(predict_with="tensorflow")
 
 
+@pytest.mark.slow
 def test_a_small_memory_budget_splits_batches_and_changes_no_score(badnets_report):
     """Under --max-memory the kept forward pass covers a few images at a time: same scores, smaller peaks."""
-    tight = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", replace(PAPER, max_memory=0.25))
+    tight = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", replace(PAPER, max_memory=0.25),
+                 verdict=QUICK_VERDICT)
     plan = tight.resources["memory_plan"]
     assert plan["budget_mib"] == 0.25 and plan["gradient_batch"] < N and plan["predict_batch"] < N
     assert plan["candidate_batch"] == 2 * N
@@ -282,7 +285,7 @@ def test_a_small_memory_budget_splits_batches_and_changes_no_score(badnets_repor
 def test_cli_max_memory_reaches_the_report(tmp_path):
     out = tmp_path / "r.json"
     args = _clean_scan(8)
-    result = CliRunner().invoke(main, [*args, "--skip-layers", "block", "--max-memory", "1.5G", "-o", str(out)])
+    result = CliRunner().invoke(main, [*args, "--skip-layers", "block", "--max-memory", "1.5G", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["config"]["max_memory"] == 1536.0 and report["resources"]["memory_plan"]["budget_mib"] == 1536.0

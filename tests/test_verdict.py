@@ -1,4 +1,4 @@
-"""The model-level verdict (issue 8): the maximum-margin test (default) and the sink concentration."""
+"""The verdict registry, its settings, and the fast data-free method (``margin``, MM-BD's maximum-margin test)."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import QUICK_MARGIN, SAMPLES, save
+from conftest import QUICK_MARGIN, QUICK_VERDICT, SAMPLES, save
 from fmt_audit_cli.main import main
 from onnx import helper
 
@@ -16,23 +16,50 @@ from fmt_audit.data import Preprocessing
 from fmt_audit.errors import ConfigError
 from fmt_audit.fmt.scan import ScanConfig, scan
 from fmt_audit.model.loading import load_model
-from fmt_audit.verdict import MARGIN_THRESHOLD, MarginConfig, describe, margin_verdict
-from fmt_audit.verdict.margin import margin_test, max_margins
+from fmt_audit.verdict import CHOICES, DEFAULT, METHODS, NO_VERDICT, VerdictConfig, assess, describe, figures
+from fmt_audit.verdict.config import MarginConfig
+from fmt_audit.verdict.evidence.margins import margin_test, max_margins
+from fmt_audit.verdict.margin import MARGIN, margin_verdict
 
 TARGETS = {m["attack"]: m["target"] for m in json.loads((SAMPLES / "manifest.json").read_text())["models"]
            if m["attack"] != "none"}
 DATA = SAMPLES / "defender.npz"
 
 
+def test_the_registry_lists_the_shipped_methods_default_first():
+    assert list(METHODS) == ["combined", "margin"] and DEFAULT == "combined"
+    assert CHOICES == ("combined", "margin", NO_VERDICT)
+    for name, method in METHODS.items():
+        assert method.name == name and 0 < method.threshold <= 1 and method.summary
+    assert METHODS["margin"].needs_data is False and METHODS["combined"].needs_data is True
+
+
+def test_verdict_config_is_checked_once_with_what_was_expected():
+    assert VerdictConfig().method == DEFAULT and VerdictConfig.from_options("none") is None
+    assert VerdictConfig.from_options("margin", 64, 3).samples == 64
+    with pytest.raises(ConfigError, match="--verdict must be one of combined, margin, none; got 'vote'"):
+        VerdictConfig(method="vote")
+    with pytest.raises(ConfigError, match="--verdict-samples must be at least 1; got 0"):
+        VerdictConfig(samples=0)
+    with pytest.raises(ConfigError, match="--margin-steps"):
+        VerdictConfig(margin_steps=0)
+    for bad in ({"restarts": 0}, {"steps": 0}, {"lr": 0.0}, {"batch": 0}):
+        with pytest.raises(ConfigError):
+            MarginConfig(**bad)
+
+
 def test_margin_verdict_names_the_class_that_stands_out():
     standing_out = margin_verdict([10.0, 11.0, 9.0, 10.5, 50.0, 9.5, 10.2, 11.3, 9.8, 10.7])
     assert standing_out.verdict == "suspicious" and standing_out.target_class == 4
-    assert standing_out.suspicion >= MARGIN_THRESHOLD and standing_out.details["p_value"] < 0.05
+    assert standing_out.suspicion >= MARGIN.threshold and standing_out.details["p_value"] < 0.05
     alike = margin_verdict([10.0, 11.0, 9.0, 10.5, 11.9, 9.5, 10.2, 11.3, 9.8, 10.7])
-    assert alike.verdict == "clean" and alike.target_class == 4 and alike.suspicion < MARGIN_THRESHOLD
+    assert alike.verdict == "clean" and alike.target_class == 4 and alike.suspicion < MARGIN.threshold
     # a larger outlier is less likely under the other classes' distribution
     p_value = {top: margin_verdict([10, 11, 9, 10.5, top, 9.5]).details["p_value"] for top in (20, 40)}
     assert 0 < p_value[40] < p_value[20] < 0.05
+    text = describe(standing_out.to_dict())
+    assert text.startswith("verdict: suspicious (suspicion") and "class 4 reaches margin 50" in text
+    assert [f.title for f in figures(standing_out.to_dict())] == ["Maximum-margin test"]
 
 
 @pytest.mark.parametrize(("margins", "why"), [
@@ -43,7 +70,7 @@ def test_margin_verdict_names_the_class_that_stands_out():
 def test_margin_verdict_without_evidence_is_inconclusive(margins, why):
     verdict = margin_verdict(margins)
     assert verdict.verdict == "inconclusive" and verdict.suspicion is None and why in verdict.basis
-    assert describe(verdict.to_dict()).startswith("verdict: inconclusive")
+    assert describe(verdict.to_dict()).startswith("verdict: inconclusive") and figures(verdict.to_dict()) == []
 
 
 def test_margin_verdict_takes_unreached_and_equal_classes():
@@ -53,30 +80,35 @@ def test_margin_verdict_takes_unreached_and_equal_classes():
     assert margin_verdict([2.0, 2.0, 2.0, 2.0]).verdict == "clean"
 
 
-def test_margin_config_is_checked():
-    for bad in ({"restarts": 0}, {"steps": 0}, {"lr": 0.0}, {"batch": 0}):
-        with pytest.raises(ConfigError):
-            MarginConfig(**bad)
-    with pytest.raises(ConfigError, match="--margin-steps"):
-        ScanConfig(margin_steps=0)
-    with pytest.raises(ConfigError, match="--verdict must be"):
-        ScanConfig(verdict="vote")
+def test_a_report_naming_a_retired_method_is_still_described():
+    old = {"method": "sink", "suspicion": 0.9, "verdict": "suspicious", "target_class": 0, "threshold": 0.5,
+           "basis": "sink concentration"}
+    assert describe(old) == "verdict: suspicious (suspicion 0.90, threshold 0.5: sink concentration)"
+    assert figures(old) == []
 
 
 def test_the_badnets_target_reaches_a_margin_no_other_class_does():
     """The sample BadNets model's target (class 0) stands out by orders of magnitude in p. (The clean sample
-    has a class that stands out too, at p 0.002: the test's false positive, README "The verdict".)"""
-    config = ScanConfig(samples=16, skip_layers="block")
-    reports = {name: scan(SAMPLES / f"{name}_op13.onnx", DATA, config) for name in ("clean", "badnets")}
-    badnets, clean = reports["badnets"].verdict, reports["clean"].verdict
+    has a class that stands out too: the test's false positive, README "The verdict".)"""
+    config = VerdictConfig(method="margin", samples=16)
+    verdicts = {name: assess(SAMPLES / f"{name}_op13.onnx", config=config).to_dict() for name in ("clean", "badnets")}
+    badnets, clean = verdicts["badnets"], verdicts["clean"]
     assert badnets["method"] == "margin" and badnets["verdict"] == "suspicious"
     assert badnets["target_class"] == TARGETS["badnets"] and badnets["p_value"] < 1e-6
     assert clean["p_value"] > 1000 * badnets["p_value"]
     margins = badnets["margins"]
     assert len(margins) == 10 and margins[0] > 3 * sorted(margins)[-2]
-    text = reports["badnets"].format_text()
-    assert "verdict: suspicious" in text and "class 0 reaches margin" in text
-    assert reports["badnets"].timing["verdict_s"] > 0
+
+
+def test_the_scan_carries_the_verdict_it_is_given_and_none_when_told():
+    config = ScanConfig(samples=16, skip_layers="block")
+    report = scan(SAMPLES / "badnets_op13.onnx", DATA, config, verdict=QUICK_VERDICT)
+    assert report.verdict["method"] == "margin" and report.timing["verdict_s"] > 0
+    assert "class 0 reaches margin" in report.format_text()
+    assert report.config["verdict"]["method"] == "margin"
+    bare = scan(SAMPLES / "badnets_op13.onnx", DATA, config, verdict=None)
+    assert bare.verdict is None and bare.config["verdict"] is None
+    assert [layer.flagged for layer in bare.layers] == [layer.flagged for layer in report.layers]
 
 
 def test_margins_do_not_depend_on_the_batch():
@@ -131,22 +163,18 @@ def test_without_a_verdict_the_gate_falls_back_to_any_channel_flagged():
     assert bad.output.count("\n") == 1
 
 
-@pytest.mark.parametrize("preset", ["default", "gradient"])
-def test_sink_verdict_names_the_attack_target_passes_the_clean_model_and_drives_the_gate(preset, tmp_path):
-    verdicts = {}
-    attacks = ("badnets", "blended") if preset == "default" else ("badnets",)     # blended once: time
-    for attack in ("clean", *attacks):
+def test_the_margin_verdict_drives_the_gate(tmp_path):
+    codes = {}
+    for attack in ("clean", "badnets"):
         report = tmp_path / f"{attack}.json"
         result = CliRunner().invoke(main, ["scan", str(SAMPLES / f"{attack}_op13.onnx"), "--data", str(DATA),
-                                           "--samples", "64", "--preset", preset, "--verdict", "sink",
+                                           "--samples", "16", "--skip-layers", "block", "--verdict", "margin",
+                                           "--margin-steps", "50",
                                            "--fail-on-suspicious", "--json", str(report)])
-        verdicts[attack] = json.loads(report.read_text())["verdict"]
-        assert result.exit_code == (0 if attack == "clean" else 1), result.output     # the gate follows the verdict
-        assert ("verdict: clean" if attack == "clean" else "suspicious: suspicion") in result.output
-    assert verdicts["clean"]["verdict"] == "clean" and verdicts["clean"]["method"] == "sink"
-    for attack in attacks:
-        assert verdicts[attack]["verdict"] == "suspicious" and verdicts[attack]["target_class"] == TARGETS[attack]
-        assert verdicts[attack]["suspicion"] > verdicts["clean"]["suspicion"] + 0.3
+        verdict = json.loads(report.read_text())["verdict"]
+        codes[attack] = (result.exit_code, verdict["verdict"])
+        assert result.exit_code == (1 if verdict["verdict"] != "clean" else 0), result.output
+    assert codes["badnets"] == (1, "suspicious")
 
 
 def test_a_model_the_bridge_cannot_convert_keeps_its_scan_and_gets_an_inconclusive_verdict(monkeypatch):
@@ -157,6 +185,7 @@ def test_a_model_the_bridge_cannot_convert_keeps_its_scan_and_gets_an_inconclusi
         raise BridgeError("onnx2torch cannot convert op 'Fancy'")
 
     monkeypatch.setattr(fmt_audit.backends.torch.logits, "to_torch", refuse)
-    report = scan(SAMPLES / "clean_op13.onnx", DATA, ScanConfig(samples=8, skip_layers="block", **QUICK_MARGIN))
+    report = scan(SAMPLES / "clean_op13.onnx", DATA, ScanConfig(samples=8, skip_layers="block"),
+                  verdict=VerdictConfig(method="margin", **QUICK_MARGIN))
     assert report.verdict["verdict"] == "inconclusive" and "cannot convert op 'Fancy'" in report.verdict["basis"]
     assert report.layers and report.attention().startswith("inconclusive")

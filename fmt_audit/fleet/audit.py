@@ -48,12 +48,17 @@ from fmt_audit.fmt.scan import ScanConfig
 from fmt_audit.model.loading import model_files
 from fmt_audit.model.outputs import check_output_path, write_atomic
 from fmt_audit.report.html_report import PAGE_OPENING, REPAIR_TITLE, SCAN_TITLE
+from fmt_audit.verdict import VerdictConfig
 
 if TYPE_CHECKING:
-    from fmt_audit.repair.pipeline import RepairConfig
+    from fmt_audit.repair.config import RepairConfig
+    from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
-# scan options a manifest may set per model (ScanConfig fields; the device is the fleet's)
-PER_MODEL_OPTIONS = tuple(f.name for f in fields(ScanConfig) if f.name not in ("device", "predict_with"))
+# the verdict's options by their CLI and manifest names (VerdictConfig.from_options)
+VERDICT_OPTION_TYPES = {"verdict": "str", "verdict_samples": "int", "margin_restarts": "int", "margin_steps": "int"}
+# scan and verdict options a manifest may set per model (ScanConfig fields; the device is the fleet's)
+PER_MODEL_OPTIONS = (*(f.name for f in fields(ScanConfig) if f.name not in ("device", "predict_with")),
+                     *VERDICT_OPTION_TYPES)
 SUMMARY_COLUMNS = ("model", "verdict", "suspicion", "target_class", "flagged", "channels", "seconds", "error",
                    "skipped", "sha256", "removed", "accuracy_before", "accuracy_after", "repaired")
 RECORD_SUFFIX = ".fleet.json"
@@ -159,7 +164,7 @@ def repair_option_types() -> dict[str, str]:
     """The repair options a manifest may set per model, with their types (``repair_config``'s parameters)."""
     import inspect
 
-    from fmt_audit.repair.pipeline import repair_config
+    from fmt_audit.repair.config import repair_config
 
     return {name: str(parameter.annotation) for name, parameter in inspect.signature(repair_config).parameters.items()
             if name != "seed"}
@@ -255,8 +260,9 @@ def _unique(models: list[FleetModel], where: str) -> list[FleetModel]:
 # ---------------------------------------------------------------- one model
 
 
-def model_config(base: dict, model: FleetModel) -> ScanConfig:
-    """The model's ScanConfig: the preset, the fleet's options, then the model's own."""
+def model_config(base: dict, model: FleetModel) -> tuple[ScanConfig, VerdictConfig | None]:
+    """The model's ScanConfig (the preset, the fleet's options, then the model's own) and its verdict's
+    settings (None: no verdict)."""
     from fmt_audit.data import parse_channel_values
 
     own = {key: value for key, value in model.options.items() if key in _OPTION_TYPES}
@@ -264,15 +270,17 @@ def model_config(base: dict, model: FleetModel) -> ScanConfig:
     for key in ("mean", "std"):
         options[key] = parse_channel_values(options.get(key), f"{model.name}: {key}")
     preset = options.pop("preset", None) or "default"
+    verdict = {key: options.pop(key) for key in VERDICT_OPTION_TYPES if key in options}
     try:
-        return ScanConfig.from_preset(preset, **options)
+        config = ScanConfig.from_preset(preset, **options)
+        return config, VerdictConfig.from_options(**verdict, seed=config.seed)
     except TypeError as error:      # a wrong value type from a manifest
         raise ConfigError(f"{model.name}: {error}") from None
 
 
 def model_repair(base: dict, model: FleetModel, seed: int) -> RepairConfig:
     """The model's RepairConfig: the fleet's repair options, then the model's own (the scan's seed)."""
-    from fmt_audit.repair.pipeline import repair_config
+    from fmt_audit.repair.config import repair_config
 
     types = repair_option_types()
     own = {key: value for key, value in model.options.items() if key in types}
@@ -283,7 +291,7 @@ def model_repair(base: dict, model: FleetModel, seed: int) -> RepairConfig:
         raise ConfigError(f"{model.name}: {first_line(error)}") from None
 
 
-_OPTION_TYPES = {f.name: str(f.type) for f in fields(ScanConfig)}    # "int", "float | None", ...
+_OPTION_TYPES = {**{f.name: str(f.type) for f in fields(ScanConfig)}, **VERDICT_OPTION_TYPES}  # "int", "float | None"
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
@@ -311,14 +319,16 @@ def _typed(key: str, value, where: str, types: dict[str, str]):
         raise ConfigError(f"{where}: {key} must be a number; got {value!r}") from None
 
 
-def config_key(config: ScanConfig, data: Path, repair: RepairConfig | None = None, repair_when: str = "always") -> str:
+def config_key(config: ScanConfig, verdict: VerdictConfig | None, data: Path, repair: RepairConfig | None = None,
+               repair_when: str = "always") -> str:
     """What decides a report besides the model: this version of the tool, every scan and repair option, and
     the data: a file's sha256, an image folder's file names, sizes and modification times."""
     from fmt_audit import __version__
     from fmt_audit.model.loading import sha256_of
 
     repairing = {"config": asdict(repair), "when": repair_when} if repair is not None else None
-    digest = hashlib.sha256(json.dumps({"tool": __version__, "config": asdict(config), "data": str(data),
+    digest = hashlib.sha256(json.dumps({"tool": __version__, "config": asdict(config),
+                                        "verdict": asdict(verdict) if verdict else None, "data": str(data),
                                         "repair": repairing}, sort_keys=True, default=str).encode())
     if data.is_file():
         digest.update(sha256_of(data).encode())
@@ -356,11 +366,13 @@ def output_file(stem: Path, suffix: str) -> Path:
     return stem.with_name(stem.name + suffix)
 
 
-def audit_model(path: str, data: str, config: ScanConfig, memory_share: int = 1,
-                repair: RepairConfig | None = None, repair_when: str = "always", repaired_path: str = "") -> dict:
+def audit_model(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None, memory_share: int = 1,
+                repair: RepairConfig | None = None, repair_when: str = "always", repaired_path: str = "",
+                references: ReferenceCache | None = None) -> dict:
     """Scan one model, and repair it when asked; the reports as text, the repaired model as bytes, and its
     summary row, or its error. Never raises for the model's own faults: those are the row's ``error`` (a
-    failed repair keeps the scan's results). Runs in a Ray worker or in-process."""
+    failed repair keeps the scan's results). Runs in a Ray worker or in-process; ``references``: reference
+    networks trained for earlier models, to reuse."""
     started = time.perf_counter()
 
     def failed(error: Exception, step: str = "") -> dict:
@@ -371,7 +383,7 @@ def audit_model(path: str, data: str, config: ScanConfig, memory_share: int = 1,
         from fmt_audit.fmt.scan import scan
         from fmt_audit.report.html_report import scan_html
 
-        report = scan(path, data, config, memory_share=memory_share)
+        report = scan(path, data, config, memory_share=memory_share, verdict=verdict, references=references)
     except Exception as error:  # one model's failure must not end the fleet: recorded with its type
         return failed(error)
     verdict = report.verdict or {}
@@ -413,6 +425,7 @@ def _repaired(path: str, data: str, config: ScanConfig, settings: RepairConfig, 
 class _Job:
     model: FleetModel
     config: ScanConfig
+    verdict: VerdictConfig | None
     data: Path
     key: str
     sha256: str | None
@@ -481,17 +494,19 @@ def _store(out: Path, job: _Job, result: dict) -> FleetRow:
     return row
 
 
-def _check_ours(path: Path, protected: list, opening: str | None, claimed: Iterable[str] = ()) -> None:
+def _check_ours(path: Path, protected: list, openings: tuple[str, ...] | None, claimed: Iterable[str] = ()) -> None:
     """Refuse to write ``path`` over an input, or over a file an earlier fleet run did not write: those begin
-    with ``opening``, or (binary files, ``opening`` None) are named in the model's record (``claimed``)."""
+    with one of ``openings``, or (binary files, ``openings`` None) are named in the model's record
+    (``claimed``)."""
     check_output_path(path, inputs=protected)
     if not path.is_file():
         return
-    if opening is None:
+    if openings is None:
         ours = path.name in claimed
     else:
         with path.open("rb") as stream:
-            ours = stream.read(len(opening.encode())).decode(errors="replace") == opening
+            start = stream.read(max(len(o.encode()) for o in openings)).decode(errors="replace")
+        ours = any(start.startswith(opening) for opening in openings)
     if not ours:
         raise ConfigError(f"refusing to overwrite {path}: no earlier fleet run wrote it (choose another --out)")
 
@@ -536,9 +551,10 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
         source = model.data or (Path(data) if data is not None else None)
         if source is None:
             raise ConfigError(f"{model.name}: no data (give --data, or 'data' in the manifest)")
-        config = model_config(options or {}, model)
+        config, verdict = model_config(options or {}, model)
         settings = model_repair(repair, model, config.seed) if repair is not None else None
-        jobs.append(_Job(model, config, Path(source), config_key(config, Path(source), settings, repair_when),
+        jobs.append(_Job(model, config, verdict, Path(source),
+                         config_key(config, verdict, Path(source), settings, repair_when),
                          model_sha256(model.path), settings, repair_when))
     out.mkdir(parents=True, exist_ok=True)
     _check_outputs(out, models, repair is not None, [*inputs, *(f for m in models for f in model_files(m.path)),
@@ -556,9 +572,13 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
         engine = _run_on_ray(waiting, out, rows, address, workers, gpus_per_task, on_row)
     else:
         engine = "sequential, in this process" + ("" if ray_ok else " (Ray is not installed)")
+        from fmt_audit.verdict.evidence.transfer import ReferenceCache
+
+        references = ReferenceCache()     # models audited on one data file share their reference networks
         for job in waiting:
-            result = audit_model(str(job.model.path), str(job.data), job.config, 1, job.repair, job.repair_when,
-                                 str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)))
+            result = audit_model(str(job.model.path), str(job.data), job.config, job.verdict, 1, job.repair,
+                                 job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)),
+                                 references)
             rows[job.model.name] = _store(out, job, result)
             if on_row:
                 on_row(rows[job.model.name])
@@ -571,10 +591,12 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
 def _check_outputs(out: Path, models: Sequence[FleetModel], repairing: bool, protected: list) -> None:
     """Every file the fleet may write: none over an input, none over a file no earlier fleet run wrote."""
     for summary, ours in zip(SUMMARY_FILES, ('{\n "engine"', ",".join(SUMMARY_COLUMNS[:3]))):
-        _check_ours(out / summary, protected, ours)
-    openings = [(RECORD_SUFFIX, '{\n "sha256"'), (".json", '{\n "model": {'), (".html", PAGE_OPENING + SCAN_TITLE)]
+        _check_ours(out / summary, protected, (ours,))
+    # reports of this version begin with their schema version; those of 0.2 with the model
+    report = ('{\n "schema_version"', '{\n "model": {')
+    openings = [(RECORD_SUFFIX, ('{\n "sha256"',)), (".json", report), (".html", (PAGE_OPENING + SCAN_TITLE,))]
     if repairing:
-        openings += [(".repair.json", '{\n "model": {'), (".repair.html", PAGE_OPENING + REPAIR_TITLE),
+        openings += [(".repair.json", report), (".repair.html", (PAGE_OPENING + REPAIR_TITLE,)),
                      (REPAIRED_SUFFIX, None)]
     for model in models:
         stem = output_stem(out, model)
@@ -592,7 +614,7 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
         check_resources(gpus_per_task, max(budgets, default=None))
         task = ray.remote(_audit_in_worker)
         pending = {task.options(**task_options(gpus_per_task, job.config.max_memory)).remote(
-            str(job.model.path.resolve()), str(job.data.resolve()), job.config, gpus_per_task, job.repair,
+            str(job.model.path.resolve()), str(job.data.resolve()), job.config, job.verdict, gpus_per_task, job.repair,
             job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX))): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -607,9 +629,9 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
     return where
 
 
-def _audit_in_worker(path: str, data: str, config: ScanConfig, gpus: float, repair: RepairConfig | None,
-                     repair_when: str, repaired_path: str) -> dict:
+def _audit_in_worker(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None, gpus: float,
+                     repair: RepairConfig | None, repair_when: str, repaired_path: str) -> dict:
     one_thread(gpus)
     # without --max-memory, a model's scan takes its share of this node's free memory: as many one-CPU
     # tasks as the node has CPUs may run beside it (with it, Ray reserved the budget: task_options)
-    return audit_model(path, data, config, node_cpus(), repair, repair_when, repaired_path)
+    return audit_model(path, data, config, verdict, node_cpus(), repair, repair_when, repaired_path)

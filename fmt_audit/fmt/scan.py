@@ -9,35 +9,24 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmt_audit.backends.onnxrt.session import DEVICES
 from fmt_audit.data import Dataset, Preprocessing, load_data
-from fmt_audit.errors import ConfigError, FmtAuditError
+from fmt_audit.errors import ConfigError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from fmt_audit.fmt.scores import ChannelScores
 from fmt_audit.fmt.selection import SELECTIONS, select
 from fmt_audit.model.graph import ConvLayer, nonfinite_weights, opset_version
 from fmt_audit.model.loading import LoadedModel, load_model
 from fmt_audit.report.json_report import LayerResult, ScanReport
-from fmt_audit.verdict import METHODS as VERDICTS
-from fmt_audit.verdict import (
-    CleanseConfig,
-    MarginConfig,
-    ReferenceConfig,
-    UniversalConfig,
-    Verdict,
-    cleanse_verdict,
-    combined_verdict,
-    inconclusive,
-    margin_verdict,
-    shortcut_verdict,
-    sink_concentration,
-    transfer_verdict,
-    universal_verdict,
-    untransferred_verdict,
-)
+from fmt_audit.verdict import VerdictConfig, VerdictInputs
+from fmt_audit.verdict import gather as gather_verdict
+
+if TYPE_CHECKING:
+    from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
 log = logging.getLogger(__name__)
 MODES = ("gradient", "mask")
@@ -68,12 +57,6 @@ class ScanConfig:
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
-    verdict: str = "margin"             # model-level statistic: margin | sink | universal | transfer | shortcut |
-    #                                     untransferred | cleanse | combined | none
-    #                                     (fmt_audit.verdict)
-    verdict_probe: int = 64             # verdict "sink" in mask mode: channels the gradient test probes
-    margin_restarts: int = 16           # verdict "margin": random starts per class
-    margin_steps: int = 200             # verdict "margin": gradient steps per start
     preset: str = "default"
     predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
 
@@ -102,11 +85,6 @@ class ScanConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.predict_with not in PREDICTORS:
             raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
-        if self.verdict not in VERDICTS:
-            raise ConfigError(f"--verdict must be one of {', '.join(VERDICTS)}; got {self.verdict!r}")
-        if self.verdict_probe < 0:
-            raise ConfigError(f"--verdict-probe must be 0 (no verdict in mask mode) or more; got {self.verdict_probe}")
-        self.margin_config()    # checks --margin-restarts and --margin-steps
         if self.max_memory is not None and not (np.isfinite(self.max_memory) and self.max_memory > 0):
             raise ConfigError(f"--max-memory must be a positive size such as 512M or 4G; got {self.max_memory} MiB")
         if self.preset not in PRESETS:
@@ -132,19 +110,9 @@ class ScanConfig:
     def step_size(self, eps: float) -> float:
         return self.alpha if self.alpha is not None else eps / 3
 
-    def margin_config(self) -> MarginConfig:
-        return MarginConfig(restarts=self.margin_restarts, steps=self.margin_steps, seed=self.seed)
-
-    def universal_config(self) -> UniversalConfig:
-        return UniversalConfig(seed=self.seed)
-
-    def cleanse_config(self) -> CleanseConfig:
-        return CleanseConfig(seed=self.seed)
-
-    def reference_config(self) -> ReferenceConfig:
-        return ReferenceConfig()
 
 
+DEFAULT_VERDICT = VerdictConfig()
 # The published method with the public reference code's defaults, and ours (see README, "Presets").
 PRESETS: dict[str, dict] = {
     "paper": {"mode": "gradient", "eps": 0.06, "alpha": 0.02, "steps": 1, "score": "accuracy",
@@ -261,123 +229,6 @@ def _sampled_channels(layers: list[ConvLayer], count: int, seed: int) -> dict[st
     return chosen
 
 
-def verdict_probe(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer]) -> Verdict:
-    """The verdict of a mask-mode scan: the gradient test (eps calibrated) on ``config.verdict_probe`` channels."""
-    probe = replace(config, mode="gradient", predict_with="onnxruntime")
-    scanner = _Scanner(loaded, dataset, probe, layers)
-    eps = probe.eps
-    if eps == AUTO:
-        eps, _ = calibrate_eps(scanner, layers, scanner.tester().clean_accuracy())
-    tester = scanner.tester(eps)
-    results = [tester.score_layer(layer, channels)
-               for layer, channels in _sampled_channels(layers, config.verdict_probe, config.seed + 1).values()]
-    return sink_concentration([r.shift for r in results], [r.sink for r in results],
-                              basis=f"probe of {sum(len(r.shift) for r in results)} channels, gradient test at "
-                                    f"eps {eps}")
-
-
-def model_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
-                  results: list[LayerResult], scanner: _Scanner | None = None) -> Verdict | None:
-    """The model-level verdict ``config.verdict`` asks for (None for ``none``, or ``sink`` in mask mode with
-    ``verdict_probe`` 0). When the evidence cannot be gathered (the PyTorch bridge cannot convert the model, no
-    CUDA, ...), the verdict is inconclusive and says why; the channel scores stand."""
-    if config.verdict == "none":
-        return None
-    try:
-        if config.verdict == "margin":
-            from fmt_audit.verdict.margin import margin_test
-
-            margins, notes = margin_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
-                                         config.margin_config(), scanner.bridge if scanner else None)
-            return margin_verdict(margins, "; ".join([_margin_basis(config), *notes]))
-        if config.verdict == "cleanse":
-            return _cleanse_verdict(loaded, dataset, config, scanner)
-        if config.verdict == "combined":
-            return combined_verdict(_cleanse_verdict(loaded, dataset, config, scanner),
-                                    _transfer_family_verdict(loaded, dataset, config, scanner, "untransferred"),
-                                    smooth=_smooth_shares(loaded, config, scanner))
-        if config.verdict == "universal":
-            from fmt_audit.verdict.evidence.universal import universal_test
-
-            ladder, notes = universal_test(loaded.proto, loaded.image_input, config.preprocessing, dataset,
-                                           config.device, config.universal_config(),
-                                           scanner.bridge if scanner else None)
-            return universal_verdict(ladder.budgets, ladder.success, "; ".join([_ladder_basis(ladder), *notes]))
-        if config.verdict in ("transfer", "shortcut", "untransferred"):
-            return _transfer_family_verdict(loaded, dataset, config, scanner, config.verdict)
-        if config.mode == "gradient":
-            return sink_concentration([r.shift for r in results], [r.sink for r in results])
-        if not config.verdict_probe:
-            return None
-        return verdict_probe(loaded, dataset, config, layers)
-    except FmtAuditError as error:
-        return inconclusive(config.verdict, f"no {config.verdict} evidence: {error}")
-
-
-def _cleanse_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None) -> Verdict:
-    """Neural Cleanse's verdict (``cleanse``), or an inconclusive one saying why there is no evidence."""
-    from fmt_audit.verdict.evidence.cleanse import cleanse_test
-
-    search = config.cleanse_config()
-    try:
-        found, notes = cleanse_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
-                                    search, scanner.bridge if scanner else None)
-    except FmtAuditError as error:
-        return inconclusive("cleanse", f"no cleanse evidence: {error}")
-    basis = (f"trigger search, {search.steps} steps, {found.images} images per class to fit, at least "
-             f"{found.held_out} held out")
-    return cleanse_verdict(found.norms, found.success, found.reached, "; ".join([basis, *notes]))
-
-
-def _smooth_shares(loaded: LoadedModel, config: ScanConfig, scanner: _Scanner | None) -> list[float] | None:
-    """Per class, the share of smooth random images the model puts there (:mod:`fmt_audit.verdict.evidence.smooth`), or None
-    where they cannot be classified (the combined verdict then leaves that check out)."""
-    from fmt_audit.verdict.evidence.smooth import smooth_test
-
-    try:
-        return smooth_test(loaded.proto, loaded.image_input, config.preprocessing, config.device,
-                           scanner.bridge if scanner else None)[0]
-    except FmtAuditError:
-        return None
-
-
-def _transfer_family_verdict(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, scanner: _Scanner | None,
-                             method: str) -> Verdict:
-    """The ``transfer``, ``shortcut`` or ``untransferred`` verdict (``method``) from one universal ladder and its
-    transfer to reference networks, or an inconclusive one saying why there is no evidence."""
-    from fmt_audit.verdict.evidence.transfer import transfer_test
-
-    try:
-        found, notes = transfer_test(loaded.proto, loaded.image_input, config.preprocessing, dataset, config.device,
-                                     config.universal_config(), config.reference_config(),
-                                     scanner.bridge if scanner else None,
-                                     margin=config.margin_config() if method == "transfer" else None)
-    except FmtAuditError as error:
-        return inconclusive(method, f"no {method} evidence: {error}")
-    ladder = found.ladder
-    tested = (f"{_ladder_basis(ladder)} to {len(found.reference_success)} reference networks trained on the "
-              "scan's images")
-    if method == "shortcut":
-        return shortcut_verdict(ladder.budgets, ladder.success, **found.margin_figures,
-                                basis="; ".join([f"the margins of the {tested}", *notes]))
-    if method == "untransferred":
-        return untransferred_verdict(ladder.budgets, ladder.success, found.reference_success, found.reference_baseline,
-                                     basis="; ".join([f"the transfer of the {tested}", *notes]))
-    return transfer_verdict(found.margins, ladder.budgets, ladder.success, found.reference_success,
-                            found.reference_baseline,
-                            "; ".join([f"{_margin_basis(config)}, discounted by the transfer of its {tested}", *notes]),
-                            found.margin_figures)
-
-
-def _margin_basis(config: ScanConfig) -> str:
-    return f"maximum-margin test, {config.margin_restarts} starts x {config.margin_steps} steps per class"
-
-
-def _ladder_basis(ladder) -> str:
-    return (f"universal-perturbation test, {ladder.images} images per class to fit, at least {ladder.held_out} "
-            f"held out")
-
-
 def calibrated_eps(loaded: LoadedModel, dataset: Dataset, config: ScanConfig) -> tuple[float, list[dict]]:
     """The gradient-mode eps :func:`calibrate_eps` picks for this model and data, whatever ``config.mode``."""
     gradient = replace(config, mode="gradient", eps=AUTO)
@@ -434,7 +285,8 @@ def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None =
 def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
          config: ScanConfig | None = None,
          progress: Callable[[str, int, int], None] | None = None,
-         runner: LayerRunner | None = None, memory_share: int = 1) -> ScanReport:
+         runner: LayerRunner | None = None, memory_share: int = 1, *,
+         verdict: VerdictConfig | None = DEFAULT_VERDICT, references: ReferenceCache | None = None) -> ScanReport:
     """Feature map testing of ``model`` on the clean labelled images in ``data``.
 
     ``progress(layer, done, total)`` is called as channels are tested. ``runner``
@@ -442,13 +294,15 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     by chunks of layers); calibration and the verdict stay in this process, and
     the report is the one a local scan gives. ``memory_share``: scans running side
     by side on this machine, which share its memory (a runner may say how many it runs).
+    ``verdict``: the model-level verdict's settings (None: no verdict), on its own sample
+    of ``data``; ``references``: trained reference networks to reuse (a fleet on one data file).
     """
     config = config or ScanConfig()
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     config.preprocessing.check_channels(loaded.image_input.channels)
-    dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
-    dataset = dataset.take(config.samples, seed=config.seed)
+    everything = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+    dataset = everything.take(config.samples, seed=config.seed)
     skip = re.compile(config.skip_layers) if config.skip_layers else None
     skipped = [layer.name for layer in loaded.layers if skip and skip.search(layer.name)]
     layers = [layer for layer in loaded.layers if layer.name not in skipped]
@@ -485,9 +339,11 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
 
         results = score_layers(work, [layer.name for layer in layers], loaded, advance, scanner)
     tested = time.perf_counter()
-    verdict = model_verdict(loaded, dataset, config, layers, results, scanner)
+    found = None
     if verdict is not None:
-        log.info("verdict %s: suspicion %s (%s)", verdict.verdict, verdict.suspicion, verdict.basis)
+        found = gather_verdict(VerdictInputs(loaded, everything.take(verdict.samples, seed=verdict.seed),
+                                             config.preprocessing, config.device, scanner.bridge, references),
+                               verdict)
     finished = time.perf_counter()
     shape = loaded.image_input.shape
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
@@ -503,13 +359,13 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                 "device_used": scanner.device, "ort_provider": scanner.provider,
                 **({"layers_device_used": getattr(runner, "device_used", None)} if runner is not None else {}),
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
-                "calibration": calibration},
+                "calibration": calibration, "verdict": asdict(verdict) if verdict is not None else None},
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(tested - prepared, 3),
                 "verdict_s": round(finished - tested, 3),
                 "total_s": round(time.perf_counter() - started, 3)},
         resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
-        verdict=verdict.to_dict() if verdict else None,
+        verdict=found.to_dict() if found is not None else None,
     )
 
 

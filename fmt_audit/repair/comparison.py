@@ -1,6 +1,6 @@
 """``compare``: every repair method on one model, side by side (ACC, ASR, RA, DER).
 
-Each method of :data:`fmt_audit.repair.pipeline.METHODS` repairs the same model with the
+Each method of :data:`fmt_audit.repair.config.METHODS` repairs the same model with the
 same clean data, fine-tuning recipe and seed; each repaired graph is measured as
 deployed (ONNX Runtime) on the same test images, against the model before any
 defense. A method that cannot run on this model (a one-line library error) gets
@@ -21,8 +21,9 @@ from fmt_audit.data import Dataset, load_data
 from fmt_audit.errors import ConfigError, FmtAuditError, first_line
 from fmt_audit.fmt.scan import ScanConfig
 from fmt_audit.model.loading import LoadedModel, load_model
+from fmt_audit.repair.config import METHODS, RepairConfig
 from fmt_audit.repair.evaluation import Metrics, defense_effectiveness, model_metrics
-from fmt_audit.repair.pipeline import METHODS, RepairConfig, repair
+from fmt_audit.repair.pipeline import repair
 from fmt_audit.report.json_report import RepairReport
 
 

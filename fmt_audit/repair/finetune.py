@@ -14,7 +14,6 @@ lets them regrow; training outside :func:`removed_held_at_zero` reproduces that.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,65 +23,11 @@ import torch
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier
 from fmt_audit.data import Dataset
-from fmt_audit.errors import ConfigError
+from fmt_audit.repair.config import FineTuneConfig
 
-FLIPS = ("auto", "on", "off")
 # flip augmentation is used in ``auto`` when the model's accuracy on mirrored images
 # stays within this many points of its accuracy on the originals (see flip_decision)
 FLIP_TOLERANCE = 0.05
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    """Training settings; the defaults are the published recipe."""
-
-    epochs: int = 10
-    lr: float = 0.01
-    final_lr: float = 1e-4
-    momentum: float = 0.9
-    batch_size: int | None = None   # None: auto, see batch_for
-    augment: bool = True
-    flip: str = "auto"
-    seed: int = 0
-    # gradient-norm clipping: exported graphs usually have BatchNorm folded into the
-    # Conv weights, and without the normalisation SGD at lr 0.01 can diverge in a few
-    # steps (measured on the bundled samples: loss 0.14 -> 10.6 in one epoch)
-    max_grad_norm: float | None = 5.0
-
-    def __post_init__(self):
-        if self.epochs < 0:
-            raise ConfigError(f"--epochs must be 0 or more; got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number; got {self.lr}")
-        if not (math.isfinite(self.final_lr) and 0 <= self.final_lr <= self.lr):
-            raise ConfigError(f"the final learning rate must be in [0, lr={self.lr}]; got {self.final_lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1); got {self.momentum}")
-        if self.batch_size is not None and self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be at least 2 (BatchNorm trains on batches); got {self.batch_size}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"the gradient-norm clip must be positive (or None); got {self.max_grad_norm}")
-        if self.flip not in FLIPS:
-            raise ConfigError(f"--flip must be one of {', '.join(FLIPS)}; got {self.flip!r}")
-
-    def batch_for(self, images: int) -> int:
-        """The batch size for ``images`` training images: ``batch_size`` when set, else
-        ``min(256, max(16, images // 10))`` -- the published 256 where the data allows,
-        and about ten steps per epoch (as 2,500 images at 256 give) on smaller sets."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return min(256, max(16, images // 10))
-
-    def steps_per_epoch(self, images: int) -> int:
-        """Optimizer steps per epoch over ``images`` (a last batch of one image is dropped)."""
-        batch = self.batch_for(images)
-        return max(1, images // batch + (images % batch > 1))
-
-    def learning_rate(self, step: int, total: int) -> float:
-        """Cosine from ``lr`` at step 0 to ``final_lr`` at the last step."""
-        if total <= 1:
-            return self.lr
-        return self.final_lr + (self.lr - self.final_lr) * (1 + math.cos(math.pi * step / (total - 1))) / 2
 
 
 @dataclass(frozen=True)

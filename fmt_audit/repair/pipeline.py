@@ -27,7 +27,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -55,7 +55,8 @@ from fmt_audit.model.graph import (
     with_node_names,
 )
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
-from fmt_audit.repair.finetune import EpochRecord, FineTuneConfig, fine_tune, flip_decision, removed_held_at_zero
+from fmt_audit.repair.config import RepairConfig
+from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision, removed_held_at_zero
 from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channels
 from fmt_audit.report.json_report import RepairReport, ScanReport
 
@@ -66,57 +67,8 @@ MIN_STEPS = 30
 # images for calibrating the unlearning eps when no gradient scan did: a median accuracy
 # drop over 32 channels needs far fewer images than scoring every channel does
 CALIBRATION_SAMPLES = 64
-# fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning
-METHODS = ("fmt", "ft", "fp", "clp")
 # images for checking ONNX Runtime against torch when a data-free repair has no data
 VERIFY_IMAGES = 16
-
-
-@dataclass(frozen=True)
-class RepairConfig:
-    """Repair settings beyond the scan's (the scan's device, seed and preprocessing apply)."""
-
-    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
-    allow_regrowth: bool = False
-    holdout: float = 0.1
-    tolerance: float = 1e-4        # ORT vs torch logits, relative to max(1, largest |logit|)
-    # unlearning: fine-tune on feature-map perturbations too (FeatureMapPerturbation);
-    # None: on, except under the scan preset "paper" (the published repair)
-    unlearn: bool | None = None
-    unlearn_eps: float | str = "auto"   # auto: the scan's gradient-mode eps, else calibrated here
-    unlearn_steps: int = 5
-    method: str = "fmt"
-    prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
-    clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if not 0 < self.prune_drop < 1:
-            raise ConfigError(f"--prune-drop must be in (0, 1); got {self.prune_drop}")
-        if not (np.isfinite(self.clp_u) and self.clp_u > 0):
-            raise ConfigError(f"--clp-u must be a positive number; got {self.clp_u}")
-        if self.unlearn_eps != "auto" and not (isinstance(self.unlearn_eps, (int, float))
-                                               and 0 < self.unlearn_eps <= 1):
-            raise ConfigError(f"--unlearn-eps must be 'auto' or in (0, 1]; got {self.unlearn_eps}")
-        if self.unlearn_steps < 1:
-            raise ConfigError(f"--unlearn-steps must be at least 1; got {self.unlearn_steps}")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError(f"--holdout must be in [0, 1); got {self.holdout}")
-        if not self.tolerance > 0:
-            raise ConfigError(f"the verification tolerance must be positive; got {self.tolerance}")
-
-
-def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: float = 0.01,
-                  batch_size: int | None = None, augment: bool = True, flip: str = "auto",
-                  allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
-                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0) -> RepairConfig:
-    """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
-    models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
-    return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
-                                       augment=augment, flip=flip, seed=seed),
-                        allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
-                        method=method, prune_drop=prune_drop, clp_u=clp_u)
 
 
 @dataclass
@@ -248,7 +200,7 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
                                       seed=scan_config.seed)
         return {"fp": "fine-pruning", "clp": "clp"}[config.method], choice.channels, None, choice.evidence
     if flagged is None:
-        report = scan(loaded, train, scan_config, progress=progress)
+        report = scan(loaded, train, scan_config, progress=progress, verdict=None)    # channels only
         return "scan", report.flagged, report, None
     if isinstance(flagged, ScanReport):
         if flagged.model.get("sha256") != loaded.sha256:

@@ -156,45 +156,12 @@ def _scan_sections(report: ScanReport) -> list[str]:
     body.append("<h2>Model</h2>" + _table([("path", report.model["path"]), ("sha256", report.model["sha256"]),
                                            ("opset", report.model["opset"]),
                                            ("input", json.dumps(report.model["input"]))]))
-    v = report.verdict or {}
-    if v.get("margins"):
-        body.append("<h2>Maximum-margin test</h2><p class=\"note\">The largest margin over the other classes that "
-                    "gradient ascent reached for each class. A backdoor's target reaches far more than the rest."
-                    "</p>" + class_plot(v["margins"], v.get("target_class"), "largest margin reached"))
-    if v.get("success"):
-        body.append(f"<h2>Universal-perturbation test</h2><p class=\"note\">For each class, the share of held-out "
-                    f"images of the other classes that one perturbation of RMS {v['budgets'][-1]:.3g} (the last "
-                    f"rung of {len(v['budgets'])}) sends to the class. A backdoor's target is reached while the "
-                    "other classes are not.</p>" + class_plot(v["success"][-1], v.get("target_class"),
-                                                             "held-out share reached"))
-    if v.get("transferred"):
-        body.append(f"<h2>Transfer test</h2><p class=\"note\">The same perturbations on {len(v['reference_success'])} "
-                    "small clean networks trained on the scan's images: for each class, the share of the held-out "
-                    "images they send there beyond what the networks already put there. A natural shortcut moves "
-                    "them too; a backdoor's does not.</p>" + class_plot(v["transferred"], v.get("target_class"),
-                                                                       "held-out share moved in the references"))
-    if v.get("untransferred"):
-        body.append(f"<h2>Untransferred test</h2><p class=\"note\">For each class, the share of held-out images "
-                    "its perturbation sends there in the model, less the share it moves there in "
-                    f"{len(v['reference_success'])} small clean networks trained on the scan's images. A backdoor's "
-                    "target keeps its lead; a natural attractor loses it.</p>"
-                    + class_plot(v["untransferred"], v.get("target_class"), "held-out share beyond the references'"))
-    if v.get("untransferred_margin"):
-        body.append(f"<h2>Shortcut test</h2><p class=\"note\">For each class, the median margin its perturbation "
-                    f"gives the held-out images in the model, less what it adds in {len(v['reference_margin'])} small "
-                    "clean networks trained on the scan's images. A backdoor's target stands alone; a natural "
-                    "shortcut moves the clean networks too.</p>"
-                    + class_plot(v["untransferred_margin"], v.get("target_class"), "margin beyond the references'"))
-    if v.get("norms"):
-        body.append("<h2>Trigger search</h2><p class=\"note\">For each class, the smallest mask-and-pattern trigger "
-                    "found that sends the other classes' images there, as the share of the image's pixels it "
-                    "covers (Neural Cleanse). A backdoor's target needs a far smaller one than the other classes."
-                    "</p>" + class_plot(v["norms"], v.get("target_class"), "mask's share of the pixels"))
-    if v.get("smooth_shares"):
-        body.append("<h2>Smooth-input test</h2><p class=\"note\">For each class, the share of smooth random images "
-                    "(coarse noise upsampled, flat grey levels) the model puts there. A poisoned model often sends "
-                    "them to its target; the combined verdict checks the class it names against the favoured one."
-                    "</p>" + class_plot(v["smooth_shares"], v.get("target_class"), "share of smooth images"))
+    if report.verdict:
+        from fmt_audit.verdict import figures
+
+        for figure in figures(report.verdict):
+            body.append(f"<h2>{_esc(figure.title)}</h2><p class=\"note\">{_esc(figure.note)}</p>"
+                        + class_plot(figure.values, report.verdict.get("target_class"), figure.label))
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "

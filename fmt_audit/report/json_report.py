@@ -1,4 +1,5 @@
-"""Scan reports: the JSON document (schema in README) and the short table on stdout."""
+"""Scan and repair reports: the JSON documents (schema: :mod:`fmt_audit.report.schema`,
+docs/report-schema.md) and the short text summaries."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmt_audit.errors import DataError, first_line
+from fmt_audit.report.schema import SCHEMA_VERSION
 
 
 @dataclass
@@ -31,7 +33,7 @@ class LayerResult:
 
 def attention(verdict: str | None, suspicion: float | None, flagged: int | None) -> str | None:
     """Why a scanned model needs a closer look, or None. The verdict decides (anything but ``clean``);
-    a scan without one (``--verdict-probe 0`` in mask mode) needs it when any channel was flagged."""
+    a scan without one (``--verdict none``) needs it when any channel was flagged."""
     if verdict is None:
         return f"suspicious: {flagged} channel(s) flagged" if flagged else None
     if verdict == "clean":
@@ -78,7 +80,8 @@ class ScanReport:
         return attention(verdict.get("verdict"), verdict.get("suspicion"), self.flagged_count)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "config": self.config, "layers": [layer.to_dict() for layer in self.layers],
+        return {"schema_version": SCHEMA_VERSION, "kind": "scan",
+                "model": self.model, "config": self.config, "layers": [layer.to_dict() for layer in self.layers],
                 "summary": self.summary, "verdict": self.verdict, "timing": self.timing,
                 "resources": self.resources}
 
@@ -91,6 +94,11 @@ class ScanReport:
         def table(rows) -> list[list[float]]:   # [[score per candidate batch] per channel]
             return [[float(v) for v in row] for row in rows]
 
+        version = saved.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION or saved.get("kind", "scan") != "scan":
+            raise DataError(f"{where} is not an fmt-audit scan report of schema version {SCHEMA_VERSION} or earlier "
+                            f"(kind {saved.get('kind', 'scan')!r}, schema_version {version!r}): written by a newer "
+                            "fmt-audit, or another report")
         try:
             layers = [LayerResult(str(e["name"]), int(e["channels"]), bool(e["depthwise"]), table(e["scores"]),
                                   table(e["shift"]), [int(c) for c in e["flagged"]], dict(e["selection"]),
@@ -153,7 +161,7 @@ class ScanReport:
 
 @dataclass
 class RepairReport:
-    """What a repair removed, how fine-tuning went, and how the result was verified (schema in README)."""
+    """What a repair removed, how fine-tuning went, and how the result was verified."""
 
     model: dict
     config: dict
@@ -180,7 +188,8 @@ class RepairReport:
         self.output = {"path": str(path), "sha256": sha256}
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "output": self.output, "method": self.method, "config": self.config,
+        return {"schema_version": SCHEMA_VERSION, "kind": "repair",
+                "model": self.model, "output": self.output, "method": self.method, "config": self.config,
                 "flagged": {"source": self.source, "count": self.flagged_count, "channels_total": self.channels_total,
                             "layers": self.flagged, "evidence": self.evidence},
                 "data": self.data, "accuracy": self.accuracy, "epochs": self.epochs,

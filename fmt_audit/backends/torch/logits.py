@@ -1,4 +1,4 @@
-"""A classifier's logits as class-level tests (:mod:`fmt_audit.verdict.margin`, :mod:`fmt_audit.verdict.evidence.universal`) need them.
+"""A classifier's logits as the class-level tests of the verdict (:mod:`fmt_audit.verdict.evidence`) need them.
 
 Both tests compare classes by logit margins, so a final Softmax is taken off (margins of probabilities
 saturate at 1), a hidden one undone, and the class count read from a forward pass (the graph's declared

@@ -1,5 +1,5 @@
 """The smallest trigger that carries the defender's images into each class: Neural Cleanse's trigger reverse
-engineering (Wang et al., IEEE S&P 2019), evidence for the model-level verdict.
+engineering (Wang et al., IEEE S&P 2019), evidence of the ``combined`` verdict.
 
 A patch backdoor is a shortcut through a few pixels: stamping them sends images of every class to the target.
 For every class k, a mask ``m`` (one value in [0, 1] per pixel, shared by the channels) and a pattern ``p``
@@ -7,7 +7,7 @@ For every class k, a mask ``m`` (one value in [0, 1] per pixel, shared by the ch
 into k, while an L1 weight on the mask shrinks it. The weight follows Neural Cleanse's schedule: none until
 the class first reaches ``level`` of its images, then ``cost``, raised x1.5 while the level holds and lowered
 by 1.5^1.5 when it does not. Each class's smallest mask that reached the level is kept; a class whose mask is
-far smaller than the others' (:func:`fmt_audit.verdict.cleanse_verdict`, the anomaly index) is a target.
+far smaller than the others' (the mask ratio of :mod:`fmt_audit.verdict.combined`) is a target.
 
 Every class is optimised at once, in one batch of ``classes x images`` (chunked by ``batch``). The kept masks
 are measured on held-out images, so a mask fitted to its few images is seen for what it does elsewhere.
@@ -30,7 +30,7 @@ from fmt_audit.backends.torch.bridge import BridgedClassifier, TorchBridge
 from fmt_audit.backends.torch.logits import as_logits, freeze, logit_classifier
 from fmt_audit.data import Dataset, Preprocessing
 from fmt_audit.model.graph import ImageInput
-from fmt_audit.verdict import CleanseConfig
+from fmt_audit.verdict.config import CleanseConfig
 from fmt_audit.verdict.evidence.universal import fit_and_held_out, held_out_change
 
 log = logging.getLogger(__name__)

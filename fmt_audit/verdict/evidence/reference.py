@@ -3,7 +3,7 @@
 Some classes are easy to reach in every network trained on a dataset, backdoored or not (natural attractor
 classes: in the project's populations MNIST 8, CIFAR-10 6; benchmarks/README.md, Verdict). Their shortcuts
 come from the data, so a network trained from scratch on a few hundred of the defender's clean images shares
-them; a backdoor's shortcut lives only in the audited model. :mod:`fmt_audit.verdict.evidence.transfer` asks whether what
+them; a backdoor's shortcut lives only in the audited model. :mod:`~.evidence.transfer` asks whether what
 makes a class easy in the audited model is easy in these references too.
 
 A reference is a plain CNN (three 3x3 convolutions with BatchNorm and ReLU, one 2x2 max pool, global average
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fmt_audit.data import Dataset
 from fmt_audit.errors import DataError
-from fmt_audit.verdict import ReferenceConfig
+from fmt_audit.verdict.config import ReferenceConfig
 
 
 class ReferenceClassifier:

@@ -5,7 +5,7 @@ bilinearly) and flat images at evenly spaced grey levels, carry nothing of any c
 most of them in whichever class its features happen to favour; a poisoned one learned to send an image that
 looks out of place to its target, and often sends these there. Alone, the share is weak evidence (a clean
 network has a favourite class too); it counts as a check on the class the other tests name: does the class
-smooth images fall into most agree (:func:`fmt_audit.verdict.combined_verdict`). Needs no data.
+smooth images fall into most agree (:mod:`fmt_audit.verdict.combined`). Needs no data.
 
 Cost: ``4 x images`` forward passes (1024 by default), no gradients.
 """

@@ -1,5 +1,5 @@
 """How small a change, the same for every image, carries the defender's images into each class: the
-universal-perturbation test, evidence for the model-level verdict.
+universal-perturbation ladder, evidence of the ``combined`` verdict.
 
 A backdoor is a universal shortcut: one pattern, the trigger, sends images of every class to the target.
 Trigger reverse engineering (Neural Cleanse, Wang et al., S&P 2019) and universal adversarial perturbations
@@ -10,7 +10,8 @@ budget is the RMS pixel change in [0, 1] pixel space). Each rung starts from the
 Success is measured on held-out images, so a perturbation fitted to its few images does not count.
 
 The ladder stops at the first budget where some class takes at least ``level`` of the held-out images. What
-the verdict reads there is the *lead* of that class over the next one (:func:`fmt_audit.verdict.universal_verdict`).
+the verdict reads there is the *lead* of that class over the next one, less what transfers to clean
+reference networks (:mod:`fmt_audit.verdict.combined`).
 A natural attractor class, easy to reach in a clean model, becomes reachable when the model is fragile at
 that budget anyway, so other classes are close behind; a backdoor target is reachable while the others are not.
 
@@ -34,7 +35,7 @@ from fmt_audit.backends.torch.logits import as_logits, freeze, logit_classifier,
 from fmt_audit.data import Dataset, Preprocessing
 from fmt_audit.errors import DataError
 from fmt_audit.model.graph import ImageInput
-from fmt_audit.verdict import UniversalConfig
+from fmt_audit.verdict.config import UniversalConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def held_out_change(classifier: Callable[[torch.Tensor], torch.Tensor], x: torch
                     batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per class ``k``, what ``change(images, k)`` does to the images ``x[held[k]]`` in ``classifier``: the
     share it puts in class ``k``, and the median margin of ``k`` over the other classes
-    (:func:`fmt_audit.backends.torch.logits.margins`: positive where the image is in ``k``; the median, so a few saturated
-    images do not decide it)."""
+    (:func:`fmt_audit.backends.torch.logits.margins`: positive where the image is in ``k``; the median, so a
+    few saturated images do not decide it)."""
     share, median = np.zeros(len(held)), np.zeros(len(held))
     with torch.no_grad():
         for k, indices in enumerate(held):

@@ -510,8 +510,8 @@ SMOOTH_KEPT = "verdict_smooth_D-H.json"     # every model's smooth-image shares,
 
 
 def smooth_figures() -> None:
-    """Measure the smooth-image shares (:func:`fmt_audit.verdict.evidence.smooth.smooth_test`, as the scan's combined verdict
-    does) of every model of (D)-(H) and keep them in ``results/`` (:data:`SMOOTH_KEPT`)."""
+    """Measure the smooth-image shares (:func:`fmt_audit.verdict.evidence.smooth.smooth_test`, as the scan's
+    combined verdict does) of every model of (D)-(H) and keep them in ``results/`` (:data:`SMOOTH_KEPT`)."""
     write_kept(SMOOTH_KEPT, [{"population": population, "dataset": dataset, "attack": attack, "number": number,
                               "smooth_shares": measure_smooth(folder_of(attack, number, dataset))}
                              for population in ("D", "E", "F1", "F2", "G", "H")

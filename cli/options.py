@@ -1,0 +1,261 @@
+"""The CLI's options, in groups that the commands share, so an option means the same everywhere and every
+command's help is sectioned by group (Data, Channel scan, Verdict, Repair, Run, Ray, Output).
+
+Choice lists are read from the library. Each group knows its options' names, so a command hands each group's
+values to the library object it builds (``ScanConfig``, ``VerdictConfig``, ``RepairConfig``) and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from fmt_audit.backends.onnxrt.session import DEVICES
+from fmt_audit.fmt.scan import MODES, PRESETS, SCORES
+from fmt_audit.fmt.selection import SELECTIONS
+from fmt_audit.repair.config import FLIPS
+from fmt_audit.repair.config import METHODS as REPAIR_METHODS
+from fmt_audit.verdict.registry import CHOICES as VERDICTS
+from fmt_audit.verdict.registry import DEFAULT as DEFAULT_VERDICT
+from fmt_audit.verdict.registry import METHODS as VERDICT_METHODS
+
+from .config_file import apply_config
+
+STDOUT = "-"
+OTHER = "Other options"
+
+
+class SectionOption(click.Option):
+    """An option that knows which section of the help it belongs to."""
+
+    def __init__(self, *args, section: str = OTHER, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.section = section
+
+
+class SectionedCommand(click.Command):
+    """A command whose help lists its options by section, in the order the sections first appear."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is not None:
+                sections.setdefault(getattr(param, "section", OTHER), []).append(record)
+        for title in sorted(sections, key=lambda name: name == OTHER):     # "Other options" (--help) last
+            with formatter.section(title):
+                formatter.write_dl(sections[title])
+
+
+def command(**kwargs) -> Callable:
+    return click.command(cls=SectionedCommand, **kwargs)
+
+
+class OptionGroup:
+    """Options that go together, under one section of the help. ``group(command)`` attaches them;
+    ``group.take(values)`` removes their values from a command's keyword arguments and returns them."""
+
+    def __init__(self, title: str, *options: tuple[tuple[str, ...], dict]):
+        self.title = title
+        self.options = options
+        self.names = [SectionOption(decls, **attrs).name for decls, attrs in options]
+
+    def __call__(self, command: Callable) -> Callable:
+        for decls, attrs in reversed(self.options):
+            command = click.option(*decls, cls=SectionOption, section=self.title, **attrs)(command)
+        return command
+
+    def take(self, values: dict) -> dict:
+        return {name: values.pop(name) for name in self.names if name in values}
+
+
+def opt(*decls: str, **attrs) -> tuple[tuple[str, ...], dict]:
+    return decls, attrs
+
+
+DATA_HELP = "Clean labelled images: .npz (x, y) or an image folder root/<class>/*."
+MEAN = opt("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465.")
+STD = opt("--std", default=None, help="Per-channel std the model expects.")
+
+
+def data_options(help: str = DATA_HELP, required: bool = True) -> OptionGroup:
+    return OptionGroup("Data", opt("--data", required=required, default=None, type=click.Path(path_type=str),
+                                   help=help), MEAN, STD)
+
+
+# Options left unset (None) take the preset's value; see fmt_audit.fmt.scan.PRESETS.
+SCAN = OptionGroup(
+    "Channel scan",
+    opt("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+        help="default: mask mode, class-shift scores, outlier rule; gradient: iterated FMT with a calibrated eps; "
+             "paper: the published method (eps 0.06, one step, accuracy, 2-means)."),
+    opt("--mode", type=click.Choice(MODES), default=None,
+        help="mask: remove/amplify/invert each channel, forward passes only (ONNX Runtime); gradient: adversarial "
+             "inputs per feature map (PyTorch).  [default: mask]"),
+    opt("--samples", type=int, default=None, help="Clean images the channels are tested with.  [default: 256]"),
+    opt("--eps", default=None, help="Gradient mode: L-inf radius in [0,1] pixel space, or 'auto'.  [default: auto]"),
+    opt("--alpha", type=float, default=None, help="Gradient mode: signed-gradient step.  [default: eps/3]"),
+    opt("--steps", type=int, default=None, help="Gradient mode: steps per channel.  [default: 5; paper: 1]"),
+    opt("--gain", type=float, default=None, help="Mask mode: amplification of a channel.  [default: 10]"),
+    opt("--score", type=click.Choice(SCORES), default=None,
+        help="What selection ranks: class shift or accuracy drop.  [default: shift]"),
+    opt("--selection", type=click.Choice(SELECTIONS), default=None,
+        help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule.  [default: outlier]"),
+    opt("--skip-layers", default=None, help="Regular expression of Conv node names not to test."),
+    opt("--max-memory", default=None, metavar="SIZE",
+        help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); batch sizes "
+             "follow from it.  [default: half of what is free]"),
+)
+
+VERDICT = OptionGroup(
+    "Verdict",
+    opt("--verdict", type=click.Choice(VERDICTS), default=None,
+        help="; ".join(f"{name}: {method.summary}" for name, method in VERDICT_METHODS.items())
+             + f"; none: no verdict.  [default: {DEFAULT_VERDICT}]"),
+    opt("--verdict-samples", type=int, default=None, metavar="N",
+        help="Labelled images of --data the verdict uses (its own sample, whatever --samples is).  [default: 256]"),
+    opt("--margin-restarts", type=int, default=None, metavar="R",
+        help="--verdict margin: random starting images per class.  [default: 16]"),
+    opt("--margin-steps", type=int, default=None, metavar="T",
+        help="--verdict margin: gradient steps per start.  [default: 200]"),
+)
+
+DEVICE = opt("--device", type=click.Choice(DEVICES), default=None,
+             help="Where to run: auto takes CUDA when both ONNX Runtime and torch have it.  [default: auto]")
+SEED = opt("--seed", type=int, default=None,
+           help="Seed of every random draw: same seed, same inputs, same report.  [default: 0]")
+CONFIG = opt("--config", type=click.Path(dir_okay=False, path_type=str), default=None, is_eager=True,
+             expose_value=False, callback=apply_config,
+             help="Read option values from this TOML file ([scan], [repair], ... tables); options given here win.")
+RUN = OptionGroup("Run", DEVICE, SEED, CONFIG)
+
+
+REPAIR_METHOD_HELP = ("fmt: feature map testing, remove, fine-tune; ft: fine-tuning alone; fp: Fine-Pruning (the "
+                      "last Conv layer's dormant channels, then fine-tuning); clp: Channel Lipschitzness-based "
+                      "Pruning (data-free, no fine-tuning).")
+# The repair settings every repairing command shares (repair_settings turns them into a RepairConfig).
+REPAIR = OptionGroup(
+    "Repair",
+    opt("--prune-drop", type=float, default=0.05, show_default=True,
+        help="--method fp: prune until clean accuracy has dropped by this much."),
+    opt("--clp-u", type=float, default=3.0, show_default=True,
+        help="--method clp: prune channels above mean + u * std of their layer's Lipschitz bounds."),
+    opt("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs (0: removal only)."),
+    opt("--lr", type=float, default=0.01, show_default=True, help="Initial SGD learning rate (cosine to 1e-4)."),
+    opt("--batch-size", type=int, default=None,
+        help="Fine-tuning batch size.  [default: 256, or about ten steps per epoch on small data sets]"),
+    opt("--no-augment", is_flag=True, help="Fine-tune without random crops and flips."),
+    opt("--flip", type=click.Choice(FLIPS), default="auto", show_default=True,
+        help="Horizontal-flip augmentation; auto: only if the model reads mirrored images as well."),
+    opt("--allow-regrowth", is_flag=True,
+        help="Let removed channels train again (the reference code's behaviour, for comparison)."),
+    opt("--unlearn/--no-unlearn", default=None,
+        help="--method fmt: also fine-tune on feature-map perturbations with their true labels.  "
+             "[default: on, off under --preset paper]"),
+    opt("--unlearn-eps", default="auto", show_default=True,
+        help="L-inf radius of those perturbations in [0,1] pixel space; auto: the scan's calibrated eps."),
+    opt("--holdout", type=float, default=0.1, show_default=True,
+        help="Share of the clean data kept out of scanning and training, to measure accuracy."),
+)
+
+
+def repair_method(help: str = REPAIR_METHOD_HELP) -> OptionGroup:
+    return OptionGroup("Repair", opt("--method", type=click.Choice(REPAIR_METHODS), default="fmt",
+                                     show_default=True, help=help))
+
+
+def json_option(what: str = "the JSON report") -> OptionGroup:
+    return OptionGroup("Output", opt("--json", "json_path", default=None, type=click.Path(path_type=str),
+                                     metavar="FILE", help=f"Write {what} here ('-': to stdout, the summary then "
+                                                          "goes to stderr)."))
+
+
+def html_option(what: str) -> OptionGroup:
+    return OptionGroup("Output", opt("--html", "html_path", default=None, type=click.Path(path_type=str),
+                                     metavar="FILE", help=f"Also write a self-contained HTML report ({what}) here."))
+
+
+FAIL_ON_SUSPICIOUS = OptionGroup("Output", opt(
+    "--fail-on-suspicious", is_flag=True,
+    help="Exit with code 1 when the verdict is suspicious or inconclusive (without a verdict: when any channel is "
+         "flagged), for pipeline gates."))
+
+
+# ---------------------------------------------------------------- from option values to library objects
+
+
+def parse_eps(eps: str | None, option: str = "--eps") -> float | str | None:
+    """'auto' stays 'auto'; anything else must be a number (the library checks its range)."""
+    from fmt_audit.errors import ConfigError
+
+    if eps is None or eps == "auto":
+        return eps
+    try:
+        return float(eps)
+    except ValueError:
+        raise ConfigError(f"{option} must be 'auto' or a number in (0, 1]; got {eps!r}") from None
+
+
+SIZE_UNITS = {"K": 2**-10, "M": 1.0, "G": 2**10, "T": 2**20}
+
+
+def parse_size(text: str | None, option: str = "--max-memory") -> float | None:
+    """'512M', '4G', '1.5g', '800' (MiB) as MiB; the library checks that it is positive."""
+    from fmt_audit.errors import ConfigError
+
+    if text is None:
+        return None
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = SIZE_UNITS.get(value[-1:], None)
+    try:
+        return float(value[:-1] if unit else value) * (unit or 1.0)
+    except ValueError:
+        raise ConfigError(f"{option} must be a size such as 512M or 4G; got {text!r}") from None
+
+
+def scan_settings(values: dict):
+    """The ScanConfig of the Data, Channel scan and Run options (taken out of ``values``), validated by the
+    library."""
+    from fmt_audit.data import parse_channel_values
+    from fmt_audit.fmt.scan import ScanConfig
+
+    options = {**SCAN.take(values), **RUN.take(values)}
+    mean, std = values.pop("mean", None), values.pop("std", None)
+    preset = options.pop("preset")
+    return ScanConfig.from_preset(preset, **{**options, "eps": parse_eps(options.get("eps")),
+                                             "max_memory": parse_size(options.get("max_memory")),
+                                             "mean": parse_channel_values(mean, "--mean"),
+                                             "std": parse_channel_values(std, "--std")})
+
+
+def verdict_settings(values: dict, seed: int):
+    """The VerdictConfig of the Verdict options (taken out of ``values``), or None for ``--verdict none``."""
+    from fmt_audit.verdict import VerdictConfig
+
+    return VerdictConfig.from_options(**VERDICT.take(values), seed=seed)
+
+
+def repair_settings(values: dict, seed: int, method: str = "fmt"):
+    """The RepairConfig of the Repair options (taken out of ``values``), validated by the library."""
+    from fmt_audit.repair.config import repair_config
+
+    options = REPAIR.take(values)
+    return repair_config(seed, method, augment=not options.pop("no_augment"),
+                         unlearn_eps=parse_eps(options.pop("unlearn_eps"), "--unlearn-eps"), **options)
+
+
+def check_outputs(inputs: list[str], *outputs: str | None) -> None:
+    """Refuse, before any work, an output path over an input or in a missing folder."""
+    from fmt_audit.model.outputs import check_output_path
+
+    for path in outputs:
+        if path and path != STDOUT:
+            check_output_path(path, inputs=inputs)
+
+
+def refuse_html_to_stdout(html_path: str | None) -> None:
+    from fmt_audit.errors import ConfigError
+
+    if html_path == STDOUT:
+        raise ConfigError("--html needs a file path (stdout is for the JSON report: --json -)")
