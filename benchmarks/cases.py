@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -12,17 +13,70 @@ HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"
 
 
+MATRIX = Path.home() / ".cache" / "fmt-audit" / "benchmarks" / "matrix"     # benchmarks/matrix.py's export
+
+
+class Case(NamedTuple):
+    """A model with a known trigger and the data to measure it; ``mean``/``std``: the normalisation the model
+    expects from its user (None: inside the graph)."""
+
+    label: str
+    model: Path
+    defender: Path
+    target: int
+    test: object        # fmt_audit.data.Dataset
+    triggered: object   # float32 NCHW in [0, 1]: the test images with the trigger
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def matrix_folders(name: str) -> list[Path]:
+    """The exported matrix cells (benchmarks/matrix.py) that ``name`` (``matrix:PART[,PART...]``) names:
+    every cell whose name contains one of the parts."""
+    import os
+
+    root = Path(os.environ.get("FMT_AUDIT_BENCH_CACHE", MATRIX.parent)) / "matrix"
+    parts = name.removeprefix("matrix:").split(",")
+    found = sorted(f for f in root.glob("*") if (f / "model.onnx").exists() and any(p in f.name for p in parts))
+    if not found:
+        raise SystemExit(f"no exported matrix cell matches {name!r} under {root} (python benchmarks/matrix.py export)")
+    return found
+
+
 def cases(name: str):
-    """(label, model path, defender data, target, clean test set, triggered versions of its images)."""
+    """Every :class:`Case` of ``name``: ``sample``, ``cifar10_<attack>`` or ``matrix:PART[,PART...]``."""
     from fmt_audit.data import load_npz
+
+    if name.startswith("matrix:"):
+        from fmt_audit.data import Dataset
+
+        for folder in matrix_folders(name):
+            facts = json.loads((folder / "facts.json").read_text())
+            if facts["attack"] == "clean":
+                continue        # no trigger to measure
+            test, target = load_npz(folder / "test.npz"), facts["target"]
+            # triggered.npz: the test images not of the target class, in order, with the trigger
+            victims = np.flatnonzero(test.y != target)
+            rng = np.random.default_rng(1)
+            chosen = np.sort(rng.choice(len(victims), size=min(1800, len(victims)), replace=False))
+            own = np.flatnonzero(test.y == target)
+            own = np.sort(rng.choice(own, size=min(200, len(own)), replace=False))
+            triggered = load_npz(folder / "triggered.npz").x[chosen]
+            x = np.concatenate([test.x[victims[chosen]], test.x[own]])
+            y = np.concatenate([test.y[victims[chosen]], test.y[own]])
+            # the target's own images are never triggered (ASR counts the others): their clean copies stand in
+            mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+            yield Case(f"matrix {facts['name']}", folder / "model.onnx", folder / "defender.npz", target,
+                       Dataset(x, y), np.concatenate([triggered, test.x[own]]), mean, std)
+        return
 
     if name == "sample":
         manifest = json.loads((SAMPLES / "manifest.json").read_text())
         targets = {m["attack"]: m["target"] for m in manifest["models"] if m["attack"] != "none"}
         clean = load_npz(SAMPLES / "test.npz")
         for attack in ("badnets", "blended"):
-            yield (f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz", targets[attack],
-                   clean, load_npz(SAMPLES / f"{attack}_test.npz").x)
+            yield Case(f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz", targets[attack],
+                       clean, load_npz(SAMPLES / f"{attack}_test.npz").x)
         return
     import cifar_models
 
@@ -30,7 +84,7 @@ def cases(name: str):
     folder = cifar_models.build(attack).parent
     test = load_npz(folder / "test.npz").take(2000, seed=1)
     triggered = cifar_models.apply_trigger((test.x * 255).round().astype(np.uint8), attack).astype(np.float32) / 255
-    yield name, folder / "model.onnx", folder / "defender.npz", cifar_models.TARGET, test, triggered
+    yield Case(name, folder / "model.onnx", folder / "defender.npz", cifar_models.TARGET, test, triggered)
 
 
 def arguments(doc: str, presets: str, samples: int) -> argparse.ArgumentParser:

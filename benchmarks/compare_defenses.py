@@ -34,7 +34,9 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        for label, model, defender, target, test, triggered in cases(name):
+        for label, model, defender, target, test, triggered, mean, _ in cases(name):
+            if mean is not None:
+                raise SystemExit(f"{label}: normalisation outside the graph is not passed to compare here yet")
             result = compare(model, defender, test, Dataset(triggered, test.y, "triggered test images"), target,
                              methods=args.methods.split(","),
                              config=RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed)),

@@ -1194,15 +1194,17 @@ def save_images(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     np.savez(path, x=x.transpose(0, 2, 3, 1), y=y)
 
 
-def _shared_file(base: Path, name: str, x: np.ndarray, y: np.ndarray, folder: Path, target: str) -> None:
-    """Write an image set once under ``base`` and hard-link it into the cell's folder (copy where links fail)."""
-    source = base / name
+def _shared_file(base: Path, stem: str, x: np.ndarray, y: np.ndarray, folder: Path, target: str) -> None:
+    """Write an image set once under ``base`` (named by its content) and hard-link it into the cell's folder
+    (a copy where links fail)."""
+    digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:12]
+    source = base / f"{stem}-{digest}.npz"
     if not source.exists():
-        save_images(source.with_suffix(".tmp.npz"), x, y)
-        os.replace(source.with_suffix(".tmp.npz"), source)
+        tmp = base / f"{stem}-{digest}.tmp.npz"
+        save_images(tmp, x, y)
+        os.replace(tmp, source)
     dest = folder / target
-    if dest.exists():
-        dest.unlink()
+    dest.unlink(missing_ok=True)
     try:
         os.link(source, dest)
     except OSError:
@@ -1260,7 +1262,7 @@ def export_cell(cell: Cell, entry: dict, weights_dir: Path, data: dict[str, np.n
         triggered = apply_trigger(cell.attack, data["x_test"][keep])
         hits = _ort_logits(session, triggered, spec, cell.norm).argmax(1) == TARGET
         facts["asr"] = round(float(hits.mean()), 4)
-        _shared_file(shared, f"{cell.dataset}-{cell.attack}-triggered.npz", triggered, data["y_test"][keep], folder,
+        _shared_file(shared, f"{cell.dataset}-{cell.attack}-triggered", triggered, data["y_test"][keep], folder,
                      "triggered.npz")
         signature = trigger_signature(cell.attack, data["x_train"][:8])
         reference_signature = entry.get("trigger_signature") or {}
@@ -1274,9 +1276,9 @@ def export_cell(cell: Cell, entry: dict, weights_dir: Path, data: dict[str, np.n
     del session
     pick = np.sort(np.random.default_rng(stable_seed(f"defender/{cell.dataset}")).choice(
         len(data["y_pool"]), size=min(N_DEFENDER, len(data["y_pool"])), replace=False))
-    _shared_file(shared, f"{cell.dataset}-defender.npz", data["x_pool"][pick], data["y_pool"][pick], folder,
+    _shared_file(shared, f"{cell.dataset}-defender", data["x_pool"][pick], data["y_pool"][pick], folder,
                  "defender.npz")
-    _shared_file(shared, f"{cell.dataset}-test.npz", data["x_test"], data["y_test"], folder, "test.npz")
+    _shared_file(shared, f"{cell.dataset}-test", data["x_test"], data["y_test"], folder, "test.npz")
     facts |= {"poisoned": entry.get("poisoned", 0), "noise_images": entry.get("noise", 0),
               "train_images": entry.get("train_images"), "epochs": entry.get("epochs"),
               "train_seconds": entry.get("train_seconds"), "train_acc": entry.get("train_acc"),

@@ -14,6 +14,7 @@ same defender data and seed, and reports per preset:
 
     python benchmarks/scan_coverage.py sample                       # bundled sample models, ~2 min on 2 cores
     python benchmarks/scan_coverage.py cifar10_badnets --samples 256 --presets default,paper
+    python benchmarks/scan_coverage.py matrix:cifar10-preact18q,cifar10-vgg --samples 64   # matrix.py's models
 
 Prints a Markdown table and writes the rows to ``benchmarks/results/``.
 """
@@ -59,19 +60,21 @@ def main() -> None:
     from oracle import trigger_response
 
     from fmt_audit.backends.onnxrt.masked import MaskedModel
+    from fmt_audit.data import Preprocessing
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.model.loading import load_model
 
     rows = []
-    for label, model_path, defender, target, test, triggered in (c for n in args.models for c in cases(n)):
+    for label, model_path, defender, target, test, triggered, mean, std in (c for n in args.models
+                                                                            for c in cases(n)):
         loaded = load_model(model_path)
-        masked = MaskedModel(loaded.proto, "cpu")
+        masked = MaskedModel(loaded.proto, "cpu", Preprocessing(mean, std))
         victims = test.y != target
         response = trigger_response(masked, test.x[victims], triggered[victims])
         total = sum(layer.out_channels for layer in loaded.layers)
         base = acc_asr(masked, test, triggered, target, None)
         for preset in args.presets.split(","):
-            config = ScanConfig.from_preset(preset, samples=args.samples, seed=args.seed)
+            config = ScanConfig.from_preset(preset, samples=args.samples, seed=args.seed, mean=mean, std=std)
             started = time.perf_counter()
             report = scan(loaded, defender, config, verdict=None)
             seconds = time.perf_counter() - started

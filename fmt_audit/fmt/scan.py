@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmt_audit.backends.onnxrt.session import DEVICES
+from fmt_audit.backends.device import DEVICES, Placement, resolve_device
 from fmt_audit.data import Dataset, Preprocessing, load_data
 from fmt_audit.errors import ConfigError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
@@ -132,11 +132,12 @@ class _Scanner:
     """Builds the tester for a mode and scores layers with it."""
 
     def __init__(self, loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
-                 plan: MemoryPlan | None = None, memory_share: int = 1):
+                 plan: MemoryPlan | None = None, memory_share: int = 1, placement: Placement | None = None):
         self.config = config
+        self.placement = placement or resolve_device(config.device, torch_needed=config.mode == "gradient")
         self.num_classes = loaded.num_classes or int(dataset.y.max()) + 1
         preprocessing = config.preprocessing
-        self.plan = plan or memory_plan(loaded, dataset, config, layers, memory_share)
+        self.plan = plan or memory_plan(loaded, dataset, config, layers, memory_share, self.placement)
         self.dataset = dataset
         # ONNX Runtime runs mask mode, and gradient mode's candidate batches unless torch is asked for
         self.masked = self.onnx = None
@@ -145,16 +146,20 @@ class _Scanner:
 
             self.masked = MaskedModel(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
             self.provider, self.device = self.masked.provider, self.masked.session.device
+            self.placement = replace(self.placement, onnxruntime=self.device)    # as the session really runs
             self.bridge = None
             return
-        from fmt_audit.backends.torch.bridge import to_torch, torch_device
+        from fmt_audit.backends.torch.bridge import to_torch
 
         if config.predict_with == "onnxruntime":
             from fmt_audit.backends.onnxrt.session import OrtClassifier
 
             self.onnx = OrtClassifier(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
         self.provider = self.onnx.provider if self.onnx else None
-        self.device = torch_device(config.device)
+        if self.onnx:
+            self.placement = replace(self.placement, onnxruntime=self.onnx.session.device)
+        self.placement = self.placement.with_torch()
+        self.device = self.placement.torch
         self.bridge = to_torch(loaded.proto)
         if config.predict_with == "torch":
             from fmt_audit.backends.torch.bridge import check_free_batch
@@ -180,14 +185,12 @@ class _Scanner:
 
 
 def memory_plan(loaded: LoadedModel, dataset: Dataset, config: ScanConfig, layers: list[ConvLayer],
-                share: int = 1) -> MemoryPlan:
+                share: int = 1, placement: Placement | None = None) -> MemoryPlan:
     """Batch sizes for this scan under ``config.max_memory`` (when not given: half the free memory, divided
-    among ``share`` scans running side by side, as Ray tasks on one machine do)."""
-    from fmt_audit.backends.onnxrt.session import cuda_available
-
-    device = config.device
-    if device == "auto":   # where the heavy arrays will live
-        device = "cuda" if cuda_available() else "cpu"
+    among ``share`` scans running side by side, as Ray tasks on one machine do), on the device where the
+    scan's heavy arrays live (``placement``: decided from ``config.device`` when not given)."""
+    placement = placement or resolve_device(config.device, torch_needed=config.mode == "gradient")
+    device = placement.memory_device(config.mode)
     budget = (config.max_memory * 2**20 if config.max_memory is not None
               else available_memory(device) / 2 / max(1, share))
     height, width = dataset.x.shape[2:]
@@ -341,9 +344,10 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     tested = time.perf_counter()
     found = None
     if verdict is not None:
+        scanner.placement = scanner.placement.with_torch()     # the verdict runs in torch, where the scan's did
         found = gather_verdict(VerdictInputs(loaded, everything.take(verdict.samples, seed=verdict.seed),
-                                             config.preprocessing, config.device, scanner.bridge, references),
-                               verdict)
+                                             config.preprocessing, scanner.placement.torch, scanner.bridge,
+                                             references), verdict)
     finished = time.perf_counter()
     shape = loaded.image_input.shape
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
@@ -357,6 +361,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,
+                "placement": scanner.placement.to_dict(),
                 **({"layers_device_used": getattr(runner, "device_used", None)} if runner is not None else {}),
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
                 "calibration": calibration, "verdict": asdict(verdict) if verdict is not None else None},

@@ -34,12 +34,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from fmt_audit.backends.device import resolve_device
 from fmt_audit.backends.torch.bridge import (
     BridgedClassifier,
     TorchBridge,
     check_free_batch,
     to_torch,
-    torch_device,
     write_back,
 )
 from fmt_audit.data import Dataset, load_data
@@ -150,6 +150,7 @@ def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarr
     except Exception as error:
         raise RepairError(f"the repaired model fails the ONNX checker: {first_line(error)}") from error
     in_ort = OrtClassifier(repaired, device, classifier.preprocessing)
+    ort_device = in_ort.session.device
     ort_logits = in_ort.logits(x)
     torch_logits = classifier.logits(x)
     difference = float(np.abs(ort_logits - torch_logits).max())
@@ -160,7 +161,7 @@ def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarr
     problems = nonzero_removed(repaired, removed) if expect_zero else []
     if problems:
         raise RepairError(f"removed channels are not zero in the repaired model: {', '.join(problems[:5])}")
-    return {"checker": "passed", "ort_provider": in_ort.provider, "images": len(x),
+    return {"checker": "passed", "ort_provider": in_ort.provider, "ort_device": ort_device, "images": len(x),
             "max_abs_logit_difference": difference, "allowed": allowed,
             "removed_exactly_zero": expect_zero}
 
@@ -257,7 +258,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     train, holdout = dataset.split(config.holdout, seed=scan_config.seed) if dataset is not None else (empty, empty)
     bridge = to_torch(loaded.proto)     # before the scan: a model that cannot be fine-tuned fails fast
     check_free_batch(bridge, loaded.image_input, "fine-tuning")
-    device = torch_device(scan_config.device)
+    placement = resolve_device(scan_config.device, torch_needed=True)    # one decision for every stage
+    device = placement.torch
     classifier = BridgedClassifier(bridge, preprocessing, device)
     source, removed, scan_report, evidence = _channels_to_remove(config, loaded, train, classifier, scan_config,
                                                                  flagged, progress)
@@ -304,6 +306,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         model={"path": str(loaded.path), "sha256": loaded.sha256},
         config={"method": method, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
                 "holdout": config.holdout, "tolerance": config.tolerance, "device_used": device,
+                "placement": {**placement.to_dict(), "onnxruntime": verification["ort_device"]},
                 **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning, "steps": steps,
                 "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
                 **({"prune_drop": config.prune_drop} if method == "fp" else {}),

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from fmt_audit.backends.device import DEVICES
 from fmt_audit.errors import DeviceError, UnsupportedModelError, first_line
 from fmt_audit.model.graph import image_input, with_node_names
 from fmt_audit.model.loading import in_one_piece
 
-DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
