@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +14,8 @@ HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"
 
 
-MATRIX = Path.home() / ".cache" / "fmt-audit" / "benchmarks" / "matrix"     # benchmarks/matrix.py's export
+# where benchmarks/matrix.py exports its cells (matrix.cache_dir(), read without importing torch)
+MATRIX = Path(os.environ.get("FMT_AUDIT_BENCH_CACHE", Path.home() / ".cache" / "fmt-audit" / "benchmarks")) / "matrix"
 
 
 class Case(NamedTuple):
@@ -33,13 +35,11 @@ class Case(NamedTuple):
 def matrix_folders(name: str) -> list[Path]:
     """The exported matrix cells (benchmarks/matrix.py) that ``name`` (``matrix:PART[,PART...]``) names:
     every cell whose name contains one of the parts."""
-    import os
-
-    root = Path(os.environ.get("FMT_AUDIT_BENCH_CACHE", MATRIX.parent)) / "matrix"
     parts = name.removeprefix("matrix:").split(",")
-    found = sorted(f for f in root.glob("*") if (f / "model.onnx").exists() and any(p in f.name for p in parts))
+    found = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists() and any(p in f.name for p in parts))
     if not found:
-        raise SystemExit(f"no exported matrix cell matches {name!r} under {root} (python benchmarks/matrix.py export)")
+        raise SystemExit(f"no exported matrix cell matches {name!r} under {MATRIX} "
+                         "(python benchmarks/matrix.py export)")
     return found
 
 
