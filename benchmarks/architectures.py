@@ -3,10 +3,10 @@
 Timing needs the architecture, not a trained model: both methods under test see
 the same weights and images, and must agree on every score. Models are exported
 with torch's legacy exporter at opset 13 in eval mode (BatchNormalization folded
-into the Conv layers) and cached beside the CIFAR-10 models; the images are the
+into the Conv layers) and cached beside the matrix models; the images are the
 first CIFAR-10 test images.
 
-- ``resnet18``: the PreAct-ResNet-18 of ``cifar_models`` at full width (64-512, 4,800 channels);
+- ``resnet18``: the matrix's PreAct-ResNet-18 at full width (64-512, 4,800 channels);
 - ``mobilenetv2``: torchvision's MobileNetV2 (width 1.0, 10 classes) on 32x32 inputs.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cifar_models
 import numpy as np
+from cases import CACHE
 
 ARCHITECTURES = ("resnet18", "mobilenetv2")
 
@@ -26,7 +26,9 @@ def _module(name: str):
 
     torch.manual_seed(0)
     if name == "resnet18":
-        net = cifar_models.preact_resnet(width=64)
+        from matrix import PreActResNet18
+
+        net = PreActResNet18(64, 3, 10)
     elif name == "mobilenetv2":
         import torchvision
 
@@ -45,7 +47,7 @@ def build(name: str) -> tuple[Path, Path]:
     """(model path, data path) for ``name``, exported and cached on first use."""
     import torch
 
-    folder = cifar_models.CACHE / f"arch_{name}"
+    folder = CACHE / f"arch_{name}"
     model, data = folder / "model.onnx", folder / "images.npz"
     if model.exists() and data.exists():
         return model, data
@@ -55,8 +57,10 @@ def build(name: str) -> tuple[Path, Path]:
                       output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
                       opset_version=13, dynamo=False)
     os.replace(tmp, model)
-    cifar = cifar_models.load_cifar()
-    cifar_models.save_images(data, cifar["x_test"][:1024], cifar["y_test"][:1024])
+    from matrix import load_shared, save_images
+
+    cifar = load_shared("cifar10")
+    save_images(data, cifar["x_test"][:1024], cifar["y_test"][:1024])
     return model, data
 
 

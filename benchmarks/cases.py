@@ -14,8 +14,9 @@ HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"
 
 
-# where benchmarks/matrix.py exports its cells (matrix.cache_dir(), read without importing torch)
-MATRIX = Path(os.environ.get("FMT_AUDIT_BENCH_CACHE", Path.home() / ".cache" / "fmt-audit" / "benchmarks")) / "matrix"
+# where benchmarks cache what they build; matrix.py exports its cells under matrix/ (read here without torch)
+CACHE = Path(os.environ.get("FMT_AUDIT_BENCH_CACHE", Path.home() / ".cache" / "fmt-audit" / "benchmarks"))
+MATRIX = CACHE / "matrix"
 
 
 class Case(NamedTuple):
@@ -44,7 +45,7 @@ def matrix_folders(name: str) -> list[Path]:
 
 
 def cases(name: str):
-    """Every :class:`Case` of ``name``: ``sample``, ``cifar10_<attack>`` or ``matrix:PART[,PART...]``."""
+    """Every :class:`Case` of ``name``: ``sample`` or ``matrix:PART[,PART...]`` (backdoored cells only)."""
     from fmt_audit.data import load_npz
 
     if name.startswith("matrix:"):
@@ -78,13 +79,7 @@ def cases(name: str):
             yield Case(f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz", targets[attack],
                        clean, load_npz(SAMPLES / f"{attack}_test.npz").x)
         return
-    import cifar_models
-
-    attack = name.removeprefix("cifar10_")
-    folder = cifar_models.build(attack).parent
-    test = load_npz(folder / "test.npz").take(2000, seed=1)
-    triggered = cifar_models.apply_trigger((test.x * 255).round().astype(np.uint8), attack).astype(np.float32) / 255
-    yield Case(name, folder / "model.onnx", folder / "defender.npz", cifar_models.TARGET, test, triggered)
+    raise SystemExit(f"unknown models {name!r}: expected 'sample' or 'matrix:PART[,PART...]'")
 
 
 def arguments(doc: str, presets: str, samples: int) -> argparse.ArgumentParser:
@@ -98,18 +93,19 @@ def arguments(doc: str, presets: str, samples: int) -> argparse.ArgumentParser:
 
 
 def publish(rows: list[dict], header: list[str], name: str) -> None:
-    """Print the rows as a Markdown table and save them as ``benchmarks/results/<name>.json``."""
+    """Print the rows as a Markdown table and save them as ``benchmarks/results/<name>.json`` (a model list's
+    ``:`` and ``,`` become ``-`` and ``_`` in the file name)."""
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / f"{name.replace(':', '-').replace(',', '_')}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def model_paths(name: str):
-    """(label, model path, defender data) for every model of ``name``: ``sample``, ``cifar10_<attack>``
-    or an architecture of ``architectures.py`` (random weights)."""
+    """(label, model path, defender data) for every model of ``name``: ``sample``, ``matrix:PART[,PART...]``
+    (clean cells too) or an architecture of ``architectures.py`` (random weights)."""
     import architectures
 
     if name in architectures.ARCHITECTURES:
@@ -119,7 +115,5 @@ def model_paths(name: str):
         for attack in ("clean", "badnets", "blended"):
             yield f"sample {attack}", SAMPLES / f"{attack}_op13.onnx", SAMPLES / "defender.npz"
         return
-    import cifar_models
-
-    folder = cifar_models.build(name.removeprefix("cifar10_")).parent
-    yield name, folder / "model.onnx", folder / "defender.npz"
+    for folder in matrix_folders(name):
+        yield f"matrix {folder.name}", folder / "model.onnx", folder / "defender.npz"

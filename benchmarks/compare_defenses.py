@@ -6,7 +6,7 @@ For each model with a known trigger, :func:`fmt_audit.repair.comparison.compare`
 on the same defender data, recipe and seed, and measures each repaired graph in
 ONNX Runtime on the same test images.
 
-    python benchmarks/compare_defenses.py cifar10_badnets cifar10_blended
+    python benchmarks/compare_defenses.py matrix:cifar10-preact18q-badnets-p10,cifar10-preact18q-blended-p10
     python benchmarks/compare_defenses.py sample --epochs 5
 
 Prints a Markdown table and writes the rows to ``benchmarks/results/``.
@@ -34,13 +34,12 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        for label, model, defender, target, test, triggered, mean, _ in cases(name):
-            if mean is not None:
-                raise SystemExit(f"{label}: normalisation outside the graph is not passed to compare here yet")
+        for label, model, defender, target, test, triggered, mean, std in cases(name):
             result = compare(model, defender, test, Dataset(triggered, test.y, "triggered test images"), target,
                              methods=args.methods.split(","),
                              config=RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed)),
-                             scan_config=ScanConfig.from_preset(args.presets, samples=args.samples, seed=args.seed),
+                             scan_config=ScanConfig.from_preset(args.presets, samples=args.samples, seed=args.seed,
+                                                                mean=mean, std=std),
                              on_method=lambda method, label=label: print(f"{label}: {method} ...", flush=True))
             b = result.baseline
             rows.append({"model": label, "method": "none (as given)", "removed": 0, "ACC": round(b.acc, 4),

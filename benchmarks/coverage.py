@@ -22,16 +22,16 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
-import cifar_models
 import onnx
-from cases import publish
+from cases import CACHE, publish
 
-sys.path.insert(0, str(cifar_models.Path(__file__).resolve().parents[1] / "sample_models"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import zoo
 
-CACHE = cifar_models.CACHE / "coverage"
-RESULTS = cifar_models.Path(__file__).resolve().parent / "results" / "coverage.json"
+COVERAGE = CACHE / "coverage"
+RESULTS = Path(__file__).resolve().parent / "results" / "coverage.json"
 HEADER = ["architecture", "exporter", "input", "works", "why not", "conv layers", "channels", "depthwise",
           "1x1 maps", "export s", "scan s", "repair s", "ORT vs torch", "structure kept"]
 
@@ -94,14 +94,14 @@ def main() -> None:
     args = parser.parse_args()
     from fmt_audit.errors import first_line
 
-    CACHE.mkdir(parents=True, exist_ok=True)
+    COVERAGE.mkdir(parents=True, exist_ok=True)
     cases = [(family, exporter) for family in args.families.split(",") for exporter in args.exporters.split(",")]
     cases += [("graph", name) for name in zoo.GRAPHS] if args.graphs else []
     rows = []
     for kind, name in cases:
         row = {h: "–" for h in HEADER} | {"architecture": zoo.FAMILIES[kind].full_name if kind != "graph"
                                           else name, "exporter": name if kind != "graph" else "hand-built"}
-        path = CACHE / f"{kind}_{name}.onnx"
+        path = COVERAGE / f"{kind}_{name}.onnx"
         try:
             started = time.perf_counter()
             if kind == "graph":

@@ -24,7 +24,6 @@ import io
 import os
 import time
 
-import cifar_models
 import numpy as np
 from cases import publish
 
@@ -37,8 +36,10 @@ def native_module(name: str):
 
     torch.manual_seed(0)
     if name == "cifar_quarter":
-        return torch.nn.Sequential(cifar_models.normalize_layer(cifar_models.MEAN, cifar_models.STD),
-                                   cifar_models.preact_resnet(width=16))
+        from matrix import DATASETS, Normalize, PreActResNet18
+
+        spec = DATASETS["cifar10"]
+        return torch.nn.Sequential(Normalize(spec.mean, spec.std), PreActResNet18(16, 3, 10))
     import architectures
 
     return architectures._module(name)
@@ -87,12 +88,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     args = parser.parse_args()
     import torch
+    from matrix import load_shared
 
     from fmt_audit.backends.torch.bridge import BridgedClassifier
     from fmt_audit.data import Dataset, Preprocessing
     from fmt_audit.repair.finetune import FineTuneConfig, fine_tune
 
-    cifar = cifar_models.load_cifar()
+    cifar = load_shared("cifar10")
     x_np = cifar["x_train"][:args.batch].astype(np.float32) / 255
     x, y = torch.from_numpy(x_np), torch.from_numpy(cifar["y_train"][:args.batch])
     rows = []

@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 
-import cifar_models
 import numpy as np
+from cases import CACHE, SAMPLES
 
-FOLDER = cifar_models.CACHE / "large_model"
+FOLDER = CACHE / "large_model"
 HIDDEN = 34_000
 
 
@@ -58,7 +58,7 @@ def build():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data")
-    with np.load(cifar_models.Path(__file__).resolve().parents[1] / "sample_models" / "defender.npz") as data:
+    with np.load(SAMPLES / "defender.npz") as data:
         np.savez(FOLDER / "images.npz", x=data["x"][:64], y=data["y"][:64])
     return model_path, FOLDER / "images.npz"
 

@@ -10,17 +10,18 @@ seed and fine-tuning recipe:
 * ``removal only``: the flagged channels removed, no fine-tuning;
 * ``FMT <preset> + unlearning``: removal and fine-tuning with feature-map perturbations (the default).
 
-Scans run once per model and preset on the repair's training split and are cached
-next to the model (``scan_<preset>_n<N>_seed<S>.json``), so reruns only fine-tune.
+Scans run once per model, preset and version of the scan's code on the repair's training split and are
+cached next to the model (``scan_<preset>_n<N>_seed<S>_<code>.json``), so reruns only fine-tune.
 
     python benchmarks/repair_cifar.py sample --presets gradient
-    python benchmarks/repair_cifar.py cifar10_badnets cifar10_blended --presets default
+    python benchmarks/repair_cifar.py matrix:cifar10-preact18q-badnets-p10,cifar10-preact18q-blended-p10
 
 Prints a Markdown table and writes the rows to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -29,18 +30,29 @@ from pathlib import Path
 
 from cases import arguments, cases, publish
 
+FMT_CODE = Path(__file__).resolve().parents[1] / "fmt_audit" / "fmt"
+
 HEADER = ["model", "method", "removed", "ACC", "ASR", "RA", "DER", "holdout ACC", "time s"]
 
 
-def cached_scan(model_path: Path, train, preset: str, samples: int, seed: int, cache: Path | None):
-    """The scan report of ``model_path`` on ``train`` (read from ``cache`` if it was made before)."""
+def code_version() -> str:
+    """A short hash of the scan's code: a cached scan is reused only by the code that made it."""
+    digest = hashlib.sha256()
+    for path in sorted(FMT_CODE.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def cached_scan(model_path: Path, train, preset: str, samples: int, seed: int, cache: Path | None, mean, std):
+    """The scan report of ``model_path`` on ``train`` (read from ``cache`` if this code made it before)."""
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.report.json_report import ScanReport
 
-    target = cache / f"scan_{preset}_n{samples}_seed{seed}.json" if cache else None
+    target = cache / f"scan_{preset}_n{samples}_seed{seed}_{code_version()}.json" if cache else None
     if target and target.exists():
         return ScanReport.read(target)
-    report = scan(model_path, train, ScanConfig.from_preset(preset, samples=samples, seed=seed), verdict=None)
+    config = ScanConfig.from_preset(preset, samples=samples, seed=seed, mean=mean, std=std)
+    report = scan(model_path, train, config, verdict=None)
     if target:
         target.write_text(report.to_json())
     return report
@@ -53,7 +65,7 @@ def main() -> None:
 
     import onnx
 
-    from fmt_audit.data import Dataset, load_npz
+    from fmt_audit.data import Dataset, Preprocessing, load_npz
     from fmt_audit.fmt.scan import ScanConfig
     from fmt_audit.model.loading import load_model
     from fmt_audit.repair.config import FineTuneConfig
@@ -61,24 +73,24 @@ def main() -> None:
     from fmt_audit.repair.pipeline import RepairConfig, repair, unlearning_eps
 
     rows = []
-    for label, model_path, defender, target, test, triggered, mean, _ in (c for n in args.models for c in cases(n)):
-        if mean is not None:
-            raise SystemExit(f"{label}: normalisation outside the graph is not passed to repair here yet")
+    for label, model_path, defender, target, test, triggered, mean, std in (c for n in args.models
+                                                                            for c in cases(n)):
         loaded = load_model(model_path)
         data = load_npz(defender)
         poisoned = Dataset(triggered, test.y)
         config = RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed), unlearn=True)
         train, _ = data.split(config.holdout, seed=args.seed)
-        scan_config = ScanConfig(seed=args.seed)
-        cache = Path(model_path).parent if "cifar10" in label else None
-        before = evaluate(loaded, test, poisoned, target)
+        scan_config = ScanConfig(seed=args.seed, mean=mean, std=std)
+        preprocessing = Preprocessing(mean, std)
+        cache = Path(model_path).parent if label.startswith("matrix") else None
+        before = evaluate(loaded, test, poisoned, target, preprocessing=preprocessing)
 
         def record(method, removed, result, seconds, label=label, test=test, poisoned=poisoned, target=target,
-                   loaded=loaded):
+                   loaded=loaded, preprocessing=preprocessing):
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "repaired.onnx"
                 onnx.save(result.model, str(path))
-                after = evaluate(path, test, poisoned, target, baseline=loaded)
+                after = evaluate(path, test, poisoned, target, baseline=loaded, preprocessing=preprocessing)
             m = after.metrics
             row = {"model": label, "method": method, "removed": removed, "ACC": round(m.acc, 4),
                    "ASR": round(m.asr, 4), "RA": round(m.ra, 4), "DER": round(after.der, 4),
@@ -103,7 +115,7 @@ def main() -> None:
                time.perf_counter() - started)
         for preset in args.presets.split(","):
             started = time.perf_counter()
-            report = cached_scan(model_path, train, preset, args.samples, args.seed, cache)
+            report = cached_scan(model_path, train, preset, args.samples, args.seed, cache, mean, std)
             scanned = time.perf_counter() - started
             n = report.flagged_count
             for method, settings in (
@@ -115,6 +127,7 @@ def main() -> None:
                 result = repair(loaded, data, settings, scan_config, flagged=report)
                 record(method, n, result, time.perf_counter() - started + scanned)
     publish(rows, HEADER, f"repair_{'_'.join(args.models)}_{args.presets.replace(',', '-')}_n{args.samples}")
+
 
 if __name__ == "__main__":
     main()

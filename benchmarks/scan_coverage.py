@@ -13,7 +13,6 @@ same defender data and seed, and reports per preset:
   layer removed (seeded) — a scan that finds the backdoor beats random removal.
 
     python benchmarks/scan_coverage.py sample                       # bundled sample models, ~2 min on 2 cores
-    python benchmarks/scan_coverage.py cifar10_badnets --samples 256 --presets default,paper
     python benchmarks/scan_coverage.py matrix:cifar10-preact18q,cifar10-vgg --samples 64   # matrix.py's models
 
 Prints a Markdown table and writes the rows to ``benchmarks/results/``.

@@ -176,6 +176,10 @@ def html_option(what: str) -> OptionGroup:
                                      metavar="FILE", help=f"Also write a self-contained HTML report ({what}) here."))
 
 
+FAIL_IF_PERSISTS = OptionGroup("Output", opt(
+    "--fail-if-persists", is_flag=True,
+    help="Exit with code 1 when the self-check says the backdoor may persist, or cannot tell (the repaired model "
+         "is written either way), for pipeline gates."))
 FAIL_ON_SUSPICIOUS = OptionGroup("Output", opt(
     "--fail-on-suspicious", is_flag=True,
     help="Exit with code 1 when the verdict is suspicious or inconclusive (without a verdict: when any channel is "

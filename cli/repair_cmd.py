@@ -1,16 +1,20 @@
-"""``fmt-audit repair MODEL --data CLEAN -o REPAIRED.onnx``: scan, remove, fine-tune, write back, verify."""
+"""``fmt-audit repair MODEL --data CLEAN -o REPAIRED.onnx``: scan, remove, fine-tune, write back, verify, and check
+the result with the verdict (the self-check)."""
 
 from __future__ import annotations
 
 import click
 
+from . import exit_codes
 from .console import progress, say, verbosity, write_report
 from .options import (
     DATA_HELP,
+    FAIL_IF_PERSISTS,
     REPAIR,
     RUN,
     SCAN,
     STDOUT,
+    VERDICT,
     OptionGroup,
     check_outputs,
     command,
@@ -22,6 +26,7 @@ from .options import (
     repair_method,
     repair_settings,
     scan_settings,
+    verdict_settings,
 )
 
 FROM_REPORT = OptionGroup("Repair", opt(
@@ -39,14 +44,18 @@ OUTPUT = OptionGroup("Output", opt("-o", "--output", required=True, type=click.P
 @repair_method()
 @FROM_REPORT
 @REPAIR
+@VERDICT
 @RUN
 @OUTPUT
 @json_option("the repair report")
 @html_option("removed channels, accuracy, training curve, scan")
+@FAIL_IF_PERSISTS
 @click.pass_context
 def repair(ctx: click.Context, model: str, method: str, output: str, from_report: str | None,
-           json_path: str | None, html_path: str | None, **options) -> None:
-    """Remove MODEL's backdoor channels (by --method), fine-tune it on clean data, and write the repaired model."""
+           json_path: str | None, html_path: str | None, fail_if_persists: bool, **options) -> None:
+    """Remove MODEL's backdoor channels (by --method), fine-tune it on clean data, write the repaired model, and
+    check it: the verdict (--verdict, on the same data) on the model as given and on the repaired one says
+    whether the backdoor was removed or may persist."""
     from fmt_audit.model.loading import model_files
     from fmt_audit.model.outputs import write_model
     from fmt_audit.repair.pipeline import repair as run_repair
@@ -55,6 +64,7 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     data = options.pop("data")
     config = scan_settings(options)
     settings = repair_settings(options, config.seed, method)
+    check = verdict_settings(options, config.seed) if data else None
     inputs = [*model_files(model), *([data] if data else []), *([from_report] if from_report else [])]
     # where a repaired model past 2 GiB keeps its weights, too
     check_outputs(inputs, output, f"{output}.data")
@@ -65,7 +75,7 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
         config = inherit_preprocessing(config, flagged)
     bar = progress(ctx)
     result = run_repair(model, data, settings, config, flagged=flagged, progress=bar,
-                        on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None)
+                        on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None, check=check)
     if bar:
         bar.close()
     result.report.record_output(output, write_model(output, result.model))
@@ -77,6 +87,10 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
         # the scan run here, or the one the channels came from (--from-report)
         write_report(html_path, repair_html(result.report, result.scan or flagged))
     say(ctx, f"{result.report.format_text()}\nwrote {output}", json_to_stdout=json_path == STDOUT)
+    status = (result.report.self_check or {}).get("status")
+    if fail_if_persists and status not in ("removed", "not found"):
+        click.echo(f"the self-check says: {status or 'not run (--verdict none or no --data)'}", err=True)
+        ctx.exit(exit_codes.PERSISTS)
 
 
 def _echo_epoch(record) -> None:

@@ -38,15 +38,16 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import cifar_models
 import numpy as np
+from cases import CACHE as BENCH_CACHE
 from cases import publish
 
 from fmt_audit.verdict.evidence.reference import random_crop
 
-CACHE = cifar_models.CACHE / "verdict_population"
-SHARED = cifar_models.DATASET.parent
+CACHE = BENCH_CACHE / "verdict_population"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 ATTACKS = ("badnets", "blended", "sig", "warp")
 DATASETS = ("digits", "mnist", "cifar10", "gtsrb")
 BATCH, LR = 64, 3e-3
@@ -160,7 +161,7 @@ def network(architecture: str, shape: tuple[int, int, int] = (1, 16, 16), classe
     if architecture == "resnet":
         import sys
 
-        sys.path.insert(0, str(cifar_models.Path(__file__).resolve().parents[1] / "sample_models"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
         from make_samples import TinyResNet
 
         model = TinyResNet(classes)

@@ -52,6 +52,45 @@ def test_opset18_graph_is_down_converted():
     assert any("allowzero" in step for step in steps)
 
 
+def _dynamic_view_graph(batch_piece: str) -> onnx.ModelProto:
+    """Conv -> global mean -> ``view(x.size(0), -1)`` as torch's dynamo exporter writes it: a Reshape with
+    ``allowzero=1`` whose shape is a Concat of the batch size (``batch_piece``: ``"batch"`` from the input's
+    Shape cut to its first dimension, ``"channels"`` from its second) and a Constant of ``value_ints``."""
+    rng = np.random.default_rng(0)
+    start, end = (0, 1) if batch_piece == "batch" else (1, 2)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["conv"], ["mean"], axes=[2, 3], keepdims=1),
+        helper.make_node("Shape", ["input"], ["shape"], start=start, end=end),
+        helper.make_node("Squeeze", ["shape"], ["size"]),
+        helper.make_node("Constant", [], ["minus_one"], value_ints=[-1]),
+        helper.make_node("Reshape", ["size", "minus_one"], ["size_1d"]),
+        helper.make_node("Constant", [], ["width"], value_ints=[4]),
+        helper.make_node("Concat", ["size_1d", "width"], ["target"], axis=0),
+        helper.make_node("Reshape", ["mean", "target"], ["flat"], allowzero=1),
+        helper.make_node("Gemm", ["flat", "fc", "bias"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "dynamic_view", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "fc"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "bias")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_view_by_the_batch_size_converts_and_one_by_another_size_is_refused():
+    model = _dynamic_view_graph("batch")
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(1).random((5, 3, 8, 8), dtype=np.float32)
+    bridge = to_torch(model)
+    assert "relaxed allowzero on 1 Reshape nodes" in bridge.steps
+    assert np.abs(_torch_logits(bridge, x) - _ort_logits(model, x)).max() <= 1e-5
+    # an entry taken from another dimension may be 0 as far as the graph says: allowzero must stay
+    with pytest.raises(BridgeError, match="allowzero"):
+        to_torch(_dynamic_view_graph("channels"))
+
+
 def _initializers(model):
     return {t.name: t.SerializeToString() for t in model.graph.initializer}
 

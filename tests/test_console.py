@@ -32,7 +32,7 @@ def test_quiet_prints_nothing_and_verbose_logs_the_steps():
 
 def test_repair_report_to_stdout(tmp_path):
     result = _run("repair", *MODEL_AND_DATA, "--skip-layers", "block", "--epochs", "1", "--no-unlearn",
-                  "-o", tmp_path / "r.onnx", "--json", "-")
+                  "--verdict", "none", "-o", tmp_path / "r.onnx", "--json", "-")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["output"]["path"] == str(tmp_path / "r.onnx")
     assert "wrote" in result.stderr

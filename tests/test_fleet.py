@@ -390,3 +390,25 @@ def test_repair_options_without_repair_and_output_names_shared_by_two_models_are
     shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.repair.onnx")   # its m.repair.json is m's repair report
     with pytest.raises(Exception, match="output files would share a name: m.repair.html, m.repair.json"):
         read_source(tmp_path)
+
+
+@pytest.mark.slow
+def test_ray_tasks_start_in_one_thread_workers_and_change_no_environment():
+    pytest.importorskip("ray")
+    import os
+
+    import ray
+
+    from fmt_audit.fleet.ray_engine import ray_session, task_options
+
+    def worker_threads() -> tuple:     # defined here: Ray ships it by value (tests are not importable there)
+        import torch
+
+        return os.environ.get("OMP_NUM_THREADS"), os.environ.get("CUDA_VISIBLE_DEVICES"), torch.get_num_threads()
+
+    ours_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+    before = {key: os.environ.get(key) for key in ours_keys}
+    with ray_session(cpus=2):
+        ours = ray.get(ray.remote(worker_threads).options(**task_options()).remote())
+    assert ours == ("1", "", 1)
+    assert {key: os.environ.get(key) for key in ours_keys} == before     # (Ray sets keys of its own here)

@@ -36,7 +36,7 @@ def pages(tmp_path_factory):
                                          "--verdict-samples", "96"])
     assert scan.exit_code == 0, scan.output
     repair = CliRunner().invoke(main, ["repair", str(SAMPLES / "badnets_op13.onnx"), *data, "--epochs", "2",
-                                       "--no-unlearn", "-o", str(folder / "r.onnx"), "--html",
+                                       "--no-unlearn", "--verdict", "none", "-o", str(folder / "r.onnx"), "--html",
                                        str(folder / "repair.html"), "--from-report", str(folder / "scan.json")])
     assert repair.exit_code == 0, repair.output
     return folder / "scan.html", folder / "repair.html"

@@ -207,7 +207,7 @@ def test_cli_repair_from_report_and_evaluate(tmp_path):
     assert _invoke("scan", model, "--data", data, "--samples", 64, "--json", tmp_path / "scan.json",
                    *QUICK_MARGIN_ARGS).exit_code == 0
     result = _invoke("repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 1,
-                     "--unlearn-eps", 0.1,
+                     "--unlearn-eps", 0.1, "--verdict", "none",
                      "-o", tmp_path / "repaired.onnx", "--json", tmp_path / "repair.json")
     assert result.exit_code == 0, result.output
     assert model.read_bytes() == before
@@ -232,7 +232,7 @@ def test_cli_repair_takes_the_reports_normalisation(tmp_path):
                       "--json", tmp_path / "scan.json", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0, scanned.output
     common = ["repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 0,
-              "-o", tmp_path / "r.onnx", "--json", tmp_path / "r.json"]
+              "--verdict", "none", "-o", tmp_path / "r.onnx", "--json", tmp_path / "r.json"]
     assert _invoke(*common).exit_code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["config"]["mean"] == [0.1] and report["config"]["std"] == [0.9]

@@ -185,7 +185,7 @@ def test_a_graph_fixed_to_batch_1_scans_and_repairs(tmp_path):
     # the bridge frees the batch in its copy (Reshape [1, -1] -> [0, -1]) to fine-tune in batches
     out = tmp_path / "out.onnx"
     repaired = _invoke("repair", path, "--data", SAMPLES / "defender.npz", "-o", out, "--samples", "8",
-                       "--epochs", "1")
+                       "--epochs", "1", "--verdict", "none")
     assert repaired.exit_code == 0, repaired.output
     written = onnx.load(out)
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1    # the output keeps batch 1
@@ -239,7 +239,7 @@ def test_models_past_the_protobuf_limit_go_through_files_with_external_data(tmp_
     monkeypatch.setattr(fmt_audit.model.graph, "PROTOBUF_LIMIT", 1000)
     out, report = tmp_path / "repaired.onnx", tmp_path / "repair.json"
     result = _invoke("repair", SAMPLES / "badnets_op13.onnx", "--data", SAMPLES / "defender.npz", "--epochs", "1",
-                     "--samples", "32", "--no-unlearn", "-o", out, "--json", report)
+                     "--samples", "32", "--no-unlearn", "--verdict", "none", "-o", out, "--json", report)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repair.json", "repaired.onnx", "repaired.onnx.data"]
     assert out.stat().st_size < 10_000 < (tmp_path / "repaired.onnx.data").stat().st_size

@@ -38,7 +38,6 @@ from fmt_audit.fleet.ray_engine import (
     INSTALL_HINT,
     check_resources,
     node_cpus,
-    one_thread,
     ray_available,
     ray_session,
     task_error,
@@ -614,7 +613,7 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
         check_resources(gpus_per_task, max(budgets, default=None))
         task = ray.remote(_audit_in_worker)
         pending = {task.options(**task_options(gpus_per_task, job.config.max_memory)).remote(
-            str(job.model.path.resolve()), str(job.data.resolve()), job.config, job.verdict, gpus_per_task, job.repair,
+            str(job.model.path.resolve()), str(job.data.resolve()), job.config, job.verdict, job.repair,
             job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX))): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -629,9 +628,8 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
     return where
 
 
-def _audit_in_worker(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None, gpus: float,
+def _audit_in_worker(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None,
                      repair: RepairConfig | None, repair_when: str, repaired_path: str) -> dict:
-    one_thread(gpus)
     # without --max-memory, a model's scan takes its share of this node's free memory: as many one-CPU
     # tasks as the node has CPUs may run beside it (with it, Ray reserved the budget: task_options)
     return audit_model(path, data, config, verdict, node_cpus(), repair, repair_when, repaired_path)

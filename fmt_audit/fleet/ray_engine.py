@@ -4,7 +4,7 @@ layers tested by Ray workers in chunks.
 Ray is optional and imported only here, only when used. With no address Ray
 starts on this machine with the CPUs asked for and stops afterwards; with an
 address (``auto``, ``ray://head:10001``) it joins that cluster. Tasks take one
-CPU each and keep torch and ONNX Runtime to one thread.
+CPU each, and their workers start with torch and ONNX Runtime kept to one thread.
 """
 
 from __future__ import annotations
@@ -59,26 +59,26 @@ def ray_session(address: str | None = None, cpus: int | None = None) -> Iterator
             ray.shutdown()
 
 
-def one_thread(gpus: float = 0.0) -> None:
-    """Keep this worker process to one thread (its task holds one CPU), and off the GPUs unless its task
-    reserved some (Ray leaves every GPU visible to a task that reserved none)."""
-    os.environ["OMP_NUM_THREADS"] = "1"     # ONNX Runtime sessions read it (fmt_audit.backends.onnxrt.session)
-    if not gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _score_chunk(work: LayerWork, names: list[str], gpus: float) -> list[LayerResult]:
-    one_thread(gpus)
+def _score_chunk(work: LayerWork, names: list[str]) -> list[LayerResult]:
     return score_layers(work, names)
+
+
+def worker_environment(gpus: float = 0.0) -> dict[str, str]:
+    """The environment a task's worker starts with: one thread (its task holds one CPU; torch reads
+    ``OMP_NUM_THREADS`` at import, and so do our ONNX Runtime sessions), and no GPU unless the task reserved
+    some (Ray leaves every GPU visible to a task that reserved none). Given to Ray as the task's
+    ``runtime_env``, so Ray starts workers with it and no reused worker's environment is changed."""
+    environment = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if not gpus:
+        environment["CUDA_VISIBLE_DEVICES"] = ""
+    return environment
 
 
 def task_options(gpus_per_task: float = 0.0, max_memory: float | None = None) -> dict:
     """Ray's options for one task: one CPU, its GPUs, and, under ``--max-memory`` (MiB, each task's budget),
     that much memory reserved, so that Ray starts no more tasks on a node than the node's memory holds."""
-    options = {"num_cpus": 1, "num_gpus": gpus_per_task, "max_retries": 0}
+    options = {"num_cpus": 1, "num_gpus": gpus_per_task, "max_retries": 0,
+               "runtime_env": {"env_vars": worker_environment(gpus_per_task)}}
     if max_memory is not None:
         options["memory"] = int(max_memory * 2**20)
     return options
@@ -158,7 +158,7 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
             task = ray.remote(**task_options(gpus_per_task, work.config.max_memory))(_score_chunk)
             shared = ray.put(work)
             parts = chunks(layers, cpus * chunks_per_cpu)
-            pending = {task.remote(shared, [layer.name for layer in part], gpus_per_task): number
+            pending = {task.remote(shared, [layer.name for layer in part]): number
                        for number, part in enumerate(parts)}
             results: dict[int, list[LayerResult]] = {}
             total, done = sum(layer.out_channels for layer in layers), 0
@@ -176,7 +176,7 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
             finally:
                 for ref in pending:     # one chunk failed: the others are not waited for
                     ray.cancel(ref)
-        # where the layers were tested: a worker sees no GPU unless its task reserved some (one_thread)
+        # where the layers were tested: a worker sees no GPU unless its task reserved some (worker_environment)
         run.device_used = "cuda" if gpus_per_task and work.config.device != "cpu" else "cpu"
         return [result for number in range(len(parts)) for result in results[number]]
 

@@ -301,6 +301,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     of ``data``; ``references``: trained reference networks to reuse (a fleet on one data file).
     """
     config = config or ScanConfig()
+    if config.selection == "trace" and (verdict is None or verdict.method != "combined"):
+        raise ConfigError("--selection trace follows the combined verdict's reversed trigger: give --verdict combined")
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     config.preprocessing.check_channels(loaded.image_input.channels)
@@ -349,6 +351,11 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                                              config.preprocessing, scanner.placement.torch, scanner.bridge,
                                              references), verdict)
     finished = time.perf_counter()
+    traced = None
+    if config.selection == "trace":
+        traced = _trace(loaded, layers, everything, config, found, scanner)
+        if traced is not None:
+            results = [replace(r, flagged=traced.flagged.get(r.name, [])) for r in results]
     shape = loaded.image_input.shape
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
     used = asdict(resolved)
@@ -368,10 +375,34 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(tested - prepared, 3),
                 "verdict_s": round(finished - tested, 3),
+                **({"trace_s": round(time.perf_counter() - finished, 3)} if config.selection == "trace" else {}),
                 "total_s": round(time.perf_counter() - started, 3)},
         resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
         verdict=found.to_dict() if found is not None else None,
+        trace=(traced.to_dict() if traced is not None else
+               {"skipped": "the verdict is not suspicious" if found is not None and found.verdict != "suspicious"
+                else "the verdict names no class with reversed-trigger figures"}) if config.selection == "trace"
+        else None,
     )
+
+
+def _trace(loaded: LoadedModel, layers: list[ConvLayer], data: Dataset, config: ScanConfig, found,
+           scanner: _Scanner):
+    """The channels that carry the suspicious verdict's reversed trigger (:mod:`fmt_audit.fmt.trace`); None
+    when the verdict is not suspicious or has no trigger figures (nothing is flagged then)."""
+    if found is None or found.verdict != "suspicious" or not found.details.get("norms"):
+        return None
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import freeze
+    from fmt_audit.fmt.trace import TraceConfig, trace_channels
+
+    norms = np.asarray(found.details["norms"], dtype=float)
+    target = int(found.target_class)
+    classifier = BridgedClassifier(scanner.bridge or to_torch(loaded.proto), config.preprocessing,
+                                   scanner.placement.torch)
+    freeze(classifier)
+    return trace_channels(classifier, layers, data, target, float(np.median(np.delete(norms, target))),
+                          TraceConfig(seed=config.seed))
 
 
 def _rounded(values: np.ndarray) -> list[list[float]]:

@@ -12,6 +12,9 @@ outlier flags nothing.
 
 Both detect the degenerate case — every channel scored the same, so there is
 nothing to separate — and flag nothing there, saying so.
+
+``trace`` is not a per-layer rule: the scan flags the channels that carry the verdict's reversed trigger
+(:mod:`fmt_audit.fmt.trace`), whatever the layer scores say; the scores are still computed and reported.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SELECTIONS = ("kmeans", "outlier")
+SELECTIONS = ("kmeans", "outlier", "trace")
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
@@ -101,4 +104,6 @@ def select(scores: np.ndarray, rule: str, seed: int = 0, threshold: float = 3.5,
         return select_kmeans(scores, seed)
     if rule == "outlier":
         return select_outliers(scores, threshold, samples)
+    if rule == "trace":     # chosen over the whole model after the verdict (fmt_audit.fmt.scan)
+        return Selection([], _degenerate(scores.max(axis=1) if scores.ndim == 2 else scores), {"rule": "trace"})
     raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {rule!r}")

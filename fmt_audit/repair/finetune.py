@@ -9,13 +9,12 @@ Removed channels stay removed: a forward hook multiplies each removed channel's
 output by 0 — at the BatchNormalization that follows the Conv when there is one,
 else at the Conv — so no gradient reaches the channel's filter, bias or BN
 parameters and their zeroed values do not move. The reference implementation
-lets them regrow; training outside :func:`removed_held_at_zero` reproduces that.
+lets them regrow; training outside :func:`fmt_audit.backends.torch.bridge.channels_held_at_zero` reproduces that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,32 +41,6 @@ class EpochRecord:
         return {"epoch": self.epoch, "loss": round(self.loss, 6), "accuracy": round(self.accuracy, 6),
                 "holdout_accuracy": None if self.holdout_accuracy is None else round(self.holdout_accuracy, 6),
                 "lr": round(self.lr, 8)}
-
-
-@contextmanager
-def removed_held_at_zero(modules: Mapping[str, torch.nn.Module], removed: Mapping[str, Sequence[int]]):
-    """Within the block, the ``removed`` channels' outputs are multiplied by 0 in every forward pass."""
-    handles = []
-    try:
-        for layer, channels in removed.items():
-            if not channels:
-                continue
-            module = modules[layer]
-            keep: dict[str, torch.Tensor] = {}
-
-            def hook(_module, _inputs, output, channels=tuple(channels), keep=keep):
-                key = f"{output.device}/{output.dtype}/{output.shape[1]}"
-                if key not in keep:
-                    mask = torch.ones(output.shape[1], dtype=output.dtype, device=output.device)
-                    mask[list(channels)] = 0
-                    keep[key] = mask.view(1, -1, *([1] * (output.dim() - 2)))
-                return output * keep[key]
-
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def augment_batch(x: np.ndarray, rng: np.random.Generator, pad: int, flip: bool) -> np.ndarray:
@@ -115,7 +88,8 @@ def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneCon
               perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[EpochRecord]:
     """Train ``classifier`` in place on ``train``; one record per epoch.
 
-    Channels to hold at zero are set up by the caller with :func:`removed_held_at_zero`.
+    Channels to hold at zero are set up by the caller
+    (:func:`fmt_audit.backends.torch.bridge.channels_held_at_zero`).
     A last batch of a single image is dropped (BatchNorm cannot train on it).
     """
     module = classifier.module

@@ -38,6 +38,7 @@ from fmt_audit.backends.device import resolve_device
 from fmt_audit.backends.torch.bridge import (
     BridgedClassifier,
     TorchBridge,
+    channels_held_at_zero,
     check_free_batch,
     to_torch,
     write_back,
@@ -56,9 +57,11 @@ from fmt_audit.model.graph import (
 )
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
 from fmt_audit.repair.config import RepairConfig
-from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision, removed_held_at_zero
+from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
 from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channels
+from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
+from fmt_audit.verdict import VerdictConfig
 
 ChannelSet = Mapping[str, Sequence[int]]
 # fewer optimizer steps than this and fine-tuning barely moves the weights (the
@@ -187,8 +190,8 @@ def unlearning_eps(config: RepairConfig, scanned, loaded: LoadedModel, train: Da
 def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Dataset | None,
                         classifier: BridgedClassifier, scan_config: ScanConfig,
                         flagged: ScanReport | ChannelSet | None,
-                        progress: Callable[[str, int, int], None] | None) -> tuple[str, ChannelSet, ScanReport | None,
-                                                                                    dict | None]:
+                        progress: Callable[[str, int, int], None] | None,
+                        check: VerdictConfig | None = None) -> tuple[str, ChannelSet, ScanReport | None, dict | None]:
     """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp)."""
     if config.method == "ft":
         return "none (fine-tuning alone)", {}, None, None
@@ -201,7 +204,9 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
                                       seed=scan_config.seed)
         return {"fp": "fine-pruning", "clp": "clp"}[config.method], choice.channels, None, choice.evidence
     if flagged is None:
-        report = scan(loaded, train, scan_config, progress=progress, verdict=None)    # channels only
+        # channels only, except that trace selection follows the verdict's reversed trigger
+        verdict = (check or VerdictConfig()) if scan_config.selection == "trace" else None
+        report = scan(loaded, train, scan_config, progress=progress, verdict=verdict)
         return "scan", report.flagged, report, None
     if isinstance(flagged, ScanReport):
         if flagged.model.get("sha256") != loaded.sha256:
@@ -225,14 +230,17 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
            config: RepairConfig | None = None, scan_config: ScanConfig | None = None,
            flagged: ScanReport | ChannelSet | None = None,
            progress: Callable[[str, int, int], None] | None = None,
-           on_epoch: Callable[[EpochRecord], None] | None = None) -> RepairResult:
+           on_epoch: Callable[[EpochRecord], None] | None = None,
+           check: VerdictConfig | None = None) -> RepairResult:
     """Repair ``model`` with the clean labelled images in ``data`` by ``config.method``.
 
     ``flagged`` (method ``fmt`` only): the channels to remove — a scan report of
     this model, or a ``{layer: [channels]}`` map; ``None`` runs a scan with
     ``scan_config`` on the training part of the data first. ``data`` may be
     ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
-    ``on_epoch`` gets each epoch's record.
+    ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
+    (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, with the same data;
+    ``None``: no self-check (it needs data).
     """
     config = config or RepairConfig()
     scan_config = scan_config or ScanConfig()
@@ -262,7 +270,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     device = placement.torch
     classifier = BridgedClassifier(bridge, preprocessing, device)
     source, removed, scan_report, evidence = _channels_to_remove(config, loaded, train, classifier, scan_config,
-                                                                 flagged, progress)
+                                                                 flagged, progress, check)
     removed = check_channels(loaded, removed)
     scanned = time.perf_counter()
 
@@ -282,19 +290,51 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
                            "calibration": trace})
     hold = (contextlib.nullcontext() if config.allow_regrowth
-            else removed_held_at_zero(bridge.channel_modules, removed))
+            else channels_held_at_zero(bridge.channel_modules, removed))
+    check_images = next((d.x[:64] for d in (holdout, train) if len(d)), None)
+    if check_images is None:
+        check_images = verification_images(loaded.image_input, scan_config.seed)
+
+    def written_and_verified() -> tuple[onnx.ModelProto, dict]:
+        model = write_back(loaded.proto, bridge)
+        return model, verify(model, classifier, check_images, removed, scan_config.device, config.tolerance,
+                             expect_zero=not config.allow_regrowth)
+
+    self_check = None
     with hold:
         history = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
                             progress=on_epoch, perturb=perturb) if tuning.epochs else []
         accuracy["after"] = measure()
         trained = time.perf_counter()
-        repaired = write_back(loaded.proto, bridge)
-        check_images = next((d.x[:64] for d in (holdout, train) if len(d)), None)
-        if check_images is None:
-            check_images = verification_images(loaded.image_input, scan_config.seed)
-        verification = verify(repaired, classifier, check_images, removed, scan_config.device,
-                              config.tolerance, expect_zero=not config.allow_regrowth)
-
+        repaired, verification = written_and_verified()
+        checked_from = time.perf_counter()
+        if check is not None and dataset is not None:
+            scanned_with = next((r.verdict for r in (scan_report, flagged) if isinstance(r, ScanReport) and r.verdict
+                                 and r.verdict.get("method") == check.method), None)
+            before = scanned_with or verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check).to_dict()
+            after = verdict_on(loaded, repaired, dataset, preprocessing, device, check).to_dict()
+            escalation = None
+            if status_of(after) == "may persist" and method == "fmt" and tuning.epochs:
+                # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
+                eps = 2 * unlearning["eps"] if unlearning.get("eps") else \
+                    unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)[0]
+                stronger = FeatureMapPerturbation(classifier, loaded.layers, eps, eps / 3, config.unlearn_steps,
+                                                  seed=tuning.seed + 1)
+                state = {key: value.clone() for key, value in bridge.module.state_dict().items()}
+                more = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
+                                 progress=on_epoch, perturb=stronger)
+                candidate, candidate_verification = written_and_verified()
+                tried = verdict_on(loaded, candidate, dataset, preprocessing, device, check).to_dict()
+                kept = tried["verdict"] == "clean"
+                escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "after": tried,
+                              "kept": kept, "accuracy": measure()}
+                if kept:
+                    repaired, verification, after = candidate, candidate_verification, tried
+                    history += more
+                    accuracy["after"] = escalation["accuracy"]
+                else:
+                    bridge.module.load_state_dict(state)
+            self_check = SelfCheck(status_of(after, before), before, after, escalation)
     steps = tuning.epochs * tuning.steps_per_epoch(len(train))
     batch_size = tuning.batch_for(len(train))
     warnings = []
@@ -317,7 +357,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         accuracy=accuracy, epochs=[record.to_dict() for record in history], verification=verification,
         regrowth=regrowth(bridge, removed) if config.allow_regrowth else None, warnings=warnings,
         timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned, 3),
+                "self_check_s": round(time.perf_counter() - checked_from, 3) if self_check else None,
                 "total_s": round(time.perf_counter() - started, 3)},
-        method=method, evidence=evidence,
+        method=method, evidence=evidence, self_check=self_check.to_dict() if self_check else None,
     )
     return RepairResult(repaired, report, scan_report)

@@ -22,11 +22,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from fmt_audit.backends.torch.bridge import BridgedClassifier
+from fmt_audit.backends.torch.bridge import BridgedClassifier, channels_held_at_zero
 from fmt_audit.data import Dataset
 from fmt_audit.errors import UnsupportedModelError
 from fmt_audit.model.graph import ConvLayer, batchnorm_after, constant_tensors, last_conv_layers
-from fmt_audit.repair.finetune import removed_held_at_zero
 
 # Fine-Pruning measures accuracy at most this many times while pruning (every
 # ceil(C / 64) channels), on at most this many of the defender's images
@@ -155,7 +154,7 @@ def dormant_channels(classifier: BridgedClassifier, model: onnx.ModelProto, laye
     kept, trace = 0, []
     modules = classifier.bridge.channel_modules
     for count in range(step, width, step):   # never the whole layer: that disconnects the network
-        with removed_held_at_zero(modules, {name: order[:count].tolist() for name in names}):
+        with channels_held_at_zero(modules, {name: order[:count].tolist() for name in names}):
             accuracy = classifier.accuracy(probe)
         trace.append({"pruned": count, "accuracy": round(accuracy, 6)})
         if accuracy < base - max_drop:

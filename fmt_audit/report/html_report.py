@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fmt_audit.report.json_report import RepairReport, ScanReport
+from fmt_audit.report.json_report import RepairReport, ScanReport, format_self_check
 
 LAYERS_PER_FIGURE = 12
 STYLE = """
@@ -199,6 +199,9 @@ def repair_html(report: RepairReport, scan: ScanReport | None = None) -> str:
                  ("after fine-tuning", pct(a.get("after")))]),
             '<p class="note">Attack success rate and robust accuracy need triggered images: '
             "<code>fmt-audit evaluate</code> measures them.</p>"]
+    if report.self_check:
+        body.append(f'<h2>Self-check: {_esc(report.self_check["status"])}</h2>'
+                    f'<p>{_esc(format_self_check(report.self_check).removeprefix("self-check   "))}</p>')
     rows = [(layer, ", ".join(map(str, channels))) for layer, channels in report.flagged.items()]
     body.append("<h2>Removed channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     if report.epochs:

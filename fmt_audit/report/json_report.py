@@ -52,6 +52,7 @@ class ScanReport:
     timing: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)   # memory plan and peaks: machine-dependent, like timing
     verdict: dict | None = None     # model-level suspicion and verdict (fmt_audit.verdict); None: not computed
+    trace: dict | None = None       # --selection trace: its rounds (fmt_audit.fmt.trace); None: another selection
 
     @property
     def flagged(self) -> dict[str, list[int]]:
@@ -82,7 +83,7 @@ class ScanReport:
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "kind": "scan",
                 "model": self.model, "config": self.config, "layers": [layer.to_dict() for layer in self.layers],
-                "summary": self.summary, "verdict": self.verdict, "timing": self.timing,
+                "summary": self.summary, "verdict": self.verdict, "trace": self.trace, "timing": self.timing,
                 "resources": self.resources}
 
     def to_json(self) -> str:
@@ -109,7 +110,8 @@ class ScanReport:
             report = cls(dict(saved["model"]), dict(saved["config"]), layers, float(summary["clean_accuracy"]),
                          list(summary.get("skipped_layers", [])), dict(saved.get("timing", {})),
                          dict(saved.get("resources", {})),
-                         None if saved.get("verdict") is None else dict(saved["verdict"]))
+                         None if saved.get("verdict") is None else dict(saved["verdict"]),
+                         None if saved.get("trace") is None else dict(saved["trace"]))
             str(report.model["sha256"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise DataError(f"{where} is not an fmt-audit scan report: missing or malformed "
@@ -152,6 +154,8 @@ class ScanReport:
             from fmt_audit.verdict import describe
 
             lines.append(describe(self.verdict))
+        if self.trace:
+            lines.append(format_trace(self.trace))
         broken = self.model.get("nonfinite_weights")
         if broken:
             lines.append(f"warning: NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
@@ -178,6 +182,7 @@ class RepairReport:
     output: dict | None = None      # path and sha256 of the written model, filled in by whoever writes it
     method: str = "fmt"             # fmt | ft | fp | clp (fmt_audit.repair.pipeline.METHODS)
     evidence: dict | None = None    # what fp / clp chose the channels on (fmt_audit.repair.pruning)
+    self_check: dict | None = None  # the verdict before and after (fmt_audit.repair.selfcheck); None: not run
 
     @property
     def flagged_count(self) -> int:
@@ -193,8 +198,8 @@ class RepairReport:
                 "flagged": {"source": self.source, "count": self.flagged_count, "channels_total": self.channels_total,
                             "layers": self.flagged, "evidence": self.evidence},
                 "data": self.data, "accuracy": self.accuracy, "epochs": self.epochs,
-                "verification": self.verification, "regrowth": self.regrowth, "warnings": self.warnings,
-                "timing": self.timing}
+                "verification": self.verification, "self_check": self.self_check, "regrowth": self.regrowth,
+                "warnings": self.warnings, "timing": self.timing}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -227,5 +232,35 @@ class RepairReport:
         lines.append(f"verified     ONNX checker passed; ONNX Runtime ({v['ort_provider']}) matches torch "
                      f"(max |logit difference| {v['max_abs_logit_difference']:.2g})"
                      f"{'; removed channels exactly zero' if v['removed_exactly_zero'] else ''}")
+        if self.self_check:
+            lines.append(format_self_check(self.self_check))
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def format_self_check(check: dict) -> str:
+    """The summary lines of a self-check as reports store it."""
+    def said(verdict: dict | None) -> str:
+        if verdict is None:
+            return "not computed"
+        if verdict.get("suspicion") is None:
+            return f"inconclusive ({verdict['basis']})"
+        named = f", class {verdict['target_class']}" if verdict["verdict"] == "suspicious" else ""
+        return f"{verdict['verdict']} (suspicion {verdict['suspicion']:.2f}{named})"
+
+    lines = [f"self-check   {check['status']}: {check['after']['method']} verdict on the repaired model "
+             f"{said(check['after'])}; on the model as given {said(check['before'])}"]
+    escalation = check.get("escalation")
+    if escalation:
+        lines.append(f"             tried {escalation['setting']}: {said(escalation['after'])}"
+                     f"{' (kept)' if escalation['kept'] else ' (not kept: no better)'}")
+    return "\n".join(lines)
+
+
+def format_trace(trace: dict) -> str:
+    """The summary line of ``--selection trace`` as reports store it."""
+    if "skipped" in trace:
+        return f"trace: nothing flagged ({trace['skipped']})"
+    cuts = ", ".join(f"{r['added']}" for r in trace["rounds"] if "added" in r)
+    return (f"trace: {trace['flagged']} channels carry class {trace['target']}'s reversed trigger, cut in "
+            f"{len([r for r in trace['rounds'] if 'added' in r])} round(s) ({cuts}); stopped: {trace['stop']}")

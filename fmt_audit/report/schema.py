@@ -24,6 +24,7 @@ SCAN = {
                 "degenerate_layers": [str], "skipped_layers": [str], "clean_accuracy": NUMBER,
                 "suspicion": OPTIONAL_NUMBER, "verdict": (str, type(None))},
     "verdict": (dict, type(None)),
+    "trace": (dict, type(None)),
     "timing": {"total_s": NUMBER},
     "resources": dict,
 }
@@ -39,9 +40,11 @@ REPAIR = {
     "epochs": [dict],
     "verification": {"checker": str, "ort_provider": str, "max_abs_logit_difference": NUMBER,
                      "removed_exactly_zero": bool},
+    "self_check": (dict, type(None)),
     "warnings": [str],
     "timing": {"total_s": NUMBER},
 }
+SELF_CHECK = {"status": str, "before": (dict, type(None)), "after": VERDICT, "escalation": (dict, type(None))}
 KINDS = {"scan": SCAN, "repair": REPAIR}
 
 
@@ -83,4 +86,6 @@ def problems(report: dict) -> list[str]:
         found.append(f"schema_version: expected {SCHEMA_VERSION}, got {report.get('schema_version')!r}")
     if kind == "scan" and isinstance(report.get("verdict"), dict):
         _check(report["verdict"], VERDICT, "report.verdict", found)
+    if kind == "repair" and isinstance(report.get("self_check"), dict):
+        _check(report["self_check"], SELF_CHECK, "report.self_check", found)
     return found

@@ -15,6 +15,8 @@ and a parameter that did not change keeps its exact original bytes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -211,18 +213,62 @@ def _inline_identities(model: onnx.ModelProto) -> int:
     return len(identities)
 
 
-def _relax_allowzero(model: onnx.ModelProto) -> int:
-    """Set Reshape ``allowzero`` to 0 where the target shape is constant and has no 0.
+def _constant_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Stored values by name, Constant nodes written with ``value_int(s)`` (as torch's dynamo exporter does) too."""
+    arrays = {name: numpy_helper.to_array(tensor) for name, tensor in constant_tensors(graph).items()}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name in ("value_int", "value_ints"):
+                    arrays[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(attr), np.int64)
+    return arrays
 
-    With no 0 in the shape the attribute changes nothing, and onnx2torch rejects it.
-    """
-    stored = constant_tensors(model.graph)
+
+def _batch_sizes(graph: onnx.GraphProto, image: str) -> set[str]:
+    """Values that hold the image input's batch size: its ``Shape`` cut to the first dimension (or ``Gather``
+    of index 0 of the whole shape), and what ``Squeeze``, ``Unsqueeze``, ``Cast``, ``Identity`` and ``Reshape``
+    make of that one number."""
+    arrays = _constant_arrays(graph)
+    shapes = {node.output[0] for node in graph.node if node.op_type == "Shape" and node.input[0] == image
+              and attribute(node, "start", 0) == 0 and attribute(node, "end", None) is None}
+    found: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Shape" and node.input[0] == image and attribute(node, "start", 0) == 0 \
+                and attribute(node, "end", None) == 1:
+            found.add(node.output[0])
+        elif node.op_type == "Gather" and node.input[0] in shapes and node.input[1] in arrays \
+                and arrays[node.input[1]].size == 1 and int(arrays[node.input[1]].reshape(-1)[0]) == 0:
+            found.add(node.output[0])
+        elif node.op_type in ("Squeeze", "Unsqueeze", "Cast", "Identity", "Reshape") and node.input[0] in found:
+            found.add(node.output[0])
+    return found
+
+
+def _relax_allowzero(model: onnx.ModelProto) -> int:
+    """Set Reshape ``allowzero`` to 0 where no entry of the target shape can be 0, so that the attribute changes
+    nothing (onnx2torch rejects it): a stored shape without 0, or a ``Concat`` of such constants and the
+    image batch size (torch's dynamo exporter writes ``view(x.size(0), -1)`` so), which is at least 1 whenever
+    the bridge runs (it never runs an empty batch)."""
+    arrays = _constant_arrays(model.graph)
+    try:
+        batch = _batch_sizes(model.graph, image_input(model).name)
+    except UnsupportedModelError:
+        batch = set()
+    concats = {node.output[0]: node for node in model.graph.node if node.op_type == "Concat"}
+
+    def never_zero(name: str) -> bool:
+        if name in arrays:
+            return 0 not in arrays[name]
+        if name in batch:
+            return True
+        return name in concats and all(never_zero(part) for part in concats[name].input)
+
     relaxed = 0
     for node in model.graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored:
+        if node.op_type != "Reshape" or len(node.input) < 2:
             continue
         for attr in node.attribute:
-            if attr.name == "allowzero" and attr.i == 1 and 0 not in numpy_helper.to_array(stored[node.input[1]]):
+            if attr.name == "allowzero" and attr.i == 1 and never_zero(node.input[1]):
                 attr.i = 0
                 relaxed += 1
     return relaxed
@@ -539,3 +585,29 @@ def _store(slot: onnx.TensorProto, value: np.ndarray) -> None:
     slot.ClearField("external_data")
     slot.data_location = onnx.TensorProto.DEFAULT
     slot.raw_data = replacement.raw_data
+
+
+@contextlib.contextmanager
+def channels_held_at_zero(modules: Mapping[str, torch.nn.Module], removed: Mapping[str, Sequence[int]]):
+    """Within the block, the ``removed`` channels' outputs are multiplied by 0 in every forward pass."""
+    handles = []
+    try:
+        for layer, channels in removed.items():
+            if not channels:
+                continue
+            module = modules[layer]
+            keep: dict[str, torch.Tensor] = {}
+
+            def hook(_module, _inputs, output, channels=tuple(channels), keep=keep):
+                key = f"{output.device}/{output.dtype}/{output.shape[1]}"
+                if key not in keep:
+                    mask = torch.ones(output.shape[1], dtype=output.dtype, device=output.device)
+                    mask[list(channels)] = 0
+                    keep[key] = mask.view(1, -1, *([1] * (output.dim() - 2)))
+                return output * keep[key]
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

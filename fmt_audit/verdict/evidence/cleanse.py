@@ -90,6 +90,20 @@ def reverse_triggers(classifier: BridgedClassifier, dataset: Dataset, classes: i
                             min(len(h) for h in held), masks.numpy(), patterns.numpy())
 
 
+def search_class(classifier: BridgedClassifier, x: torch.Tensor, fit: np.ndarray, target: int,
+                 config: CleanseConfig, seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``target``'s smallest reversed trigger (mask ``[1, H, W]``, pattern ``[C, H, W]``) fitted on the images
+    ``x[fit]`` (of other classes), from a random start drawn with ``seed``; ``(None, None)`` when no mask reached
+    ``config.level`` of them."""
+    channels, height, width = x.shape[1:]
+    generator = torch.Generator().manual_seed(seed)
+    mask_start = torch.logit(torch.rand((1, 1, height, width), generator=generator), eps=1e-3)
+    pattern_start = torch.logit(torch.rand((1, channels, height, width), generator=generator), eps=1e-3)
+    masks, patterns = _search(classifier, x, [fit], [target], mask_start.to(x.device), pattern_start.to(x.device),
+                              config)
+    return masks[0], patterns[0]
+
+
 def _search(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray], chunk: list[int],
             mask_start: torch.Tensor, pattern_start: torch.Tensor,
             config: CleanseConfig) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:

@@ -1,0 +1,161 @@
+"""Trace selection: the channel set that carries the suspect class's reversed trigger, cut round by round.
+
+The per-channel test disturbs one channel at a time, so it cannot see a backdoor that many channels carry
+together, each standing in for the others: removing any one changes nothing. Here the verdict's evidence
+leads. Neural Cleanse's search (:mod:`fmt_audit.verdict.evidence.cleanse`) finds a small stamp that sends
+the defender's images of other classes into the class the verdict names. Each Conv channel's response to
+the stamp — the shift of its spatial mean, stamped against clean, in the channel's clean standard
+deviations, on held-out images — ranks the channels, and the smallest top set whose removal stops the stamp
+(it then sends at most ``stop`` of the held-out images into the class) is cut. The search then runs again on
+the cut model: where channels stood in for each other, the next stamp goes through those left. Rounds end
+when the class's smallest stamp is no longer anomalously small (its mask covers at least the other classes'
+median over the verdict's ``RATIO_CUT``), when no stamp reaches the search's level, or at the limits.
+
+Development and figures: docs/research/set-selection.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fmt_audit.backends.torch.bridge import BridgedClassifier, channels_held_at_zero
+from fmt_audit.data import Dataset
+from fmt_audit.model.graph import ConvLayer
+from fmt_audit.verdict.config import CleanseConfig
+from fmt_audit.verdict.evidence.cleanse import search_class, stamped
+
+ChannelSet = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    rounds: int = 8             # searches at most
+    max_share: float = 0.1      # of all Conv channels, cut at most
+    stop: float = 0.2           # a round's cut is enough when its stamp sends at most this share into the class
+    held_out: int = 500         # images of other classes the responses and the stamp's success are measured on
+    growth: float = 1.25        # the top set grows by this factor (at least one channel) until the stamp stops
+    ratio_cut: float = 2.5      # the stamp is anomalous while the others' median mask is this many times larger
+    seed: int = 0
+    search: CleanseConfig = field(default_factory=CleanseConfig)
+
+
+@dataclass(frozen=True)
+class Trace:
+    target: int
+    flagged: dict[str, list[int]]
+    rounds: list[dict]          # per round: the stamp's mask share, its success before and after the cut, the cut
+    stop: str                   # why the rounds ended
+
+    @property
+    def count(self) -> int:
+        return sum(len(c) for c in self.flagged.values())
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "flagged": self.count, "rounds": self.rounds, "stop": self.stop}
+
+
+def channel_means(classifier: BridgedClassifier, layers: Sequence[ConvLayer], x: np.ndarray,
+                  batch: int = 256) -> dict[str, np.ndarray]:
+    """``{layer: [N, C]}``: each Conv channel's spatial mean, where the channel leaves for the rest of the network
+    (the module its mask sits after), with whatever hooks are in place."""
+    modules = {layer.name: classifier.bridge.channel_modules.get(layer.name, classifier.bridge.conv_modules[layer.name])
+               for layer in layers}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in modules}
+    current: dict[str, torch.Tensor] = {}
+
+    def keeping(name: str) -> Callable:
+        def hook(_module, _inputs, output):
+            current[name] = output.detach().flatten(2).mean(2)
+        return hook
+
+    handles = [module.register_forward_hook(keeping(name)) for name, module in modules.items()]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), batch):
+                classifier(torch.from_numpy(np.ascontiguousarray(x[start:start + batch])).to(classifier.device))
+                for name in modules:
+                    parts[name].append(current[name].float().cpu().numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _top(scores: Mapping[str, np.ndarray], k: int) -> dict[str, list[int]]:
+    """The ``k`` highest-scoring channels over all layers (ties: layer order, then channel)."""
+    order = sorted((-float(v), i, c) for i, values in enumerate(scores.values()) for c, v in enumerate(values))
+    names = list(scores)
+    out: dict[str, list[int]] = {}
+    for _, i, c in order[:k]:
+        out.setdefault(names[i], []).append(c)
+    return out
+
+
+def _union(a: ChannelSet, b: ChannelSet) -> dict[str, list[int]]:
+    return {name: sorted(set(a.get(name, ())) | set(b.get(name, ()))) for name in {**a, **b}}
+
+
+def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], dataset: Dataset, target: int,
+                   median_norm: float, config: TraceConfig = TraceConfig()) -> Trace:
+    """The channels that carry ``target``'s reversed trigger in ``classifier`` (frozen, eval mode), found on
+    ``dataset`` (clean, labelled); ``median_norm``: the median mask share of the other classes' reversed
+    triggers (the ``combined`` verdict's ``norms``)."""
+    rng = np.random.default_rng(config.seed)
+    others = rng.permutation(np.flatnonzero(dataset.y != target))
+    fit, held = others[:config.search.images], others[config.search.images:config.search.images + config.held_out]
+    x_all = torch.from_numpy(np.ascontiguousarray(dataset.x)).to(classifier.device)
+    x_held = np.ascontiguousarray(dataset.x[held])
+    total = sum(layer.out_channels for layer in layers)
+    limit = int(config.max_share * total)
+    modules = classifier.bridge.channel_modules
+    removed: dict[str, list[int]] = {}
+    rounds: list[dict] = []
+
+    def success(images: np.ndarray, cut: ChannelSet) -> float:
+        with channels_held_at_zero(modules, cut), torch.inference_mode():
+            predicted = [classifier(torch.from_numpy(images[s:s + 256]).to(classifier.device)).argmax(1)
+                         for s in range(0, len(images), 256)]
+        return float((torch.cat(predicted) == target).float().mean())
+
+    stop = f"{config.rounds} rounds"
+    for number in range(config.rounds):
+        with channels_held_at_zero(modules, removed):
+            mask, pattern = search_class(classifier, x_all, fit, target, config.search, seed=config.seed + number)
+        if mask is None:
+            stop = "no reversed trigger reached the search's level"
+            break
+        share = float(mask.mean())
+        if share >= median_norm / config.ratio_cut:
+            stop = (f"the class's reversed trigger covers {share:.2%} of the pixels, no longer anomalous "
+                    f"(the other classes' median {median_norm:.2%})")
+            rounds.append({"round": number, "mask_share": round(share, 6)})
+            break
+        x_stamped = stamped(torch.from_numpy(x_held), mask.cpu(), pattern.cpu()).numpy()
+        with channels_held_at_zero(modules, removed):
+            clean = channel_means(classifier, layers, x_held)
+            triggered = channel_means(classifier, layers, x_stamped)
+        scores = {name: (triggered[name].mean(0) - clean[name].mean(0)) / (clean[name].std(0) + 1e-6)
+                  for name in clean}
+        for name, channels in removed.items():
+            scores[name][list(channels)] = -np.inf
+        before = success(x_stamped, removed)
+        room = limit - sum(len(c) for c in removed.values())
+        size, cut, after = 1, dict(removed), before
+        while size <= room:
+            cut = _union(removed, _top(scores, size))
+            after = success(x_stamped, cut)
+            if after <= config.stop:
+                break
+            size = max(size + 1, round(size * config.growth))
+        added = sum(len(c) for c in cut.values()) - sum(len(c) for c in removed.values())
+        removed = {name: channels for name, channels in cut.items() if channels}
+        rounds.append({"round": number, "mask_share": round(share, 6), "success_before": round(before, 4),
+                       "added": added, "success_after": round(after, 4)})
+        if after > config.stop:
+            stop = f"the limit of {config.max_share:.0%} of the channels"
+            break
+    return Trace(target, removed, rounds, stop)

@@ -1,0 +1,117 @@
+"""The repair checks itself (issue 31): the verdict on the model as given and on the repaired one, the status it
+gives, one stronger try where the backdoor may persist, and the --fail-if-persists gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import QUICK_VERDICT, SAMPLES, quick_combined
+from fmt_audit_cli.main import main
+
+from fmt_audit.repair.selfcheck import STATUSES, status_of
+from fmt_audit.report.json_report import format_self_check
+
+DATA = SAMPLES / "defender.npz"
+TARGET = json.loads((SAMPLES / "manifest.json").read_text())
+TARGET = next(m["target"] for m in TARGET["models"] if m["attack"] == "badnets")
+
+
+def _verdict(word: str, suspicion: float | None = 0.5, target: int | None = 3) -> dict:
+    return {"method": "combined", "suspicion": suspicion, "verdict": word, "target_class": target,
+            "threshold": 0.5, "basis": "figures"}
+
+
+@pytest.mark.parametrize(("before", "after", "status"), [
+    ("suspicious", "clean", "removed"),
+    ("inconclusive", "clean", "removed"),
+    (None, "clean", "removed"),
+    ("clean", "clean", "not found"),
+    ("suspicious", "suspicious", "may persist"),
+    ("clean", "suspicious", "may persist"),
+    ("suspicious", "inconclusive", "unknown"),
+])
+def test_the_status_follows_the_verdicts(before, after, status):
+    given = None if before is None else _verdict(before, None if before == "inconclusive" else 0.5)
+    assert status_of(_verdict(after, None if after == "inconclusive" else 0.5), given) == status
+    assert status in STATUSES
+
+
+def test_the_summary_names_both_verdicts_and_the_stronger_try():
+    check = {"status": "may persist", "before": _verdict("suspicious", 0.9), "after": _verdict("suspicious", 0.8),
+             "escalation": {"setting": "unlearning at twice the radius", "after": _verdict("suspicious", 0.7),
+                            "kept": False}}
+    text = format_self_check(check)
+    assert text.startswith("self-check   may persist: combined verdict on the repaired model suspicious "
+                           "(suspicion 0.80, class 3); on the model as given suspicious (suspicion 0.90, class 3)")
+    assert "tried unlearning at twice the radius: suspicious (suspicion 0.70, class 3) (not kept: no better)" in text
+
+
+def test_a_repair_that_changed_nothing_may_persist_and_the_gate_fails(monkeypatch, tmp_path):
+    """Fine-tuning at the smallest learning rate leaves the BadNets sample as it was: the verdict still names
+    its target after the repair, the stronger try does not change that, and --fail-if-persists exits 1 with
+    the repaired model and the report written."""
+    quick_combined(monkeypatch)
+    out, report = tmp_path / "r.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["repair", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
+                                       "--samples", "16", "--skip-layers", "block", "--epochs", "1", "--lr", "1e-4",
+                                       "--verdict-samples", "96", "--fail-if-persists", "-o", str(out),
+                                       "--json", str(report), "--html", str(tmp_path / "r.html")])
+    assert result.exit_code == 1, result.output
+    assert "the self-check says: may persist" in result.output and out.is_file()
+    check = json.loads(report.read_text())["self_check"]
+    assert check["status"] == "may persist"
+    assert check["before"]["verdict"] == check["after"]["verdict"] == "suspicious"
+    assert check["before"]["target_class"] == check["after"]["target_class"] == TARGET
+    assert check["escalation"]["setting"].startswith("unlearning at twice the radius")
+    assert check["escalation"]["kept"] is False and check["escalation"]["after"]["verdict"] == "suspicious"
+    assert "self-check   may persist" in result.output
+    assert "<h2>Self-check: may persist</h2>" in (tmp_path / "r.html").read_text()
+
+
+def test_no_self_check_without_a_verdict_or_without_data(tmp_path):
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+
+    result = CliRunner().invoke(main, ["repair", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
+                                       "--method", "ft", "--epochs", "0", "--verdict", "none", "--fail-if-persists",
+                                       "-o", str(tmp_path / "r.onnx"), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 1 and "not run" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["self_check"] is None
+    # clp without data: nothing to check on
+    clp = repair(SAMPLES / "badnets_op13.onnx", None, RepairConfig(FineTuneConfig(epochs=0), method="clp"),
+                 check=QUICK_VERDICT)
+    assert clp.report.self_check is None
+
+
+@pytest.mark.slow
+def test_a_repair_that_removed_the_backdoor_says_so(monkeypatch):
+    """The published repair with the gradient scan removes the BadNets sample's backdoor (ASR 6.8%, README): the
+    verdict named the target before and finds no backdoor after."""
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.repair.config import RepairConfig
+    from fmt_audit.repair.pipeline import repair
+    from fmt_audit.verdict import VerdictConfig
+
+    quick_combined(monkeypatch)
+    result = repair(SAMPLES / "badnets_op13.onnx", DATA, RepairConfig(), ScanConfig.from_preset("gradient"),
+                    check=VerdictConfig(samples=96))
+    check = result.report.self_check
+    assert check["before"]["verdict"] == "suspicious" and check["before"]["target_class"] == TARGET
+    assert check["status"] == "removed" and check["escalation"] is None, check
+
+
+@pytest.mark.slow
+def test_a_trace_repair_reuses_its_scans_verdict_as_the_check_before(monkeypatch):
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+    from fmt_audit.verdict import VerdictConfig
+
+    quick_combined(monkeypatch)
+    result = repair(SAMPLES / "badnets_op13.onnx", DATA, RepairConfig(FineTuneConfig(epochs=2)),
+                    ScanConfig(selection="trace", samples=32), check=VerdictConfig(samples=96))
+    assert result.scan.trace["flagged"] == result.report.flagged_count > 0
+    assert result.report.self_check["before"] == result.scan.verdict
+    assert result.report.self_check["status"] in ("removed", "may persist")
