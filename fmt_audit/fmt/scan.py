@@ -354,8 +354,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     traced = None
     if config.selection == "trace":
         traced = _trace(loaded, layers, everything, config, found, scanner)
-        if traced is not None:
-            results = [replace(r, flagged=traced.flagged.get(r.name, [])) for r in results]
+        results = [replace(r, flagged=traced.get("layers", {}).get(r.name, [])) for r in results]
     shape = loaded.image_input.shape
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
     used = asdict(resolved)
@@ -379,19 +378,19 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                 "total_s": round(time.perf_counter() - started, 3)},
         resources={"memory_plan": scanner.plan.to_dict(), **peak_memory_mib()},
         verdict=found.to_dict() if found is not None else None,
-        trace=(traced.to_dict() if traced is not None else
-               {"skipped": "the verdict is not suspicious" if found is not None and found.verdict != "suspicious"
-                else "the verdict names no class with reversed-trigger figures"}) if config.selection == "trace"
-        else None,
+        trace={k: v for k, v in traced.items() if k != "layers"} if traced is not None else None,
     )
 
 
 def _trace(loaded: LoadedModel, layers: list[ConvLayer], data: Dataset, config: ScanConfig, found,
-           scanner: _Scanner):
-    """The channels that carry the suspicious verdict's reversed trigger (:mod:`fmt_audit.fmt.trace`); None
-    when the verdict is not suspicious or has no trigger figures (nothing is flagged then)."""
-    if found is None or found.verdict != "suspicious" or not found.details.get("norms"):
-        return None
+           scanner: _Scanner) -> dict:
+    """What the report keeps of the trace (:mod:`fmt_audit.fmt.trace`) of the suspicious verdict's reversed
+    trigger, with the flagged channels under ``layers``; ``{"skipped": why}`` (nothing flagged) when the
+    verdict is not suspicious or has no trigger figures."""
+    if found is None or found.verdict != "suspicious":
+        return {"skipped": "the verdict is not suspicious"}
+    if not found.details.get("norms"):
+        return {"skipped": "the verdict names no class with reversed-trigger figures"}
     from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
     from fmt_audit.backends.torch.logits import freeze
     from fmt_audit.fmt.trace import TraceConfig, trace_channels
@@ -401,8 +400,9 @@ def _trace(loaded: LoadedModel, layers: list[ConvLayer], data: Dataset, config: 
     classifier = BridgedClassifier(scanner.bridge or to_torch(loaded.proto), config.preprocessing,
                                    scanner.placement.torch)
     freeze(classifier)
-    return trace_channels(classifier, layers, data, target, float(np.median(np.delete(norms, target))),
-                          TraceConfig(seed=config.seed))
+    traced = trace_channels(classifier, layers, data, target, float(np.median(np.delete(norms, target))),
+                            TraceConfig(seed=config.seed))
+    return {**traced.to_dict(), "layers": traced.flagged}
 
 
 def _rounded(values: np.ndarray) -> list[list[float]]:

@@ -25,7 +25,6 @@ import onnx
 
 from fmt_audit.data import Dataset, Preprocessing
 from fmt_audit.model.loading import LoadedModel
-from fmt_audit.report.json_report import format_self_check
 from fmt_audit.verdict import Verdict, VerdictConfig, VerdictInputs, gather
 
 STATUSES = ("removed", "not found", "may persist", "unknown")
@@ -42,9 +41,6 @@ class SelfCheck:
 
     def to_dict(self) -> dict:
         return {"status": self.status, "before": self.before, "after": self.after, "escalation": self.escalation}
-
-    def format_text(self) -> str:
-        return format_self_check(self.to_dict())
 
 
 def status_of(after: dict, before: dict | None = None) -> str:
