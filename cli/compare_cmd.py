@@ -7,6 +7,7 @@ import click
 
 from .console import STDOUT, say, verbosity, write_report
 from .options import (
+    MODEL,
     REPAIR,
     RUN,
     SCAN,
@@ -15,6 +16,7 @@ from .options import (
     command,
     data_options,
     json_option,
+    model_argument,
     opt,
     repair_settings,
     scan_settings,
@@ -28,7 +30,8 @@ EVALUATION = OptionGroup(
     opt("--target", type=int, default=None, help="The attack's target class (with --poisoned)."),
 )
 METHODS = OptionGroup("Repair", opt("--methods", default="fmt,ft,fp,clp", show_default=True,
-                                    help="Comma-separated repair methods to run (see `fmt-audit repair --help`)."))
+                                    help="Comma-separated repair methods to run (see `fmt-audit repair --help`); "
+                                         "anp (slow at its default --anp-iterations) only when listed."))
 OUTPUT = OptionGroup("Output", opt("-o", "--output", "save_dir", default=None,
                                    type=click.Path(file_okay=False, path_type=str),
                                    help="Also write each repaired model into this folder, as METHOD.onnx."))
@@ -36,6 +39,7 @@ OUTPUT = OptionGroup("Output", opt("-o", "--output", "save_dir", default=None,
 
 @command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@MODEL
 @data_options("Clean labelled images the defenses may use (.npz or an image folder).")
 @EVALUATION
 @SCAN
@@ -55,6 +59,7 @@ def compare(ctx: click.Context, model: str, test_data: str, poisoned: str | None
     from fmt_audit.repair.comparison import compare as run_compare
 
     data = options.pop("data")
+    class_output = options.pop("class_output")
     config = scan_settings(options)
     settings = repair_settings(options, config.seed)
     names = [name.strip() for name in methods.split(",") if name.strip()]
@@ -66,7 +71,8 @@ def compare(ctx: click.Context, model: str, test_data: str, poisoned: str | None
     for path in targets.values():
         check_outputs(inputs, str(path), f"{path}.data")
     announce = (lambda name: click.echo(f"running {name} ...", err=True)) if verbosity(ctx) >= 0 else None
-    result = run_compare(model, data, test_data, poisoned, target, names, settings, config, on_method=announce)
+    result = run_compare(model_argument(model, class_output), data, test_data, poisoned, target, names, settings,
+                         config, on_method=announce)
     for outcome in result.outcomes:
         if outcome.method in targets and outcome.model is not None:
             path = targets[outcome.method]

@@ -77,11 +77,28 @@ def opt(*decls: str, **attrs) -> tuple[tuple[str, ...], dict]:
 DATA_HELP = "Clean labelled images: .npz (x, y) or an image folder root/<class>/*."
 MEAN = opt("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465.")
 STD = opt("--std", default=None, help="Per-channel std the model expects.")
+INPUT_RANGE = opt("--input-range", type=click.Choice(["0-1", "0-255", "-1-1"]), default=None,
+                  help="Pixel range the model takes before --mean/--std (which are in its units).  [default: 0-1]")
+
+
+MODEL = OptionGroup("Model", opt(
+    "--class-output", default=None, metavar="NAME",
+    help="The graph output that holds the class scores, for a model with several.  [default: the only output; "
+         "else the only one shaped [N, K] (or [N, K, 1, 1]) that a Softmax makes, or the only one so shaped]"))
+
+
+def model_argument(path: str, class_output: str | None):
+    """MODEL as the library takes it: its path, or the model loaded with the class-score output named."""
+    if class_output is None:
+        return path
+    from fmt_audit.model.loading import load_model
+
+    return load_model(path, class_output)
 
 
 def data_options(help: str = DATA_HELP, required: bool = True) -> OptionGroup:
     return OptionGroup("Data", opt("--data", required=required, default=None, type=click.Path(path_type=str),
-                                   help=help), MEAN, STD)
+                                   help=help), MEAN, STD, INPUT_RANGE)
 
 
 # Options left unset (None) take the preset's value; see fmt_audit.fmt.scan.PRESETS.
@@ -133,7 +150,8 @@ RUN = OptionGroup("Run", DEVICE, SEED, CONFIG)
 
 REPAIR_METHOD_HELP = ("fmt: feature map testing, remove, fine-tune; ft: fine-tuning alone; fp: Fine-Pruning (the "
                       "last Conv layer's dormant channels, then fine-tuning); clp: Channel Lipschitzness-based "
-                      "Pruning (data-free, no fine-tuning).")
+                      "Pruning (data-free, no fine-tuning); anp: Adversarial Neuron Pruning (channels whose masks, "
+                      "optimised against neuron perturbations, end low; no fine-tuning).")
 # The repair settings every repairing command shares (repair_settings turns them into a RepairConfig).
 REPAIR = OptionGroup(
     "Repair",
@@ -141,6 +159,14 @@ REPAIR = OptionGroup(
         help="--method fp: prune until clean accuracy has dropped by this much."),
     opt("--clp-u", type=float, default=3.0, show_default=True,
         help="--method clp: prune channels above mean + u * std of their layer's Lipschitz bounds."),
+    opt("--anp-eps", type=float, default=0.4, show_default=True,
+        help="--method anp: bound of the adversary's relative change to each neuron (the reference's default)."),
+    opt("--anp-tradeoff", type=float, default=0.2, show_default=True,
+        help="--method anp: weight of the clean loss against the perturbed one (the reference's alpha and default)."),
+    opt("--anp-iterations", type=int, default=2000, show_default=True,
+        help="--method anp: mask updates of 128 images each (the reference's default; lower it on a CPU)."),
+    opt("--anp-threshold", type=float, default=0.2, show_default=True,
+        help="--method anp: prune the channels whose mask ends at or below this (the reference's default)."),
     opt("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs (0: removal only)."),
     opt("--lr", type=float, default=0.01, show_default=True, help="Initial SGD learning rate (cosine to 1e-4)."),
     opt("--batch-size", type=int, default=None,
@@ -225,12 +251,13 @@ def scan_settings(values: dict):
     from fmt_audit.fmt.scan import ScanConfig
 
     options = {**SCAN.take(values), **RUN.take(values)}
-    mean, std = values.pop("mean", None), values.pop("std", None)
+    mean, std, input_range = values.pop("mean", None), values.pop("std", None), values.pop("input_range", None)
     preset = options.pop("preset")
     return ScanConfig.from_preset(preset, **{**options, "eps": parse_eps(options.get("eps")),
                                              "max_memory": parse_size(options.get("max_memory")),
                                              "mean": parse_channel_values(mean, "--mean"),
-                                             "std": parse_channel_values(std, "--std")})
+                                             "std": parse_channel_values(std, "--std"),
+                                             "input_range": input_range})
 
 
 def verdict_settings(values: dict, seed: int):

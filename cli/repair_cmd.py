@@ -10,6 +10,7 @@ from .console import progress, say, verbosity, write_report
 from .options import (
     DATA_HELP,
     FAIL_IF_PERSISTS,
+    MODEL,
     REPAIR,
     RUN,
     SCAN,
@@ -21,6 +22,7 @@ from .options import (
     data_options,
     html_option,
     json_option,
+    model_argument,
     opt,
     refuse_html_to_stdout,
     repair_method,
@@ -38,6 +40,7 @@ OUTPUT = OptionGroup("Output", opt("-o", "--output", required=True, type=click.P
 
 @command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@MODEL
 @data_options(f"{DATA_HELP} Required, except with --method clp (data-free; with data, it only measures "
               "accuracy).", required=False)
 @SCAN
@@ -62,6 +65,7 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     from fmt_audit.report.json_report import ScanReport
 
     data = options.pop("data")
+    class_output = options.pop("class_output")
     config = scan_settings(options)
     settings = repair_settings(options, config.seed, method)
     check = verdict_settings(options, config.seed) if data else None
@@ -74,7 +78,8 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     if flagged is not None:
         config = inherit_preprocessing(config, flagged)
     bar = progress(ctx)
-    result = run_repair(model, data, settings, config, flagged=flagged, progress=bar,
+    result = run_repair(model_argument(model, class_output), data, settings, config, flagged=flagged,
+                        progress=bar,
                         on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None, check=check)
     if bar:
         bar.close()
@@ -99,17 +104,19 @@ def _echo_epoch(record) -> None:
 
 
 def inherit_preprocessing(config, report):
-    """The scan report's --mean/--std when none are given; refuse different ones (the channels were
-    chosen on the model fed that way)."""
+    """The scan report's --mean/--std/--input-range when none are given; refuse different ones (the channels
+    were chosen on the model fed that way)."""
     from dataclasses import replace
 
     from fmt_audit.errors import ConfigError
 
     saved = (report.config.get("mean"), report.config.get("std"))
     saved = tuple(tuple(v) if v else None for v in saved)
-    if config.mean is None and saved[0] is not None:
-        return replace(config, mean=saved[0], std=saved[1])
-    if (config.mean, config.std) != saved:
-        raise ConfigError(f"--mean/--std differ from the scan report's ({saved[0]}, {saved[1]}); "
-                          "give the same values or leave them out")
+    saved_range = report.config.get("input_range", "0-1")     # reports before 0.3 had no input range
+    given_range = config.input_range if config.input_range != "0-1" else None
+    if config.mean is None and given_range is None:
+        return replace(config, mean=saved[0], std=saved[1], input_range=saved_range)
+    if (config.mean, config.std, config.input_range) != (*saved, saved_range):
+        raise ConfigError(f"--mean/--std/--input-range differ from the scan report's ({saved[0]}, {saved[1]}, "
+                          f"{saved_range}); give the same values or leave them out")
     return config

@@ -8,6 +8,7 @@ from . import exit_codes
 from .console import progress, say, write_report
 from .options import (
     FAIL_ON_SUSPICIOUS,
+    MODEL,
     RUN,
     SCAN,
     STDOUT,
@@ -18,6 +19,7 @@ from .options import (
     data_options,
     html_option,
     json_option,
+    model_argument,
     opt,
     refuse_html_to_stdout,
     scan_settings,
@@ -34,6 +36,7 @@ RAY = OptionGroup(
 
 @command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@MODEL
 @data_options()
 @SCAN
 @VERDICT
@@ -50,6 +53,7 @@ def scan(ctx: click.Context, model: str, json_path: str | None, html_path: str |
     from fmt_audit.model.loading import model_files
 
     data = options.pop("data")
+    class_output = options.pop("class_output")
     config = scan_settings(options)
     verdict = verdict_settings(options, config.seed)
     refuse_html_to_stdout(html_path)
@@ -64,7 +68,7 @@ def scan(ctx: click.Context, model: str, json_path: str | None, html_path: str |
 
         raise ConfigError("--address and --workers go with --ray")
     bar = progress(ctx)
-    report = run_scan(model, data, config, progress=bar, runner=runner, verdict=verdict)
+    report = run_scan(model_argument(model, class_output), data, config, progress=bar, runner=runner, verdict=verdict)
     if bar:
         bar.close()
     if json_path:

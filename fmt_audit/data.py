@@ -49,14 +49,22 @@ class Dataset:
         return (Dataset(self.x[rest], self.y[rest], self.source), Dataset(self.x[back], self.y[back], self.source))
 
 
+# the pixel ranges models are trained on: [0, 1] images are mapped to the range, then normalised by mean/std
+INPUT_RANGES = {"0-1": (0.0, 1.0), "0-255": (0.0, 255.0), "-1-1": (-1.0, 1.0)}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Per-channel normalisation a model expects after scaling to [0, 1]."""
+    """What a model expects of an image in [0, 1]: mapped to its ``input_range``, then per-channel
+    ``(x - mean) / std`` (``mean``/``std`` in the range's units, e.g. 127.5 for 0-255)."""
 
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    input_range: str = "0-1"
 
     def __post_init__(self):
+        if self.input_range not in INPUT_RANGES:
+            raise DataError(f"--input-range must be one of {', '.join(INPUT_RANGES)}; got {self.input_range!r}")
         if (self.mean is None) != (self.std is None):
             raise DataError("--mean and --std go together: give both or neither")
         if self.std is not None and any(s <= 0 for s in self.std):
@@ -66,7 +74,14 @@ class Preprocessing:
 
     @property
     def identity(self) -> bool:
-        return self.mean is None
+        return self.mean is None and self.input_range == "0-1"
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, offset)`` per channel (or one value for all), float64: the model takes ``x * scale + offset``."""
+        low, high = INPUT_RANGES[self.input_range]
+        mean = np.asarray(self.mean if self.mean is not None else (0.0,), np.float64)
+        std = np.asarray(self.std if self.std is not None else (1.0,), np.float64)
+        return (high - low) / std, (low - mean) / std
 
     def check_channels(self, channels: int | None) -> None:
         if self.mean is not None and channels is not None and len(self.mean) not in (1, channels):
@@ -75,14 +90,14 @@ class Preprocessing:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Normalise a float NCHW batch in [0, 1] for the model."""
-        if self.mean is None:
+        if self.identity:
             return x
-        mean = np.asarray(self.mean, dtype=x.dtype).reshape(1, -1, 1, 1)
-        std = np.asarray(self.std, dtype=x.dtype).reshape(1, -1, 1, 1)
-        return (x - mean) / std
+        scale, offset = (v.astype(x.dtype).reshape(1, -1, 1, 1) for v in self.affine())
+        return x * scale + offset
 
     def to_dict(self) -> dict:
-        return {"mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None}
+        return {"mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+                "input_range": self.input_range}
 
 
 def parse_channel_values(text: str | Sequence[float] | None, option: str = "--mean") -> tuple[float, ...] | None:

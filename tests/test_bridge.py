@@ -246,14 +246,9 @@ def test_a_tensor_read_directly_by_several_nodes_is_split_when_their_values_part
     assert all(name in norm.input or name.rsplit(".", 1)[0] in norm.input for name in renamed)
 
 
-def test_a_fixed_batch_that_cannot_be_freed_is_converted_as_it_is():
+def _unfreeable() -> onnx.ModelProto:
     """A Reshape [1, -1] after a Transpose that moved the batch off axis 0: freeing its target would read
-    the channels as the batch. The freed module fails the image-by-image check, and the bridge falls
-    back to the graph as exported (which then runs at its batch size only)."""
-    from fmt_audit.backends.torch.bridge import check_free_batch
-    from fmt_audit.errors import UnsupportedModelError
-    from fmt_audit.model.graph import image_input
-
+    the channels as the batch."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
@@ -266,6 +261,17 @@ def test_a_fixed_batch_that_cannot_be_freed_is_converted_as_it_is():
                               [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 5])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_fixed_batch_that_cannot_be_freed_is_converted_as_it_is():
+    """The freed module of :func:`_unfreeable` fails the image-by-image check, and the bridge falls back to
+    the graph as exported (which then runs at its batch size only)."""
+    from fmt_audit.backends.torch.bridge import check_free_batch
+    from fmt_audit.errors import UnsupportedModelError
+    from fmt_audit.model.graph import image_input
+
+    model = _unfreeable()
     _, steps = prepare_for_torch(model)
     assert any(step.startswith("freed") for step in steps)     # the rewrite is tried ...
     bridge = to_torch(model)
@@ -276,3 +282,19 @@ def test_a_fixed_batch_that_cannot_be_freed_is_converted_as_it_is():
     assert np.abs(ours - _ort_logits(model, x)).max() <= 1e-4
     with pytest.raises(UnsupportedModelError, match="fixed to batch size 1"):
         check_free_batch(bridge, image_input(model), "fine-tuning")
+
+
+def test_onnx_runtime_runs_a_batch_one_graph_in_larger_batches_only_when_images_stay_independent():
+    """torch exports a fixed batch of 1 by default; the mask scan then ran one image per ONNX Runtime call.
+    Freed where the freed graph gives every image its own scores (same scan scores), kept where not."""
+    from fmt_audit.backends.onnxrt.masked import MaskedModel
+    from fmt_audit.backends.onnxrt.session import OrtClassifier, with_free_batch
+
+    fixed = build_synthetic(batch=1)
+    assert MaskedModel(fixed, "cpu").batch_size == 256 and OrtClassifier(fixed, "cpu").fixed_batch is None
+    x = synthetic_images(n=7)
+    freed_logits = MaskedModel(fixed, "cpu").run(x)[0]
+    assert np.abs(freed_logits - np.concatenate([_ort_logits(fixed, x[i:i + 1]) for i in range(7)])).max() <= 1e-5
+    unfreeable = _unfreeable()
+    assert with_free_batch(unfreeable) is unfreeable
+    assert MaskedModel(unfreeable, "cpu").batch_size == 1

@@ -7,13 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import QUICK_MARGIN, QUICK_MARGIN_ARGS, QUICK_VERDICT, SAMPLES, quick_combined
 from fmt_audit_cli.main import main
 
+from fmt_audit.errors import ConfigError
 from fmt_audit.fleet import audit as fleet_module
 from fmt_audit.fleet.audit import read_source, run_fleet
+from fmt_audit.repair.selfcheck import STATUSES
 
 FAST = {"samples": 8, "verdict": "margin", **QUICK_MARGIN}    # fleet options: the scan's and the verdict's
 DATA = SAMPLES / "defender.npz"
@@ -263,8 +266,10 @@ def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
     row = result.rows[0]
     assert row.model == "badnets_op13" and row.repaired == "badnets_op13.repaired.onnx" and not row.error
     scanned = ScanReport.read(out / "badnets_op13.json")
+    _, check = fleet_module.model_config(FAST, fleet_module.FleetModel("badnets_op13", source / "badnets_op13.onnx"))
     direct = repair(source / "badnets_op13.onnx", DATA, repair_config(0, epochs=1, holdout=0.2),
-                    ScanConfig(samples=8), flagged=scanned)
+                    ScanConfig(samples=8), flagged=scanned, check=check)
+    assert row.self_check == direct.report.self_check["status"] and row.self_check in STATUSES
     assert (out / "badnets_op13.repaired.onnx").read_bytes() == direct.model.SerializeToString()
     written = json.loads((out / "badnets_op13.repair.json").read_text())
     assert written["flagged"]["layers"] == direct.report.flagged and row.removed == direct.report.flagged_count
@@ -349,7 +354,7 @@ def test_a_failed_repair_is_a_row_with_the_scan_and_is_retried(source, tmp_path,
     shutil.rmtree(source / "vendor")
     out = tmp_path / "out"
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RepairError("the repaired ONNX model disagrees with the fine-tuned PyTorch module")
 
     monkeypatch.setattr(fleet_module, "_repaired", broken)
@@ -412,3 +417,24 @@ def test_ray_tasks_start_in_one_thread_workers_and_change_no_environment():
         ours = ray.get(ray.remote(worker_threads).options(**task_options()).remote())
     assert ours == ("1", "", 1)
     assert {key: os.environ.get(key) for key in ours_keys} == before     # (Ray sets keys of its own here)
+
+
+def test_a_manifest_names_the_class_output_of_a_model_with_several(tmp_path):
+    """``class_output`` per model (issue 33): the fleet audits the output named, and the report says which."""
+    from conftest import save
+    from test_exporters import _two_headed
+
+    save(_two_headed(), tmp_path / "two_heads.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.random((20, 3, 8, 8), dtype=np.float32), y=rng.integers(0, 5, 20))
+    (tmp_path / "fleet.json").write_text(json.dumps({"models": [
+        {"model": "two_heads.onnx", "class_output": "logits"}]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_fleet(read_source(tmp_path / "fleet.json"), tmp_path / "data.npz", out, {**FAST, "samples": 8},
+                       use_ray=False)
+    assert not result.failed
+    assert json.loads((out / "two_heads.json").read_text())["model"]["class_output"] == "logits"
+    (tmp_path / "bad.json").write_text(json.dumps([{"model": "two_heads.onnx", "class_output": 3}]))
+    with pytest.raises(ConfigError, match="class_output"):
+        read_source(tmp_path / "bad.json")

@@ -59,7 +59,7 @@ VERDICT_OPTION_TYPES = {"verdict": "str", "verdict_samples": "int", "margin_rest
 PER_MODEL_OPTIONS = (*(f.name for f in fields(ScanConfig) if f.name not in ("device", "predict_with")),
                      *VERDICT_OPTION_TYPES)
 SUMMARY_COLUMNS = ("model", "verdict", "suspicion", "target_class", "flagged", "channels", "seconds", "error",
-                   "skipped", "sha256", "removed", "accuracy_before", "accuracy_after", "repaired")
+                   "skipped", "sha256", "removed", "accuracy_before", "accuracy_after", "repaired", "self_check")
 RECORD_SUFFIX = ".fleet.json"
 REPAIRED_SUFFIX = ".repaired.onnx"
 # a model's outputs besides its record: scan report, its page, repair report, its page, repaired model
@@ -96,6 +96,7 @@ class FleetRow:
     accuracy_before: float | None = None    # a repair's held-out clean accuracy, before and after
     accuracy_after: float | None = None
     repaired: str | None = None     # the repaired model's file name in the output folder
+    self_check: str | None = None   # the repair's self-check: removed / not found / may persist / unknown
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,7 +173,7 @@ def repair_option_types() -> dict[str, str]:
 def _entry_options(entry: dict, where: str) -> dict:
     if None in entry:   # a CSV row with more cells than the header has names
         raise ConfigError(f"{where}: more cells than the header has columns")
-    allowed = ("model", "data", *PER_MODEL_OPTIONS, *repair_option_types())
+    allowed = ("model", "data", "class_output", *PER_MODEL_OPTIONS, *repair_option_types())
     unknown = sorted(set(entry) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; a model may set "
@@ -209,6 +210,8 @@ def read_manifest(path: Path) -> list[FleetModel]:
             raise ConfigError(f"{where}: expected \"model\": a path to an .onnx file")
         if entry.get("data") is not None and not isinstance(entry["data"], str):
             raise ConfigError(f"{where}: \"data\" must be a path; got {entry['data']!r}")
+        if entry.get("class_output") is not None and not isinstance(entry["class_output"], str):
+            raise ConfigError(f"{where}: \"class_output\" must be an output's name; got {entry['class_output']!r}")
         for key in ("mean", "std"):
             value = entry.get(key)
             if value is not None and not (isinstance(value, str) or (isinstance(value, list) and all(
@@ -275,6 +278,8 @@ def model_config(base: dict, model: FleetModel) -> tuple[ScanConfig, VerdictConf
         return config, VerdictConfig.from_options(**verdict, seed=config.seed)
     except TypeError as error:      # a wrong value type from a manifest
         raise ConfigError(f"{model.name}: {error}") from None
+    except FmtAuditError as error:  # a value out of range: say whose
+        raise ConfigError(f"{model.name}: {first_line(error)}") from None
 
 
 def model_repair(base: dict, model: FleetModel, seed: int) -> RepairConfig:
@@ -319,7 +324,7 @@ def _typed(key: str, value, where: str, types: dict[str, str]):
 
 
 def config_key(config: ScanConfig, verdict: VerdictConfig | None, data: Path, repair: RepairConfig | None = None,
-               repair_when: str = "always") -> str:
+               repair_when: str = "always", class_output: str | None = None) -> str:
     """What decides a report besides the model: this version of the tool, every scan and repair option, and
     the data: a file's sha256, an image folder's file names, sizes and modification times."""
     from fmt_audit import __version__
@@ -328,7 +333,8 @@ def config_key(config: ScanConfig, verdict: VerdictConfig | None, data: Path, re
     repairing = {"config": asdict(repair), "when": repair_when} if repair is not None else None
     digest = hashlib.sha256(json.dumps({"tool": __version__, "config": asdict(config),
                                         "verdict": asdict(verdict) if verdict else None, "data": str(data),
-                                        "repair": repairing}, sort_keys=True, default=str).encode())
+                                        "repair": repairing, "class_output": class_output}, sort_keys=True,
+                                       default=str).encode())
     if data.is_file():
         digest.update(sha256_of(data).encode())
     elif data.is_dir():
@@ -367,7 +373,7 @@ def output_file(stem: Path, suffix: str) -> Path:
 
 def audit_model(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None, memory_share: int = 1,
                 repair: RepairConfig | None = None, repair_when: str = "always", repaired_path: str = "",
-                references: ReferenceCache | None = None) -> dict:
+                references: ReferenceCache | None = None, class_output: str | None = None) -> dict:
     """Scan one model, and repair it when asked; the reports as text, the repaired model as bytes, and its
     summary row, or its error. Never raises for the model's own faults: those are the row's ``error`` (a
     failed repair keeps the scan's results). Runs in a Ray worker or in-process; ``references``: reference
@@ -380,31 +386,37 @@ def audit_model(path: str, data: str, config: ScanConfig, verdict: VerdictConfig
 
     try:
         from fmt_audit.fmt.scan import scan
+        from fmt_audit.model.loading import load_model
         from fmt_audit.report.html_report import scan_html
 
-        report = scan(path, data, config, memory_share=memory_share, verdict=verdict, references=references)
+        model = load_model(path, class_output) if class_output is not None else path
+        report = scan(model, data, config, memory_share=memory_share, verdict=verdict, references=references)
     except Exception as error:  # one model's failure must not end the fleet: recorded with its type
         return failed(error)
-    verdict = report.verdict or {}
+    verdict_config, verdict = verdict, report.verdict or {}
     result = {"json": report.to_json(), "html": scan_html(report), "sha256": report.model["sha256"],
               "verdict": verdict.get("verdict"), "suspicion": verdict.get("suspicion"),
               "target_class": verdict.get("target_class"), "flagged": report.flagged_count,
               "channels": sum(layer.channels for layer in report.layers)}
     if repair is not None and (repair_when == "always" or report.attention()):
         try:
-            result |= _repaired(path, data, config, repair, report, repaired_path)
+            result |= _repaired(model, data, config, repair, report, repaired_path, verdict_config)
         except Exception as error:  # as above; the scan's results stand
             result["error"] = failed(error, "repair: ")["error"]
     return result | {"seconds": round(time.perf_counter() - started, 1)}
 
 
-def _repaired(path: str, data: str, config: ScanConfig, settings: RepairConfig, report, output: str) -> dict:
-    """Repair the scanned model (method fmt: the channels its scan flagged); the report and the model's bytes."""
+def _repaired(model, data: str, config: ScanConfig, settings: RepairConfig, report, output: str,
+              check: VerdictConfig | None) -> dict:
+    """Repair the scanned model (method fmt: the channels its scan flagged) and check it with the scan's verdict
+    (method fmt: the scan's reused as the "before"; other methods compute it again); the report and the
+    model's bytes."""
     from fmt_audit.model.graph import fits_in_protobuf
     from fmt_audit.repair.pipeline import repair
     from fmt_audit.report.html_report import repair_html
 
-    result = repair(path, data, settings, config, flagged=report if settings.method == "fmt" else None)
+    result = repair(model, data, settings, config, flagged=report if settings.method == "fmt" else None,
+                    check=check)
     if not fits_in_protobuf(result.model):
         raise ConfigError("the repaired model is past protobuf's 2 GiB limit: repair it with fmt-audit repair, "
                           "which writes its weights as external data")
@@ -414,7 +426,8 @@ def _repaired(path: str, data: str, config: ScanConfig, settings: RepairConfig, 
     return {"repair_json": result.report.to_json(), "repair_html": repair_html(result.report, report),
             "model_bytes": payload, "removed": result.report.flagged_count,
             "accuracy_before": accuracy.get("before"), "accuracy_after": accuracy.get("after"),
-            "repaired": Path(output).name}
+            "repaired": Path(output).name,
+            "self_check": (result.report.self_check or {}).get("status")}
 
 
 # ---------------------------------------------------------------- the fleet
@@ -430,6 +443,10 @@ class _Job:
     sha256: str | None
     repair: RepairConfig | None = None
     repair_when: str = "always"
+
+    @property
+    def class_output(self) -> str | None:
+        return self.model.options.get("class_output")
 
 
 def _read_record(stem: Path) -> dict | None:
@@ -473,7 +490,7 @@ def _store(out: Path, job: _Job, result: dict) -> FleetRow:
                    result.get("suspicion"), result.get("target_class"), result.get("flagged"), result.get("channels"),
                    result.get("seconds"), result.get("error"), removed=result.get("removed"),
                    accuracy_before=result.get("accuracy_before"), accuracy_after=result.get("accuracy_after"),
-                   repaired=result.get("repaired"))
+                   repaired=result.get("repaired"), self_check=result.get("self_check"))
     outputs = [(suffix, result[key]) for suffix, key in zip(OUTPUT_SUFFIXES, ("json", "html", "repair_json",
                                                                             "repair_html", "model_bytes"))
                if key in result]
@@ -553,7 +570,8 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
         config, verdict = model_config(options or {}, model)
         settings = model_repair(repair, model, config.seed) if repair is not None else None
         jobs.append(_Job(model, config, verdict, Path(source),
-                         config_key(config, verdict, Path(source), settings, repair_when),
+                         config_key(config, verdict, Path(source), settings, repair_when,
+                                    model.options.get("class_output")),
                          model_sha256(model.path), settings, repair_when))
     out.mkdir(parents=True, exist_ok=True)
     _check_outputs(out, models, repair is not None, [*inputs, *(f for m in models for f in model_files(m.path)),
@@ -577,7 +595,7 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
         for job in waiting:
             result = audit_model(str(job.model.path), str(job.data), job.config, job.verdict, 1, job.repair,
                                  job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)),
-                                 references)
+                                 references, job.class_output)
             rows[job.model.name] = _store(out, job, result)
             if on_row:
                 on_row(rows[job.model.name])
@@ -614,7 +632,8 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
         task = ray.remote(_audit_in_worker)
         pending = {task.options(**task_options(gpus_per_task, job.config.max_memory)).remote(
             str(job.model.path.resolve()), str(job.data.resolve()), job.config, job.verdict, job.repair,
-            job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX))): job for job in jobs}
+            job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)),
+            job.class_output): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])
@@ -629,7 +648,9 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
 
 
 def _audit_in_worker(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None,
-                     repair: RepairConfig | None, repair_when: str, repaired_path: str) -> dict:
+                     repair: RepairConfig | None, repair_when: str, repaired_path: str,
+                     class_output: str | None = None) -> dict:
     # without --max-memory, a model's scan takes its share of this node's free memory: as many one-CPU
     # tasks as the node has CPUs may run beside it (with it, Ray reserved the budget: task_options)
-    return audit_model(path, data, config, verdict, node_cpus(), repair, repair_when, repaired_path)
+    return audit_model(path, data, config, verdict, node_cpus(), repair, repair_when, repaired_path,
+                       class_output=class_output)

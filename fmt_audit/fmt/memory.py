@@ -79,7 +79,7 @@ def graph_cost(model: onnx.ModelProto, height: int, width: int) -> GraphCost:
         kind = shapes.get(name)
         if kind is None or not kind.HasField("shape"):
             return None
-        out = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in kind.shape.dim)
+        out = tuple(max(d.dim_value, 0) if d.HasField("dim_value") else 0 for d in kind.shape.dim)   # -1: unknown
         return out if all(out) else None
 
     def nbytes(name: str) -> int:

@@ -54,6 +54,7 @@ class ScanConfig:
     skip_layers: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    input_range: str = "0-1"
     device: str = "auto"
     seed: int = 0
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
@@ -89,6 +90,7 @@ class ScanConfig:
             raise ConfigError(f"--max-memory must be a positive size such as 512M or 4G; got {self.max_memory} MiB")
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        _ = self.preprocessing      # validated with the scan's options
         if self.skip_layers is not None:
             try:
                 re.compile(self.skip_layers)
@@ -105,7 +107,7 @@ class ScanConfig:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.mean, self.std)
+        return Preprocessing(self.mean, self.std, self.input_range)
 
     def step_size(self, eps: float) -> float:
         return self.alpha if self.alpha is not None else eps / 3
@@ -144,7 +146,7 @@ class _Scanner:
         if config.mode == "mask":
             from fmt_audit.backends.onnxrt.masked import MaskedModel
 
-            self.masked = MaskedModel(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
+            self.masked = MaskedModel(loaded.classifier, config.device, preprocessing, self.plan.predict_batch)
             self.provider, self.device = self.masked.provider, self.masked.session.device
             self.placement = replace(self.placement, onnxruntime=self.device)    # as the session really runs
             self.bridge = None
@@ -154,13 +156,13 @@ class _Scanner:
         if config.predict_with == "onnxruntime":
             from fmt_audit.backends.onnxrt.session import OrtClassifier
 
-            self.onnx = OrtClassifier(loaded.proto, config.device, preprocessing, self.plan.predict_batch)
+            self.onnx = OrtClassifier(loaded.classifier, config.device, preprocessing, self.plan.predict_batch)
         self.provider = self.onnx.provider if self.onnx else None
         if self.onnx:
             self.placement = replace(self.placement, onnxruntime=self.onnx.session.device)
         self.placement = self.placement.with_torch()
         self.device = self.placement.torch
-        self.bridge = to_torch(loaded.proto)
+        self.bridge = to_torch(loaded.classifier)
         if config.predict_with == "torch":
             from fmt_audit.backends.torch.bridge import check_free_batch
 
@@ -252,6 +254,7 @@ class LayerWork:
     config: ScanConfig
     eps: float | None
     plan: MemoryPlan
+    scores: str | None = None       # the class-score output (None: the model's rule)
 
 
 # (work, layers, progress) -> one LayerResult per layer, in order; see fmt_audit.fleet.ray_engine
@@ -264,7 +267,7 @@ def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None =
     """Test the layers ``names`` as the scan described by ``work`` does (in a worker: the model is loaded
     from ``work.model_path`` and must have the scan's sha256; the scan itself passes its ``scanner``)."""
     if loaded is None:
-        loaded = load_model(work.model_path)
+        loaded = load_model(work.model_path, work.scores)
         if loaded.sha256 != work.sha256:
             raise ConfigError(f"{work.model_path} changed during the scan (sha256 {loaded.sha256[:12]}, "
                               f"expected {work.sha256[:12]})")
@@ -329,7 +332,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                                                           for t in calibration))
     prepared = time.perf_counter()
     work = LayerWork(str(Path(loaded.path).resolve()), loaded.sha256, dataset, config,
-                     None if eps == AUTO else eps, scanner.plan)
+                     None if eps == AUTO else eps, scanner.plan, loaded.scores)
     if runner is not None:
         results = runner(work, layers, progress)
     else:
@@ -364,6 +367,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
                "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None,
                          "layout": loaded.image_input.layout},
+               "class_output": loaded.scores,
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,
@@ -397,7 +401,7 @@ def _trace(loaded: LoadedModel, layers: list[ConvLayer], data: Dataset, config: 
 
     norms = np.asarray(found.details["norms"], dtype=float)
     target = int(found.target_class)
-    classifier = BridgedClassifier(scanner.bridge or to_torch(loaded.proto), config.preprocessing,
+    classifier = BridgedClassifier(scanner.bridge or to_torch(loaded.classifier), config.preprocessing,
                                    scanner.placement.torch)
     freeze(classifier)
     traced = trace_channels(classifier, layers, data, target, float(np.median(np.delete(norms, target))),

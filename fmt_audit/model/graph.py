@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from fmt_audit.errors import UnsupportedModelError
 
@@ -133,8 +134,6 @@ def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
 
 def nonfinite_weights(graph: onnx.GraphProto) -> list[str]:
     """Names of stored floating-point tensors that hold NaN or Inf (a broken or tampered model)."""
-    from onnx import numpy_helper
-
     found = []
     for name, tensor in constant_tensors(graph).items():
         if tensor.data_type not in FLOAT_TYPES:
@@ -154,7 +153,9 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
         return None
     dims: list[Dim] = []
     for dim in tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
+        if dim.HasField("dim_value") and dim.dim_value == -1:
+            dims.append(None)   # paddle2onnx writes a free dimension so; every runtime reads it as unknown
+        elif dim.HasField("dim_value"):
             dims.append(int(dim.dim_value))
         elif dim.HasField("dim_param"):
             dims.append(dim.dim_param)
@@ -180,6 +181,10 @@ class TensorSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape) if self.shape is not None else None,
                 "dtype": self.dtype}
+
+    def shape_text(self) -> str:
+        """``Nx3x224x224``; ``?`` for an unknown size or rank."""
+        return "x".join("?" if d is None else str(d) for d in self.shape) if self.shape is not None else "?"
 
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -227,9 +232,25 @@ class ImageInput(TensorSpec):
         return {**super().to_dict(), "layout": self.layout}
 
 
+# ops that hand an image on unchanged in layout (a PyTorch 2.x export may Cast before it Transposes)
+LAYOUT_KEEPING = ("Cast", "Identity")
+
+
+def _first_readers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    """The nodes that read ``name``, looking through :data:`LAYOUT_KEEPING` ops to the nodes after them."""
+    found = []
+    for node in graph.node:
+        if name not in node.input:
+            continue
+        after = _first_readers(graph, node.output[0]) if node.op_type in LAYOUT_KEEPING else []
+        found.extend(after or [node])
+    return found
+
+
 def input_layout(graph: onnx.GraphProto, name: str) -> str:
-    """``NHWC`` when every reader of input ``name`` is a Transpose to NCHW, else ``NCHW``."""
-    readers = [node for node in graph.node if name in node.input]
+    """``NHWC`` when every reader of input ``name`` (past Casts and Identities) is a Transpose to NCHW,
+    else ``NCHW``."""
+    readers = _first_readers(graph, name)
     to_nchw = all(node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [0, 3, 1, 2] for node in readers)
     return "NHWC" if readers and to_nchw else "NCHW"
 
@@ -282,12 +303,139 @@ def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [TensorSpec.from_value_info(value) for value in model.graph.output]
 
 
-def num_classes(model: onnx.ModelProto) -> int | None:
-    """Number of classes from the first output's last static dimension, if declared."""
+# ops whose output is class scores and nothing else (a box or landmark head ends in Gemm/Conv, not these)
+SCORE_OPS = ("Softmax", "LogSoftmax")
+
+
+def _scores_shaped(spec: TensorSpec) -> bool:
+    """Float, shaped ``[N, K]`` or ``[N, K, 1, 1]`` with ``K`` unknown or at least 2."""
+    if spec.dtype not in FLOAT_TYPES.values() or spec.shape is None:
+        return False
+    shape = spec.shape
+    if (len(shape) == 4 and shape[2:] != (1, 1)) or len(shape) not in (2, 4):
+        return False
+    return not isinstance(shape[1], int) or shape[1] >= 2
+
+
+def class_output(model: onnx.ModelProto, name: str | None = None) -> TensorSpec:
+    """The output that holds the class scores: ``name`` when given; the only output; else, of the outputs
+    shaped like scores (float ``[N, K]`` or ``[N, K, 1, 1]``, ``K`` ≥ 2), the only one a Softmax or
+    LogSoftmax makes, or the only one. :class:`UnsupportedModelError` listing the outputs otherwise."""
     outputs = graph_outputs(model)
-    if not outputs or not outputs[0].shape:
+    described = ", ".join(f"{o.name} {o.shape_text()} {o.dtype}" for o in outputs)
+    if name is not None:
+        chosen = [o for o in outputs if o.name == name]
+        if not chosen:
+            raise UnsupportedModelError(f"--class-output {name!r} is not an output of the model; its outputs: "
+                                        f"{described}")
+        return chosen[0]
+    if not outputs:
+        raise UnsupportedModelError("the model has no graph output; expected the class scores")
+    if len(outputs) == 1:
+        only = outputs[0]
+        if only.shape is not None and not _scores_shaped(only):
+            raise UnsupportedModelError(f"the model's only output {only.name} {only.shape_text()} {only.dtype} is "
+                                        "not class scores; expected float [N, K] or [N, K, 1, 1] with K >= 2")
+        return only
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    shaped = [o for o in outputs if _scores_shaped(o)]
+    for candidates in ([o for o in shaped if producers.get(o.name) in SCORE_OPS], shaped):
+        if len(candidates) == 1:
+            return candidates[0]
+    raise UnsupportedModelError(f"the model has {len(outputs)} outputs ({described}) and no one rule picks the "
+                                "class scores; name them with --class-output NAME")
+
+
+def num_classes(model: onnx.ModelProto, output: str | None = None) -> int | None:
+    """Number of classes from the class-score output's declared shape (:func:`class_output`): ``K`` of
+    ``[N, K]``, or of ``[N, K, 1, 1]`` (a network that ends in a global pool with no Flatten: the scores are
+    read flattened, :func:`class_scores`); else its last static dimension, if declared."""
+    shape = class_output(model, output).shape
+    if not shape:
         return None
-    return _static(outputs[0].shape[-1])
+    sizes = [d for d in shape[1:] if d != 1]
+    if len(shape) > 2 and len(sizes) == 1:
+        return _static(sizes[0])
+    return _static(shape[-1])
+
+
+def _half_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    found = [t for t in constant_tensors(graph).values() if t.data_type == onnx.TensorProto.FLOAT16]
+    found += [a.t for n in graph.node if n.op_type == "ConstantOfShape" for a in n.attribute
+              if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT16]
+    return found
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` computes in float16: its image input or any stored tensor is float16."""
+    graph = model.graph
+    return (any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in graph.input)
+            or bool(_half_tensors(graph)))
+
+
+def float32_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float16 graph widened to float32 (``model`` itself when it is not float16): stored tensors exactly
+    widened, float16 inputs, outputs, shapes and Casts made float32. The audit runs this (CPU kernels and
+    fine-tuning want float32); repaired values go back into the float16 graph by name, rounded."""
+    if not is_float16(model):
+        return model
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    graph = wide.graph
+    for tensor in _half_tensors(graph):
+        values = numpy_helper.to_array(tensor).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT16:
+                attr.i = onnx.TensorProto.FLOAT
+    return wide
+
+
+def classifier_graph(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """What every stage runs of ``model``: ``output`` its only graph output, float32 (:func:`float32_view`);
+    ``model`` itself when it already is both. The other outputs' nodes stay (unused); initializers and node
+    names are the same, so values trained on it are written back into ``model`` by name."""
+    return float32_view(_only_output(model, output))
+
+
+def _only_output(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """``model`` with ``output`` its only output and only the nodes that lead to it: the other heads' Convs are
+    neither tested nor removed (a repair must not change outputs it cannot measure). Nodes keep the names
+    they have in ``model`` (:func:`with_node_names` before anything is dropped)."""
+    if [o.name for o in model.graph.output] == [output]:
+        return model
+    view = with_node_names(model)
+    graph = view.graph
+    kept = [o for o in graph.output if o.name == output]
+    del graph.output[:]
+    graph.output.extend(kept)
+    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node
+           for attr in node.attribute):
+        return view     # a subgraph may read any outer value: every node stays
+    needed, used = {output}, []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            used.append(node)
+            needed.update(name for name in node.input if name)
+    nodes = list(reversed(used))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return view
+
+
+def class_scores(output):
+    """A batch of class scores (numpy array or torch tensor) as ``[N, K]``: ``[N, K, 1, 1]`` flattened;
+    :class:`UnsupportedModelError` for any other shape (the output read is not class scores)."""
+    if output.ndim == 2:
+        return output
+    if output.ndim == 4 and tuple(output.shape[2:]) == (1, 1):
+        return output.reshape(len(output), -1)
+    raise UnsupportedModelError(f"the class-score output gives shape {list(output.shape)}; expected [N, K] or "
+                                "[N, K, 1, 1] (name the scores with --class-output)")
 
 
 @dataclass(frozen=True)
@@ -395,3 +543,59 @@ def last_conv_layers(model: onnx.ModelProto, layers: Sequence[ConvLayer]) -> lis
         conv_below[index] = any(graph.node[c].op_type == "Conv" or conv_below[c]
                                 for output in graph.node[index].output for c in consumers.get(output, ()))
     return [layer for layer in layers if not conv_below[layer.index]]
+
+
+def unique_name(graph: onnx.GraphProto, base: str) -> str:
+    """``base.k`` for the first ``k`` from 1 that names no tensor or value of ``graph``."""
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        {v.name for v in graph.input}
+    number = 1
+    while f"{base}.{number}" in taken:
+        number += 1
+    return f"{base}.{number}"
+
+
+def free_fixed_batch(model: onnx.ModelProto) -> int:
+    """Free ``model`` (in place), a graph fixed to batch size ``b``, to run larger batches; the number of
+    Reshapes rewritten.
+
+    Exporters given a fixed input shape write ``b`` into Reshape targets (``[1, -1]``).
+    A target's leading ``b`` becomes 0 (copy the input's leading dimension, the batch),
+    and the input and outputs get a symbolic batch. Callers change a copy, then verify image by image that
+    batches stay independent (``fmt_audit.backends.torch.bridge.check_free_batch``,
+    ``fmt_audit.backends.onnxrt.session.with_free_batch``): other ops may still hold the batch size.
+    """
+    try:
+        image = image_input(model)
+    except UnsupportedModelError:
+        return 0
+    batch = image.batch
+    if batch is None or image.height is None or image.width is None:   # no way to check the result
+        return 0
+    stored = constant_tensors(model.graph)
+    from_image = {image.name}       # values computed from the image (Reshapes of constants keep their shape)
+    for node in model.graph.node:
+        if any(name in from_image for name in node.input):
+            from_image.update(node.output)
+    rewritten = 0
+    for node in model.graph.node:
+        if (node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored
+                or node.input[0] not in from_image):
+            continue
+        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            continue
+        target = numpy_helper.to_array(stored[node.input[1]])
+        if target.ndim != 1 or len(target) < 2 or int(target[0]) != batch:
+            continue
+        freed = target.copy()
+        freed[0] = 0
+        copy = numpy_helper.from_array(freed, unique_name(model.graph, node.input[1]))
+        model.graph.initializer.append(copy)
+        node.input[1] = copy.name
+        rewritten += 1
+    for value in [*(v for v in model.graph.input if v.name == image.name), *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_param = "batch"
+    del model.graph.value_info[:]     # shapes inferred at the fixed batch
+    return rewritten

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from fmt_audit.backends.torch.ops import unsupported_ops
+from fmt_audit.backends.torch.padding import padding_problems
 from fmt_audit.model.graph import ConvLayer, ImageInput, TensorSpec, constant_tensors, graph_outputs, nonfinite_weights
 from fmt_audit.model.loading import LoadedModel
 
@@ -24,6 +25,7 @@ class ModelSummary:
     producer: str
     image_input: ImageInput
     outputs: list[TensorSpec]
+    class_output: str
     num_classes: int | None
     layers: list[ConvLayer]
     batchnorm_nodes: int
@@ -34,6 +36,12 @@ class ModelSummary:
     nonfinite_weights: list[str]
 
     @property
+    def computed_weights(self) -> list[str]:
+        """Conv layers whose weights other nodes compute (ConstantOfShape, DequantizeLinear, ...): not counted
+        in ``parameters``, and not trainable by the PyTorch bridge."""
+        return [layer.name for layer in self.layers if not layer.weight_stored]
+
+    @property
     def conv_channels(self) -> int:
         return sum(layer.out_channels for layer in self.layers)
 
@@ -41,7 +49,8 @@ class ModelSummary:
         return {
             "path": self.path, "sha256": self.sha256, "ir_version": self.ir_version, "opsets": self.opsets,
             "producer": self.producer, "image_input": self.image_input.to_dict(),
-            "outputs": [o.to_dict() for o in self.outputs], "num_classes": self.num_classes,
+            "outputs": [o.to_dict() for o in self.outputs], "class_output": self.class_output,
+            "num_classes": self.num_classes,
             "conv": {
                 "layers": len(self.layers), "channels": self.conv_channels,
                 "grouped": sum(layer.grouped and not layer.depthwise for layer in self.layers),
@@ -50,14 +59,13 @@ class ModelSummary:
                 "details": [layer.to_dict() for layer in self.layers],
             },
             "batchnorm": {"nodes": self.batchnorm_nodes, "folded": self.batchnorm_nodes == 0},
-            "parameters": self.parameters, "op_counts": self.op_counts,
+            "parameters": self.parameters, "computed_weights": self.computed_weights, "op_counts": self.op_counts,
             "bridge_unsupported_ops": self.bridge_unsupported, "external_data": self.external_data,
             "nonfinite_weights": self.nonfinite_weights,
         }
 
     def format_text(self, verbose: bool = False) -> str:
         d = self.to_dict()
-        shape = "x".join(str(s) for s in (self.image_input.shape or ()))
         conv = d["conv"]
         notes = []
         if conv["grouped"]:
@@ -72,19 +80,25 @@ class ModelSummary:
             f"sha256       {self.sha256}",
             f"opset        {opsets} (IR {self.ir_version})",
             f"producer     {self.producer or '(none)'}",
-            f"image input  {self.image_input.name} {shape} {self.image_input.dtype}"
+            f"image input  {self.image_input.name} {self.image_input.shape_text()} {self.image_input.dtype}"
             + (f" ({self.image_input.layout}: transposed to NCHW in the graph)"
                if self.image_input.layout != "NCHW" else ""),
             "outputs      " + ", ".join(
-                f"{o.name} {'x'.join(str(s) for s in (o.shape or ('?',)))} {o.dtype}" for o in self.outputs),
-            f"classes      {self.num_classes if self.num_classes is not None else 'unknown'}",
+                f"{o.name} {o.shape_text()} {o.dtype}" for o in self.outputs),
+            f"classes      {self.num_classes if self.num_classes is not None else 'unknown'}"
+            + (f" (scores: output {self.class_output}, of {len(self.outputs)})" if len(self.outputs) > 1 else ""),
             f"conv layers  {conv['layers']}, {conv['channels']} output channels"
             + (f" ({', '.join(notes)})" if notes else ""),
             "batchnorm    " + ("folded (no BatchNormalization nodes)" if self.batchnorm_nodes == 0
                                else f"{self.batchnorm_nodes} BatchNormalization nodes remain"),
-            f"parameters   {self.parameters:,}",
+            f"parameters   {self.parameters:,} stored"
+            + (f"; {len(self.computed_weights)} Conv layer(s) compute their weights from other nodes "
+               f"({', '.join(self.computed_weights[:3])}{', ...' if len(self.computed_weights) > 3 else ''}): "
+               "not counted" if self.computed_weights else ""),
             "bridge       " + ("all ops convert to PyTorch" if not self.bridge_unsupported
-                               else "cannot convert: " + ", ".join(self.bridge_unsupported)),
+                               else "cannot convert: " + ", ".join(self.bridge_unsupported[:3])
+                               + (f" and {len(self.bridge_unsupported) - 3} more" if len(self.bridge_unsupported) > 3
+                                  else "")),
         ]
         if self.external_data:
             lines.append(f"external     {', '.join(self.external_data)}")
@@ -105,6 +119,13 @@ class ModelSummary:
         return "\n".join(lines)
 
 
+def bridge_problems(model: LoadedModel) -> list[str]:
+    """What keeps the PyTorch bridge (gradient mode, the verdict, repair) from this model: ops onnx2torch lacks,
+    padding it cannot take, Conv weights computed by other nodes."""
+    return (unsupported_ops(model.proto) + padding_problems(model.proto)
+            + [f"{layer.name}: weights computed by other nodes" for layer in model.layers if not layer.weight_stored])
+
+
 def summarize(model: LoadedModel) -> ModelSummary:
     proto = model.proto
     graph = proto.graph
@@ -118,9 +139,9 @@ def summarize(model: LoadedModel) -> ModelSummary:
     return ModelSummary(
         path=str(model.path), sha256=model.sha256, ir_version=proto.ir_version,
         opsets={entry.domain: entry.version for entry in proto.opset_import},
-        producer=producer, image_input=model.image_input, outputs=graph_outputs(proto),
+        producer=producer, image_input=model.image_input, outputs=graph_outputs(proto), class_output=model.scores,
         num_classes=model.num_classes, layers=list(model.layers),
         batchnorm_nodes=op_counts.get("BatchNormalization", 0), parameters=parameters,
-        op_counts=dict(sorted(op_counts.items())), bridge_unsupported=unsupported_ops(proto),
+        op_counts=dict(sorted(op_counts.items())), bridge_unsupported=bridge_problems(model),
         external_data=list(model.external_data), nonfinite_weights=nonfinite_weights(graph),
     )

@@ -10,6 +10,7 @@ ONNX checker and shape inference, and finds the image input and the Conv layers
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -22,7 +23,17 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from fmt_audit.errors import ModelLoadError, UnsupportedModelError, first_line
-from fmt_audit.model.graph import ConvLayer, ImageInput, conv_layers, fits_in_protobuf, image_input, num_classes
+from fmt_audit.model.graph import (
+    ConvLayer,
+    ImageInput,
+    TensorSpec,
+    class_output,
+    classifier_graph,
+    conv_layers,
+    fits_in_protobuf,
+    image_input,
+    num_classes,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class LoadedModel:
 
     ``proto`` is the model as stored (external data read in), untouched: repaired
     weights are written back into a copy of it, so names and structure survive.
+    ``output`` is the output that holds the class scores; :attr:`classifier`, the graph every stage runs.
     """
 
     path: Path
@@ -40,6 +52,18 @@ class LoadedModel:
     num_classes: int | None
     layers: tuple[ConvLayer, ...]
     external_data: tuple[str, ...]  # external data files, relative to the model's folder
+    output: TensorSpec | None = None    # the class scores (None: the first output)
+
+    @property
+    def scores(self) -> str:
+        """The name of the output that holds the class scores."""
+        return self.output.name if self.output is not None else self.proto.graph.output[0].name
+
+    @functools.cached_property
+    def classifier(self) -> onnx.ModelProto:
+        """What every stage runs: ``proto`` with the class-score output its only output and only the nodes that
+        lead to it, float16 widened to float32 (``proto`` itself when it already is all that)."""
+        return classifier_graph(self.proto, self.scores)
 
 
 def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -187,8 +211,9 @@ def validate(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{path} fails the ONNX checker: {first_line(error)}") from error
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Read, validate and describe an ONNX image classifier.
+def load_model(path: str | os.PathLike, class_output_name: str | None = None) -> LoadedModel:
+    """Read, validate and describe an ONNX image classifier; ``class_output_name``: the output that holds the
+    class scores (None: :func:`fmt_audit.model.graph.class_output`'s rule).
 
     Raises :class:`ModelLoadError` for files that are not valid ONNX and
     :class:`UnsupportedModelError` for valid models the tool cannot audit.
@@ -196,11 +221,16 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     path, model, external = read_model(path)
     validate(model, path)
     image = image_input(model)
-    layers = tuple(conv_layers(model))
+    no_conv = UnsupportedModelError(f"{path} has no 2-D Conv node; feature map testing needs convolutions")
+    if not any(node.op_type == "Conv" for node in model.graph.node):
+        raise no_conv
+    scores = class_output(model, class_output_name)
+    layers = tuple(conv_layers(classifier_graph(model, scores.name)))    # the Convs the class scores depend on
     if not layers:
-        raise UnsupportedModelError(f"{path} has no 2-D Conv node; feature map testing needs convolutions")
+        raise no_conv
     return LoadedModel(path=path, sha256=sha256_of(path), proto=model, image_input=image,
-                       num_classes=num_classes(model), layers=layers, external_data=external)
+                       num_classes=num_classes(model, scores.name), layers=layers, external_data=external,
+                       output=scores)
 
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:

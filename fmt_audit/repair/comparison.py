@@ -1,6 +1,7 @@
 """``compare``: every repair method on one model, side by side (ACC, ASR, RA, DER).
 
-Each method of :data:`fmt_audit.repair.config.METHODS` repairs the same model with the
+Each method asked for (of :data:`fmt_audit.repair.config.METHODS`; by default
+:data:`~fmt_audit.repair.config.COMPARED`, every one but the slow ``anp``) repairs the same model with the
 same clean data, fine-tuning recipe and seed; each repaired graph is measured as
 deployed (ONNX Runtime) on the same test images, against the model before any
 defense. A method that cannot run on this model (a one-line library error) gets
@@ -20,8 +21,9 @@ import onnx
 from fmt_audit.data import Dataset, load_data
 from fmt_audit.errors import ConfigError, FmtAuditError, first_line
 from fmt_audit.fmt.scan import ScanConfig
+from fmt_audit.model.graph import classifier_graph
 from fmt_audit.model.loading import LoadedModel, load_model
-from fmt_audit.repair.config import METHODS, RepairConfig
+from fmt_audit.repair.config import COMPARED, METHODS, RepairConfig
 from fmt_audit.repair.evaluation import Metrics, defense_effectiveness, model_metrics
 from fmt_audit.repair.pipeline import repair
 from fmt_audit.report.json_report import RepairReport
@@ -83,7 +85,7 @@ class Comparison:
 
 def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dataset,
             test: str | os.PathLike | Dataset, poisoned: str | os.PathLike | Dataset | None = None,
-            target: int | None = None, methods: Sequence[str] = METHODS, config: RepairConfig | None = None,
+            target: int | None = None, methods: Sequence[str] = COMPARED, config: RepairConfig | None = None,
             scan_config: ScanConfig | None = None,
             on_method: Callable[[str], None] | None = None) -> Comparison:
     """Repair ``model`` with each of ``methods`` on the clean ``data`` and measure each result on ``test``
@@ -108,7 +110,8 @@ def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Da
     clean, test_set = load(data), load(test)
     triggered = load(poisoned) if poisoned is not None else None
     preprocessing = scan_config.preprocessing
-    baseline, provider = model_metrics(loaded.proto, test_set, triggered, target, preprocessing, scan_config.device)
+    baseline, provider = model_metrics(loaded.classifier, test_set, triggered, target, preprocessing,
+                                       scan_config.device)
     outcomes = []
     for method in methods:
         if on_method:
@@ -120,7 +123,8 @@ def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Da
             outcomes.append(MethodOutcome(method, None, None, None, time.perf_counter() - started, first_line(error)))
             continue
         seconds = time.perf_counter() - started
-        metrics, _ = model_metrics(result.model, test_set, triggered, target, preprocessing, scan_config.device)
+        metrics, _ = model_metrics(classifier_graph(result.model, loaded.scores), test_set, triggered, target,
+                                   preprocessing, scan_config.device)
         der = defense_effectiveness(baseline, metrics) if triggered is not None else None
         outcomes.append(MethodOutcome(method, metrics, der, result.report.flagged_count, seconds,
                                       repair=result.report, model=result.model))

@@ -10,8 +10,11 @@ import numpy as np
 
 from fmt_audit.errors import ConfigError
 
-# fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning
-METHODS = ("fmt", "ft", "fp", "clp")
+# fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning;
+# anp: Adversarial Neuron Pruning
+METHODS = ("fmt", "ft", "fp", "clp", "anp")
+# what ``compare`` runs when not told: anp's mask search (2,000 iterations by default) is left to be asked for
+COMPARED = ("fmt", "ft", "fp", "clp")
 FLIPS = ("auto", "on", "off")
 
 
@@ -69,6 +72,39 @@ class FineTuneConfig:
 
 
 @dataclass(frozen=True)
+class AnpConfig:
+    """Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021); the defaults are the reference code's
+    (csdongxian/ANP_backdoor: optimize_mask_cifar.py, prune_neuron_cifar.py and the paper's threshold); in
+    the comments, the reference's own option names."""
+
+    eps: float = 0.4              # the adversary's neuron perturbation bound (--anp-eps)
+    steps: int = 1                # the adversary's signed-gradient steps, each eps / steps (--anp-steps)
+    tradeoff: float = 0.2         # weight of the clean loss against the perturbed one (--anp-alpha)
+    lr: float = 0.2               # SGD on the masks, momentum 0.9 (--lr)
+    iterations: int = 2000        # mask updates (--nb-iter)
+    batch_size: int = 128         # images per update, drawn with replacement (--batch-size)
+    threshold: float = 0.2        # neurons whose mask ends at or below this are pruned (--pruning-by threshold)
+
+    def __post_init__(self):
+        if not (math.isfinite(self.eps) and 0 <= self.eps <= 1):
+            raise ConfigError(f"--anp-eps must be a number in [0, 1]; got {self.eps}")
+        if not (isinstance(self.steps, (int, np.integer)) and self.steps >= 1):
+            raise ConfigError(f"the ANP adversary's steps must be a whole number of at least 1; got {self.steps}")
+        if not (math.isfinite(self.tradeoff) and 0 <= self.tradeoff <= 1):
+            raise ConfigError(f"--anp-tradeoff must be a number in [0, 1]; got {self.tradeoff}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"the ANP mask learning rate must be a positive number; got {self.lr}")
+        if not (isinstance(self.iterations, (int, np.integer)) and self.iterations >= 1):
+            raise ConfigError(f"--anp-iterations must be a whole number of at least 1; got {self.iterations}")
+        if not (isinstance(self.batch_size, (int, np.integer)) and self.batch_size >= 2):
+            raise ConfigError(f"the ANP batch size must be at least 2 (BatchNorm runs in training mode); "
+                              f"got {self.batch_size}")
+        if not (math.isfinite(self.threshold) and 0 <= self.threshold < 1):
+            raise ConfigError(f"--anp-threshold must be a number in [0, 1) (masks end in [0, 1]; 1 would prune "
+                              f"every channel); got {self.threshold}")
+
+
+@dataclass(frozen=True)
 class RepairConfig:
     """Repair settings beyond the scan's (the scan's device, seed and preprocessing apply)."""
 
@@ -84,6 +120,7 @@ class RepairConfig:
     method: str = "fmt"
     prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
     clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
+    anp: AnpConfig = field(default_factory=AnpConfig)   # anp: the mask search and the pruning threshold
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -106,12 +143,15 @@ class RepairConfig:
 def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: float = 0.01,
                   batch_size: int | None = None, augment: bool = True, flip: str = "auto",
                   allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
-                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0) -> RepairConfig:
+                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0, anp_eps: float = 0.4,
+                  anp_tradeoff: float = 0.2, anp_iterations: int = 2000, anp_threshold: float = 0.2) -> RepairConfig:
     """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
     models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
     return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
                                        augment=augment, flip=flip, seed=seed),
                         allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
-                        method=method, prune_drop=prune_drop, clp_u=clp_u)
+                        method=method, prune_drop=prune_drop, clp_u=clp_u,
+                        anp=AnpConfig(eps=anp_eps, tradeoff=anp_tradeoff, iterations=anp_iterations,
+                                      threshold=anp_threshold))
 
 

@@ -122,7 +122,7 @@ def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | D
 
     clean = load(data)
     triggered = load(poisoned) if poisoned is not None else None
-    metrics, provider = model_metrics(loaded.proto, clean, triggered, target, preprocessing, device)
+    metrics, provider = model_metrics(loaded.classifier, clean, triggered, target, preprocessing, device)
     config = {"target": target, "device": device, "ort_provider": provider, **preprocessing.to_dict(),
               "data": clean.source, "poisoned": triggered.source if triggered else None}
     info = {"path": str(loaded.path), "sha256": loaded.sha256}
@@ -132,7 +132,7 @@ def evaluate(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | D
     sizes = [(m.image_input.channels, m.image_input.height, m.image_input.width) for m in (base, loaded)]
     if sizes[0] != sizes[1] or base.num_classes != num_classes:
         raise ConfigError("the baseline takes different inputs or has different classes than the model")
-    base_metrics, _ = model_metrics(base.proto, clean, triggered, target, preprocessing, device)
+    base_metrics, _ = model_metrics(base.classifier, clean, triggered, target, preprocessing, device)
     der = defense_effectiveness(base_metrics, metrics) if triggered is not None else None
     return Evaluation(info, metrics, {"path": str(base.path), "sha256": base.sha256,
                                       "metrics": base_metrics.to_dict()}, der, config)

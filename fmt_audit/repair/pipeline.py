@@ -3,7 +3,8 @@
 1. The channels to remove depend on the method (:data:`METHODS`): ``fmt`` takes
    them from a scan run here on the training part of the data, from a scan
    report, or from the caller; ``ft`` removes none (fine-tuning alone); ``fp``
-   and ``clp`` choose them by the criteria of :mod:`fmt_audit.repair.pruning`.
+   and ``clp`` choose them by the criteria of :mod:`fmt_audit.repair.pruning`,
+   ``anp`` by the masks of :mod:`fmt_audit.repair.anp`.
 2. Removal makes each channel's output exactly zero: its Conv filter and bias,
    and the scale and shift of a BatchNormalization that directly follows.
 3. Fine-tuning (:mod:`fmt_audit.repair.finetune`) through the PyTorch bridge, removed
@@ -15,7 +16,7 @@
    removed channels' tensors are exactly zero in the graph.
 
 ``clp`` is data-free: it runs without data and never fine-tunes; given data, it
-only measures accuracy.
+only measures accuracy. ``anp`` prunes and stops, as its reference does: no fine-tuning.
 
 A part of the clean data (``holdout``) is kept out of scanning and training and
 measures accuracy before removal, after removal and after fine-tuning.
@@ -50,12 +51,15 @@ from fmt_audit.fmt.scan import ScanConfig, calibrated_eps, scan
 from fmt_audit.model.graph import (
     ImageInput,
     batchnorm_after,
+    classifier_graph,
     constant_tensors,
     conv_layers,
+    is_float16,
     nonfinite_weights,
     with_node_names,
 )
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
+from fmt_audit.repair.anp import anp_channels
 from fmt_audit.repair.config import RepairConfig
 from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
 from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channels
@@ -72,6 +76,9 @@ MIN_STEPS = 30
 CALIBRATION_SAMPLES = 64
 # images for checking ONNX Runtime against torch when a data-free repair has no data
 VERIFY_IMAGES = 16
+# ONNX Runtime against torch for a float16 graph: its weights are the trained float32 values rounded to
+# 11 significant bits, which moves logits by about 1e-3 of their size
+FLOAT16_TOLERANCE = 5e-3
 
 
 @dataclass
@@ -144,15 +151,16 @@ def remove_channels(bridge: TorchBridge, removed: ChannelSet) -> None:
 
 
 def verify(repaired: onnx.ModelProto, classifier: BridgedClassifier, x: np.ndarray,
-           removed: ChannelSet, device: str, tolerance: float, expect_zero: bool) -> dict:
-    """Check the repaired graph; :class:`RepairError` with the reason if it fails."""
+           removed: ChannelSet, device: str, tolerance: float, expect_zero: bool, scores: str | None = None) -> dict:
+    """Check the repaired graph (its class scores: the output ``scores``, else its only one); :class:`RepairError`
+    with the reason if it fails."""
     from fmt_audit.backends.onnxrt.session import OrtClassifier
 
     try:
         run_checker(repaired)
     except Exception as error:
         raise RepairError(f"the repaired model fails the ONNX checker: {first_line(error)}") from error
-    in_ort = OrtClassifier(repaired, device, classifier.preprocessing)
+    in_ort = OrtClassifier(classifier_graph(repaired, scores) if scores else repaired, device, classifier.preprocessing)
     ort_device = in_ort.session.device
     ort_logits = in_ort.logits(x)
     torch_logits = classifier.logits(x)
@@ -192,15 +200,21 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
                         flagged: ScanReport | ChannelSet | None,
                         progress: Callable[[str, int, int], None] | None,
                         check: VerdictConfig | None = None) -> tuple[str, ChannelSet, ScanReport | None, dict | None]:
-    """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp)."""
+    """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp / anp)."""
     if config.method == "ft":
         return "none (fine-tuning alone)", {}, None, None
+    if config.method == "anp":
+        augment = config.fine_tune.augment
+        flip = augment and flip_decision(classifier, train, config.fine_tune.flip)[0]
+        choice = anp_channels(classifier, loaded.layers, train, config.anp, seed=scan_config.seed, augment=augment,
+                              flip=flip, progress=progress)
+        return "anp", choice.channels, None, choice.evidence
     if config.method in ("fp", "clp"):
         choice: PruningChoice
         if config.method == "clp":
             choice = clp_channels(loaded.proto, loaded.layers, config.clp_u)
         else:
-            choice = dormant_channels(classifier, loaded.proto, loaded.layers, train, config.prune_drop,
+            choice = dormant_channels(classifier, loaded.classifier, loaded.layers, train, config.prune_drop,
                                       seed=scan_config.seed)
         return {"fp": "fine-pruning", "clp": "clp"}[config.method], choice.channels, None, choice.evidence
     if flagged is None:
@@ -213,6 +227,10 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
             made_for = str(flagged.model.get("sha256"))[:12]
             raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
                               f"this model {loaded.sha256[:12]}...)")
+        scanned_output = flagged.model.get("class_output", loaded.scores)    # reports before 0.4 name none
+        if scanned_output != loaded.scores:
+            raise ConfigError(f"the scan report read the class scores from output {scanned_output!r}, this repair "
+                              f"from {loaded.scores!r}: give --class-output {scanned_output}")
         return "report", flagged.flagged, None, None
     return "given", flagged, None, None
 
@@ -264,7 +282,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
             raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
     empty = Dataset(np.zeros((0, 1, 1, 1), np.float32), np.zeros(0, np.int64))
     train, holdout = dataset.split(config.holdout, seed=scan_config.seed) if dataset is not None else (empty, empty)
-    bridge = to_torch(loaded.proto)     # before the scan: a model that cannot be fine-tuned fails fast
+    bridge = to_torch(loaded.classifier)     # before the scan: a model that cannot be fine-tuned fails fast
     check_free_batch(bridge, loaded.image_input, "fine-tuning")
     placement = resolve_device(scan_config.device, torch_needed=True)    # one decision for every stage
     device = placement.torch
@@ -276,8 +294,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
 
     measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
     accuracy = {"before": measure()}
-    tuning = config.fine_tune if method != "clp" else replace(config.fine_tune, epochs=0)
-    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method != "clp"
+    tuning = config.fine_tune if method not in ("clp", "anp") else replace(config.fine_tune, epochs=0)
+    # nothing is fine-tuned after clp or anp (anp decided flips for its own search: its evidence says)
+    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method not in ("clp", "anp")
                        else (False, {"setting": tuning.flip, "flip": False}))
     remove_channels(bridge, removed)
     accuracy["after_removal"] = measure()
@@ -291,14 +310,15 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                            "calibration": trace})
     hold = (contextlib.nullcontext() if config.allow_regrowth
             else channels_held_at_zero(bridge.channel_modules, removed))
+    tolerance = max(config.tolerance, FLOAT16_TOLERANCE) if is_float16(loaded.proto) else config.tolerance
     check_images = next((d.x[:64] for d in (holdout, train) if len(d)), None)
     if check_images is None:
         check_images = verification_images(loaded.image_input, scan_config.seed)
 
     def written_and_verified() -> tuple[onnx.ModelProto, dict]:
         model = write_back(loaded.proto, bridge)
-        return model, verify(model, classifier, check_images, removed, scan_config.device, config.tolerance,
-                             expect_zero=not config.allow_regrowth)
+        return model, verify(model, classifier, check_images, removed, scan_config.device, tolerance,
+                             expect_zero=not config.allow_regrowth, scores=loaded.scores)
 
     self_check = None
     with hold:
@@ -343,14 +363,15 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                         f"{batch_size}, {tuning.epochs} epochs); a smaller --batch-size "
                         "or more --epochs gives it more")
     report = RepairReport(
-        model={"path": str(loaded.path), "sha256": loaded.sha256},
+        model={"path": str(loaded.path), "sha256": loaded.sha256, "class_output": loaded.scores},
         config={"method": method, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
                 "holdout": config.holdout, "tolerance": config.tolerance, "device_used": device,
                 "placement": {**placement.to_dict(), "onnxruntime": verification["ort_device"]},
                 **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning, "steps": steps,
                 "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
                 **({"prune_drop": config.prune_drop} if method == "fp" else {}),
-                **({"clp_u": config.clp_u} if method == "clp" else {})},
+                **({"clp_u": config.clp_u} if method == "clp" else {}),
+                **({"anp": asdict(config.anp)} if method == "anp" else {})},
         flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
         data={"images": len(dataset) if dataset is not None else 0, "train": len(train), "holdout": len(holdout),
               "source": dataset.source if dataset is not None else None},

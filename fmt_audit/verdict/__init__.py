@@ -43,16 +43,17 @@ def gather(inputs: VerdictInputs, config: VerdictConfig) -> Verdict:
 
 def assess(model: str | os.PathLike, data: str | os.PathLike | None = None, config: VerdictConfig | None = None,
            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-           device: str = "auto") -> Verdict:
+           device: str = "auto", input_range: str = "0-1") -> Verdict:
     """The verdict on ``model`` (a path or a :class:`~fmt_audit.LoadedModel`) from the clean labelled images
     in ``data`` (``config.samples`` of them, drawn with ``config.seed``; a data-free method needs none), for
-    a model that expects ``mean``/``std`` normalisation, on ``device`` (auto, cpu, cuda)."""
+    a model that expects ``mean``/``std`` normalisation after its ``input_range`` (``0-1``, ``0-255``,
+    ``-1-1``), on ``device`` (auto, cpu, cuda)."""
     from fmt_audit.data import Preprocessing, load_data
     from fmt_audit.model.loading import LoadedModel, load_model
 
     config = config or VerdictConfig()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    preprocessing = Preprocessing(mean, std)
+    preprocessing = Preprocessing(mean, std, input_range)
     preprocessing.check_channels(loaded.image_input.channels)
     dataset = None
     if data is not None:

@@ -79,7 +79,7 @@ class CombinedMethod(VerdictMethod):
 
         loaded, dataset = inputs.loaded, inputs.dataset
         image = loaded.image_input
-        classifier, classes, notes = logit_classifier(loaded.proto, image, inputs.preprocessing, inputs.device,
+        classifier, classes, notes = logit_classifier(loaded.classifier, image, inputs.preprocessing, inputs.device,
                                                       inputs.bridge, "combined verdict")
         triggers: TriggerFigures | str
         transfer: TransferFigures | str

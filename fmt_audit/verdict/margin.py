@@ -30,7 +30,7 @@ class MarginMethod(VerdictMethod):
         from fmt_audit.verdict.evidence.margins import margin_test
 
         loaded = inputs.loaded
-        margins, notes = margin_test(loaded.proto, loaded.image_input, inputs.preprocessing, inputs.device,
+        margins, notes = margin_test(loaded.classifier, loaded.image_input, inputs.preprocessing, inputs.device,
                                      config.margin(), inputs.bridge)
         basis = f"maximum-margin test, {config.margin_restarts} starts x {config.margin_steps} steps per class"
         return margin_verdict(margins, "; ".join([basis, *notes]))

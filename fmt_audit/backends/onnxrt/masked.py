@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from fmt_audit.backends.onnxrt.instrument import feature_output_name, instrument, mask_input_name
-from fmt_audit.backends.onnxrt.session import Session, create_session
+from fmt_audit.backends.onnxrt.session import Session, create_session, with_free_batch
 from fmt_audit.data import Preprocessing
-from fmt_audit.model.graph import ConvLayer, ImageInput, conv_layers, image_input, with_node_names
+from fmt_audit.model.graph import ConvLayer, ImageInput, class_scores, conv_layers, image_input, with_node_names
 
 ChannelSet = Mapping[str, Sequence[int]]
 
@@ -28,7 +28,7 @@ class MaskedModel:
 
     def __init__(self, model: onnx.ModelProto, device: str = "auto", preprocessing: Preprocessing | None = None,
                  batch_size: int = 256, threads: int | None = None):
-        named = with_node_names(model)
+        named = with_free_batch(with_node_names(model))
         self.layers: list[ConvLayer] = conv_layers(named)
         self.image: ImageInput = image_input(named)
         self.preprocessing = preprocessing or Preprocessing()
@@ -71,7 +71,7 @@ class MaskedModel:
         outputs = self.session.run(feeds, names)
         if padded:
             outputs = [o[:len(x)] for o in outputs]
-        return outputs[0], dict(zip(features, outputs[1:]))
+        return class_scores(outputs[0]), dict(zip(features, outputs[1:]))
 
     def batches(self, x: np.ndarray) -> Iterator[slice]:
         for start in range(0, len(x), self.batch_size):

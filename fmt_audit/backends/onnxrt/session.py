@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from fmt_audit.backends.device import DEVICES
-from fmt_audit.errors import DeviceError, UnsupportedModelError, first_line
-from fmt_audit.model.graph import image_input, with_node_names
+from fmt_audit.errors import DeviceError, FmtAuditError, UnsupportedModelError, first_line
+from fmt_audit.model.graph import class_scores, free_fixed_batch, image_input, with_node_names
 from fmt_audit.model.loading import in_one_piece
 
 CUDA = "CUDAExecutionProvider"
@@ -152,6 +152,28 @@ def run_batched(session: Session, input_name: str, x: np.ndarray, batch_size: in
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
 
+def with_free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` freed of a fixed batch size ``b`` (:func:`fmt_audit.model.graph.free_fixed_batch`) when that
+    changes nothing on a check, else ``model``: ``b + 1`` seeded random images in one run must get the class
+    scores they get ``b`` at a time. A graph exported without a free batch (torch's default) otherwise runs
+    ``b`` images per call: the mask scan of a batch-1 graph ran one image at a time."""
+    image = image_input(model)
+    if image.batch is None or image.height is None or image.width is None:
+        return model
+    freed = with_node_names(model)
+    free_fixed_batch(freed)
+    probe = np.random.default_rng(0).random(
+        (image.batch + 1, *image.model_shape(image.channels or 3, image.height, image.width)), dtype=np.float32)
+    try:
+        alone = run_batched(create_session(model, "cpu"), image.name, probe, fixed_batch=image.batch)[0]
+        together = create_session(freed, "cpu").run({image.name: probe})[0]
+    except (FmtAuditError, *_ort_errors()):    # the freed graph does not run: some op holds the batch size
+        return model
+    if together.shape != alone.shape or not np.allclose(together, alone, rtol=1e-4, atol=1e-5):
+        return model
+    return freed
+
+
 class OrtClassifier:
     """A classifier graph as it stands, in one ORT session: logits and top-1 predictions.
 
@@ -162,6 +184,7 @@ class OrtClassifier:
     """
 
     def __init__(self, model: onnx.ModelProto, device: str = "auto", preprocessing=None, batch_size: int = 256):
+        model = with_free_batch(model)
         self.image = image = image_input(model)
         self.input_name, self.fixed_batch = image.name, image.batch
         self.output_name = model.graph.output[0].name
@@ -177,8 +200,8 @@ class OrtClassifier:
         if self.preprocessing is not None:
             x = self.preprocessing.apply(x)
         x = self.image.to_model_layout(x.astype(np.float32, copy=False))
-        return run_batched(self.session, self.input_name, x, self.batch_size, outputs=[self.output_name],
-                           fixed_batch=self.fixed_batch)[0]
+        return class_scores(run_batched(self.session, self.input_name, x, self.batch_size,
+                                        outputs=[self.output_name], fixed_batch=self.fixed_batch)[0])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(1)

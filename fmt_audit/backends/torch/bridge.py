@@ -5,7 +5,7 @@ Conversion goes through onnx2torch after normalising the graph (Constant-node
 tensors lifted to initializers, graphs newer than onnx2torch's opset range
 down-converted and older ones whose ops it lacks converted up,
 ``Reshape(allowzero=1)`` relaxed where provably equivalent, a fixed batch size
-freed where that provably keeps images independent).
+freed where a check on random images finds them independent).
 Every trainable parameter and BatchNorm statistic of the module is tied to the
 ONNX tensor it came from, so :func:`write_back` can copy values into the
 *original* graph: same nodes, names, opset and metadata, only tensor values
@@ -25,17 +25,21 @@ import torch
 from onnx import numpy_helper
 
 from fmt_audit.backends.torch.ops import MAX_BRIDGE_OPSET, UPGRADE_OPSETS, unsupported_ops
+from fmt_audit.backends.torch.padding import explicit_pads
 from fmt_audit.data import Dataset, Preprocessing
 from fmt_audit.errors import BridgeError, DeviceError, UnsupportedModelError, first_line
 from fmt_audit.model.graph import (
     ImageInput,
     attribute,
     batchnorm_after,
+    class_scores,
     constant_tensors,
     conv_layers,
+    free_fixed_batch,
     image_input,
     inferred_shapes,
     opset_version,
+    unique_name,
     with_node_names,
 )
 from fmt_audit.model.loading import in_one_piece
@@ -89,18 +93,17 @@ class BridgedClassifier:
         self.module = bridge.module.to(device)
         self.device = device
         self.preprocessing = preprocessing
-        mean = preprocessing.mean or (0.0,)
-        std = preprocessing.std or (1.0,)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._scale, self._offset = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                                     for v in preprocessing.affine())
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel-space images -> what the ONNX model takes."""
-        return (x - self._mean) / self._std
+        return x * self._scale + self._offset
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         normalized = self.normalize(x)
-        return self.module(self.bridge.image.to_model_layout(normalized) if self.bridge.image else normalized)
+        return class_scores(self.module(self.bridge.image.to_model_layout(normalized) if self.bridge.image
+                                        else normalized))
 
     def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Eval-mode logits for a float NCHW [0, 1] array."""
@@ -274,50 +277,6 @@ def _relax_allowzero(model: onnx.ModelProto) -> int:
     return relaxed
 
 
-def _free_batch(model: onnx.ModelProto) -> int:
-    """Free a graph fixed to batch size ``b`` for training in larger batches; the number of Reshapes rewritten.
-
-    Exporters given a fixed input shape write ``b`` into Reshape targets (``[1, -1]``).
-    A target's leading ``b`` becomes 0 (copy the input's leading dimension, the batch),
-    and the input and outputs get a symbolic batch. Only the converted copy changes;
-    :func:`check_free_batch` then verifies, image by image, that batches stay independent.
-    """
-    try:
-        image = image_input(model)
-    except UnsupportedModelError:
-        return 0
-    batch = image.batch
-    if batch is None or image.height is None or image.width is None:   # no way to check the result
-        return 0
-    stored = constant_tensors(model.graph)
-    from_image = {image.name}       # values computed from the image (Reshapes of constants keep their shape)
-    for node in model.graph.node:
-        if any(name in from_image for name in node.input):
-            from_image.update(node.output)
-    rewritten = 0
-    for node in model.graph.node:
-        if (node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in stored
-                or node.input[0] not in from_image):
-            continue
-        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
-            continue
-        target = numpy_helper.to_array(stored[node.input[1]])
-        if target.ndim != 1 or len(target) < 2 or int(target[0]) != batch:
-            continue
-        freed = target.copy()
-        freed[0] = 0
-        copy = numpy_helper.from_array(freed, _unique_name(model.graph, node.input[1]))
-        model.graph.initializer.append(copy)
-        node.input[1] = copy.name
-        rewritten += 1
-    for value in [*(v for v in model.graph.input if v.name == image.name), *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
-            dims[0].dim_param = "batch"
-    del model.graph.value_info[:]     # shapes inferred at the fixed batch
-    return rewritten
-
-
 def _splits_as_slices(model: onnx.ModelProto) -> int:
     """Rewrite each Split as one Slice per output (same values); the number rewritten.
 
@@ -354,7 +313,7 @@ def _splits_as_slices(model: onnx.ModelProto) -> int:
             bounds = []
             for label, value in (("starts", start), ("ends", start + size), ("axes", axis)):
                 tensor = numpy_helper.from_array(np.array([value], np.int64),
-                                                 _unique_name(model.graph, f"{node.name or output}.{label}"))
+                                                 unique_name(model.graph, f"{node.name or output}.{label}"))
                 model.graph.initializer.append(tensor)
                 bounds.append(tensor.name)
             nodes.append(onnx.helper.make_node("Slice", [node.input[0], *bounds], [output],
@@ -407,9 +366,16 @@ def prepare_for_torch(model: onnx.ModelProto, free_batch: bool = True) -> tuple[
         steps.append(f"converted opset {opset} -> {MAX_BRIDGE_OPSET} (for {', '.join(needing)})")
     elif opset and (needing := unsupported_ops(prepared, convert=False)):
         prepared = _upgraded(prepared, opset, needing, steps)
+    padded, unpadded = explicit_pads(prepared)
+    if unpadded:
+        raise BridgeError(f"the PyTorch bridge (onnx2torch) cannot convert {unpadded[0]}"
+                          f"{f' (and {len(unpadded) - 1} more)' if len(unpadded) > 1 else ''}; mask mode runs "
+                          "without the bridge")
+    if padded:
+        steps.append(f"wrote auto_pad as explicit pads on {padded} nodes")
     if relaxed := _relax_allowzero(prepared):
         steps.append(f"relaxed allowzero on {relaxed} Reshape nodes")
-    if free_batch and (freed := _free_batch(prepared)):
+    if free_batch and (freed := free_fixed_batch(prepared)):
         steps.append(f"freed the fixed batch size ({freed} Reshape targets copy it from their input); "
                      "checked image by image at a larger batch")
     if missing := unsupported_ops(prepared, convert=False):
@@ -508,15 +474,6 @@ def _convert(model: onnx.ModelProto, free_batch: bool) -> TorchBridge:
                        channel_modules=channel_modules, image=image)
 
 
-def _unique_name(graph: onnx.GraphProto, base: str) -> str:
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
-        {v.name for v in graph.input}
-    number = 1
-    while f"{base}.{number}" in taken:
-        number += 1
-    return f"{base}.{number}"
-
-
 def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProto:
     """A copy of ``original`` whose tensors hold the bridge module's current values.
 
@@ -566,7 +523,7 @@ def write_back(original: onnx.ModelProto, bridge: TorchBridge) -> onnx.ModelProt
             if node is None or node.input[source.input_index] != tensor:
                 raise BridgeError(f"tensor {tensor!r} is shared and its readers now differ, but its reader "
                                   f"{source.consumer!r} is not a node of the original graph")
-            own = numpy_helper.from_array(value, _unique_name(updated.graph, tensor))
+            own = numpy_helper.from_array(value, unique_name(updated.graph, tensor))
             updated.graph.initializer.append(own)
             if updated.ir_version < 4:     # IR 3 lists every initializer as a graph input too
                 updated.graph.input.append(onnx.helper.make_tensor_value_info(own.name, slot.data_type, slot.dims))

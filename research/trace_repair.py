@@ -1,0 +1,225 @@
+"""Issue 31: the whole repair with trace selection against today's default, and re-activation.
+
+For each backdoored matrix cell, on the same defender data, split, seed and fine-tuning recipe as
+``fmt-audit repair`` (10 epochs; the training split scans, the holdout split measures):
+
+* the ``combined`` verdict on the training split, then the trace (``fmt_audit.fmt.trace``) of its class;
+* ``trace removal only`` (no fine-tuning), ``trace + fine-tuning``, ``trace + unlearning``;
+* ``unlearning only`` and ``fine-tuning only`` (no channel removed);
+* ``default + unlearning``: today's default repair (the per-channel scan at N = 256, then unlearning).
+
+Each repaired model (and the model as given) is then fine-tuned one epoch on the defender data with 1% of it
+replaced by triggered images labelled as the target (the attack's own trigger, ``benchmarks/matrix.py``):
+``reactivated ASR`` says how much of the backdoor comes back.
+
+Rows go to ``research/results/trace_repair_<tag>.jsonl`` as they come; a cell's method already there is
+skipped, so a rerun resumes. The verdict, the trace and the default scan are cached next to the cell.
+
+    cd benchmarks && PYTHONPATH=. OMP_NUM_THREADS=1 python ../research/trace_repair.py \\
+        matrix:cifar10-vgg-badnets-p10 --tag dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from cases import cases
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REACTIVATION_SHARE = 0.01
+METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
+           "fine-tuning only", "default + unlearning")
+
+
+def cached_json(path: Path, make):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = make()
+    path.write_text(json.dumps(value))
+    return value
+
+
+def poisoned_defender(train, attack: str, target: int, seed: int):
+    """``train`` with 1% of its images (not of the target) replaced by triggered ones labelled ``target``."""
+    from matrix import apply_trigger
+
+    from fmt_audit.data import Dataset
+
+    rng = np.random.default_rng(seed)
+    count = max(1, round(REACTIVATION_SHARE * len(train)))
+    chosen = np.sort(rng.choice(np.flatnonzero(train.y != target), size=count, replace=False))
+    x, y = train.x.copy(), train.y.copy()
+    as_uint8 = np.clip(np.rint(x[chosen] * 255), 0, 255).astype(np.uint8)
+    x[chosen] = apply_trigger(attack, as_uint8).astype(np.float32) / 255
+    y[chosen] = target
+    return Dataset(x, y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--tag", default="dev")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", action="store_true", help="print the rows of --tag as a Markdown table")
+    args = parser.parse_args()
+    if args.table:
+        print_table(RESULTS / f"trace_repair_{args.tag}.jsonl")
+        return
+
+    out = RESULTS / f"trace_repair_{args.tag}.jsonl"
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done.add((row["model"], row["method"]))
+    wanted = [m for m in METHODS if m in args.methods.split(",")]
+
+    def write(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        with out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    for case in (c for name in args.models for c in cases(name)):
+        one_case(case, args, done, write, wanted)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def print_table(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    order = ["none", *METHODS]
+    rows.sort(key=lambda r: (r["model"], order.index(r["method"])))
+    print("| cell | method | removed | ACC | ASR | RA | DER | re-activated ASR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model'].removeprefix('matrix ')} | {r['method']} | {r.get('removed', '–')} | {_pct(r['ACC'])} | "
+              f"{_pct(r['ASR'])} | {_pct(r.get('RA'))} | {r.get('DER', '–')} | {_pct(r.get('reactivated ASR'))} |")
+
+
+def one_case(case, args, done: set, write, wanted: list[str]) -> None:
+    """Every method of ``wanted`` not yet ``done`` on one matrix case, written as it comes."""
+    import onnx
+
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import freeze
+    from fmt_audit.data import Dataset, Preprocessing, load_npz
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.fmt.trace import TraceConfig, trace_channels
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.evaluation import evaluate
+    from fmt_audit.repair.pipeline import repair, unlearning_eps
+    from fmt_audit.repair.selfcheck import verdict_on
+    from fmt_audit.verdict import VerdictConfig
+
+    folder = Path(case.model).parent
+    facts = json.loads((folder / "facts.json").read_text())
+    loaded = load_model(case.model)
+    preprocessing = Preprocessing(case.mean, case.std)
+    data = load_npz(case.defender)
+    config = RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed), unlearn=True)
+    train, _ = data.split(config.holdout, seed=args.seed)
+    scan_config = ScanConfig(seed=args.seed, mean=case.mean, std=case.std)
+    poisoned = Dataset(case.triggered, case.test.y)
+    relearn_data = poisoned_defender(data, facts["attack"], case.target, args.seed)
+
+    def measured(model, label=case.label, test=case.test, poisoned=poisoned, target=case.target,
+                 loaded=loaded, preprocessing=preprocessing):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path))
+            m = evaluate(path, test, poisoned, target, baseline=loaded, preprocessing=preprocessing)
+        return m
+
+    def reactivated(model, relearn_data=relearn_data, scan_config=scan_config):
+        """ASR (and ACC) after one epoch of fine-tuning on the 1%-poisoned defender data."""
+        relearn = RepairConfig(FineTuneConfig(epochs=1, seed=args.seed + 1), method="ft")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path))
+            result = repair(path, relearn_data, relearn, scan_config)
+        m = measured(result.model).metrics
+        return {"reactivated ACC": round(m.acc, 4), "reactivated ASR": round(m.asr, 4)}
+
+    if (case.label, "none") not in done:
+        m = measured(loaded.proto).metrics
+        write({"model": case.label, "method": "none", "ACC": round(m.acc, 4), "ASR": round(m.asr, 4),
+               "RA": round(m.ra, 4), **reactivated(loaded.proto)})
+
+    started = time.perf_counter()
+    check = VerdictConfig()
+    found = cached_json(folder / f"verdict_combined_train_seed{args.seed}.json",
+                        lambda: verdict_on(loaded, loaded.proto, train, preprocessing, "cpu", check).to_dict())
+    verdict_s = time.perf_counter() - started
+
+    def traced(found=found, loaded=loaded, train=train, preprocessing=preprocessing):
+        if found["verdict"] != "suspicious" or not found.get("norms"):
+            return {"flagged": {}, "rounds": [], "stop": f"verdict {found['verdict']}"}
+        classifier = BridgedClassifier(to_torch(loaded.proto), preprocessing, "cpu")
+        freeze(classifier)
+        norms = np.asarray(found["norms"], dtype=float)
+        target = int(found["target_class"])
+        result = trace_channels(classifier, loaded.layers, train, target,
+                                float(np.median(np.delete(norms, target))), TraceConfig(seed=args.seed))
+        return {**result.to_dict(), "flagged": result.flagged}
+
+    started = time.perf_counter()
+    trace = cached_json(folder / f"trace_train_seed{args.seed}.json", traced)
+    trace_s = time.perf_counter() - started
+    trace_flagged = trace["flagged"]
+    eps, _, _ = unlearning_eps(config, None, loaded, train, scan_config)
+    unlearn = replace(config, unlearn_eps=eps)
+    tune_only = RepairConfig(config.fine_tune, unlearn=False)
+    print(json.dumps({"model": case.label, "verdict": found["verdict"], "class": found["target_class"],
+                      "suspicion": found["suspicion"], "trace flagged": sum(map(len, trace_flagged.values())),
+                      "stop": trace.get("stop"), "unlearn eps": eps, "verdict s": round(verdict_s),
+                      "trace s": round(trace_s)}), file=sys.stderr, flush=True)
+
+    def default_flags(folder=folder, loaded=loaded, train=train, scan_config=scan_config):
+        found_scans = sorted(folder.glob(f"scan_default_n256_seed{args.seed}_*.json"))
+        if found_scans:
+            from fmt_audit.report.json_report import ScanReport
+            return ScanReport.read(found_scans[-1]).flagged, found_scans[-1].name
+        report = scan(loaded, train, scan_config, verdict=None)
+        name = f"scan_default_n256_seed{args.seed}_trace-repair.json"
+        (folder / name).write_text(report.to_json())
+        return report.flagged, name
+
+    plans = {
+        "trace removal only": lambda: (trace_flagged, RepairConfig(FineTuneConfig(epochs=0)), "trace"),
+        "trace + fine-tuning": lambda: (trace_flagged, tune_only, "trace"),
+        "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
+        "unlearning only": lambda: ({}, unlearn, "none"),
+        "fine-tuning only": lambda: ({}, tune_only, "none"),
+        "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
+    }
+    for method in wanted:
+        if (case.label, method) in done:
+            continue
+        started = time.perf_counter()
+        flagged, settings, source = plans[method]()
+        result = repair(loaded, data, settings, scan_config, flagged=flagged)
+        after = measured(result.model)
+        m = after.metrics
+        write({"model": case.label, "method": method, "flags from": source,
+               "removed": sum(len(c) for c in flagged.values()), "ACC": round(m.acc, 4),
+               "ASR": round(m.asr, 4), "RA": round(m.ra, 4), "DER": round(after.der, 4),
+               "holdout ACC": result.report.accuracy, "time s": round(time.perf_counter() - started, 1),
+               "verdict": {"verdict": found["verdict"], "class": found["target_class"]},
+               "trace rounds": len(trace.get("rounds", [])),
+               **(reactivated(result.model) if method != "trace removal only" else {})})
+
+
+if __name__ == "__main__":
+    main()
