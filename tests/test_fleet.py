@@ -123,8 +123,16 @@ def test_bad_manifests_are_one_line_errors(tmp_path, entry, message):
     assert message in result.output and result.output.count("\n") == 1
 
 
+def without_self_check(monkeypatch) -> None:
+    """Fleet repairs without the self-check's verdict on the repaired model: for tests about other things
+    (it doubles their time); test_a_fleet_repair_writes_what_fmt_audit_repair_writes covers it."""
+    repaired = fleet_module._repaired
+    monkeypatch.setattr(fleet_module, "_repaired", lambda *args: repaired(*args[:-1], None))
+
+
 def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_module, "ray_available", lambda: False)
+    without_self_check(monkeypatch)
     quick_combined(monkeypatch)
     shutil.rmtree(source / "vendor")
     result = CliRunner().invoke(main, ["fleet", str(source), "--data", str(DATA), "--out", str(tmp_path / "out"),
@@ -285,6 +293,7 @@ def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(
     # the combined verdict, at a sliver of its effort, calls these two samples right (the maximum-margin test
     # calls the clean one suspicious)
     quick_combined(monkeypatch)
+    without_self_check(monkeypatch)
     VERDICT = {"samples": 16, "verdict": "combined", "verdict_samples": 96}
     everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False)
     assert [row.repaired is not None for row in everything.rows] == [True, True]
