@@ -229,15 +229,24 @@ def test_cli_repair_from_report_and_evaluate(tmp_path):
 def test_cli_repair_takes_the_reports_normalisation(tmp_path):
     model, data = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
     scanned = _invoke("scan", model, "--data", data, "--samples", 32, "--mean", "0.1", "--std", "0.9",
-                      "--json", tmp_path / "scan.json", *QUICK_MARGIN_ARGS)
+                      "--input-range", "-1-1", "--json", tmp_path / "scan.json", *QUICK_MARGIN_ARGS)
     assert scanned.exit_code == 0, scanned.output
     common = ["repair", model, "--data", data, "--from-report", tmp_path / "scan.json", "--epochs", 0,
               "--verdict", "none", "-o", tmp_path / "r.onnx", "--json", tmp_path / "r.json"]
     assert _invoke(*common).exit_code == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["config"]["mean"] == [0.1] and report["config"]["std"] == [0.9]
-    refused = _invoke(*common, "--mean", "0.2", "--std", "0.9")
-    assert refused.exit_code == 2 and "differ from the scan report" in refused.output
+    assert (report["config"]["mean"], report["config"]["std"], report["config"]["input_range"]) == ([0.1], [0.9],
+                                                                                                   "-1-1")
+    for other in (["--mean", "0.2", "--std", "0.9"], ["--input-range", "0-255"]):
+        refused = _invoke(*common, *other)
+        assert refused.exit_code == 2 and "differ from the scan report" in refused.output
+    # a report of an earlier version names no input range: it was 0-1
+    saved = json.loads((tmp_path / "scan.json").read_text())
+    del saved["config"]["input_range"]
+    saved["config"]["mean"], saved["config"]["std"] = None, None
+    (tmp_path / "scan.json").write_text(json.dumps(saved))
+    assert _invoke(*common[:-2], "--json", tmp_path / "old.json").exit_code == 0
+    assert json.loads((tmp_path / "old.json").read_text())["config"]["input_range"] == "0-1"
 
 
 @pytest.mark.parametrize(("args", "message"), [
