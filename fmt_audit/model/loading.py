@@ -225,12 +225,15 @@ def load_model(path: str | os.PathLike, class_output_name: str | None = None) ->
     if not any(node.op_type == "Conv" for node in model.graph.node):
         raise no_conv
     scores = class_output(model, class_output_name)
-    layers = tuple(conv_layers(classifier_graph(model, scores.name)))    # the Convs the class scores depend on
+    runnable = classifier_graph(model, scores.name)
+    layers = tuple(conv_layers(runnable))    # the Convs the class scores depend on
     if not layers:
         raise no_conv
-    return LoadedModel(path=path, sha256=sha256_of(path), proto=model, image_input=image,
-                       num_classes=num_classes(model, scores.name), layers=layers, external_data=external,
-                       output=scores)
+    loaded = LoadedModel(path=path, sha256=sha256_of(path), proto=model, image_input=image,
+                         num_classes=num_classes(model, scores.name), layers=layers, external_data=external,
+                         output=scores)
+    loaded.__dict__["classifier"] = runnable    # the cached property's value: a multi-output or float16 graph is
+    return loaded                              # copied once, not again on first use
 
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
