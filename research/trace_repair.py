@@ -6,7 +6,12 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * the ``combined`` verdict on the training split, then the trace (``fmt_audit.fmt.trace``) of its class;
 * ``trace removal only`` (no fine-tuning), ``trace + fine-tuning``, ``trace + unlearning``;
 * ``unlearning only`` and ``fine-tuning only`` (no channel removed);
-* ``default + unlearning``: today's default repair (the per-channel scan at N = 256, then unlearning).
+* ``default + unlearning``: today's default repair (the per-channel scan at N = 256, then unlearning);
+* ``staged`` (pre-registered in docs/research/set-selection.md, "Staged repair"): nothing when the verdict
+  is not suspicious; else remove the traced channels, run the verdict again on the cut model (same images,
+  seed), keep the cut when it is clean and cost at most 2 points of holdout accuracy, fine-tune from it when
+  it is clean but cost more, unlearn from it when the verdict still finds the backdoor. Its row is the
+  chosen method's (run here unless already a row), with the decision under ``stage``.
 
 Each repaired model (and the model as given) is then fine-tuned one epoch on the defender data with 1% of it
 replaced by triggered images labelled as the target (the attack's own trigger, ``benchmarks/matrix.py``):
@@ -35,7 +40,9 @@ from cases import cases
 RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
-           "fine-tuning only", "default + unlearning")
+           "fine-tuning only", "default + unlearning", "staged")
+# staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
+STAGED_ACC_DROP = 0.02
 
 
 def cached_json(path: Path, make):
@@ -84,6 +91,7 @@ def main() -> None:
     wanted = [m for m in METHODS if m in args.methods.split(",")]
 
     def write(row: dict) -> None:
+        done.add((row["model"], row["method"]))
         print(json.dumps(row), flush=True)
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -204,8 +212,34 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
     }
+    def staged() -> dict:
+        """Which method the staged rule picks on this cell, and why."""
+        if found["verdict"] != "suspicious":
+            return {"picked": "none", "why": f"verdict {found['verdict']}"}
+        cut = repair(loaded, data, RepairConfig(FineTuneConfig(epochs=0)), scan_config, flagged=trace_flagged)
+        after = verdict_on(loaded, cut.model, train, preprocessing, "cpu", check).to_dict()
+        drop = cut.report.accuracy["before"] - cut.report.accuracy["after_removal"]
+        picked = ("trace + unlearning" if after["verdict"] == "suspicious" else
+                  "trace removal only" if drop <= STAGED_ACC_DROP else "trace + fine-tuning")
+        return {"picked": picked, "verdict after cut": after["verdict"], "class after cut": after["target_class"],
+                "holdout drop of the cut": round(drop, 4)}
+
+    out = RESULTS / f"trace_repair_{args.tag}.jsonl"
+
+    def rows() -> dict:
+        lines = out.read_text().splitlines() if out.exists() else []
+        return {r["method"]: r for r in map(json.loads, lines) if r["model"] == case.label}
+
     for method in wanted:
         if (case.label, method) in done:
+            continue
+        if method == "staged":
+            started = time.perf_counter()
+            stage = staged()
+            stage["decision s"] = round(time.perf_counter() - started, 1)
+            if stage["picked"] not in rows():
+                one_case(case, args, done, write, [stage["picked"]])
+            write({**rows()[stage["picked"]], "method": "staged", "stage": stage})
             continue
         started = time.perf_counter()
         flagged, settings, source = plans[method]()

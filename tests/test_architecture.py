@@ -26,7 +26,7 @@ AT_MODULE_LEVEL = {
 ANYWHERE = {
     "onnx2torch": ("fmt_audit.backends.torch",),
     "onnxruntime": ("fmt_audit.backends.onnxrt.session",),
-    "onnx_graphsurgeon": ("fmt_audit.backends.onnxrt.instrument",),
+    "onnx_graphsurgeon": ("fmt_audit.backends.onnxrt.instrument", "fmt_audit.backends.onnxrt.suffix"),
     "ray": ("fmt_audit.fleet",),
     "matplotlib": ("fmt_audit.report.html_report",),
 }

@@ -59,9 +59,9 @@ class MaskTester:
             mask = np.ones((len(replicas) * n, layer.out_channels, 1, 1), np.float32)
             for r, (channel, value) in enumerate(replicas):
                 mask[r * n:(r + 1) * n, channel] = value
-            x = np.concatenate([self.x] * len(replicas))
-            # layers not named in the masks run with ones
-            predictions = self.model.predict(x, masks={layer.name: mask}).reshape(len(chunk), len(self.settings), n)
+            # other layers run with ones; only the part of the graph after this layer runs per replica
+            predictions = self.model.replicated_predictions(layer.name, self.x, mask).reshape(
+                len(chunk), len(self.settings), n)
             scores.record(start, predictions, self.labels, self.num_classes)
             if progress:
                 progress(len(chunk))

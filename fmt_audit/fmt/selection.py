@@ -76,7 +76,8 @@ def select_outliers(scores: np.ndarray, threshold: float = 3.5, samples: int | N
     flagged = np.flatnonzero(z > threshold).tolist()
     return Selection(flagged, False, {
         "rule": "outlier", "threshold": threshold, "median": round(median, 6), "mad": round(mad, 6),
-        "noise_floor": round(noise, 6), "max_z": round(float(z.max()), 4)})
+        "noise_floor": round(noise, 6), "scale": round(max(MAD_TO_SIGMA * mad, noise, 1e-12), 6),
+        "max_z": round(float(z.max()), 4)})
 
 
 def _robust_center_scale(values: np.ndarray, samples: int | None) -> tuple[float, float, float]:

@@ -70,10 +70,11 @@ def _suspicion(report: ScanReport, layer) -> tuple[np.ndarray, str]:
 
 
 def _threshold(selection: dict) -> float | None:
-    """The outlier rule's cut in score units: median + threshold * max(1.4826 MAD, noise floor)."""
+    """The outlier rule's cut in score units: median + threshold * scale (reports before the scale was
+    recorded: max(1.4826 MAD, noise floor), as it was computed)."""
     if selection.get("rule") != "outlier" or "median" not in selection:
         return None
-    scale = max(1.4826 * selection["mad"], selection["noise_floor"], 1e-12)
+    scale = selection.get("scale") or max(1.4826 * selection["mad"], selection["noise_floor"], 1e-12)
     return selection["median"] + selection["threshold"] * scale
 
 

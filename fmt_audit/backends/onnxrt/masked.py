@@ -10,6 +10,7 @@ settings at once). It needs no PyTorch: it covers every graph ORT runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,10 @@ from fmt_audit.data import Preprocessing
 from fmt_audit.model.graph import ConvLayer, ImageInput, class_scores, conv_layers, image_input, with_node_names
 
 ChannelSet = Mapping[str, Sequence[int]]
+log = logging.getLogger(__name__)
+# a layer's cut graph must give the whole graph's class scores within this, relative to max(1, |largest|)
+# (the audit runs float16 graphs widened to float32: fmt_audit.model.graph.float32_view)
+CUT_TOLERANCE = 1e-4
 
 
 class MaskedModel:
@@ -32,7 +37,12 @@ class MaskedModel:
         self.layers: list[ConvLayer] = conv_layers(named)
         self.image: ImageInput = image_input(named)
         self.preprocessing = preprocessing or Preprocessing()
-        self.session: Session = create_session(instrument(named), device, threads=threads)
+        self.instrumented = instrument(named)
+        self.session: Session = create_session(self.instrumented, device, threads=threads)
+        self.device = self.session.device     # the cut graphs run where the whole one does
+        self.threads = threads
+        self._cut = self._suffix = None
+        self.cuts: dict[str, bool] = {}     # per layer tested: whether its cut graph ran (else the whole)
         self.logits_name = named.graph.output[0].name
         self.batch_size = batch_size if self.image.batch is None else self.image.batch
         self._ones = {layer.name: np.ones((1, layer.out_channels, 1, 1), np.float32) for layer in self.layers}
@@ -60,10 +70,7 @@ class MaskedModel:
 
         ``masks`` maps layer names to ``[1 or len(x), C, 1, 1]`` arrays; missing layers get ones.
         """
-        images = self.preprocessing.apply(x).astype(np.float32, copy=False)
-        feeds = {self.image.name: self.image.to_model_layout(images)}
-        for layer in self.layers:
-            feeds[mask_input_name(layer.name)] = (masks or {}).get(layer.name, self._ones[layer.name])
+        feeds = self._feeds(x, masks)
         names = [self.logits_name, *(feature_output_name(name) for name in features)]
         padded = self.image.batch is not None and len(x) < self.image.batch
         if padded:  # a model with a static batch size: pad the images and any per-image masks
@@ -72,6 +79,77 @@ class MaskedModel:
         if padded:
             outputs = [o[:len(x)] for o in outputs]
         return class_scores(outputs[0]), dict(zip(features, outputs[1:]))
+
+    def _feeds(self, x: np.ndarray, masks: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        images = self.preprocessing.apply(x).astype(np.float32, copy=False)
+        feeds = {self.image.name: self.image.to_model_layout(images)}
+        for layer in self.layers:
+            feeds[mask_input_name(layer.name)] = (masks or {}).get(layer.name, self._ones[layer.name])
+        return feeds
+
+    def replicated_predictions(self, layer: str, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Top-1 predictions of ``len(mask) // len(x)`` copies of ``x``, copy r with rows ``r * n:(r + 1) * n``
+        of ``mask`` as layer ``layer``'s mask (every other mask at one).
+
+        Only the part of the graph the mask can change runs per copy (:mod:`fmt_audit.backends.onnxrt.suffix`):
+        the rest runs once per layer and images. Where the graph cannot be cut there, or the cut does not
+        give the whole graph's class scores on ``x``, the whole graph runs on the copies.
+        """
+        replicas = len(mask) // len(x)
+        cut = self._cut_at(layer, x)
+        if cut is None:
+            return self.predict(np.concatenate([x] * replicas), masks={layer: mask})
+        suffix, boundary, feeds = cut
+        rows = np.arange(len(mask)) % len(x)     # replica-major: row k is image k % n
+        out = []
+        for start in range(0, len(mask), self.batch_size):
+            part = rows[start:start + self.batch_size]
+            values = {name: value[part] for name, value in boundary.items()}
+            out.append(suffix.scores(values, feeds, mask[start:start + self.batch_size], 1).argmax(1))
+        return np.concatenate(out)
+
+    def _cut_at(self, layer: str, x: np.ndarray):
+        """``(suffix, boundary of x, other feeds)`` for ``layer``, kept for the last layer and images asked;
+        None where the whole graph has to run (a fixed batch, a graph that cannot be cut there)."""
+        key = (layer, id(x), x.shape)
+        if self._cut is not None and self._cut[0] == key:
+            return self._cut[1]
+        self._cut = None
+        found = None
+        if self.image.batch is None:
+            found = self._cut_for(layer, x)
+        self._cut = (key, found)
+        self.cuts[layer] = found is not None
+        return found
+
+    def _cut_for(self, layer: str, x: np.ndarray):
+        from fmt_audit.backends.onnxrt.suffix import CutError, LayerSuffix
+
+        try:
+            if self._suffix is None or self._suffix[0] != layer:     # a screen and its confirmation share it
+                self._suffix = (layer, LayerSuffix(self.instrumented, layer, self.image.name, self.logits_name,
+                                                   self.device, self.threads))
+            suffix = self._suffix[1]
+            boundary: dict[str, list[np.ndarray]] = {}
+            agreed = None
+            for part in self.batches(x):
+                feeds = self._feeds(x[part])
+                values = suffix.boundary_values(feeds)
+                if agreed is None:
+                    whole = class_scores(self.session.run(feeds, [self.logits_name])[0])
+                    agreed = suffix.agrees(values, feeds, self._ones[layer], whole, CUT_TOLERANCE)
+                    if not agreed:
+                        log.info("layer %s: the cut graph does not give the whole graph's scores; "
+                                 "the whole graph runs", layer)
+                        return None
+                for name, value in values.items():
+                    boundary.setdefault(name, []).append(value)
+        except CutError as error:
+            log.info("layer %s: %s; the whole graph runs", layer, error)
+            self._suffix = None
+            return None
+        ones = {name: value for name, value in self._feeds(x[:1]).items() if name != self.image.name}
+        return suffix, {name: np.concatenate(parts) for name, parts in boundary.items()}, ones
 
     def batches(self, x: np.ndarray) -> Iterator[slice]:
         for start in range(0, len(x), self.batch_size):
