@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from fmt_audit.repair.config import COMPARED
+
 from .console import STDOUT, say, verbosity, write_report
 from .options import (
     MODEL,
@@ -29,7 +31,7 @@ EVALUATION = OptionGroup(
         help="The test images with the trigger applied, labelled with their true classes: ASR and RA."),
     opt("--target", type=int, default=None, help="The attack's target class (with --poisoned)."),
 )
-METHODS = OptionGroup("Repair", opt("--methods", default="fmt,ft,fp,clp", show_default=True,
+METHODS = OptionGroup("Repair", opt("--methods", default=",".join(COMPARED), show_default=True,
                                     help="Comma-separated repair methods to run (see `fmt-audit repair --help`); "
                                          "anp (slow at its default --anp-iterations) only when listed."))
 OUTPUT = OptionGroup("Output", opt("-o", "--output", "save_dir", default=None,

@@ -155,7 +155,9 @@ RUN = OptionGroup("Run", DEVICE, SEED, CONFIG)
 REPAIR_METHOD_HELP = ("fmt: feature map testing, remove, fine-tune; ft: fine-tuning alone; fp: Fine-Pruning (the "
                       "last Conv layer's dormant channels, then fine-tuning); clp: Channel Lipschitzness-based "
                       "Pruning (data-free, no fine-tuning); anp: Adversarial Neuron Pruning (channels whose masks, "
-                      "optimised against neuron perturbations, end low; no fine-tuning).")
+                      "optimised against neuron perturbations, end low; no fine-tuning); ibau: Implicit Backdoor "
+                      "Adversarial Unlearning (minimax over one shared input perturbation, implicit hypergradient; "
+                      "nothing removed, no fine-tuning).")
 # The repair settings every repairing command shares (repair_settings turns them into a RepairConfig).
 REPAIR = OptionGroup(
     "Repair",
@@ -171,6 +173,11 @@ REPAIR = OptionGroup(
         help="--method anp: mask updates of 128 images each (the reference's default; lower it on a CPU)."),
     opt("--anp-threshold", type=float, default=0.2, show_default=True,
         help="--method anp: prune the channels whose mask ends at or below this (the reference's default)."),
+    opt("--ibau-rounds", type=int, default=5, show_default=True,
+        help="--method ibau: perturbation searches, each followed by a pass of hypergradient steps (the "
+             "reference's default)."),
+    opt("--ibau-lr", type=float, default=0.001, show_default=True,
+        help="--method ibau: Adam's learning rate on the weights (the reference's default)."),
     opt("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs (0: removal only)."),
     opt("--lr", type=float, default=0.01, show_default=True, help="Initial SGD learning rate (cosine to 1e-4)."),
     opt("--batch-size", type=int, default=None,

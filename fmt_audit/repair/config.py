@@ -11,10 +11,10 @@ import numpy as np
 from fmt_audit.errors import ConfigError
 
 # fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning;
-# anp: Adversarial Neuron Pruning
-METHODS = ("fmt", "ft", "fp", "clp", "anp")
+# anp: Adversarial Neuron Pruning; ibau: Implicit Backdoor Adversarial Unlearning
+METHODS = ("fmt", "ft", "fp", "clp", "anp", "ibau")
 # what ``compare`` runs when not told: anp's mask search (2,000 iterations by default) is left to be asked for
-COMPARED = ("fmt", "ft", "fp", "clp")
+COMPARED = ("fmt", "ft", "fp", "clp", "ibau")
 FLIPS = ("auto", "on", "off")
 
 
@@ -105,6 +105,31 @@ class AnpConfig:
 
 
 @dataclass(frozen=True)
+class IbauConfig:
+    """i-BAU's settings (:mod:`fmt_audit.repair.ibau`), the reference code's defaults
+    (YiZeng623/I-BAU ``defense.py``)."""
+
+    rounds: int = 5                 # perturbation search + unlearning passes (--n_rounds)
+    fixed_point_steps: int = 5      # fixed-point iterations of the implicit hypergradient (--K)
+    lr: float = 0.001               # Adam on the weights (--lr)
+    batch_size: int = 100           # (--batch_size)
+    inner_step: float = 0.1         # the inner problem's gradient step (hg.GradientDescent(loss_inner, 0.1))
+    perturbation_lr: float = 10.0   # SGD on the shared perturbation
+    regularization: float = 0.001   # weight of ||delta||^2 in the perturbation's objective
+    patched_share: float = 0.01     # images of a batch given the perturbation in the outer loss
+
+    def __post_init__(self):
+        if not (isinstance(self.rounds, int) and self.rounds >= 1):
+            raise ConfigError(f"--ibau-rounds must be a whole number of at least 1; got {self.rounds}")
+        if not (isinstance(self.fixed_point_steps, int) and self.fixed_point_steps >= 1):
+            raise ConfigError(f"i-BAU's fixed-point steps must be at least 1; got {self.fixed_point_steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--ibau-lr must be a positive number; got {self.lr}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ConfigError(f"i-BAU's batch size must be at least 1; got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class RepairConfig:
     """Repair settings beyond the scan's (the scan's device, seed and preprocessing apply)."""
 
@@ -121,6 +146,7 @@ class RepairConfig:
     prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
     clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
     anp: AnpConfig = field(default_factory=AnpConfig)   # anp: the mask search and the pruning threshold
+    ibau: IbauConfig = field(default_factory=IbauConfig)   # ibau: rounds and the Adam learning rate
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -144,7 +170,8 @@ def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: floa
                   batch_size: int | None = None, augment: bool = True, flip: str = "auto",
                   allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
                   holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0, anp_eps: float = 0.4,
-                  anp_tradeoff: float = 0.2, anp_iterations: int = 2000, anp_threshold: float = 0.2) -> RepairConfig:
+                  anp_tradeoff: float = 0.2, anp_iterations: int = 2000, anp_threshold: float = 0.2,
+                  ibau_rounds: int = 5, ibau_lr: float = 0.001) -> RepairConfig:
     """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
     models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
     return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
@@ -152,6 +179,7 @@ def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: floa
                         allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
                         method=method, prune_drop=prune_drop, clp_u=clp_u,
                         anp=AnpConfig(eps=anp_eps, tradeoff=anp_tradeoff, iterations=anp_iterations,
-                                      threshold=anp_threshold))
+                                      threshold=anp_threshold),
+                        ibau=IbauConfig(rounds=ibau_rounds, lr=ibau_lr))
 
 

@@ -4,7 +4,8 @@
    them from a scan run here on the training part of the data, from a scan
    report, or from the caller; ``ft`` removes none (fine-tuning alone); ``fp``
    and ``clp`` choose them by the criteria of :mod:`fmt_audit.repair.pruning`,
-   ``anp`` by the masks of :mod:`fmt_audit.repair.anp`.
+   ``anp`` by the masks of :mod:`fmt_audit.repair.anp`; ``ibau`` removes none and unlearns by
+   :mod:`fmt_audit.repair.ibau` instead of fine-tuning.
 2. Removal makes each channel's output exactly zero: its Conv filter and bias,
    and the scale and shift of a BatchNormalization that directly follows.
 3. Fine-tuning (:mod:`fmt_audit.repair.finetune`) through the PyTorch bridge, removed
@@ -74,6 +75,8 @@ MIN_STEPS = 30
 # images for calibrating the unlearning eps when no gradient scan did: a median accuracy
 # drop over 32 channels needs far fewer images than scoring every channel does
 CALIBRATION_SAMPLES = 64
+# methods that end without fine-tuning: clp and anp prune and stop, ibau's unlearning is the repair
+UNTUNED = ("clp", "anp", "ibau")
 # images for checking ONNX Runtime against torch when a data-free repair has no data
 VERIFY_IMAGES = 16
 # ONNX Runtime against torch for a float16 graph: its weights are the trained float32 values rounded to
@@ -203,6 +206,8 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
     """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp / anp)."""
     if config.method == "ft":
         return "none (fine-tuning alone)", {}, None, None
+    if config.method == "ibau":
+        return "none (i-BAU unlearns without removing)", {}, None, None
     if config.method == "anp":
         augment = config.fine_tune.augment
         flip = augment and flip_decision(classifier, train, config.fine_tune.flip)[0]
@@ -294,12 +299,16 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
 
     measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
     accuracy = {"before": measure()}
-    tuning = config.fine_tune if method not in ("clp", "anp") else replace(config.fine_tune, epochs=0)
-    # nothing is fine-tuned after clp or anp (anp decided flips for its own search: its evidence says)
-    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method not in ("clp", "anp")
+    tuning = config.fine_tune if method not in UNTUNED else replace(config.fine_tune, epochs=0)
+    # nothing is fine-tuned after clp, anp or ibau (anp decided flips for its own search: its evidence says)
+    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method not in UNTUNED
                        else (False, {"setting": tuning.flip, "flip": False}))
     remove_channels(bridge, removed)
     accuracy["after_removal"] = measure()
+    if method == "ibau":
+        from fmt_audit.repair.ibau import ibau_unlearn
+
+        evidence = ibau_unlearn(classifier, train, config.ibau, seed=scan_config.seed, progress=progress)
     unlearn = method == "fmt" and (config.unlearn if config.unlearn is not None else scan_config.preset != "paper")
     perturb, unlearning = None, {"enabled": unlearn}
     if unlearn and tuning.epochs:
@@ -371,7 +380,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                 "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
                 **({"prune_drop": config.prune_drop} if method == "fp" else {}),
                 **({"clp_u": config.clp_u} if method == "clp" else {}),
-                **({"anp": asdict(config.anp)} if method == "anp" else {})},
+                **({"anp": asdict(config.anp)} if method == "anp" else {}),
+                **({"ibau": asdict(config.ibau)} if method == "ibau" else {})},
         flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
         data={"images": len(dataset) if dataset is not None else 0, "train": len(train), "holdout": len(holdout),
               "source": dataset.source if dataset is not None else None},
