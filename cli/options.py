@@ -13,7 +13,6 @@ import click
 
 from fmt_audit.backends.onnxrt.session import DEVICES
 from fmt_audit.fmt.scan import MODES, PRESETS, SCORES
-from fmt_audit.fmt.screening import BUDGETS
 from fmt_audit.fmt.selection import SELECTIONS
 from fmt_audit.repair.config import FLIPS
 from fmt_audit.repair.config import METHODS as REPAIR_METHODS
@@ -121,9 +120,6 @@ SCAN = OptionGroup(
     opt("--selection", type=click.Choice(SELECTIONS), default=None,
         help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule.  [default: outlier]"),
     opt("--skip-layers", default=None, help="Regular expression of Conv node names not to test."),
-    opt("--budget", type=click.Choice(BUDGETS), default=None,
-        help="fast: every channel on a quarter of the images, then only those the outlier rule might flag on "
-             "all of them; exact: every channel on all images.  [default: fast; paper: exact]"),
     opt("--max-memory", default=None, metavar="SIZE",
         help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); batch sizes "
              "follow from it.  [default: half of what is free]"),

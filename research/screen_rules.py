@@ -7,7 +7,8 @@ below is scored against the exhaustive scan's flags (the outlier rule at 3.5 on 
 a rule would have tested on all N images.
 
 * ``screen stats``: the layer's median and scale from the screen, the scale with the smaller sample's extra
-  binomial noise taken out; confirmed channels flagged on their exact scores (the library's first rule);
+  binomial noise taken out; confirmed channels flagged on their exact scores (the rule ``--budget fast``
+  had in commit 5bcd48b);
 * ``merged stats``: the outlier rule on the confirmed channels' exact scores and the others' screened ones;
 * ``reference R``: median and scale from R seeded random channels of the layer tested on all N (plus the
   confirmed ones flagged on exact scores).
@@ -28,6 +29,13 @@ from cases import model_paths
 
 CACHE = Path.home() / ".cache" / "fmt-audit" / "research" / "screen_rules"
 THRESHOLD = 3.5
+SCREEN_SHARE = 4            # the screen runs on the first 1/SCREEN_SHARE of the images, at least 32
+SCREEN_MIN_IMAGES = 32
+CONFIRM_MARGIN = 2.0        # channels the screen puts within this of the threshold are tested on all N
+
+
+def screen_size(samples: int) -> int:
+    return max(SCREEN_MIN_IMAGES, samples // SCREEN_SHARE)
 
 
 def scores(label: str, model: str, defender: str, samples: int, seed: int) -> dict:
@@ -36,8 +44,8 @@ def scores(label: str, model: str, defender: str, samples: int, seed: int) -> di
     if path.exists():
         return json.loads(path.read_text())
     from fmt_audit.data import load_npz
+    from fmt_audit.fmt.mask import MaskTestConfig, MaskTester
     from fmt_audit.fmt.scan import ScanConfig, _Scanner
-    from fmt_audit.fmt.screening import screen_size
     from fmt_audit.model.loading import load_model
 
     facts = json.loads((Path(model).parent / "facts.json").read_text()) if "matrix" in label else {}
@@ -46,8 +54,10 @@ def scores(label: str, model: str, defender: str, samples: int, seed: int) -> di
     config = ScanConfig(samples=samples, seed=seed, device="cpu", mean=mean, std=std)
     data = load_npz(defender).take(samples, seed=seed)
     scanner = _Scanner(loaded, data, config, list(loaded.layers))
-    first = screen_size(len(data), "fast", "outlier")
-    full, screen = scanner.tester(), scanner.tester(None, first)
+    first = screen_size(len(data))
+    full = scanner.tester()
+    screen = MaskTester(scanner.masked, data.x[:first], data.y[:first], scanner.num_classes,
+                        MaskTestConfig(config.gain, scanner.plan.candidate_batch))
     out = {"screen_images": first, "samples": len(data), "layers": {}}
     for layer in loaded.layers:
         out["layers"][layer.name] = {"screen": screen.score_layer(layer).shift.max(axis=1).tolist(),
@@ -67,7 +77,6 @@ def exhaustive_flags(exact: np.ndarray, samples: int) -> set[int]:
 def rule_flags(rule: str, screen: np.ndarray, exact: np.ndarray, first: int, samples: int,
                seed: int) -> tuple[set[int], int]:
     """(flags, channels tested on all N) of ``rule``."""
-    from fmt_audit.fmt.screening import CONFIRM_MARGIN
     from fmt_audit.fmt.selection import MAD_TO_SIGMA, robust_z, select_outliers
 
     confirmed = np.flatnonzero(robust_z(screen, first) > THRESHOLD - CONFIRM_MARGIN)
@@ -104,6 +113,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rules", default="screen stats,merged stats,reference 32,reference 64")
+    # written up in docs/research/screening.md
     args = parser.parse_args()
     print("| model | rule | exhaustive flags | flags | recall | extra | tested on all N |")
     print("|---|---|---|---|---|---|---|")

@@ -7,6 +7,7 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * ``trace removal only`` (no fine-tuning), ``trace + fine-tuning``, ``trace + unlearning``;
 * ``unlearning only`` and ``fine-tuning only`` (no channel removed);
 * ``default + unlearning``: today's default repair (the per-channel scan at N = 256, then unlearning);
+* ``i-BAU`` and ``ANP``: ``repair --method ibau|anp`` at their references' defaults (no fine-tuning);
 * ``staged`` (pre-registered in docs/research/set-selection.md, "Staged repair"): nothing when the verdict
   is not suspicious; else remove the traced channels, run the verdict again on the cut model (same images,
   seed), keep the cut when it is clean and cost at most 2 points of holdout accuracy, fine-tune from it when
@@ -40,7 +41,7 @@ from cases import cases
 RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
-           "fine-tuning only", "default + unlearning", "staged")
+           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP")
 # staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
 STAGED_ACC_DROP = 0.02
 
@@ -211,6 +212,9 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
+        # the field's defenses at their references' defaults, on the same data and split
+        "i-BAU": lambda: (None, RepairConfig(config.fine_tune, method="ibau"), "none"),
+        "ANP": lambda: (None, RepairConfig(config.fine_tune, method="anp"), "anp"),
     }
     def staged() -> dict:
         """Which method the staged rule picks on this cell, and why."""
@@ -247,7 +251,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         after = measured(result.model)
         m = after.metrics
         write({"model": case.label, "method": method, "flags from": source,
-               "removed": sum(len(c) for c in flagged.values()), "ACC": round(m.acc, 4),
+               "removed": sum(map(len, result.report.flagged.values())), "ACC": round(m.acc, 4),
                "ASR": round(m.asr, 4), "RA": round(m.ra, 4), "DER": round(after.der, 4),
                "holdout ACC": result.report.accuracy, "time s": round(time.perf_counter() - started, 1),
                "verdict": {"verdict": found["verdict"], "class": found["target_class"]},

@@ -18,7 +18,6 @@ from fmt_audit.data import Dataset, Preprocessing, load_data
 from fmt_audit.errors import ConfigError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from fmt_audit.fmt.scores import ChannelScores
-from fmt_audit.fmt.screening import BUDGETS, screen_size, screened_layer
 from fmt_audit.fmt.selection import SELECTIONS, select
 from fmt_audit.model.graph import ConvLayer, nonfinite_weights, opset_version
 from fmt_audit.model.loading import LoadedModel, load_model
@@ -61,7 +60,6 @@ class ScanConfig:
     max_memory: float | None = None     # MiB for the scan's working memory; None: half of what is free
     preset: str = "default"
     predict_with: str = "onnxruntime"   # gradient mode: what runs the candidate batches
-    budget: str = "fast"                # fast: screen, then confirm (fmt_audit.fmt.screening); exact: every test
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -86,8 +84,6 @@ class ScanConfig:
             raise ConfigError(f"calibration_drop must be in (0, 1); got {self.calibration_drop}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
-        if self.budget not in BUDGETS:
-            raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}; got {self.budget!r}")
         if self.predict_with not in PREDICTORS:
             raise ConfigError(f"predict_with must be one of {', '.join(PREDICTORS)}; got {self.predict_with!r}")
         if self.max_memory is not None and not (np.isfinite(self.max_memory) and self.max_memory > 0):
@@ -122,7 +118,7 @@ DEFAULT_VERDICT = VerdictConfig()
 # The published method with the public reference code's defaults, and ours (see README, "Presets").
 PRESETS: dict[str, dict] = {
     "paper": {"mode": "gradient", "eps": 0.06, "alpha": 0.02, "steps": 1, "score": "accuracy",
-              "selection": "kmeans", "budget": "exact"},
+              "selection": "kmeans"},
     "default": {},
     # iterated FMT: the gradient method with a calibrated eps, 5 steps and class-shift scores
     "gradient": {"mode": "gradient"},
@@ -172,24 +168,21 @@ class _Scanner:
 
             check_free_batch(self.bridge, loaded.image_input, "predicting candidates with torch")
 
-    def tester(self, eps: float | None = None, images: int | None = None):
-        """The mode's tester, on the first ``images`` images (None: all); gradient mode needs ``eps`` except to
-        measure clean accuracy."""
+    def tester(self, eps: float | None = None):
+        """The mode's tester; gradient mode needs ``eps`` except to measure clean accuracy."""
         config, plan = self.config, self.plan
         eps = 0.06 if eps is None else eps
-        x, y = (self.dataset.x, self.dataset.y) if images is None else \
-            (self.dataset.x[:images], self.dataset.y[:images])
         if config.mode == "gradient":
             from fmt_audit.fmt.gradient import FeatureMapTester, GradientTestConfig
 
             settings = GradientTestConfig(eps, config.step_size(eps), config.steps, config.seed,
                                           plan.candidate_batch, plan.gradient_batch, plan.predict_batch)
-            return FeatureMapTester(self.bridge, x, y, self.num_classes,
+            return FeatureMapTester(self.bridge, self.dataset.x, self.dataset.y, self.num_classes,
                                     config.preprocessing, settings, self.device,
                                     predictor=self.onnx.predict if self.onnx else None)
         from fmt_audit.fmt.mask import MaskTestConfig, MaskTester
 
-        return MaskTester(self.masked, x, y, self.num_classes,
+        return MaskTester(self.masked, self.dataset.x, self.dataset.y, self.num_classes,
                           MaskTestConfig(config.gain, plan.candidate_batch))
 
 
@@ -281,20 +274,13 @@ def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None =
     by_name = {layer.name: layer for layer in loaded.layers}
     layers = [by_name[name] for name in names]
     scanner = scanner or _Scanner(loaded, work.dataset, work.config, layers, plan=work.plan)
-    config = work.config
     tester = scanner.tester(work.eps)
-    screen_images = screen_size(len(work.dataset), config.budget, config.selection)
-    screen = scanner.tester(work.eps, screen_images) if screen_images else None
     results = []
     for layer in layers:
-        advance = (lambda k, name=layer.name: progress(name, k)) if progress else None
-        if screen is None:
-            scores = tester.score_layer(layer, progress=advance)
-            chosen = select(_suspicion(scores, config.score), config.selection, seed=config.seed,
-                            threshold=config.outlier_threshold, samples=len(work.dataset))
-        else:
-            scores, chosen = screened_layer(screen, tester, layer, lambda s: _suspicion(s, config.score),
-                                            config.outlier_threshold, screen_images, len(work.dataset), advance)
+        scores = tester.score_layer(layer, progress=(lambda k, name=layer.name: progress(name, k))
+                                    if progress else None)
+        chosen = select(_suspicion(scores, work.config.score), work.config.selection, seed=work.config.seed,
+                        threshold=work.config.outlier_threshold, samples=len(work.dataset))
         results.append(LayerResult(layer.name, layer.out_channels, layer.depthwise,
                                    _rounded(scores.accuracy), _rounded(scores.shift), chosen.flagged,
                                    chosen.to_dict(), scores.sink.tolist(),

@@ -1,19 +1,18 @@
-"""Issue 32: the default mask scan as it was (every channel on all N images, the whole graph per setting)
-against the new default (the graph cut at each layer, screen then confirm), side by side in one run.
+"""Issue 32: the mask scan with the whole graph run per channel setting (before issue 32) against the graph
+cut at each layer (``fmt_audit.backends.onnxrt.suffix``: the part before the layer's mask runs once), side by
+side in one run.
 
 Per model, each engine in a fresh process on the same images and seed (the channel scan alone, no verdict:
 ``verdict_cost.py`` times that):
 
-* ``exact-whole``: the scan before issue 32 (``--budget exact`` with the cut turned off: the whole graph
-  runs per setting);
-* ``exact-cut``: every channel on all images, only the part of the graph after the layer per setting;
-* ``fast-cut``: the new default (``--budget fast``).
+* ``whole``: the scan before issue 32 (the cut turned off);
+* ``cut``: the default.
 
-Reported: time, channels tested on all N images, the flagged sets against the first engine's (recall:
-its flags also flagged; extra: flags it did not make, as a share of its flags), and where the model has a
-known trigger, ACC / ASR with only the flagged channels removed (no fine-tuning, ONNX Runtime masks).
+Reported: time, the flagged sets against the first engine's (recall: its flags also flagged; extra: flags it
+did not make, as a share of its flags; both engines must give the same), and where the model has a known
+trigger, ACC / ASR with only the flagged channels removed (no fine-tuning, ONNX Runtime masks).
 
-    cd benchmarks && python screen_speed.py matrix:cifar10-preact18q-badnets-p10,cifar10-vgg-badnets-p10
+    cd benchmarks && python cut_speed.py matrix:cifar10-preact18q-badnets-p10,cifar10-vgg-badnets-p10
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from pathlib import Path
 
 from cases import arguments, cases, publish
 
-ENGINES = ("exact-whole", "exact-cut", "fast-cut")
-HEADER = ["model", "channels", "N", "engine", "time s", "vs before", "confirmed on all N", "flagged", "recall",
-          "extra", "ACC removed", "ASR removed"]
+ENGINES = ("whole", "cut")
+HEADER = ["model", "channels", "N", "engine", "time s", "vs before", "flagged", "recall", "extra", "ACC removed",
+          "ASR removed"]
 
 
 def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, mean, std, out: str) -> dict:
@@ -41,16 +40,15 @@ def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, 
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.model.loading import load_model
 
-    budget, _, graph = engine.partition("-")
-    if graph == "whole":
+    if engine == "whole":
         from fmt_audit.backends.onnxrt.masked import MaskedModel
 
         MaskedModel._cut_for = lambda self, layer, x: None     # the scan as it ran before the cut
     loaded = load_model(model)
     data = load_npz(defender)
     started = time.perf_counter()
-    report = scan(loaded, data, ScanConfig(samples=samples, seed=seed, budget=budget, device="cpu", mean=mean,
-                                           std=std), verdict=None)
+    report = scan(loaded, data, ScanConfig(samples=samples, seed=seed, device="cpu", mean=mean, std=std),
+                  verdict=None)
     seconds = time.perf_counter() - started
     Path(out).write_text(report.to_json())
     return {"seconds": seconds}
@@ -76,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         engine, model, defender, out = args.child
-        spec = json.loads(os.environ["SCREEN_NORM"])
+        spec = json.loads(os.environ["CUT_NORM"])
         print(json.dumps(run_engine(engine, model, defender, args.samples, args.seed, spec["mean"], spec["std"],
                                     out)))
         return
@@ -93,25 +91,23 @@ def main() -> None:
                            str(out), "--samples", str(args.samples), "--seed", str(args.seed)]
                 norm = json.dumps({"mean": case.mean, "std": case.std})
                 done = subprocess.run(command, check=True, capture_output=True, text=True,
-                                      env={**os.environ, "SCREEN_NORM": norm})
+                                      env={**os.environ, "CUT_NORM": norm})
                 seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
                 report = ScanReport.read(out)
             flags = {(layer, c) for layer, channels in report.flagged.items() for c in channels}
-            confirmed = sum(len(layer.selection["screen"]["confirmed"]) if "screen" in layer.selection
-                            else layer.channels for layer in report.layers)
             if base_flags is None:
                 base_flags, base_time = flags, seconds
             acc, asr = removal(case, report.flagged) if case.triggered is not None else (None, None)
             rows.append({"model": case.label, "channels": sum(layer.channels for layer in report.layers),
                          "N": report.config["samples"], "engine": engine, "time s": round(seconds, 1),
-                         "vs before": round(base_time / seconds, 2), "confirmed on all N": confirmed,
+                         "vs before": round(base_time / seconds, 2),
                          "flagged": len(flags),
                          "recall": round(len(flags & base_flags) / len(base_flags), 3) if base_flags else "–",
                          "extra": round(len(flags - base_flags) / max(len(base_flags), 1), 3),
                          "ACC removed": None if acc is None else round(100 * acc, 1),
                          "ASR removed": None if asr is None else round(100 * asr, 1)})
             print(json.dumps(rows[-1]), flush=True)
-    publish(rows, HEADER, f"screen_speed_{'_'.join(args.models)}_n{args.samples}")
+    publish(rows, HEADER, f"cut_speed_{'_'.join(args.models)}_n{args.samples}")
 
 
 def argparse_hidden():
