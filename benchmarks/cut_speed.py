@@ -8,6 +8,9 @@ Per model, each engine in a fresh process on the same images and seed (the chann
 * ``whole``: the scan before issue 32 (the cut turned off);
 * ``cut``: the default.
 
+With ``--verdict``, the cut engine's scan also computes the default verdict (on its own sample of the same
+data), timed apart (``verdict s``): a scan's whole cost is its ``time s`` plus that.
+
 Reported: time, the flagged sets against the first engine's (recall: its flags also flagged; extra: flags it
 did not make, as a share of its flags; both engines must give the same), and where the model has a known
 trigger, ACC / ASR with only the flagged channels removed (no fine-tuning, ONNX Runtime masks).
@@ -28,17 +31,20 @@ from pathlib import Path
 from cases import arguments, cases, publish
 
 ENGINES = ("whole", "cut")
-HEADER = ["model", "channels", "N", "engine", "time s", "vs before", "flagged", "recall", "extra", "ACC removed",
-          "ASR removed"]
+HEADER = ["model", "channels", "N", "engine", "time s", "vs before", "verdict s", "flagged", "recall", "extra",
+          "ACC removed", "ASR removed"]
 
 
-def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, mean, std, out: str) -> dict:
-    """One engine in this process: seconds and the report (written to ``out``)."""
+def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, mean, std, out: str,
+               verdict: bool) -> dict:
+    """One engine in this process: the channel scan's seconds (and the verdict's, if asked for), and the report
+    (written to ``out``)."""
     import onnxruntime  # noqa: F401  (imports are not what is timed)
 
     from fmt_audit.data import load_npz
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.model.loading import load_model
+    from fmt_audit.verdict import VerdictConfig
 
     if engine == "whole":
         from fmt_audit.backends.onnxrt.masked import MaskedModel
@@ -48,10 +54,11 @@ def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, 
     data = load_npz(defender)
     started = time.perf_counter()
     report = scan(loaded, data, ScanConfig(samples=samples, seed=seed, device="cpu", mean=mean, std=std),
-                  verdict=None)
+                  verdict=VerdictConfig(seed=seed) if verdict and engine == "cut" else None)
     seconds = time.perf_counter() - started
     Path(out).write_text(report.to_json())
-    return {"seconds": seconds}
+    verdict_s = report.timing["verdict_s"] if report.verdict is not None else None
+    return {"seconds": seconds - (verdict_s or 0.0), "verdict_s": verdict_s}
 
 
 def removal(case, flagged: dict) -> tuple[float, float]:
@@ -70,13 +77,14 @@ def removal(case, flagged: dict) -> tuple[float, float]:
 
 def main() -> None:
     parser = arguments(__doc__, ",".join(ENGINES), 256)
+    parser.add_argument("--verdict", action="store_true", help="time the default verdict too (cut engine)")
     parser.add_argument("--child", nargs=4, help=argparse_hidden())
     args = parser.parse_args()
     if args.child:
         engine, model, defender, out = args.child
         spec = json.loads(os.environ["CUT_NORM"])
         print(json.dumps(run_engine(engine, model, defender, args.samples, args.seed, spec["mean"], spec["std"],
-                                    out)))
+                                    out, args.verdict)))
         return
 
     from fmt_audit.report.json_report import ScanReport
@@ -88,11 +96,13 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 out = Path(folder) / "report.json"
                 command = [sys.executable, __file__, "--child", engine, str(case.model), str(case.defender),
-                           str(out), "--samples", str(args.samples), "--seed", str(args.seed)]
+                           str(out), "--samples", str(args.samples), "--seed", str(args.seed),
+                           *(["--verdict"] if args.verdict else [])]
                 norm = json.dumps({"mean": case.mean, "std": case.std})
                 done = subprocess.run(command, check=True, capture_output=True, text=True,
                                       env={**os.environ, "CUT_NORM": norm})
-                seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+                timed = json.loads(done.stdout.strip().splitlines()[-1])
+                seconds = timed["seconds"]
                 report = ScanReport.read(out)
             flags = {(layer, c) for layer, channels in report.flagged.items() for c in channels}
             if base_flags is None:
@@ -101,6 +111,7 @@ def main() -> None:
             rows.append({"model": case.label, "channels": sum(layer.channels for layer in report.layers),
                          "N": report.config["samples"], "engine": engine, "time s": round(seconds, 1),
                          "vs before": round(base_time / seconds, 2),
+                         "verdict s": "–" if timed["verdict_s"] is None else round(timed["verdict_s"], 1),
                          "flagged": len(flags),
                          "recall": round(len(flags & base_flags) / len(base_flags), 3) if base_flags else "–",
                          "extra": round(len(flags - base_flags) / max(len(base_flags), 1), 3),
