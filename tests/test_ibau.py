@@ -91,9 +91,22 @@ def test_unlearning_is_seeded_changes_the_weights_and_ends_in_evaluation_mode(ba
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_a_frozen_module_is_unlearned_and_left_frozen(badnets):
+    loaded, data = badnets
+    classifier = BridgedClassifier(to_torch(loaded.classifier), Preprocessing())
+    for weight in classifier.module.parameters():
+        weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in classifier.module.state_dict().items()}
+    evidence = ibau_unlearn(classifier, data.take(64, seed=0), IbauConfig(rounds=1), seed=0)
+    assert any(not torch.equal(before[k], v) for k, v in classifier.module.state_dict().items())
+    assert not any(weight.requires_grad for weight in classifier.module.parameters())
+    assert evidence["patched_per_round"] == 0 and "plain fine-tuning" in evidence["warning"]
+
+
 def test_settings_are_checked():
     for kwargs, option in (({"rounds": 0}, "--ibau-rounds"), ({"lr": 0.0}, "--ibau-lr"),
-                           ({"lr": float("nan")}, "--ibau-lr"), ({"batch_size": 0}, "batch size")):
+                           ({"lr": float("nan")}, "--ibau-lr"), ({"batch_size": 0}, "batch size"),
+                           ({"inner_step": -1.0}, "inner step"), ({"patched_share": 2.0}, "patched share")):
         with pytest.raises(ConfigError, match=option):
             IbauConfig(**kwargs)
     assert "ibau" in METHODS and "ibau" in COMPARED
@@ -110,6 +123,8 @@ def test_cli_repair_method_ibau_removes_nothing_and_does_not_fine_tune(tmp_path)
     assert report["method"] == "ibau" and report["config"]["ibau"]["rounds"] == 2
     assert report["flagged"]["evidence"]["rounds"] == 2 and report["epochs"] == []
     assert sum(map(len, report["flagged"]["layers"].values())) == 0
+    # 180 training images: batches of 100 and 80, 1% of them one image per round
+    assert report["flagged"]["evidence"]["patched_per_round"] == 1 and not report["warnings"]
     repaired = load_model(out)
     test = load_npz(SAMPLES / "test.npz")
     changed = BridgedClassifier(to_torch(repaired.classifier), Preprocessing()).logits(test.x[:8])

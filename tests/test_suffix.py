@@ -5,8 +5,10 @@ and the whole graph where a cut disagrees."""
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import SAMPLES
+from onnx import helper, numpy_helper
 
 from fmt_audit.backends.onnxrt.masked import MaskedModel
 from fmt_audit.backends.onnxrt.suffix import LayerSuffix
@@ -54,19 +56,69 @@ def test_a_residual_layer_is_fed_its_shortcut_from_the_part_run_once():
     loaded = load_model(SAMPLES / "badnets_op13.onnx")
     model = MaskedModel(loaded.classifier, "cpu")
     block = next(layer for layer in loaded.layers if "block2/conv1" in layer.name)
-    cut = LayerSuffix(model.instrumented, block.name, model.image.name, model.logits_name, "cpu")
+    cut = LayerSuffix(LayerSuffix.typed_graph(model.instrumented), model.instrumented, block.name, model.image.name,
+                      model.logits_name, "cpu")
     assert len(cut.boundary) == 2 and any(name.startswith("fmt_feature/") for name in cut.boundary)
     # the suffix reads the masks of the layers after this one, never those before it
     assert "fmt_mask/" + loaded.layers[0].name not in cut.suffix.input_names
 
 
-def test_where_the_cut_disagrees_the_whole_graph_runs(monkeypatch):
+@pytest.mark.parametrize("failure", ["disagrees", "fails"])
+def test_where_the_cut_disagrees_or_fails_the_whole_graph_runs(monkeypatch, failure):
     loaded = load_model(SAMPLES / "badnets_op13.onnx")
     model = MaskedModel(loaded.classifier, "cpu")
-    monkeypatch.setattr(LayerSuffix, "agrees", lambda *args: False)
+
+    def broken(self, boundary, feeds, mask):
+        if failure == "fails":
+            raise RuntimeError("the suffix cannot run")
+        return np.zeros((len(mask), 10), np.float32)
+
+    monkeypatch.setattr(LayerSuffix, "scores", broken)
     layer = loaded.layers[2]
     x = _images(loaded, 4)
     mask = _settings(layer, 2, len(x), seed=1)
     got = model.replicated_predictions(layer.name, x, mask)
     assert model.cuts[layer.name] is False
     np.testing.assert_array_equal(got, model.predict(np.concatenate([x] * 2), masks={layer.name: mask}))
+
+
+def test_a_batch_sized_tensor_that_is_not_a_batch_is_caught_by_the_check():
+    """A float tensor computed from a shape (here the feature map's shape, cast and multiplied into the
+    scores) has as many entries as there are images when the batch has 4: the check on two copies of the
+    batch catches it, and the whole graph runs."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((2, 1, 2, 2)).astype(np.float32), "W1"),
+               numpy_helper.from_array(rng.standard_normal((2, 2, 1, 1)).astype(np.float32), "W2"),
+               numpy_helper.from_array(np.ones((2, 4), np.float32), "O"),
+               numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "P")]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["y1"], name="c1"), helper.make_node("Relu", ["y1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["y2"], name="c2"),
+             helper.make_node("GlobalAveragePool", ["y2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Shape", ["r1"], ["shape"]),
+             helper.make_node("Cast", ["shape"], ["s"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("MatMul", ["f", "O"], ["u"]), helper.make_node("Mul", ["u", "s"], ["v"]),
+             helper.make_node("MatMul", ["v", "P"], ["logits"])]
+    graph = helper.make_graph(nodes, "shape_scaled", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                    ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])], weights)
+    model = MaskedModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "cpu", batch_size=5)
+    for n in (3, 4):
+        x = rng.random((n, 1, 4, 4), dtype=np.float32)
+        mask = np.ones((2 * n, 2, 1, 1), np.float32)
+        mask[n:, 0] = 0
+        got = model.replicated_predictions("c2", x, mask)
+        np.testing.assert_array_equal(got, model.predict(np.concatenate([x] * 2), masks={"c2": mask}))
+
+
+def test_new_images_are_cut_anew():
+    """The cut keeps the feature maps of the images it was given: other images, even in an array of the same
+    shape at the same address, get their own."""
+    loaded = load_model(SAMPLES / "badnets_op13.onnx")
+    model = MaskedModel(loaded.classifier, "cpu")
+    layer = loaded.layers[3]
+    for seed in range(3):
+        x = _images(loaded, 4, seed=seed)
+        mask = _settings(layer, 2, len(x), seed=seed)
+        got = model.replicated_predictions(layer.name, x, mask)
+        np.testing.assert_array_equal(got, model.predict(np.concatenate([x] * 2), masks={layer.name: mask}))
+        del x

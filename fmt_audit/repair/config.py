@@ -127,6 +127,12 @@ class IbauConfig:
             raise ConfigError(f"--ibau-lr must be a positive number; got {self.lr}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ConfigError(f"i-BAU's batch size must be at least 1; got {self.batch_size}")
+        for name in ("inner_step", "perturbation_lr", "regularization"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"i-BAU's {name.replace('_', ' ')} must be a positive number; got {value}")
+        if not 0 <= self.patched_share <= 1:
+            raise ConfigError(f"i-BAU's patched share must be in [0, 1]; got {self.patched_share}")
 
 
 @dataclass(frozen=True)

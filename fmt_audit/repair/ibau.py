@@ -18,7 +18,10 @@ These are the reference code's defaults and structure (YiZeng623/I-BAU ``defense
 module): 5 rounds, ``K`` = 5, batches of 100, the model in evaluation mode throughout (BatchNorm's running
 statistics unchanged), images not clipped to [0, 1] after the perturbation. The images are the repair's
 training split in [0, 1] pixel space, the model's preprocessing applied inside, as the reference's models
-take [0, 1] images. Nothing is removed and nothing is fine-tuned afterwards.
+take [0, 1] images. Nothing is removed and nothing is fine-tuned afterwards. With fewer than 100 images in
+a batch, 1% of it is no image: the reference's outer loss then never sees the perturbation, its implicit
+term is zero, and the round is plain fine-tuning with Adam (the evidence says how many images were patched
+per round, and warns when none was).
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def ibau_unlearn(classifier: BridgedClassifier, data: Dataset, config: IbauConfi
     module.eval()
     device = classifier.device
     rng = np.random.default_rng(seed)
-    weights = [p for p in module.parameters() if p.requires_grad]
+    weights = list(module.parameters())
+    trainable = [weight.requires_grad for weight in weights]
+    for weight in weights:      # as the reference: every weight (a frozen module is made trainable meanwhile)
+        weight.requires_grad_(True)
     optimizer = torch.optim.Adam(weights, lr=config.lr)
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y).long()
@@ -63,8 +69,7 @@ def ibau_unlearn(classifier: BridgedClassifier, data: Dataset, config: IbauConfi
             with torch.no_grad():
                 own = classifier(images).argmax(1)
             loss = -F.cross_entropy(classifier(images + delta), own) + config.regularization * delta.pow(2).sum()
-            search.zero_grad()
-            loss.backward()
+            (delta.grad,) = torch.autograd.grad(loss, delta)
             search.step()
         norms.append(round(float(delta.detach().norm()), 4))
         for images, labels in batches:
@@ -73,9 +78,14 @@ def ibau_unlearn(classifier: BridgedClassifier, data: Dataset, config: IbauConfi
             optimizer.step()
         if progress:
             progress("i-BAU rounds", round_index + 1, config.rounds)
+    for weight, flag in zip(weights, trainable, strict=True):
+        weight.requires_grad_(flag)
     module.eval()
+    patched = sum(int(len(images) * config.patched_share) for images, _ in batches)
     return {"rounds": config.rounds, "fixed_point_steps": config.fixed_point_steps, "lr": config.lr,
-            "batch_size": config.batch_size, "perturbation_norms": norms}
+            "batch_size": config.batch_size, "perturbation_norms": norms, "patched_per_round": patched,
+            **({"warning": f"no batch of {config.batch_size} images: the perturbation reaches no image of the "
+                           "outer loss, and i-BAU is plain fine-tuning with Adam here"} if not patched else {})}
 
 
 def _hypergradient(classifier: BridgedClassifier, weights: list[torch.Tensor], delta: torch.Tensor,

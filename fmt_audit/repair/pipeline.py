@@ -371,6 +371,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         warnings.append(f"fine-tuning took only {steps} optimizer steps ({len(train)} training images, batch "
                         f"{batch_size}, {tuning.epochs} epochs); a smaller --batch-size "
                         "or more --epochs gives it more")
+    if method == "ibau" and evidence.get("warning"):
+        warnings.append(f"i-BAU: {evidence['warning']}")
     report = RepairReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "class_output": loaded.scores},
         config={"method": method, **asdict(tuning), "allow_regrowth": config.allow_regrowth,

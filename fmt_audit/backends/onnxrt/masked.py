@@ -19,6 +19,7 @@ import onnx
 from fmt_audit.backends.onnxrt.instrument import feature_output_name, instrument, mask_input_name
 from fmt_audit.backends.onnxrt.session import Session, create_session, with_free_batch
 from fmt_audit.data import Preprocessing
+from fmt_audit.errors import first_line
 from fmt_audit.model.graph import ConvLayer, ImageInput, class_scores, conv_layers, image_input, with_node_names
 
 ChannelSet = Mapping[str, Sequence[int]]
@@ -41,7 +42,7 @@ class MaskedModel:
         self.session: Session = create_session(self.instrumented, device, threads=threads)
         self.device = self.session.device     # the cut graphs run where the whole one does
         self.threads = threads
-        self._cut = self._suffix = None
+        self._cut = self._graph = None
         self.cuts: dict[str, bool] = {}     # per layer tested: whether its cut graph ran (else the whole)
         self.logits_name = named.graph.output[0].name
         self.batch_size = batch_size if self.image.batch is None else self.image.batch
@@ -92,64 +93,80 @@ class MaskedModel:
         of ``mask`` as layer ``layer``'s mask (every other mask at one).
 
         Only the part of the graph the mask can change runs per copy (:mod:`fmt_audit.backends.onnxrt.suffix`):
-        the rest runs once per layer and images. Where the graph cannot be cut there, or the cut does not
-        give the whole graph's class scores on ``x``, the whole graph runs on the copies.
+        the rest runs once per layer and images. Where the graph cannot be cut there, the cut does not give
+        the whole graph's class scores on two copies of the first batch of ``x``, or running it fails, the
+        whole graph runs on the copies (``cuts`` says which layers ran cut).
         """
         replicas = len(mask) // len(x)
         cut = self._cut_at(layer, x)
-        if cut is None:
-            return self.predict(np.concatenate([x] * replicas), masks={layer: mask})
+        if cut is not None:
+            try:
+                return self._cut_predictions(cut, len(x), mask)
+            except Exception as error:      # any failure of the cut: the whole graph, as before the cut
+                log.info("layer %s: the cut graph failed (%s); the whole graph runs", layer, first_line(error))
+                self._cut, self.cuts[layer] = (self._cut[0], None), False
+        return self.predict(np.concatenate([x] * replicas), masks={layer: mask})
+
+    def _cut_predictions(self, cut, n: int, mask: np.ndarray) -> np.ndarray:
         suffix, boundary, feeds = cut
-        rows = np.arange(len(mask)) % len(x)     # replica-major: row k is image k % n
+        rows = np.arange(len(mask)) % n     # replica-major: row k is image k % n
         out = []
         for start in range(0, len(mask), self.batch_size):
             part = rows[start:start + self.batch_size]
             values = {name: value[part] for name, value in boundary.items()}
-            out.append(suffix.scores(values, feeds, mask[start:start + self.batch_size], 1).argmax(1))
+            out.append(suffix.scores(values, feeds, mask[start:start + self.batch_size]).argmax(1))
         return np.concatenate(out)
 
     def _cut_at(self, layer: str, x: np.ndarray):
-        """``(suffix, boundary of x, other feeds)`` for ``layer``, kept for the last layer and images asked;
-        None where the whole graph has to run (a fixed batch, a graph that cannot be cut there)."""
-        key = (layer, id(x), x.shape)
-        if self._cut is not None and self._cut[0] == key:
+        """``(suffix, boundary of x, other feeds)`` for ``layer``, kept for the last layer and images asked
+        (the very array: the cache holds it); None where the whole graph has to run."""
+        if self._cut is not None and self._cut[0][0] == layer and self._cut[0][1] is x:
             return self._cut[1]
         self._cut = None
-        found = None
-        if self.image.batch is None:
-            found = self._cut_for(layer, x)
-        self._cut = (key, found)
+        found = self._cut_for(layer, x) if self.image.batch is None else None
+        self._cut = ((layer, x), found)
         self.cuts[layer] = found is not None
         return found
 
     def _cut_for(self, layer: str, x: np.ndarray):
-        from fmt_audit.backends.onnxrt.suffix import CutError, LayerSuffix
+        from fmt_audit.backends.onnxrt.suffix import LayerSuffix
 
         try:
-            if self._suffix is None or self._suffix[0] != layer:     # a screen and its confirmation share it
-                self._suffix = (layer, LayerSuffix(self.instrumented, layer, self.image.name, self.logits_name,
-                                                   self.device, self.threads))
-            suffix = self._suffix[1]
-            boundary: dict[str, list[np.ndarray]] = {}
-            agreed = None
+            if self._graph is None:
+                self._graph = LayerSuffix.typed_graph(self.instrumented)
+            suffix = LayerSuffix(self._graph, self.instrumented, layer, self.image.name, self.logits_name,
+                                 self.device, self.threads)
+            parts: dict[str, list[np.ndarray]] = {}
             for part in self.batches(x):
-                feeds = self._feeds(x[part])
-                values = suffix.boundary_values(feeds)
-                if agreed is None:
-                    whole = class_scores(self.session.run(feeds, [self.logits_name])[0])
-                    agreed = suffix.agrees(values, feeds, self._ones[layer], whole, CUT_TOLERANCE)
-                    if not agreed:
-                        log.info("layer %s: the cut graph does not give the whole graph's scores; "
-                                 "the whole graph runs", layer)
-                        return None
-                for name, value in values.items():
-                    boundary.setdefault(name, []).append(value)
-        except CutError as error:
-            log.info("layer %s: %s; the whole graph runs", layer, error)
-            self._suffix = None
+                for name, value in suffix.boundary_values(self._feeds(x[part])).items():
+                    parts.setdefault(name, []).append(value)
+            boundary = {name: np.concatenate(values) for name, values in parts.items()}
+            feeds = {name: value for name, value in self._feeds(x[:1]).items() if name != self.image.name}
+            cut = (suffix, boundary, feeds)
+            # the check: two copies of the first batch, cut as the scoring cuts them, against the whole graph
+            first = x[:self.batch_size]
+            ones = np.ones((2 * len(first), *self._ones[layer].shape[1:]), np.float32)
+            expected = np.concatenate([class_scores(self.session.run(self._feeds(first), [self.logits_name])[0])] * 2)
+            got = self._cut_scores(cut, len(first), ones)
+        except Exception as error:      # any failure to cut: the whole graph, as before the cut
+            log.info("layer %s: the graph cannot be cut there (%s); the whole graph runs", layer, first_line(error))
             return None
-        ones = {name: value for name, value in self._feeds(x[:1]).items() if name != self.image.name}
-        return suffix, {name: np.concatenate(parts) for name, parts in boundary.items()}, ones
+        scale = max(1.0, float(np.abs(expected).max()))
+        if got.shape != expected.shape or float(np.abs(got - expected).max()) > CUT_TOLERANCE * scale:
+            log.info("layer %s: the cut graph does not give the whole graph's scores; the whole graph runs", layer)
+            return None
+        return cut
+
+    def _cut_scores(self, cut, first: int, mask: np.ndarray) -> np.ndarray:
+        """Class scores of two copies of the first ``first`` images through ``cut``."""
+        suffix, boundary, feeds = cut
+        rows = np.concatenate([np.arange(first)] * 2)
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            part = rows[start:start + self.batch_size]
+            out.append(suffix.scores({name: value[part] for name, value in boundary.items()}, feeds,
+                                     mask[start:start + self.batch_size]))
+        return np.concatenate(out)
 
     def batches(self, x: np.ndarray) -> Iterator[slice]:
         for start in range(0, len(x), self.batch_size):

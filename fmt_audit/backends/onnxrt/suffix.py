@@ -14,8 +14,9 @@ in two at one layer's mask:
 The boundary holds only floating-point tensors computed from the images, which carry the batch first;
 anything else a suffix node reads (a shape computed from a tensor, a constant computed from weights) is
 computed in the suffix, so a ``Reshape`` to ``[batch, -1]`` sees the batch it runs on. Before it is used, a
-cut must give the whole graph's class scores on the images (:meth:`LayerSuffix.agrees`); where it does not,
-or the graph cannot be cut, the caller runs the whole graph.
+cut must give the whole graph's class scores on two copies of the first batch, as they are fed when testing
+(:meth:`~fmt_audit.backends.onnxrt.masked.MaskedModel.replicated_predictions`); where it does not, or the
+graph cannot be cut or run, the whole graph runs.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ class CutError(FmtAuditError):
 class LayerSuffix:
     """The prefix and suffix sessions of one layer of ``instrumented`` (a graph with a mask per Conv)."""
 
-    def __init__(self, instrumented: onnx.ModelProto, layer: str, image_name: str, logits_name: str,
-                 device: str = "auto", threads: int | None = None):
+    @staticmethod
+    def typed_graph(instrumented: onnx.ModelProto):
+        """``instrumented`` as an onnx-graphsurgeon graph with the element types shape inference gives its
+        tensors (the cut tells floating-point tensors from shapes and indices by them); every layer's cut
+        copies it."""
         import onnx_graphsurgeon as gs
 
+        return gs.import_onnx(_with_types(instrumented))
+
+    def __init__(self, graph, instrumented: onnx.ModelProto, layer: str, image_name: str, logits_name: str,
+                 device: str = "auto", threads: int | None = None):
         self.layer = layer
-        graph = gs.import_onnx(_with_types(instrumented))
         mul = next((node for node in graph.nodes if node.name == MUL_PREFIX + layer), None)
         if mul is None:
             raise CutError(f"no mask after layer {layer}")
@@ -94,25 +101,16 @@ class LayerSuffix:
                 raise CutError(f"{name} does not carry the batch first (shape {list(value.shape)})")
         return values
 
-    def scores(self, boundary: dict[str, np.ndarray], feeds: dict[str, np.ndarray], mask: np.ndarray,
-               replicas: int) -> np.ndarray:
-        """Class scores of ``replicas`` copies of the batch whose ``boundary`` is given, copy r under rows
-        ``r * n:(r + 1) * n`` of ``mask``; ``feeds``: the other graph inputs (masks of the later layers)."""
-        run = {name: np.concatenate([value] * replicas) if replicas > 1 else value
-               for name, value in boundary.items()}
+    def scores(self, boundary: dict[str, np.ndarray], feeds: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+        """Class scores of the rows whose ``boundary`` values are given, row k with row k of ``mask`` as the
+        layer's mask; ``feeds``: the other graph inputs (the masks of the later layers, at one)."""
+        run = dict(boundary)
         for name in self.suffix.input_names:
             if name == self.mask_name:
                 run[name] = mask
             elif name not in run:
                 run[name] = feeds[name]
         return class_scores(self.suffix.run(run, [self.logits_name])[0])
-
-    def agrees(self, boundary: dict[str, np.ndarray], feeds: dict[str, np.ndarray], ones: np.ndarray,
-               expected: np.ndarray, rtol: float) -> bool:
-        """Whether the cut gives ``expected`` (the whole graph's class scores on this batch, all masks at one)."""
-        got = self.scores(boundary, feeds, ones, 1)
-        scale = max(1.0, float(np.abs(expected).max()))
-        return got.shape == expected.shape and bool(np.abs(got - expected).max() <= rtol * scale)
 
 
 def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
