@@ -122,3 +122,28 @@ def test_new_images_are_cut_anew():
         got = model.replicated_predictions(layer.name, x, mask)
         np.testing.assert_array_equal(got, model.predict(np.concatenate([x] * 2), masks={layer.name: mask}))
         del x
+
+
+def test_feature_maps_over_the_memory_for_the_cut_run_the_whole_graph():
+    loaded = load_model(SAMPLES / "badnets_op13.onnx")
+    layer = loaded.layers[1]
+    x = _images(loaded, 4)
+    mask = _settings(layer, 2, len(x), seed=2)
+    small = MaskedModel(loaded.classifier, "cpu", cut_memory=1024)       # 1 KiB: less than one feature map
+    roomy = MaskedModel(loaded.classifier, "cpu", cut_memory=2**30)
+    np.testing.assert_array_equal(small.replicated_predictions(layer.name, x, mask),
+                                  roomy.replicated_predictions(layer.name, x, mask))
+    assert small.cuts[layer.name] is False and roomy.cuts[layer.name] is True
+
+
+def test_the_scan_report_names_the_layers_that_ran_the_whole_graph():
+    """Same flags either way; with too little memory for any layer's feature maps, every layer is named."""
+    from fmt_audit.fmt.scan import ScanConfig, scan
+
+    cut = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=64), verdict=None)
+    whole = scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=64, max_memory=0.01),
+                 verdict=None)
+    assert cut.config["whole_graph_layers"] == []
+    assert whole.config["whole_graph_layers"] == [layer.name for layer in whole.layers]
+    assert cut.flagged == whole.flagged
+    assert [layer.shift for layer in cut.layers] == [layer.shift for layer in whole.layers]

@@ -188,7 +188,9 @@ class MemoryPlan:
 
 def plan_memory(cost: GraphCost, layers: Iterable[str], samples: int, image_bytes: int, budget_bytes: float,
                 device: str = "cpu") -> MemoryPlan:
-    """Batch sizes under ``budget_bytes``: 40% for the kept forward pass, 30% each for candidates and runs.
+    """Batch sizes under ``budget_bytes``: 40% for the kept forward pass (mask mode keeps none: there it
+    holds one layer's cached feature maps for the cut graph, ``fmt_audit.fmt.scan.CUT_SHARE``), 30% each for
+    candidates and runs.
 
     Below what one channel needs (its 2 x ``samples`` candidates), batches stay
     at that minimum: the budget is a target, not a hard limit.

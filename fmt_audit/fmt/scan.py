@@ -33,6 +33,9 @@ MODES = ("gradient", "mask")
 PREDICTORS = ("onnxruntime", "torch")
 SCORES = ("accuracy", "shift")
 AUTO = "auto"
+# mask mode: the share of the memory plan (its kept-forward-pass share, unused there) for the cut graph's
+# cached feature maps of one layer (fmt_audit.backends.onnxrt.suffix)
+CUT_SHARE = 0.4
 # eps values tried by calibration, in [0,1] pixel space (the published 0.06 among them)
 EPS_GRID = (0.02, 0.03, 0.045, 0.06, 0.09, 0.13, 0.2, 0.3)
 
@@ -146,7 +149,9 @@ class _Scanner:
         if config.mode == "mask":
             from fmt_audit.backends.onnxrt.masked import MaskedModel
 
-            self.masked = MaskedModel(loaded.classifier, config.device, preprocessing, self.plan.predict_batch)
+            # mask mode keeps no forward pass for backward ones: that share of the plan holds the cut's feature maps
+            self.masked = MaskedModel(loaded.classifier, config.device, preprocessing, self.plan.predict_batch,
+                                      cut_memory=CUT_SHARE * self.plan.budget_mib * 2**20)
             self.provider, self.device = self.masked.provider, self.masked.session.device
             self.placement = replace(self.placement, onnxruntime=self.device)    # as the session really runs
             self.bridge = None
@@ -374,6 +379,9 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                 "placement": scanner.placement.to_dict(),
                 **({"layers_device_used": getattr(runner, "device_used", None)} if runner is not None else {}),
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
+                # mask mode in this process: the layers whose settings ran through the whole graph, not cut
+                "whole_graph_layers": ([name for name, cut in scanner.masked.cuts.items() if not cut]
+                                       if scanner.masked is not None and runner is None else None),
                 "calibration": calibration, "verdict": asdict(verdict) if verdict is not None else None},
         layers=results, clean_accuracy=clean_accuracy, skipped_layers=skipped,
         timing={"prepare_s": round(prepared - started, 3), "testing_s": round(tested - prepared, 3),

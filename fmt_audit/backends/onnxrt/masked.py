@@ -33,7 +33,7 @@ class MaskedModel:
     """``model`` instrumented with a mask after every Conv, in one ORT session."""
 
     def __init__(self, model: onnx.ModelProto, device: str = "auto", preprocessing: Preprocessing | None = None,
-                 batch_size: int = 256, threads: int | None = None):
+                 batch_size: int = 256, threads: int | None = None, cut_memory: float | None = None):
         named = with_free_batch(with_node_names(model))
         self.layers: list[ConvLayer] = conv_layers(named)
         self.image: ImageInput = image_input(named)
@@ -43,6 +43,7 @@ class MaskedModel:
         self.device = self.session.device     # the cut graphs run where the whole one does
         self.threads = threads
         self._cut = self._graph = None
+        self.cut_memory = cut_memory        # bytes the cut may keep of one layer's feature maps; None: no limit
         self.cuts: dict[str, bool] = {}     # per layer tested: whether its cut graph ran (else the whole)
         self.logits_name = named.graph.output[0].name
         self.batch_size = batch_size if self.image.batch is None else self.image.batch
@@ -138,7 +139,13 @@ class MaskedModel:
                                  self.device, self.threads)
             parts: dict[str, list[np.ndarray]] = {}
             for part in self.batches(x):
-                for name, value in suffix.boundary_values(self._feeds(x[part])).items():
+                values = suffix.boundary_values(self._feeds(x[part]))
+                need = sum(value.nbytes for value in values.values()) / (part.stop - part.start) * len(x) * 2
+                if self.cut_memory is not None and need > self.cut_memory:      # kept, and concatenated once
+                    log.info("layer %s: its feature maps for %d images (%.0f MiB) exceed the memory for the cut; "
+                             "the whole graph runs", layer, len(x), need / 2**20)
+                    return None
+                for name, value in values.items():
                     parts.setdefault(name, []).append(value)
             boundary = {name: np.concatenate(values) for name, values in parts.items()}
             feeds = {name: value for name, value in self._feeds(x[:1]).items() if name != self.image.name}
