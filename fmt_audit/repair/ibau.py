@@ -18,7 +18,10 @@ These are the reference code's defaults and structure (YiZeng623/I-BAU ``defense
 module): 5 rounds, ``K`` = 5, batches of 100, the model in evaluation mode throughout (BatchNorm's running
 statistics unchanged), images not clipped to [0, 1] after the perturbation. The images are the repair's
 training split in [0, 1] pixel space, the model's preprocessing applied inside, as the reference's models
-take [0, 1] images. Nothing is removed and nothing is fine-tuned afterwards. With fewer than 100 images in
+take [0, 1] images (BackdoorBench's ``defense/i-bau.py``, otherwise the same loop, feeds normalised images,
+so in pixel terms its perturbation is std times ours, about a quarter on CIFAR-10, and it draws augmented,
+shuffled batches).
+Nothing is removed and nothing is fine-tuned afterwards. With fewer than 100 images in
 a batch, 1% of it is no image: the reference's outer loss then never sees the perturbation, its implicit
 term is zero, and the round is plain fine-tuning with Adam (the evidence says how many images were patched
 per round, and warns when none was).
