@@ -79,17 +79,19 @@ def _threads_from_environment() -> int | None:
     return value if value > 0 else None
 
 
-def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None) -> Session:
+def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None,
+                   quiet: bool = False) -> Session:
     """An ORT session for ``model`` on ``device`` (``auto`` | ``cpu`` | ``cuda``).
 
     ``auto`` takes CUDA when a session really runs there, else the CPU; ``cuda``
-    raises :class:`DeviceError` when it cannot.
+    raises :class:`DeviceError` when it cannot. ``quiet``: ORT prints not even its errors (for a session whose
+    failures the caller handles, such as a cut graph's).
     """
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # ORT's warnings are about its own fusions, not the user's model
+    options.log_severity_level = 4 if quiet else 3  # ORT's warnings are about its own fusions, not the user's model
     # ORT's idle threads spin for a while after each run; beside torch (gradient mode,
     # repair) that spinning took the cores torch's backward pass needed and made it 2x slower
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -71,7 +71,7 @@ class LayerSuffix:
         prefix.outputs = [copied[name] for name in self.boundary if not _is_graph_input(copied[name], prefix)]
         self.computed = [tensor.name for tensor in prefix.outputs]
         prefix.cleanup(remove_unused_graph_inputs=True).toposort()
-        self.prefix: Session | None = create_session(_export(prefix, instrumented), device, threads) \
+        self.prefix: Session | None = create_session(_export(prefix, instrumented), device, threads, quiet=True) \
             if self.computed else None
         # the suffix: the boundary (and any graph input it reads directly) in, the class scores out
         part = graph.copy()
@@ -84,7 +84,7 @@ class LayerSuffix:
         part.inputs = inputs
         part.outputs = [kept[logits_name]]
         part.cleanup(remove_unused_graph_inputs=True).toposort()
-        self.suffix: Session = create_session(_export(part, instrumented), device, threads)
+        self.suffix: Session = create_session(_export(part, instrumented), device, threads, quiet=True)
         self.mask_name = mask_input_name(layer)
         self.image_name = image_name
         self.logits_name = logits_name
