@@ -125,6 +125,7 @@ def test_cli_repair_method_ibau_removes_nothing_and_does_not_fine_tune(tmp_path)
     assert sum(map(len, report["flagged"]["layers"].values())) == 0
     # 180 training images: batches of 100 and 80, 1% of them one image per round
     assert report["flagged"]["evidence"]["patched_per_round"] == 1 and not report["warnings"]
+    assert report["timing"]["ibau_s"] > report["timing"]["fine_tune_s"] >= 0
     repaired = load_model(out)
     test = load_npz(SAMPLES / "test.npz")
     changed = BridgedClassifier(to_torch(repaired.classifier), Preprocessing()).logits(test.x[:8])

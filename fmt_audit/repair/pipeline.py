@@ -305,10 +305,13 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                        else (False, {"setting": tuning.flip, "flip": False}))
     remove_channels(bridge, removed)
     accuracy["after_removal"] = measure()
+    ibau_s = None
     if method == "ibau":
         from fmt_audit.repair.ibau import ibau_unlearn
 
+        unlearning_started = time.perf_counter()
         evidence = ibau_unlearn(classifier, train, config.ibau, seed=scan_config.seed, progress=progress)
+        ibau_s = time.perf_counter() - unlearning_started
     unlearn = method == "fmt" and (config.unlearn if config.unlearn is not None else scan_config.preset != "paper")
     perturb, unlearning = None, {"enabled": unlearn}
     if unlearn and tuning.epochs:
@@ -389,7 +392,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
               "source": dataset.source if dataset is not None else None},
         accuracy=accuracy, epochs=[record.to_dict() for record in history], verification=verification,
         regrowth=regrowth(bridge, removed) if config.allow_regrowth else None, warnings=warnings,
-        timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned, 3),
+        timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned - (ibau_s or 0.0), 3),
+                **({"ibau_s": round(ibau_s, 3)} if ibau_s is not None else {}),
                 "self_check_s": round(time.perf_counter() - checked_from, 3) if self_check else None,
                 "total_s": round(time.perf_counter() - started, 3)},
         method=method, evidence=evidence, self_check=self_check.to_dict() if self_check else None,
