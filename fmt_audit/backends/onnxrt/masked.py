@@ -102,21 +102,11 @@ class MaskedModel:
         cut = self._cut_at(layer, x)
         if cut is not None:
             try:
-                return self._cut_predictions(cut, len(x), mask)
+                return self._cut_scores(cut, np.arange(len(mask)) % len(x), mask).argmax(1)
             except Exception as error:      # any failure of the cut: the whole graph, as before the cut
                 log.info("layer %s: the cut graph failed (%s); the whole graph runs", layer, first_line(error))
                 self._cut, self.cuts[layer] = (self._cut[0], None), False
         return self.predict(np.concatenate([x] * replicas), masks={layer: mask})
-
-    def _cut_predictions(self, cut, n: int, mask: np.ndarray) -> np.ndarray:
-        suffix, boundary, feeds = cut
-        rows = np.arange(len(mask)) % n     # replica-major: row k is image k % n
-        out = []
-        for start in range(0, len(mask), self.batch_size):
-            part = rows[start:start + self.batch_size]
-            values = {name: value[part] for name, value in boundary.items()}
-            out.append(suffix.scores(values, feeds, mask[start:start + self.batch_size]).argmax(1))
-        return np.concatenate(out)
 
     def _cut_at(self, layer: str, x: np.ndarray):
         """``(suffix, boundary of x, other feeds)`` for ``layer``, kept for the last layer and images asked
@@ -154,7 +144,7 @@ class MaskedModel:
             first = x[:self.batch_size]
             ones = np.ones((2 * len(first), *self._ones[layer].shape[1:]), np.float32)
             expected = np.concatenate([class_scores(self.session.run(self._feeds(first), [self.logits_name])[0])] * 2)
-            got = self._cut_scores(cut, len(first), ones)
+            got = self._cut_scores(cut, np.concatenate([np.arange(len(first))] * 2), ones)
         except Exception as error:      # any failure to cut: the whole graph, as before the cut
             log.info("layer %s: the graph cannot be cut there (%s); the whole graph runs", layer, first_line(error))
             return None
@@ -164,10 +154,10 @@ class MaskedModel:
             return None
         return cut
 
-    def _cut_scores(self, cut, first: int, mask: np.ndarray) -> np.ndarray:
-        """Class scores of two copies of the first ``first`` images through ``cut``."""
+    def _cut_scores(self, cut, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Class scores through ``cut`` of the images ``rows`` (indices into the cut's images; replica-major
+        copies repeat them), row k with row k of ``mask``."""
         suffix, boundary, feeds = cut
-        rows = np.concatenate([np.arange(first)] * 2)
         out = []
         for start in range(0, len(rows), self.batch_size):
             part = rows[start:start + self.batch_size]
