@@ -16,7 +16,8 @@ from fmt_audit.model.inspection import summarize
 from fmt_audit.model.loading import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exporters"
-# file -> (classes, layout, image size the test feeds, what the bridge says: None = converts)
+# file -> (classes, layout, image size the test feeds, what the bridge says of the graph as exported: None =
+# converts; a refusal over an unknown size is lifted once the model is run at its images' size)
 EXPECTED = {
     "tf2onnx_mobilenet025_nhwc_op13.onnx": (10, "NHWC", (3, 32, 32), None),
     "tf2onnx_mobilenet025_nhwc_dynhw_autopad_op13.onnx": (10, "NHWC", (3, 32, 32),
@@ -46,9 +47,10 @@ def _data(size: tuple[int, int, int], classes: int, n: int = 24) -> Dataset:
 
 def _structure(model: onnx.ModelProto, original: onnx.ModelProto, materialized: set[str]) -> tuple:
     """What a repair must keep of ``original``: nodes (op, name, inputs, outputs, attributes), opsets, IR,
-    metadata, graph inputs and outputs. Save the two documented exceptions of ``write_back``, where one stored
-    tensor fed several places that training made differ: an Identity copy of a stored tensor may become an
-    initializer of its own name, and a reader's input ``NAME`` may become ``NAME.k``."""
+    metadata, graph inputs (with their declared shapes) and outputs. Save the two documented exceptions of
+    ``write_back``, where one stored tensor fed several places that training made differ: an Identity copy of
+    a stored tensor may become an initializer of its own name, and a reader's input ``NAME`` may become
+    ``NAME.k``."""
     names = ({v for n in original.graph.node for v in (*n.input, *n.output)}
              | {t.name for t in original.graph.initializer})
 
@@ -60,7 +62,7 @@ def _structure(model: onnx.ModelProto, original: onnx.ModelProto, materialized: 
               tuple(sorted((a.name, a.SerializeToString()) for a in n.attribute if a.name != "value")))
              for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in materialized)]
     return (nodes, [(o.domain, o.version) for o in model.opset_import], model.ir_version, model.producer_name,
-            [(p.key, p.value) for p in model.metadata_props], [i.name for i in model.graph.input],
+            [(p.key, p.value) for p in model.metadata_props], [(i.name, str(i.type)) for i in model.graph.input],
             [o.name for o in model.graph.output])
 
 
@@ -81,11 +83,17 @@ def test_inspect_bridge_and_repair_on_a_real_export(name, tmp_path):
         assert any(refusal in problem for problem in summary.bridge_unsupported) or summary.computed_weights
         with pytest.raises(BridgeError, match=re.escape(refusal)):
             to_torch(loaded.proto)
-        return
-    assert summary.bridge_unsupported == []
+        if "unknown size" not in refusal:
+            return
+        loaded = loaded.at_image_size(*size[1:])
+        assert summarize(loaded).bridge_unsupported == []
+    else:
+        assert summary.bridge_unsupported == []
+        declared = None not in (loaded.image_input.height, loaded.image_input.width)
+        assert (loaded.at_image_size(*size[1:]) is loaded) == declared    # PaddleOCR's width is free
     data = _data(size, classes)
     ort_logits = OrtClassifier(loaded.proto, "cpu").logits(data.x[:8])
-    torch_logits = BridgedClassifier(to_torch(loaded.proto), Preprocessing()).logits(data.x[:8])
+    torch_logits = BridgedClassifier(to_torch(loaded.classifier), Preprocessing()).logits(data.x[:8])
     assert ort_logits.shape == (8, classes)
     assert np.abs(ort_logits - torch_logits).max() <= 1e-4 * max(1.0, float(np.abs(ort_logits).max()))
     last = loaded.layers[-1]
@@ -117,3 +125,29 @@ def test_a_default_scan_runs_on_a_real_export(name):
     report = scan(loaded, _data(size, classes), ScanConfig(samples=16, skip_layers=skip), verdict=None)
     tested = loaded.layers[-2:] if name in PARTLY else loaded.layers
     assert [len(r.scores) for r in report.layers] == [layer.out_channels for layer in tested]
+
+
+def test_a_graph_with_free_height_and_width_runs_at_the_size_of_its_images(tmp_path):
+    """The verdict and the bridge need an image size the tf2onnx graph leaves free: they take the data's
+    (inconclusive "needs the image input's size" before); the written repair keeps the free sizes."""
+    from fmt_audit.verdict import VerdictConfig, assess
+
+    name = "tf2onnx_mobilenet025_nhwc_dynhw_autopad_op13.onnx"
+    data = _data((3, 32, 32), 10)
+    np.savez(tmp_path / "clean.npz", x=data.x, y=data.y)
+    loaded = load_model(FIXTURES / name)
+    assert (loaded.image_input.height, loaded.image_input.width) == (None, None)
+    sized = loaded.at_image_size(32, 32)
+    assert sized.image_input.shape[1:] == (32, 32, 3) and sized.proto is loaded.proto
+    declared = next(v for v in sized.classifier.graph.input if v.name == sized.image_input.name)
+    assert [d.dim_value for d in declared.type.tensor_type.shape.dim][1:] == [32, 32, 3]
+    assert "converts at the size of the images given" in summarize(loaded).format_text()
+    verdict = assess(FIXTURES / name, tmp_path / "clean.npz",
+                     VerdictConfig(method="margin", samples=24, margin_restarts=2, margin_steps=10), device="cpu")
+    assert verdict.suspicion is not None, verdict.basis
+    from fmt_audit.fmt.scan import ScanConfig, scan
+
+    last = re.escape(loaded.layers[-1].name)
+    report = scan(loaded, data, ScanConfig(samples=8, skip_layers=f"^(?!{last}$)"), verdict=None)
+    assert report.model["input"]["run_at"] == [32, 32]
+    assert report.model["input"]["shape"][1:3] == list(loaded.image_input.shape[1:3])    # declared: free

@@ -272,7 +272,7 @@ def score_layers(work: LayerWork, names: list[str], loaded: LoadedModel | None =
     """Test the layers ``names`` as the scan described by ``work`` does (in a worker: the model is loaded
     from ``work.model_path`` and must have the scan's sha256; the scan itself passes its ``scanner``)."""
     if loaded is None:
-        loaded = load_model(work.model_path, work.scores)
+        loaded = load_model(work.model_path, work.scores).at_image_size(*work.dataset.x.shape[2:])
         if loaded.sha256 != work.sha256:
             raise ConfigError(f"{work.model_path} changed during the scan (sha256 {loaded.sha256[:12]}, "
                               f"expected {work.sha256[:12]})")
@@ -315,6 +315,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     config.preprocessing.check_channels(loaded.image_input.channels)
     everything = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+    declared = loaded.image_input
+    loaded = loaded.at_image_size(*everything.x.shape[2:])
     dataset = everything.take(config.samples, seed=config.seed)
     skip = re.compile(config.skip_layers) if config.skip_layers else None
     skipped = [layer.name for layer in loaded.layers if skip and skip.search(layer.name)]
@@ -363,7 +365,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     if config.selection == "trace":
         traced = _trace(loaded, layers, everything, config, found, scanner)
         results = [replace(r, flagged=traced.get("layers", {}).get(r.name, [])) for r in results]
-    shape = loaded.image_input.shape
+    shape = declared.shape
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
     used = asdict(resolved)
     if config.mode == "gradient":
@@ -371,7 +373,9 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     return ScanReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
                "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None,
-                         "layout": loaded.image_input.layout},
+                         "layout": loaded.image_input.layout,
+                         # a graph that leaves the height or width free is run at the images' size
+                         **({"run_at": list(everything.x.shape[2:])} if loaded.image_input is not declared else {})},
                "class_output": loaded.scores,
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from fmt_audit.backends.torch.ops import unsupported_ops
-from fmt_audit.backends.torch.padding import padding_problems
+from fmt_audit.backends.torch.padding import UNKNOWN_SIZE, padding_problems
 from fmt_audit.model.graph import ConvLayer, ImageInput, TensorSpec, constant_tensors, graph_outputs, nonfinite_weights
 from fmt_audit.model.loading import LoadedModel
 
@@ -64,6 +64,16 @@ class ModelSummary:
             "nonfinite_weights": self.nonfinite_weights,
         }
 
+    def _bridge_text(self) -> str:
+        problems = self.bridge_unsupported
+        if not problems:
+            return "all ops convert to PyTorch"
+        if all(UNKNOWN_SIZE in problem for problem in problems):
+            return (f"converts at the size of the images given ({len(problems)} strided SAME padding(s) over a free "
+                    "height or width)")
+        return ("cannot convert: " + ", ".join(problems[:3])
+                + (f" and {len(problems) - 3} more" if len(problems) > 3 else ""))
+
     def format_text(self, verbose: bool = False) -> str:
         d = self.to_dict()
         conv = d["conv"]
@@ -95,10 +105,7 @@ class ModelSummary:
             + (f"; {len(self.computed_weights)} Conv layer(s) compute their weights from other nodes "
                f"({', '.join(self.computed_weights[:3])}{', ...' if len(self.computed_weights) > 3 else ''}): "
                "not counted" if self.computed_weights else ""),
-            "bridge       " + ("all ops convert to PyTorch" if not self.bridge_unsupported
-                               else "cannot convert: " + ", ".join(self.bridge_unsupported[:3])
-                               + (f" and {len(self.bridge_unsupported) - 3} more" if len(self.bridge_unsupported) > 3
-                                  else "")),
+            "bridge       " + self._bridge_text(),
         ]
         if self.external_data:
             lines.append(f"external     {', '.join(self.external_data)}")
@@ -122,7 +129,7 @@ class ModelSummary:
 def bridge_problems(model: LoadedModel) -> list[str]:
     """What keeps the PyTorch bridge (gradient mode, the verdict, repair) from this model: ops onnx2torch lacks,
     padding it cannot take, Conv weights computed by other nodes."""
-    return (unsupported_ops(model.proto) + padding_problems(model.proto)
+    return (unsupported_ops(model.classifier) + padding_problems(model.classifier)
             + [f"{layer.name}: weights computed by other nodes" for layer in model.layers if not layer.weight_stored])
 
 

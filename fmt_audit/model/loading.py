@@ -15,7 +15,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -64,6 +64,29 @@ class LoadedModel:
         """What every stage runs: ``proto`` with the class-score output its only output and only the nodes that
         lead to it, float16 widened to float32 (``proto`` itself when it already is all that)."""
         return classifier_graph(self.proto, self.scores)
+
+    def at_image_size(self, height: int, width: int) -> LoadedModel:
+        """This model run at ``height`` x ``width``: where the graph leaves its image input's height or width
+        unknown, :attr:`classifier` declares the size of the images it is given (the PyTorch bridge cannot pad
+        a strided ``SAME`` Conv, nor the verdict size its images, without it). ``proto`` is unchanged, so the
+        repaired file keeps the free sizes. Itself when both sizes are declared."""
+        image = self.image_input
+        if image.shape is None or (image.height is not None and image.width is not None):
+            return self
+        axes = {image.layout.index("H"): height, image.layout.index("W"): width}
+        shape = tuple(axes[axis] if axis in axes and not (isinstance(d, int) and d > 0) else d
+                      for axis, d in enumerate(image.shape))
+        graph = onnx.ModelProto()
+        graph.CopyFrom(self.classifier)
+        declared = next(value for value in graph.graph.input if value.name == image.name)
+        for axis, size in axes.items():
+            dim = declared.type.tensor_type.shape.dim[axis]
+            if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                dim.Clear()
+                dim.dim_value = size
+        sized = replace(self, image_input=replace(image, shape=shape))
+        sized.__dict__["classifier"] = graph
+        return sized
 
 
 def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -283,6 +283,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     dataset = None
     if data is not None:
         dataset = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
+        loaded = loaded.at_image_size(*dataset.x.shape[2:])
         if len(dataset) < 2:
             raise ConfigError(f"repair needs at least 2 clean images; got {len(dataset)}")
     empty = Dataset(np.zeros((0, 1, 1, 1), np.float32), np.zeros(0, np.int64))

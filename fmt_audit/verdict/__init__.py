@@ -58,6 +58,7 @@ def assess(model: str | os.PathLike, data: str | os.PathLike | None = None, conf
     dataset = None
     if data is not None:
         dataset = load_data(data, loaded.image_input, loaded.num_classes).take(config.samples, seed=config.seed)
+        loaded = loaded.at_image_size(*dataset.x.shape[2:])
     return gather(VerdictInputs(loaded, dataset, preprocessing, device), config)
 
 

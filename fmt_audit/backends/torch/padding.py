@@ -17,6 +17,7 @@ import onnx
 from fmt_audit.model.graph import attribute, constant_tensors, inferred_shapes, node_names
 
 POOLING_AND_CONV = ("Conv", "MaxPool", "AveragePool", "LpPool")
+UNKNOWN_SIZE = "over an input of unknown size"     # the one padding problem that a known image size lifts
 
 
 def _kernel(node: onnx.NodeProto, stored: dict[str, onnx.TensorProto],
@@ -82,8 +83,8 @@ def explicit_pads(model: onnx.ModelProto) -> tuple[int, list[str]]:
         sizes = list(shape[2:]) if shape and len(shape) == rank + 2 else [None] * rank
         pads = _pads(mode, sizes, kernel, strides, dilations)
         if pads is None:
-            problems.append(f"{name}: auto_pad {mode} at stride {strides} over an input of unknown size (an export "
-                            "with a fixed input size converts)")
+            problems.append(f"{name}: auto_pad {mode} at stride {strides} {UNKNOWN_SIZE} (converts once run at "
+                            "a fixed size: scan, repair and the verdict run at the size of the images given)")
             continue
         if node.op_type == "AveragePool" and pads[:rank] != pads[rank:]:
             problems.append(f"{name}: auto_pad {mode} pads unevenly ({pads}), which onnx2torch's AveragePool "
