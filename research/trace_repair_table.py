@@ -1,0 +1,101 @@
+"""Tables of research/trace_repair.py's rows (issue 31): per cell and method ACC / ASR / RA / DER and the ASR
+after re-activation, then each method's averages per attack, network, poisoning rate and over all cells,
+against the issue's targets. Markdown on stdout; reads only the jsonl files.
+
+    python research/trace_repair_table.py research/results/trace_repair_heldout.jsonl
+    python research/trace_repair_table.py research/results/trace_repair_dev.jsonl --methods "trace + unlearning,i-BAU"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def cell_parts(cell: str) -> dict[str, str]:
+    """``cifar10-preact18q-badnets-p10`` -> dataset, network, attack, poisoning (``clean`` twins: no rate)."""
+    parts = cell.split("-")
+    return {"dataset": parts[0], "network": parts[1], "attack": parts[2],
+            "poisoning": parts[3] if len(parts) > 3 else "–"}
+
+
+def latest_rows(path: Path) -> dict[str, dict[str, dict]]:
+    """``{cell: {method: row}}``, the last row of each pair (a rerun replaces an earlier one); only result rows
+    (the verdict and trace rows the script also writes have no method)."""
+    cells: dict[str, dict[str, dict]] = defaultdict(dict)
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "method" in row and "ACC" in row:
+            cells[row["model"].removeprefix("matrix ")][row["method"]] = row
+    return cells
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def per_cell(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]:
+    lines = ["| cell | method | removed | ACC (given) | ASR | RA | DER | ASR re-activated |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in sorted(cells):
+        given = cells[cell].get("none")
+        for method in methods:
+            row = cells[cell].get(method)
+            if row is None:
+                continue
+            before = f" ({_pct(given['ACC'])})" if given else ""
+            der = f"{row['DER']:.3f}" if row.get("DER") is not None else "–"
+            lines.append(f"| {cell} | {method} | {row.get('removed', 0)} | {_pct(row['ACC'])}{before} | "
+                         f"{_pct(row['ASR'])} | {_pct(row.get('RA'))} | {der} | {_pct(row.get('reactivated ASR'))} |")
+        if given:
+            lines.append(f"| {cell} | none (as given) | 0 | {_pct(given['ACC'])} | {_pct(given['ASR'])} | "
+                         f"{_pct(given.get('RA'))} | – | {_pct(given.get('reactivated ASR'))} |")
+    return lines
+
+
+def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]:
+    """Per method and group: cells, mean ACC change, mean and largest ASR, mean RA / ACC as given, mean DER,
+    mean re-activated ASR. Only cells with a measured model as given (the ``none`` row) count."""
+    lines = ["| method | group | cells | ACC change | ASR mean | ASR max | RA / clean ACC | DER | ASR re-activated |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+        for cell, rows in sorted(cells.items()):
+            if method not in rows or "none" not in rows:
+                continue
+            parts = cell_parts(cell)
+            pair = (rows["none"], rows[method])
+            groups["all"].append(pair)
+            for key in ("attack", "network", "poisoning"):
+                groups[f"{key} {parts[key]}"].append(pair)
+        for group, pairs in sorted(groups.items(), key=lambda item: (item[0] != "all", item[0])):
+            change = statistics.fmean(100 * (row["ACC"] - given["ACC"]) for given, row in pairs)
+            asr = [100 * row["ASR"] for _, row in pairs]
+            ra = statistics.fmean(row.get("RA", 0.0) / given["ACC"] for given, row in pairs)
+            der = [row["DER"] for _, row in pairs if row.get("DER") is not None]
+            again = [100 * row["reactivated ASR"] for _, row in pairs if row.get("reactivated ASR") is not None]
+            der_text = f"{statistics.fmean(der):.3f}" if der else "–"
+            again_text = f"{statistics.fmean(again):.1f}" if again else "–"
+            lines.append(f"| {method} | {group} | {len(pairs)} | {change:+.1f} | {statistics.fmean(asr):.1f} | "
+                         f"{max(asr):.1f} | {100 * ra:.0f}% | {der_text} | {again_text} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", type=Path)
+    parser.add_argument("--methods", default=None, help="comma-separated, in this order (default: every method)")
+    args = parser.parse_args()
+    cells = latest_rows(args.rows)
+    found = list(dict.fromkeys(m for rows in cells.values() for m in rows if m != "none"))
+    methods = args.methods.split(",") if args.methods else found
+    print("\n".join(per_cell(cells, methods)))
+    print()
+    print("\n".join(averages(cells, methods)))
+
+
+if __name__ == "__main__":
+    main()
