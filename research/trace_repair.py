@@ -245,6 +245,11 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                 one_case(case, args, done, write, [stage["picked"]])
             write({**rows()[stage["picked"]], "method": "staged", "stage": stage})
             continue
+        if method == "unlearning only" and not trace_flagged and "trace + unlearning" in rows():
+            # nothing traced: trace + unlearning was unlearning only, the same repair with the same seed
+            write({**rows()["trace + unlearning"], "method": method, "flags from": "none",
+                   "same as": "trace + unlearning (nothing traced)"})
+            continue
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
         result = repair(loaded, data, settings, scan_config, flagged=flagged)

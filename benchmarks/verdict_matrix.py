@@ -1,0 +1,131 @@
+"""The default verdict on every cell of the development matrix (issue 31's evidence): ROC-AUC of its
+suspicion between the clean twins and the backdoored cells whose attack took (ASR >= 90%), the share called
+suspicious at the default threshold in each, and how often the class named is the target.
+
+Each cell's verdict is `fmt_audit.verdict.assess` as `fmt-audit scan` runs it by default (the `combined`
+method, 256 of the cell's 2,000 defender images, seed 0, the normalisation the cell expects), one cell per
+fresh process, appended to CACHE/verdict_matrix.jsonl as it comes (a rerun skips the cells done).
+
+    python benchmarks/verdict_matrix.py run [matrix:PART,...]     # default: every exported cell
+    python benchmarks/verdict_matrix.py summary                   # tables, and results/verdict_matrix.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cases import CACHE, HERE, MATRIX, matrix_folders
+
+ROWS = CACHE / "verdict_matrix.jsonl"
+TOOK = 0.9      # a backdoored cell counts when its attack took: ASR at least this on the test set
+
+
+def one_cell(folder: Path) -> dict:
+    """The default verdict on one cell (run in a fresh process by ``run``)."""
+    from fmt_audit.verdict import VerdictConfig, assess
+
+    facts = json.loads((folder / "facts.json").read_text())
+    mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+    started = time.perf_counter()
+    verdict = assess(folder / "model.onnx", folder / "defender.npz", VerdictConfig(), mean, std, device="cpu")
+    found = verdict.to_dict()
+    return {"cell": folder.name, "attack": facts["attack"], "target": facts.get("target"),
+            "asr": facts.get("asr"), "verdict": found["verdict"], "suspicion": found.get("suspicion"),
+            "class": found.get("target_class"), "threshold": found.get("threshold"),
+            "basis": found.get("basis"), "seconds": round(time.perf_counter() - started, 1),
+            "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def done_cells() -> set[str]:
+    return {json.loads(line)["cell"] for line in ROWS.read_text().splitlines()} if ROWS.exists() else set()
+
+
+def run(name: str) -> None:
+    folders = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists()) if name == "all" \
+        else matrix_folders(name)
+    done = done_cells()
+    for folder in folders:
+        if folder.name in done:
+            continue
+        result = subprocess.run([sys.executable, __file__, "cell", str(folder)], capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"{folder.name}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = result.stdout.strip().splitlines()[-1]
+        with ROWS.open("a") as out:
+            out.write(row + "\n")
+        print(row, flush=True)
+
+
+def auc(negatives: list[float], positives: list[float]) -> float:
+    """P(a positive scores above a negative), ties counted half: the Mann-Whitney form of ROC-AUC."""
+    pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in negatives]
+    return sum(pairs) / len(pairs)
+
+
+def summary() -> dict:
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+    clean = [r for r in rows if r["attack"] == "clean"]
+    backdoored = [r for r in rows if r["attack"] != "clean" and (r["asr"] or 0) >= TOOK]
+    left_out = [r["cell"] for r in rows if r["attack"] != "clean" and (r["asr"] or 0) < TOOK]
+    scored = [r for r in clean + backdoored if r["suspicion"] is not None]
+
+    def called(group: list[dict]) -> float:
+        return sum(r["verdict"] == "suspicious" for r in group) / len(group) if group else float("nan")
+
+    result = {
+        "cells": len(rows), "clean twins": len(clean), "backdoored (attack took)": len(backdoored),
+        "left out (attack did not take)": left_out,
+        "inconclusive": [r["cell"] for r in rows if r["suspicion"] is None],
+        "roc_auc": round(auc([r["suspicion"] for r in scored if r["attack"] == "clean"],
+                             [r["suspicion"] for r in scored if r["attack"] != "clean"]), 3)
+        if any(r["attack"] == "clean" for r in scored) and any(r["attack"] != "clean" for r in scored) else None,
+        "false positive rate": round(called(clean), 3), "true positive rate": round(called(backdoored), 3),
+        "target named (of those called suspicious)": round(
+            sum(r["class"] == r["target"] for r in backdoored if r["verdict"] == "suspicious")
+            / max(1, sum(r["verdict"] == "suspicious" for r in backdoored)), 3),
+        "per attack": {},
+        "clean twins' named classes": {r["cell"]: r["class"] for r in clean},
+        "median seconds": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None,
+    }
+    for attack in sorted({r["attack"] for r in backdoored}):
+        group = [r for r in backdoored if r["attack"] == attack]
+        result["per attack"][attack] = {"cells": len(group), "called suspicious": round(called(group), 3),
+                                        "auc vs clean twins": round(auc(
+                                            [r["suspicion"] for r in clean if r["suspicion"] is not None],
+                                            [r["suspicion"] for r in group if r["suspicion"] is not None]), 3)
+                                        if clean else None}
+    print("| cell | attack | ASR | verdict | suspicion | class named | target | s |\n|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["attack"] != "clean", r["cell"])):
+        suspicion = "–" if r["suspicion"] is None else f"{r['suspicion']:.3f}"
+        asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
+        print(f"| {r['cell']} | {r['attack']} | {asr} | {r['verdict']} | {suspicion} | {r['class']} | "
+              f"{r['target'] if r['attack'] != 'clean' else '–'} | {r['seconds']} |")
+    print(json.dumps(result, indent=1))
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "verdict_matrix.json").write_text(json.dumps({"summary": result, "rows": rows}, indent=1)
+                                                          + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("run", "summary", "cell"))
+    parser.add_argument("what", nargs="?", default="all")
+    args = parser.parse_args()
+    if args.command == "cell":
+        print(json.dumps(one_cell(Path(args.what))))
+    elif args.command == "run":
+        run(args.what)
+    else:
+        summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The GPU path (issue 32): the same engines under ``--device cuda`` (ONNX Runtime's CUDA provider, torch on
+CUDA). Runs only where both are present (``pip install -e ".[gpu]"`` on a machine with a GPU); skipped
+elsewhere, CI included."""
+
+import numpy as np
+import pytest
+from conftest import SAMPLES
+
+from fmt_audit.backends.onnxrt.session import cuda_available
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not (cuda_available() and torch.cuda.is_available()),
+                                reason="needs ONNX Runtime's CUDA provider and a CUDA build of torch with a GPU")
+
+MODEL, DATA = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
+
+
+def _agree(cpu, gpu, samples: int) -> None:
+    """Scores within two images of each other (cuDNN may pick other algorithms, TF32 among them); flagged
+    sets mostly the same."""
+    for a, b in zip(cpu.layers, gpu.layers):
+        assert np.abs(np.asarray(a.scores) - np.asarray(b.scores)).max() <= 2 / samples + 1e-6, a.name
+    flagged_cpu = {(layer, c) for layer, cs in cpu.flagged.items() for c in cs}
+    flagged_gpu = {(layer, c) for layer, cs in gpu.flagged.items() for c in cs}
+    union = flagged_cpu | flagged_gpu
+    assert not union or len(flagged_cpu & flagged_gpu) / len(union) >= 0.8
+
+
+def test_the_mask_scan_runs_on_the_gpu_and_scores_as_on_the_cpu():
+    from fmt_audit.fmt.scan import ScanConfig, scan
+
+    cpu = scan(MODEL, DATA, ScanConfig(samples=64, device="cpu"), verdict=None)
+    gpu = scan(MODEL, DATA, ScanConfig(samples=64, device="cuda"), verdict=None)
+    assert gpu.config["ort_provider"] == "CUDAExecutionProvider" and gpu.config["device_used"] == "cuda"
+    assert gpu.config["whole_graph_layers"] == []       # the cut graph ran on every layer
+    _agree(cpu, gpu, 64)
+
+
+def test_the_gradient_scan_and_the_verdict_run_in_torch_on_the_gpu():
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.verdict import VerdictConfig
+
+    quick = VerdictConfig(method="margin", samples=64, margin_restarts=2, margin_steps=20)
+    gpu = scan(MODEL, DATA, ScanConfig(samples=64, mode="gradient", device="cuda"), verdict=quick)
+    assert gpu.config["placement"]["torch"] == "cuda" and gpu.config["placement"]["onnxruntime"] == "cuda"
+    assert gpu.verdict["suspicion"] is not None
+    cpu = scan(MODEL, DATA, ScanConfig(samples=64, mode="gradient", device="cpu"), verdict=None)
+    _agree(cpu, gpu, 64)
+
+
+def test_repair_fine_tunes_on_the_gpu(tmp_path):
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+
+    result = repair(MODEL, DATA, RepairConfig(FineTuneConfig(epochs=1)), ScanConfig(samples=64, device="cuda"))
+    assert result.report.verification["checker"] == "passed"
+    assert result.report.verification["ort_provider"] == "CUDAExecutionProvider"
+    assert result.report.config["placement"]["torch"] == "cuda"
