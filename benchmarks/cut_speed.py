@@ -16,6 +16,7 @@ did not make, as a share of its flags; both engines must give the same), and whe
 trigger, ACC / ASR with only the flagged channels removed (no fine-tuning, ONNX Runtime masks).
 
     cd benchmarks && python cut_speed.py matrix:cifar10-preact18q-badnets-p10,cifar10-vgg-badnets-p10
+    cd benchmarks && python cut_speed.py matrix:cifar10-preact18-badnets-p10 --presets cut --samples 1024 --device cuda
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from pathlib import Path
 from cases import arguments, cases, publish
 
 ENGINES = ("whole", "cut")
-HEADER = ["model", "channels", "N", "engine", "time s", "vs before", "verdict s", "flagged", "recall", "extra",
-          "ACC removed", "ASR removed"]
+HEADER = ["model", "channels", "N", "engine", "device", "time s", "vs before", "verdict s", "flagged", "recall",
+          "extra", "ACC removed", "ASR removed"]
 
 
 def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, mean, std, out: str,
-               verdict: bool) -> dict:
+               verdict: bool, device: str = "cpu") -> dict:
     """One engine in this process: the channel scan's seconds (and the verdict's, if asked for), and the report
     (written to ``out``)."""
     import onnxruntime  # noqa: F401  (imports are not what is timed)
@@ -53,12 +54,12 @@ def run_engine(engine: str, model: str, defender: str, samples: int, seed: int, 
     loaded = load_model(model)
     data = load_npz(defender)
     started = time.perf_counter()
-    report = scan(loaded, data, ScanConfig(samples=samples, seed=seed, device="cpu", mean=mean, std=std),
+    report = scan(loaded, data, ScanConfig(samples=samples, seed=seed, device=device, mean=mean, std=std),
                   verdict=VerdictConfig(seed=seed) if verdict and engine == "cut" else None)
     seconds = time.perf_counter() - started
     Path(out).write_text(report.to_json())
     verdict_s = report.timing["verdict_s"] if report.verdict is not None else None
-    return {"seconds": seconds - (verdict_s or 0.0), "verdict_s": verdict_s}
+    return {"seconds": seconds - (verdict_s or 0.0), "verdict_s": verdict_s, "device": report.config["device_used"]}
 
 
 def removal(case, flagged: dict) -> tuple[float, float]:
@@ -78,13 +79,14 @@ def removal(case, flagged: dict) -> tuple[float, float]:
 def main() -> None:
     parser = arguments(__doc__, ",".join(ENGINES), 256)
     parser.add_argument("--verdict", action="store_true", help="time the default verdict too (cut engine)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the scans run")
     parser.add_argument("--child", nargs=4, help=argparse_hidden())
     args = parser.parse_args()
     if args.child:
         engine, model, defender, out = args.child
         spec = json.loads(os.environ["CUT_NORM"])
         print(json.dumps(run_engine(engine, model, defender, args.samples, args.seed, spec["mean"], spec["std"],
-                                    out, args.verdict)))
+                                    out, args.verdict, args.device)))
         return
 
     from fmt_audit.report.json_report import ScanReport
@@ -97,7 +99,7 @@ def main() -> None:
                 out = Path(folder) / "report.json"
                 command = [sys.executable, __file__, "--child", engine, str(case.model), str(case.defender),
                            str(out), "--samples", str(args.samples), "--seed", str(args.seed),
-                           *(["--verdict"] if args.verdict else [])]
+                           "--device", args.device, *(["--verdict"] if args.verdict else [])]
                 norm = json.dumps({"mean": case.mean, "std": case.std})
                 done = subprocess.run(command, check=True, capture_output=True, text=True,
                                       env={**os.environ, "CUT_NORM": norm})
@@ -109,7 +111,8 @@ def main() -> None:
                 base_flags, base_time = flags, seconds
             acc, asr = removal(case, report.flagged) if case.triggered is not None else (None, None)
             rows.append({"model": case.label, "channels": sum(layer.channels for layer in report.layers),
-                         "N": report.config["samples"], "engine": engine, "time s": round(seconds, 1),
+                         "N": report.config["samples"], "engine": engine, "device": timed["device"],
+                         "time s": round(seconds, 1),
                          "vs before": round(base_time / seconds, 2),
                          "verdict s": "–" if timed["verdict_s"] is None else round(timed["verdict_s"], 1),
                          "flagged": len(flags),
