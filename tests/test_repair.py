@@ -149,11 +149,32 @@ def test_unlearning_calibrates_eps_without_a_gradient_scan():
     assert "unlearning" in result.report.format_text()
 
 
+def test_distillation_from_the_model_as_given_trains_toward_its_probabilities():
+    """Research (docs/research/repair-distillation.md): with ``distill`` the clean loss is half the teacher's
+    KL divergence, so training moves less from the model as given than on the labels alone."""
+    from fmt_audit.backends.onnxrt.session import OrtClassifier
+
+    data = load_npz(SAMPLES / "defender.npz")
+    config = RepairConfig(FineTuneConfig(epochs=2, lr=0.05), unlearn=False, holdout=0.0)
+    plain = repair(SAMPLES / "blended_op13.onnx", data, config, ScanConfig(samples=64), flagged={})
+    taught = repair(SAMPLES / "blended_op13.onnx", data, replace(config, distill=0.9), ScanConfig(samples=64),
+                    flagged={})
+    assert taught.report.config["unlearning"]["distill"] == {"weight": 0.9, "temperature": 2.0}
+    assert "distill" not in plain.report.config["unlearning"]
+
+    def moved(model) -> float:
+        given = OrtClassifier(load_model(SAMPLES / "blended_op13.onnx").proto, "cpu").logits(data.x)
+        return float(np.abs(OrtClassifier(model, "cpu").logits(data.x) - given).mean())
+
+    assert moved(taught.model) < moved(plain.model)
+
+
 def test_fine_tune_settings_are_validated():
     for bad in ({"epochs": -1}, {"lr": 0.0}, {"batch_size": 1}, {"flip": "sometimes"}, {"max_grad_norm": 0.0}):
         with pytest.raises(ConfigError):
             FineTuneConfig(**bad)
-    for bad in ({"holdout": 1.0}, {"unlearn_eps": 0.0}, {"unlearn_eps": "big"}, {"unlearn_steps": 0}):
+    for bad in ({"holdout": 1.0}, {"unlearn_eps": 0.0}, {"unlearn_eps": "big"}, {"unlearn_steps": 0}, {"distill": 1.0},
+                {"distill": -0.1}):
         with pytest.raises(ConfigError):
             RepairConfig(**bad)
     config = FineTuneConfig()
