@@ -5,8 +5,10 @@ The mask scan's flagged set comes from every channel's three settings (removed, 
 N images. With the graph cut at each layer (the default engine), a layer costs one pass of its prefix (the
 graph up to its Conv) over the N images, then per channel 3 x N passes of the rest of the graph. Counting
 the dense FLOPs of that (Conv, Gemm, MatMul: ``fmt_audit.fmt.memory.graph_cost``) and dividing by the
-machine's fp32 matrix-product throughput (torch, 2048x2048, its default threads) gives a floor no exact
-engine on this CPU beats: real Convs on 32x32 maps run well below a large matrix product's rate.
+machine's fp32 matrix-product throughput (torch, 2048x2048, its default threads) gives a floor no engine
+that runs the rest of the graph per setting beats on this CPU: real Convs on 32x32 maps run well below a
+large matrix product's rate. (An engine that propagated only what a setting changes, layer by layer, could
+do less work; none exists here.)
 
     cd benchmarks && python scan_floor.py \
         matrix:cifar10-preact18q-badnets-p10,cifar10-preact18-badnets-p10,cifar10-mobilenetv2-badnets-p10
@@ -57,7 +59,8 @@ def main() -> None:
                      "cut TFLOP": round(cut / 1e12, 1), "cut / whole": round(cut / whole, 3),
                      "GFLOP/s": round(throughput), "floor s (cut)": round(cut / 1e9 / throughput, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    publish(rows, list(rows[0]), f"scan_floor_{'_'.join(args.models)}_n{args.samples}")
+    which = "matrix" if all(m.startswith("matrix:") for m in args.models) else "_".join(args.models)
+    publish(rows, list(rows[0]), f"scan_floor_{which}_n{args.samples}")
 
 
 if __name__ == "__main__":

@@ -151,3 +151,11 @@ def test_a_graph_with_free_height_and_width_runs_at_the_size_of_its_images(tmp_p
     report = scan(loaded, data, ScanConfig(samples=8, skip_layers=f"^(?!{last}$)"), verdict=None)
     assert report.model["input"]["run_at"] == [32, 32]
     assert report.model["input"]["shape"][1:3] == list(loaded.image_input.shape[1:3])    # declared: free
+    # the repair's self-check runs the verdict on the repaired graph at the same size
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+
+    repaired = repair(loaded, data, RepairConfig(FineTuneConfig(epochs=1, batch_size=8), unlearn=False),
+                      ScanConfig(samples=8), flagged={loaded.layers[-1].name: [0]},
+                      check=VerdictConfig(method="margin", samples=24, margin_restarts=2, margin_steps=10))
+    assert repaired.report.self_check["after"]["suspicion"] is not None, repaired.report.self_check

@@ -15,15 +15,23 @@ pytestmark = pytest.mark.skipif(not (cuda_available() and torch.cuda.is_availabl
 MODEL, DATA = SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz"
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """torch may run cuDNN convolutions in TF32: compare float32 with float32."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def _agree(cpu, gpu, samples: int) -> None:
-    """Scores within two images of each other (cuDNN may pick other algorithms, TF32 among them); flagged
-    sets mostly the same."""
+    """Scores within two images of each other (cuDNN may pick other algorithms); flagged sets the same but
+    for at most one channel near the threshold."""
     for a, b in zip(cpu.layers, gpu.layers):
         assert np.abs(np.asarray(a.scores) - np.asarray(b.scores)).max() <= 2 / samples + 1e-6, a.name
     flagged_cpu = {(layer, c) for layer, cs in cpu.flagged.items() for c in cs}
     flagged_gpu = {(layer, c) for layer, cs in gpu.flagged.items() for c in cs}
-    union = flagged_cpu | flagged_gpu
-    assert not union or len(flagged_cpu & flagged_gpu) / len(union) >= 0.8
+    assert len(flagged_cpu ^ flagged_gpu) <= 1, (flagged_cpu, flagged_gpu)
 
 
 def test_the_mask_scan_runs_on_the_gpu_and_scores_as_on_the_cpu():
@@ -41,10 +49,11 @@ def test_the_gradient_scan_and_the_verdict_run_in_torch_on_the_gpu():
     from fmt_audit.verdict import VerdictConfig
 
     quick = VerdictConfig(method="margin", samples=64, margin_restarts=2, margin_steps=20)
-    gpu = scan(MODEL, DATA, ScanConfig(samples=64, mode="gradient", device="cuda"), verdict=quick)
+    # eps given: calibrated apart on each device it could land on another rung of the ladder
+    gpu = scan(MODEL, DATA, ScanConfig(samples=64, mode="gradient", eps=0.05, device="cuda"), verdict=quick)
     assert gpu.config["placement"]["torch"] == "cuda" and gpu.config["placement"]["onnxruntime"] == "cuda"
     assert gpu.verdict["suspicion"] is not None
-    cpu = scan(MODEL, DATA, ScanConfig(samples=64, mode="gradient", device="cpu"), verdict=None)
+    cpu = scan(MODEL, DATA, ScanConfig(samples=64, mode="gradient", eps=0.05, device="cpu"), verdict=None)
     _agree(cpu, gpu, 64)
 
 

@@ -11,7 +11,7 @@ from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
 from fmt_audit.backends.onnxrt.session import create_session
-from fmt_audit.data import Dataset, load_npz
+from fmt_audit.data import Dataset, Preprocessing, load_npz
 from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.fmt.scan import EPS_GRID, ScanConfig
 from fmt_audit.model.loading import load_model
@@ -149,24 +149,62 @@ def test_unlearning_calibrates_eps_without_a_gradient_scan():
     assert "unlearning" in result.report.format_text()
 
 
-def test_distillation_from_the_model_as_given_trains_toward_its_probabilities():
-    """Research (docs/research/repair-distillation.md): with ``distill`` the clean loss is half the teacher's
-    KL divergence, so training moves less from the model as given than on the labels alone."""
-    from fmt_audit.backends.onnxrt.session import OrtClassifier
+def test_distillation_trains_toward_the_teachers_probabilities():
+    """Research (docs/research/repair-distillation.md): with ``distill`` the clean loss includes the KL
+    divergence from the teacher's probabilities. Same student, same weight, two teachers: the model as given,
+    and the same model with its classes shifted by one; the student taught by the second agrees with the
+    shifted classes on more images (a teacher term that did nothing would give the same student twice)."""
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import freeze
+    from fmt_audit.repair.finetune import fine_tune
 
     data = load_npz(SAMPLES / "defender.npz")
-    config = RepairConfig(FineTuneConfig(epochs=2, lr=0.05), unlearn=False, holdout=0.0)
-    plain = repair(SAMPLES / "blended_op13.onnx", data, config, ScanConfig(samples=64), flagged={})
-    taught = repair(SAMPLES / "blended_op13.onnx", data, replace(config, distill=0.9), ScanConfig(samples=64),
-                    flagged={})
-    assert taught.report.config["unlearning"]["distill"] == {"weight": 0.9, "temperature": 2.0}
-    assert "distill" not in plain.report.config["unlearning"]
+    x = torch.from_numpy(data.x)
 
-    def moved(model) -> float:
-        given = OrtClassifier(load_model(SAMPLES / "blended_op13.onnx").proto, "cpu").logits(data.x)
-        return float(np.abs(OrtClassifier(model, "cpu").logits(data.x) - given).mean())
+    def bridged() -> BridgedClassifier:
+        return BridgedClassifier(to_torch(load_model(SAMPLES / "blended_op13.onnx").proto), Preprocessing())
 
-    assert moved(taught.model) < moved(plain.model)
+    given = bridged()
+    freeze(given)
+
+    def shifted(images: torch.Tensor) -> torch.Tensor:
+        return given(images).roll(1, dims=1)
+
+    def agreement_with_shifted(teacher) -> float:
+        student = bridged()
+        fine_tune(student, data, FineTuneConfig(epochs=2), flip=False, teacher=teacher, distill=0.9)
+        with torch.no_grad():
+            return float((student(x).argmax(1) == shifted(x).argmax(1)).float().mean())
+
+    assert agreement_with_shifted(shifted) > agreement_with_shifted(given) + 0.2
+
+
+def test_fine_tuning_a_graph_that_ends_in_softmax_takes_the_log_of_its_probabilities():
+    """Cross-entropy needs logits; a graph ending in Softmax (Keras, tf2onnx) gives probabilities, whose own
+    softmax is nearly flat: training on them barely moved the model."""
+    from fmt_audit.repair.finetune import fine_tune
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5), torch.nn.Softmax(1))
+    with torch.no_grad():
+        module[1].weight.mul_(40)       # confident: far from uniform probabilities
+
+    class Probabilities:    # what the bridge gives for such a graph: module, device, call
+        device = "cpu"
+
+        def __init__(self):
+            self.module = module
+
+        def __call__(self, images):
+            return self.module(images)
+
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.random((32, 3, 8, 8), dtype=np.float32), rng.integers(0, 5, 32))
+    with torch.no_grad():
+        expected = torch.nn.functional.nll_loss(module(torch.from_numpy(data.x)).log(), torch.from_numpy(data.y))
+    [record] = fine_tune(Probabilities(), data, FineTuneConfig(epochs=1, lr=1e-9, final_lr=0.0, augment=False,
+                                                               batch_size=32, max_grad_norm=None), flip=False)
+    assert record.loss == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_fine_tune_settings_are_validated():

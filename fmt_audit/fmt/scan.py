@@ -19,7 +19,7 @@ from fmt_audit.errors import ConfigError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from fmt_audit.fmt.scores import ChannelScores
 from fmt_audit.fmt.selection import SELECTIONS, select
-from fmt_audit.model.graph import ConvLayer, nonfinite_weights, opset_version
+from fmt_audit.model.graph import ConvLayer, image_input, nonfinite_weights, opset_version
 from fmt_audit.model.loading import LoadedModel, load_model
 from fmt_audit.report.json_report import LayerResult, ScanReport
 from fmt_audit.verdict import VerdictConfig, VerdictInputs
@@ -315,7 +315,6 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     config.preprocessing.check_channels(loaded.image_input.channels)
     everything = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
-    declared = loaded.image_input
     loaded = loaded.at_image_size(*everything.x.shape[2:])
     dataset = everything.take(config.samples, seed=config.seed)
     skip = re.compile(config.skip_layers) if config.skip_layers else None
@@ -365,7 +364,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     if config.selection == "trace":
         traced = _trace(loaded, layers, everything, config, found, scanner)
         results = [replace(r, flagged=traced.get("layers", {}).get(r.name, [])) for r in results]
-    shape = declared.shape
+    shape = image_input(loaded.proto).shape     # as the graph declares it (run_at: the size it ran at)
     resolved = replace(config, eps=eps) if config.mode == "gradient" else config
     used = asdict(resolved)
     if config.mode == "gradient":
@@ -374,8 +373,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         model={"path": str(loaded.path), "sha256": loaded.sha256, "opset": opset_version(loaded.proto),
                "input": {"name": loaded.image_input.name, "shape": list(shape) if shape else None,
                          "layout": loaded.image_input.layout,
-                         # a graph that leaves the height or width free is run at the images' size
-                         **({"run_at": list(everything.x.shape[2:])} if loaded.image_input is not declared else {})},
+                         **({"run_at": list(loaded.run_at)} if loaded.run_at else {})},
                "class_output": loaded.scores,
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),

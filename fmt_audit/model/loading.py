@@ -53,6 +53,7 @@ class LoadedModel:
     layers: tuple[ConvLayer, ...]
     external_data: tuple[str, ...]  # external data files, relative to the model's folder
     output: TensorSpec | None = None    # the class scores (None: the first output)
+    run_at: tuple[int, int] | None = None   # (height, width) given to a graph that leaves them free
 
     @property
     def scores(self) -> str:
@@ -62,31 +63,39 @@ class LoadedModel:
     @functools.cached_property
     def classifier(self) -> onnx.ModelProto:
         """What every stage runs: ``proto`` with the class-score output its only output and only the nodes that
-        lead to it, float16 widened to float32 (``proto`` itself when it already is all that)."""
-        return classifier_graph(self.proto, self.scores)
+        lead to it, float16 widened to float32, run at :attr:`run_at` (``proto`` itself when it already is all
+        that)."""
+        graph = classifier_graph(self.proto, self.scores)
+        return graph if self.run_at is None else _with_image_size(graph, self.image_input, *self.run_at)
 
     def at_image_size(self, height: int, width: int) -> LoadedModel:
         """This model run at ``height`` x ``width``: where the graph leaves its image input's height or width
         unknown, :attr:`classifier` declares the size of the images it is given (the PyTorch bridge cannot pad
-        a strided ``SAME`` Conv, nor the verdict size its images, without it). ``proto`` is unchanged, so the
-        repaired file keeps the free sizes. Itself when both sizes are declared."""
+        a strided ``SAME`` Conv, nor the verdict size its images, without it), and :attr:`run_at` records it
+        (a copy with other weights, ``dataclasses.replace(model, proto=...)``, keeps it). ``proto`` is
+        unchanged, so the repaired file keeps the free sizes. Itself when both sizes are declared."""
         image = self.image_input
         if image.shape is None or (image.height is not None and image.width is not None):
             return self
         axes = {image.layout.index("H"): height, image.layout.index("W"): width}
         shape = tuple(axes[axis] if axis in axes and not (isinstance(d, int) and d > 0) else d
                       for axis, d in enumerate(image.shape))
-        graph = onnx.ModelProto()
-        graph.CopyFrom(self.classifier)
-        declared = next(value for value in graph.graph.input if value.name == image.name)
-        for axis, size in axes.items():
-            dim = declared.type.tensor_type.shape.dim[axis]
-            if not (dim.HasField("dim_value") and dim.dim_value > 0):
-                dim.Clear()
-                dim.dim_value = size
-        sized = replace(self, image_input=replace(image, shape=shape))
-        sized.__dict__["classifier"] = graph
+        sized = replace(self, image_input=replace(image, shape=shape), run_at=(height, width))
+        sized.__dict__["classifier"] = _with_image_size(self.classifier, image, height, width)
         return sized
+
+
+def _with_image_size(model: onnx.ModelProto, image: ImageInput, height: int, width: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose input ``image`` declares ``height`` and ``width`` where it left them free."""
+    sized = onnx.ModelProto()
+    sized.CopyFrom(model)
+    declared = next(value for value in sized.graph.input if value.name == image.name)
+    for axis, size in ((image.layout.index("H"), height), (image.layout.index("W"), width)):
+        dim = declared.type.tensor_type.shape.dim[axis]
+        if not (dim.HasField("dim_value") and dim.dim_value > 0):
+            dim.Clear()
+            dim.dim_value = size
+    return sized
 
 
 def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier
+from fmt_audit.backends.torch.logits import as_logits
 from fmt_audit.data import Dataset
 from fmt_audit.errors import ConfigError
 from fmt_audit.model.graph import ConvLayer
@@ -202,16 +203,16 @@ def _optimise(classifier: BridgedClassifier, data: Dataset, config: AnpConfig, s
             for _ in range(config.steps):
                 for tensor in adversary:
                     tensor.requires_grad_(True)
-                gradients = torch.autograd.grad(loss_fn(classifier(x), y), adversary)
+                gradients = torch.autograd.grad(loss_fn(as_logits(classifier(x)), y), adversary)
                 with torch.no_grad():
                     for tensor, gradient in zip(adversary, gradients):
                         tensor.requires_grad_(False)
                         tensor.add_(torch.sign(gradient), alpha=config.eps / config.steps)
-            robust = loss_fn(classifier(x), y)
+            robust = loss_fn(as_logits(classifier(x)), y)
         else:
             robust = 0.0
         perturbed[0] = False
-        logits = classifier(x)
+        logits = as_logits(classifier(x))
         natural = loss_fn(logits, y)
         loss = config.tradeoff * natural + (1 - config.tradeoff) * robust
         optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier
+from fmt_audit.backends.torch.logits import as_logits
 from fmt_audit.data import Dataset
 from fmt_audit.repair.config import FineTuneConfig
 
@@ -137,12 +138,13 @@ def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneCon
                     x = torch.cat([x, perturb(x)])
                     y = torch.cat([y, y])
                 optimizer.zero_grad(set_to_none=True)
-                logits = classifier(x)
+                # a graph that ends in Softmax gives probabilities: their logarithm is what cross-entropy takes
+                logits = as_logits(classifier(x))
                 # clean loss at full weight, plus the perturbed copies' loss (unlearning)
                 loss = loss_fn(logits[:n], y[:n])
                 if teacher is not None and distill > 0:
                     with torch.no_grad():
-                        taught = F.log_softmax(teacher(x[:n]) / DISTILL_TEMPERATURE, 1)
+                        taught = F.log_softmax(as_logits(teacher(x[:n])) / DISTILL_TEMPERATURE, 1)
                     kl = F.kl_div(F.log_softmax(logits[:n] / DISTILL_TEMPERATURE, 1), taught, log_target=True,
                                   reduction="batchmean")
                     loss = (1 - distill) * loss + distill * DISTILL_TEMPERATURE ** 2 * kl

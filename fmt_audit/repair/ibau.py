@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier
+from fmt_audit.backends.torch.logits import as_logits
 from fmt_audit.data import Dataset
 from fmt_audit.repair.config import IbauConfig
 
@@ -61,7 +62,8 @@ def ibau_unlearn(classifier: BridgedClassifier, data: Dataset, config: IbauConfi
 
     def inner_map(delta: torch.Tensor) -> torch.Tensor:
         """One gradient step of the inner loss, kept differentiable in ``delta`` and the weights."""
-        loss = -F.cross_entropy(classifier(first_x + delta), first_y) + config.regularization * delta.pow(2).sum()
+        loss = (-F.cross_entropy(as_logits(classifier(first_x + delta)), first_y)
+                + config.regularization * delta.pow(2).sum())
         (gradient,) = torch.autograd.grad(loss, delta, create_graph=True)
         return delta - config.inner_step * gradient
 
@@ -71,7 +73,8 @@ def ibau_unlearn(classifier: BridgedClassifier, data: Dataset, config: IbauConfi
         for images, _ in batches:
             with torch.no_grad():
                 own = classifier(images).argmax(1)
-            loss = -F.cross_entropy(classifier(images + delta), own) + config.regularization * delta.pow(2).sum()
+            loss = (-F.cross_entropy(as_logits(classifier(images + delta)), own)
+                    + config.regularization * delta.pow(2).sum())
             (delta.grad,) = torch.autograd.grad(loss, delta)
             search.step()
         norms.append(round(float(delta.detach().norm()), 4))
@@ -100,7 +103,7 @@ def _hypergradient(classifier: BridgedClassifier, weights: list[torch.Tensor], d
     count = int(len(images) * config.patched_share)
     if count:
         patched[torch.from_numpy(rng.choice(len(images), size=count, replace=False)).to(images.device)] = True
-    outer = F.cross_entropy(classifier(images + patched.view(-1, 1, 1, 1) * delta), labels)
+    outer = F.cross_entropy(as_logits(classifier(images + patched.view(-1, 1, 1, 1) * delta)), labels)
     direct_delta, *direct_weights = torch.autograd.grad(outer, [delta, *weights], allow_unused=True)
     direct_delta = torch.zeros_like(delta) if direct_delta is None else direct_delta
     mapped = inner_map(delta)

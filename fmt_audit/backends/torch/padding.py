@@ -84,7 +84,7 @@ def explicit_pads(model: onnx.ModelProto) -> tuple[int, list[str]]:
         pads = _pads(mode, sizes, kernel, strides, dilations)
         if pads is None:
             problems.append(f"{name}: auto_pad {mode} at stride {strides} {UNKNOWN_SIZE} (converts once run at "
-                            "a fixed size: scan, repair and the verdict run at the size of the images given)")
+                            "a fixed size: scan, repair and the verdict run at the size of the --data images)")
             continue
         if node.op_type == "AveragePool" and pads[:rank] != pads[rank:]:
             problems.append(f"{name}: auto_pad {mode} pads unevenly ({pads}), which onnx2torch's AveragePool "
