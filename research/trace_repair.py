@@ -41,7 +41,7 @@ from cases import cases
 RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
-           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning")
+           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP")
 # staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
 STAGED_ACC_DROP = 0.02
 
@@ -209,8 +209,6 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace removal only": lambda: (trace_flagged, RepairConfig(FineTuneConfig(epochs=0)), "trace"),
         "trace + fine-tuning": lambda: (trace_flagged, tune_only, "trace"),
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
-        # docs/research/repair-distillation.md (pre-registered): the clean loss half distilled from the model given
-        "trace + distilled unlearning": lambda: (trace_flagged, replace(unlearn, distill=0.5), "trace"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),

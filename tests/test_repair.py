@@ -11,7 +11,7 @@ from fmt_audit_cli.main import main
 from onnx import numpy_helper
 
 from fmt_audit.backends.onnxrt.session import create_session
-from fmt_audit.data import Dataset, Preprocessing, load_npz
+from fmt_audit.data import Dataset, load_npz
 from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.fmt.scan import EPS_GRID, ScanConfig
 from fmt_audit.model.loading import load_model
@@ -149,36 +149,6 @@ def test_unlearning_calibrates_eps_without_a_gradient_scan():
     assert "unlearning" in result.report.format_text()
 
 
-def test_distillation_trains_toward_the_teachers_probabilities():
-    """Research (docs/research/repair-distillation.md): with ``distill`` the clean loss includes the KL
-    divergence from the teacher's probabilities. Same student, same weight, two teachers: the model as given,
-    and the same model with its classes shifted by one; the student taught by the second agrees with the
-    shifted classes on more images (a teacher term that did nothing would give the same student twice)."""
-    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.backends.torch.logits import freeze
-    from fmt_audit.repair.finetune import fine_tune
-
-    data = load_npz(SAMPLES / "defender.npz")
-    x = torch.from_numpy(data.x)
-
-    def bridged() -> BridgedClassifier:
-        return BridgedClassifier(to_torch(load_model(SAMPLES / "blended_op13.onnx").proto), Preprocessing())
-
-    given = bridged()
-    freeze(given)
-
-    def shifted(images: torch.Tensor) -> torch.Tensor:
-        return given(images).roll(1, dims=1)
-
-    def agreement_with_shifted(teacher) -> float:
-        student = bridged()
-        fine_tune(student, data, FineTuneConfig(epochs=2), flip=False, teacher=teacher, distill=0.9)
-        with torch.no_grad():
-            return float((student(x).argmax(1) == shifted(x).argmax(1)).float().mean())
-
-    assert agreement_with_shifted(shifted) > agreement_with_shifted(given) + 0.2
-
-
 def test_fine_tuning_a_graph_that_ends_in_softmax_takes_the_log_of_its_probabilities():
     """Cross-entropy needs logits; a graph ending in Softmax (Keras, tf2onnx) gives probabilities, whose own
     softmax is nearly flat: training on them barely moved the model."""
@@ -211,8 +181,7 @@ def test_fine_tune_settings_are_validated():
     for bad in ({"epochs": -1}, {"lr": 0.0}, {"batch_size": 1}, {"flip": "sometimes"}, {"max_grad_norm": 0.0}):
         with pytest.raises(ConfigError):
             FineTuneConfig(**bad)
-    for bad in ({"holdout": 1.0}, {"unlearn_eps": 0.0}, {"unlearn_eps": "big"}, {"unlearn_steps": 0}, {"distill": 1.0},
-                {"distill": -0.1}):
+    for bad in ({"holdout": 1.0}, {"unlearn_eps": 0.0}, {"unlearn_eps": "big"}, {"unlearn_steps": 0}):
         with pytest.raises(ConfigError):
             RepairConfig(**bad)
     config = FineTuneConfig()

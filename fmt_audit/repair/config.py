@@ -148,8 +148,6 @@ class RepairConfig:
     unlearn: bool | None = None
     unlearn_eps: float | str = "auto"   # auto: the scan's gradient-mode eps, else calibrated here
     unlearn_steps: int = 5
-    # research (issue 31): the clean images' loss partly distilled from the model as given (0: off)
-    distill: float = 0.0
     method: str = "fmt"
     prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
     clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
@@ -166,8 +164,6 @@ class RepairConfig:
         if self.unlearn_eps != "auto" and not (isinstance(self.unlearn_eps, (int, float))
                                                and 0 < self.unlearn_eps <= 1):
             raise ConfigError(f"--unlearn-eps must be 'auto' or in (0, 1]; got {self.unlearn_eps}")
-        if not 0 <= self.distill < 1:
-            raise ConfigError(f"the distillation weight must be in [0, 1); got {self.distill}")
         if self.unlearn_steps < 1:
             raise ConfigError(f"--unlearn-steps must be at least 1; got {self.unlearn_steps}")
         if not 0 <= self.holdout < 1:

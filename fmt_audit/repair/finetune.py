@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier
 from fmt_audit.backends.torch.logits import as_logits
@@ -29,8 +28,6 @@ from fmt_audit.repair.config import FineTuneConfig
 # flip augmentation is used in ``auto`` when the model's accuracy on mirrored images
 # stays within this many points of its accuracy on the originals (see flip_decision)
 FLIP_TOLERANCE = 0.05
-# distillation from the model as given (``fine_tune``'s ``distill``): Hinton et al.'s softened probabilities
-DISTILL_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,15 +86,8 @@ def flip_decision(classifier: BridgedClassifier, data: Dataset, setting: str) ->
 def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneConfig, flip: bool,
               holdout: Dataset | None = None,
               progress: Callable[[EpochRecord], None] | None = None,
-              perturb: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              distill: float = 0.0) -> list[EpochRecord]:
+              perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[EpochRecord]:
     """Train ``classifier`` in place on ``train``; one record per epoch.
-
-    ``teacher`` (the model as given, frozen) and ``distill`` > 0: the clean images' loss is
-    ``(1 - distill)`` x cross-entropy with their labels plus ``distill`` x the KL divergence from the teacher's
-    class probabilities at temperature :data:`DISTILL_TEMPERATURE` (scaled by its square, as Hinton et al.);
-    perturbed copies (``perturb``) keep their true labels alone.
 
     Channels to hold at zero are set up by the caller
     (:func:`fmt_audit.backends.torch.bridge.channels_held_at_zero`).
@@ -142,12 +132,6 @@ def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneCon
                 logits = as_logits(classifier(x))
                 # clean loss at full weight, plus the perturbed copies' loss (unlearning)
                 loss = loss_fn(logits[:n], y[:n])
-                if teacher is not None and distill > 0:
-                    with torch.no_grad():
-                        taught = F.log_softmax(as_logits(teacher(x[:n])) / DISTILL_TEMPERATURE, 1)
-                    kl = F.kl_div(F.log_softmax(logits[:n] / DISTILL_TEMPERATURE, 1), taught, log_target=True,
-                                  reduction="batchmean")
-                    loss = (1 - distill) * loss + distill * DISTILL_TEMPERATURE ** 2 * kl
                 if perturb is not None:
                     loss = loss + loss_fn(logits[n:], y[n:])
                 loss.backward()

@@ -45,7 +45,6 @@ from fmt_audit.backends.torch.bridge import (
     to_torch,
     write_back,
 )
-from fmt_audit.backends.torch.logits import freeze
 from fmt_audit.data import Dataset, load_data
 from fmt_audit.errors import ConfigError, RepairError, UnsupportedModelError, first_line
 from fmt_audit.fmt.gradient import FeatureMapPerturbation
@@ -63,7 +62,7 @@ from fmt_audit.model.graph import (
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
 from fmt_audit.repair.anp import anp_channels
 from fmt_audit.repair.config import RepairConfig
-from fmt_audit.repair.finetune import DISTILL_TEMPERATURE, EpochRecord, fine_tune, flip_decision
+from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
 from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channels
 from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
@@ -322,11 +321,6 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                                          seed=tuning.seed)
         unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
                            "calibration": trace})
-    teacher = None
-    if config.distill > 0 and tuning.epochs:    # the model as given (its graph, not the bridge), frozen
-        teacher = BridgedClassifier(to_torch(loaded.classifier), preprocessing, device)
-        freeze(teacher)
-        unlearning["distill"] = {"weight": config.distill, "temperature": DISTILL_TEMPERATURE}
     hold = (contextlib.nullcontext() if config.allow_regrowth
             else channels_held_at_zero(bridge.channel_modules, removed))
     tolerance = max(config.tolerance, FLOAT16_TOLERANCE) if is_float16(loaded.proto) else config.tolerance
@@ -342,8 +336,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     self_check = None
     with hold:
         history = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
-                            progress=on_epoch, perturb=perturb, teacher=teacher,
-                            distill=config.distill) if tuning.epochs else []
+                            progress=on_epoch, perturb=perturb) if tuning.epochs else []
         accuracy["after"] = measure()
         trained = time.perf_counter()
         repaired, verification = written_and_verified()
@@ -362,7 +355,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                                                   seed=tuning.seed + 1)
                 state = {key: value.clone() for key, value in bridge.module.state_dict().items()}
                 more = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
-                                 progress=on_epoch, perturb=stronger, teacher=teacher, distill=config.distill)
+                                 progress=on_epoch, perturb=stronger)
                 candidate, candidate_verification = written_and_verified()
                 tried = verdict_on(loaded, candidate, dataset, preprocessing, device, check).to_dict()
                 kept = tried["verdict"] == "clean"
