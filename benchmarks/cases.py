@@ -26,9 +26,9 @@ class Case(NamedTuple):
     label: str
     model: Path
     defender: Path
-    target: int
+    target: int | None  # None: a clean twin
     test: object        # fmt_audit.data.Dataset
-    triggered: object   # float32 NCHW in [0, 1]: the test images with the trigger
+    triggered: object   # float32 NCHW in [0, 1]: the test images with the trigger (None: a clean twin)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -44,8 +44,9 @@ def matrix_folders(name: str) -> list[Path]:
     return found
 
 
-def cases(name: str):
-    """Every :class:`Case` of ``name``: ``sample`` or ``matrix:PART[,PART...]`` (backdoored cells only)."""
+def cases(name: str, clean: bool = False):
+    """Every :class:`Case` of ``name``: ``sample`` or ``matrix:PART[,PART...]`` (backdoored cells only; with
+    ``clean``, the clean twins too, with no target and no triggered images: 2,000 of their test images)."""
     from fmt_audit.data import load_npz
 
     if name.startswith("matrix:"):
@@ -53,8 +54,15 @@ def cases(name: str):
 
         for folder in matrix_folders(name):
             facts = json.loads((folder / "facts.json").read_text())
+            mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
             if facts["attack"] == "clean":
-                continue        # no trigger to measure
+                if clean:       # no trigger to measure: clean accuracy only
+                    test = load_npz(folder / "test.npz")
+                    chosen = np.sort(np.random.default_rng(1).choice(len(test), size=min(2000, len(test)),
+                                                                     replace=False))
+                    yield Case(f"matrix {facts['name']}", folder / "model.onnx", folder / "defender.npz", None,
+                               Dataset(test.x[chosen], test.y[chosen]), None, mean, std)
+                continue
             test, target = load_npz(folder / "test.npz"), facts["target"]
             # triggered.npz: the test images not of the target class, in order, with the trigger
             victims = np.flatnonzero(test.y != target)
@@ -66,7 +74,6 @@ def cases(name: str):
             x = np.concatenate([test.x[victims[chosen]], test.x[own]])
             y = np.concatenate([test.y[victims[chosen]], test.y[own]])
             # the target's own images are never triggered (ASR counts the others): their clean copies stand in
-            mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
             yield Case(f"matrix {facts['name']}", folder / "model.onnx", folder / "defender.npz", target,
                        Dataset(x, y), np.concatenate([triggered, test.x[own]]), mean, std)
         return

@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table", action="store_true", help="print the rows of --tag as a Markdown table")
+    parser.add_argument("--clean", action="store_true",
+                        help="the clean twins too: ACC, and the verdict on each repaired model (no ASR)")
     args = parser.parse_args()
     if args.table:
         print_table(RESULTS / f"trace_repair_{args.tag}.jsonl")
@@ -97,7 +99,7 @@ def main() -> None:
         with out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    for case in (c for name in args.models for c in cases(name)):
+    for case in (c for name in args.models for c in cases(name, clean=args.clean)):
         one_case(case, args, done, write, wanted)
 
 
@@ -140,8 +142,9 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
     config = RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed), unlearn=True)
     train, _ = data.split(config.holdout, seed=args.seed)
     scan_config = ScanConfig(seed=args.seed, mean=case.mean, std=case.std)
-    poisoned = Dataset(case.triggered, case.test.y)
-    relearn_data = poisoned_defender(data, facts["attack"], case.target, args.seed)
+    twin = case.triggered is None       # a clean twin: nothing to trigger, nothing to re-activate
+    poisoned = None if twin else Dataset(case.triggered, case.test.y)
+    relearn_data = None if twin else poisoned_defender(data, facts["attack"], case.target, args.seed)
 
     def measured(model, label=case.label, test=case.test, poisoned=poisoned, target=case.target,
                  loaded=loaded, preprocessing=preprocessing):
@@ -161,10 +164,13 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         m = measured(result.model).metrics
         return {"reactivated ACC": round(m.acc, 4), "reactivated ASR": round(m.asr, 4)}
 
+    def rounded(value):
+        return None if value is None else round(value, 4)
+
     if (case.label, "none") not in done:
         m = measured(loaded.proto).metrics
-        write({"model": case.label, "method": "none", "ACC": round(m.acc, 4), "ASR": round(m.asr, 4),
-               "RA": round(m.ra, 4), **reactivated(loaded.proto)})
+        write({"model": case.label, "method": "none", "ACC": round(m.acc, 4), "ASR": rounded(m.asr),
+               "RA": rounded(m.ra), **({} if twin else reactivated(loaded.proto))})
 
     started = time.perf_counter()
     check = VerdictConfig()
@@ -255,13 +261,19 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         result = repair(loaded, data, settings, scan_config, flagged=flagged)
         after = measured(result.model)
         m = after.metrics
+        seconds = time.perf_counter() - started
+        if twin:    # the self-check's question: does the verdict call the repaired model clean?
+            checked = verdict_on(loaded, result.model, train, preprocessing, "cpu", check).to_dict()
+            extra = {"verdict after": {"verdict": checked["verdict"], "class": checked["target_class"],
+                                       "suspicion": checked["suspicion"]}}
+        else:
+            extra = reactivated(result.model) if method != "trace removal only" else {}
         write({"model": case.label, "method": method, "flags from": source,
                "removed": sum(map(len, result.report.flagged.values())), "ACC": round(m.acc, 4),
-               "ASR": round(m.asr, 4), "RA": round(m.ra, 4), "DER": round(after.der, 4),
-               "holdout ACC": result.report.accuracy, "time s": round(time.perf_counter() - started, 1),
+               "ASR": rounded(m.asr), "RA": rounded(m.ra), "DER": rounded(after.der),
+               "holdout ACC": result.report.accuracy, "time s": round(seconds, 1),
                "verdict": {"verdict": found["verdict"], "class": found["target_class"]},
-               "trace rounds": len(trace.get("rounds", [])),
-               **(reactivated(result.model) if method != "trace removal only" else {})})
+               "trace rounds": len(trace.get("rounds", [])), **extra})
 
 
 if __name__ == "__main__":

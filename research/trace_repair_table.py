@@ -64,8 +64,8 @@ def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]
     for method in methods:
         groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
         for cell, rows in sorted(cells.items()):
-            if method not in rows or "none" not in rows:
-                continue
+            if method not in rows or "none" not in rows or rows["none"]["ASR"] is None:
+                continue    # clean twins (no ASR) are summarised apart
             parts = cell_parts(cell)
             pair = (rows["none"], rows[method])
             groups["all"].append(pair)

@@ -53,6 +53,16 @@ def test_a_repair_that_changed_nothing_may_persist_and_the_gate_fails(monkeypatc
     its target after the repair, the stronger try does not change that, and --fail-if-persists exits 1 with
     the repaired model and the report written."""
     quick_combined(monkeypatch)
+    from fmt_audit.verdict.evidence import transfer
+
+    trained = []    # (images, seed) of every reference network trained
+    original = transfer.train_reference
+
+    def counted(dataset, classes, device="cpu", config=None, seed=0):
+        trained.append((hash(dataset.x.tobytes()), seed))
+        return original(dataset, classes, device, config, seed)
+
+    monkeypatch.setattr(transfer, "train_reference", counted)
     out, report = tmp_path / "r.onnx", tmp_path / "r.json"
     result = CliRunner().invoke(main, ["repair", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
                                        "--samples", "16", "--skip-layers", "block", "--epochs", "1", "--lr", "1e-4",
@@ -68,6 +78,8 @@ def test_a_repair_that_changed_nothing_may_persist_and_the_gate_fails(monkeypatc
     assert check["escalation"]["kept"] is False and check["escalation"]["after"]["verdict"] == "suspicious"
     assert "self-check   may persist" in result.output
     assert "<h2>Self-check: may persist</h2>" in (tmp_path / "r.html").read_text()
+    # the check's verdicts (after, the stronger try) share one set of reference networks
+    assert trained and len(trained) == len(set(trained)), trained
 
 
 def test_no_self_check_without_a_verdict_or_without_data(tmp_path):

@@ -67,6 +67,7 @@ from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channe
 from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
 from fmt_audit.verdict import VerdictConfig
+from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
 ChannelSet = Mapping[str, Sequence[int]]
 # fewer optimizer steps than this and fine-tuning barely moves the weights (the
@@ -344,8 +345,10 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         if check is not None and dataset is not None:
             scanned_with = next((r.verdict for r in (scan_report, flagged) if isinstance(r, ScanReport) and r.verdict
                                  and r.verdict.get("method") == check.method), None)
-            before = scanned_with or verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check).to_dict()
-            after = verdict_on(loaded, repaired, dataset, preprocessing, device, check).to_dict()
+            references = ReferenceCache()      # trained on the check's sample once, for every verdict of it
+            before = scanned_with or verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check,
+                                                references).to_dict()
+            after = verdict_on(loaded, repaired, dataset, preprocessing, device, check, references).to_dict()
             escalation = None
             if status_of(after) == "may persist" and method == "fmt" and tuning.epochs:
                 # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
@@ -357,7 +360,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                 more = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
                                  progress=on_epoch, perturb=stronger)
                 candidate, candidate_verification = written_and_verified()
-                tried = verdict_on(loaded, candidate, dataset, preprocessing, device, check).to_dict()
+                tried = verdict_on(loaded, candidate, dataset, preprocessing, device, check, references).to_dict()
                 kept = tried["verdict"] == "clean"
                 escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "after": tried,
                               "kept": kept, "accuracy": measure()}

@@ -26,6 +26,7 @@ import onnx
 from fmt_audit.data import Dataset, Preprocessing
 from fmt_audit.model.loading import LoadedModel
 from fmt_audit.verdict import Verdict, VerdictConfig, VerdictInputs, gather
+from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
 STATUSES = ("removed", "not found", "may persist", "unknown")
 # what the pipeline tries once when the backdoor may persist (fmt_audit.repair.pipeline)
@@ -53,10 +54,11 @@ def status_of(after: dict, before: dict | None = None) -> str:
 
 
 def verdict_on(loaded: LoadedModel, model: onnx.ModelProto, dataset: Dataset, preprocessing: Preprocessing,
-               device: str, config: VerdictConfig) -> Verdict:
-    """``config``'s verdict on ``model`` (``loaded``'s graph with other weights), from ``dataset``'s sample."""
+               device: str, config: VerdictConfig, references: ReferenceCache | None = None) -> Verdict:
+    """``config``'s verdict on ``model`` (``loaded``'s graph with other weights), from ``dataset``'s sample;
+    ``references``: reference networks already trained on that sample (the check's verdicts share them)."""
     if model is not loaded.proto:
         digest = hashlib.sha256(model.SerializeToString()).hexdigest()
         loaded = replace(loaded, proto=model, sha256=digest)
     sample = dataset.take(config.samples, seed=config.seed)
-    return gather(VerdictInputs(loaded, sample, preprocessing, device), config)
+    return gather(VerdictInputs(loaded, sample, preprocessing, device, references=references), config)
