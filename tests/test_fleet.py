@@ -287,6 +287,7 @@ def test_a_fleet_repair_writes_what_fmt_audit_repair_writes(source, tmp_path):
     assert "removed" in result.format_text().splitlines()[0]
 
 
+@pytest.mark.slow     # two scans with verdicts and a repair: half a minute
 def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(source, tmp_path, monkeypatch):
     shutil.rmtree(source / "vendor")
     out = tmp_path / "out"
