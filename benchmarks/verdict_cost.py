@@ -2,7 +2,9 @@
 
 Each model in a fresh process, one after another, on an otherwise idle machine: the channel scan without a
 verdict, then every method of :data:`fmt_audit.verdict.METHODS` through :func:`fmt_audit.verdict.assess` at
-its defaults (the conversion to PyTorch included in each, as a scan that asks for one verdict pays it).
+its defaults (the conversion to PyTorch included in each, as a scan that asks for one verdict pays it), with
+the `combined` verdict's time split by its stages (`combined_stages`: the trigger search, the universal
+ladder, the references' training and the transfer to them, the smooth images; the rest is the conversion).
 
     python benchmarks/verdict_cost.py sample resnet18 mobilenetv2 [--samples 256]
 """
@@ -19,6 +21,30 @@ from cases import arguments, model_paths, publish
 
 from fmt_audit.verdict import METHODS
 
+# the combined verdict's stages: (module, function) -> the name its time is filed under
+STAGES = {("fmt_audit.verdict.evidence.cleanse", "reverse_triggers"): "trigger search",
+          ("fmt_audit.verdict.evidence.universal", "universal_ladder"): "universal ladder",
+          ("fmt_audit.verdict.evidence.transfer", "transfer_to_references"): "references and transfer",
+          ("fmt_audit.verdict.evidence.smooth", "smooth_shares"): "smooth images"}
+
+
+def timed_stages(spent: dict[str, float]):
+    """Wrap each stage's function (looked up at call time by ``combined``) to add its seconds to ``spent``."""
+    import importlib
+
+    def wrap(function, name):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] = round(spent.get(name, 0.0) + time.perf_counter() - started, 1)
+        return timed
+
+    for (module, function), name in STAGES.items():
+        loaded = importlib.import_module(module)
+        setattr(loaded, function, wrap(getattr(loaded, function), name))
+
 
 def measure(model: str, data: str, samples: int) -> dict:
     """One model's timings, in this process."""
@@ -32,11 +58,16 @@ def measure(model: str, data: str, samples: int) -> dict:
     report = scan(loaded, data, config, verdict=None)
     row = {"channels": sum(layer.channels for layer in report.layers),
            "scan_s": round(time.perf_counter() - started, 1)}
+    spent: dict[str, float] = {}
+    timed_stages(spent)
     for name in METHODS:
+        spent.clear()
         started = time.perf_counter()
         verdict = assess(loaded, data, VerdictConfig(method=name, samples=samples), config.mean, config.std, "cpu")
         row[f"{name}_s"] = round(time.perf_counter() - started, 1)
         row[f"{name}_verdict"] = verdict.verdict
+        if name == "combined":
+            row["combined_stages"] = dict(spent)
     return row
 
 
