@@ -77,14 +77,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--table", action="store_true", help="print the rows of --tag as a Markdown table")
     parser.add_argument("--clean", action="store_true",
                         help="the clean twins too: ACC, and the verdict on each repaired model (no ASR)")
     args = parser.parse_args()
-    if args.table:
-        print_table(RESULTS / f"trace_repair_{args.tag}.jsonl")
-        return
-
     out = RESULTS / f"trace_repair_{args.tag}.jsonl"
     done = set()
     if out.exists():
@@ -101,21 +96,6 @@ def main() -> None:
 
     for case in (c for name in args.models for c in cases(name, clean=args.clean)):
         one_case(case, args, done, write, wanted)
-
-
-def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def print_table(path: Path) -> None:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    order = ["none", *METHODS]
-    rows.sort(key=lambda r: (r["model"], order.index(r["method"])))
-    print("| cell | method | removed | ACC | ASR | RA | DER | re-activated ASR |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model'].removeprefix('matrix ')} | {r['method']} | {r.get('removed', '–')} | {_pct(r['ACC'])} | "
-              f"{_pct(r['ASR'])} | {_pct(r.get('RA'))} | {r.get('DER', '–')} | {_pct(r.get('reactivated ASR'))} |")
 
 
 def one_case(case, args, done: set, write, wanted: list[str]) -> None:
