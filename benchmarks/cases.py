@@ -44,6 +44,14 @@ def matrix_folders(name: str) -> list[Path]:
     return found
 
 
+def normalisation(model: Path) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The mean and std a matrix cell's model expects outside its graph (its facts.json); (None, None) where
+    there is no facts.json beside ``model`` or the cell normalises inside the graph."""
+    facts_path = Path(model).parent / "facts.json"
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    return (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+
+
 def cases(name: str, clean: bool = False):
     """Every :class:`Case` of ``name``: ``sample`` or ``matrix:PART[,PART...]`` (backdoored cells only; with
     ``clean``, the clean twins too, with no target and no triggered images: 2,000 of their test images)."""
@@ -54,7 +62,7 @@ def cases(name: str, clean: bool = False):
 
         for folder in matrix_folders(name):
             facts = json.loads((folder / "facts.json").read_text())
-            mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+            mean, std = normalisation(folder / "model.onnx")
             if facts["attack"] == "clean":
                 if clean:       # no trigger to measure: clean accuracy only
                     test = load_npz(folder / "test.npz")

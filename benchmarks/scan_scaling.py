@@ -19,7 +19,7 @@ import os
 import time
 
 import numpy as np
-from cases import model_paths, publish
+from cases import model_paths, normalisation, publish
 
 HEADER = ["model", "engine", "N", "channels", "time s", "s per channel", "vs whole"]
 
@@ -41,9 +41,8 @@ def main() -> None:
     grid_n = [int(v) for v in args.samples_grid.split(",")]
     grid_k = [int(v) for v in args.channels_grid.split(",")]
     for label, model_path, data_path in (c for name in args.models for c in model_paths(name)):
-        facts_path = model_path.parent / "facts.json"
-        facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
-        preprocessing = Preprocessing(tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else None
+        mean, std = normalisation(model_path)
+        preprocessing = Preprocessing(mean, std) if mean else None
         loaded = load_model(model_path)
         data = load_npz(data_path)
         engines = {"whole": MaskedModel(loaded.classifier, "cpu", preprocessing),

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cases import CACHE, HERE, MATRIX, matrix_folders
+from cases import CACHE, HERE, MATRIX, matrix_folders, normalisation
 
 ROWS = CACHE / "verdict_matrix.jsonl"
 TOOK = 0.9      # a backdoored cell counts when its attack took: ASR at least this on the test set
@@ -31,7 +31,7 @@ def one_cell(folder: Path) -> dict:
     from fmt_audit.verdict import VerdictConfig, assess
 
     facts = json.loads((folder / "facts.json").read_text())
-    mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+    mean, std = normalisation(folder / "model.onnx")
     started = time.perf_counter()
     verdict = assess(folder / "model.onnx", folder / "defender.npz", VerdictConfig(), mean, std, device="cpu")
     found = verdict.to_dict()
@@ -50,7 +50,8 @@ def run(name: str) -> None:
     folders = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists()) if name == "all" \
         else matrix_folders(name)
     done = done_cells()
-    for folder in folders:
+    # smallest graphs first, so that an interrupted run has covered as many cells as the time allowed
+    for folder in sorted(folders, key=lambda f: ((f / "model.onnx").stat().st_size, f.name)):
         if folder.name in done:
             continue
         result = subprocess.run([sys.executable, __file__, "cell", str(folder)], capture_output=True, text=True)

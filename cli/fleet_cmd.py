@@ -9,6 +9,7 @@ from click.core import ParameterSource
 from . import exit_codes
 from .console import say
 from .options import (
+    CACHE,
     REPAIR,
     RUN,
     SCAN,
@@ -57,6 +58,7 @@ OUTPUT = OptionGroup(
 @data_options(FLEET_DATA_HELP, required=False)
 @SCAN
 @VERDICT
+@CACHE
 @REPAIRING
 @repair_method("With --repair: the method (see `fmt-audit repair --help`).")
 @REPAIR
@@ -84,6 +86,7 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
     if repair:      # repair_config's names and values (fmt_audit.repair.pipeline.repair_config)
         settings = {"method": method, "augment": not repair_settings.pop("no_augment"),
                     "unlearn_eps": parse_eps(repair_settings.pop("unlearn_eps"), "--unlearn-eps"), **repair_settings}
+    cache_folder = options.pop("cache")
     options["eps"] = parse_eps(options["eps"])
     options["max_memory"] = parse_size(options["max_memory"])
     if not sequential and not ray_available():
@@ -96,7 +99,8 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
 
     result = run_fleet(models, data, out, {k: v for k, v in options.items() if v is not None}, repair=settings,
                        repair_when=repair_when, address=address, workers=workers, gpus_per_task=gpus_per_task,
-                       force=force, use_ray=False if sequential else None, on_row=report, inputs=[source])
+                       force=force, use_ray=False if sequential else None, on_row=report, inputs=[source],
+                       reference_cache=cache_folder)
     say(ctx, result.format_text())
     if fail_on_suspicious:     # scan's gate (fmt_audit.report.json_report.attention), and any model that failed
         failing = [r.model for r in result.rows if r.error or attention(r.verdict, r.suspicion, r.flagged)]

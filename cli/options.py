@@ -138,6 +138,24 @@ VERDICT = OptionGroup(
         help="--verdict margin: gradient steps per start.  [default: 200]"),
 )
 
+CACHE = OptionGroup("Verdict", opt(
+    "--cache", default=None, envvar="FMT_AUDIT_CACHE", metavar="DIR",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Keep the verdict's reference networks, trained on the --data images, in DIR and reuse them when the same "
+         "images come again (a scan, then a repair; a gate auditing each new model on one data file): trained "
+         "once, same report.  [env: FMT_AUDIT_CACHE; default: none]"))
+
+
+def reference_cache(values: dict):
+    """The ReferenceCache of --cache (taken out of ``values``); None without one."""
+    folder = values.pop("cache", None)
+    if folder is None:
+        return None
+    from fmt_audit.verdict.evidence.transfer import ReferenceCache
+
+    return ReferenceCache(folder=folder)
+
+
 DEVICE = opt("--device", type=click.Choice(DEVICES), default=None,
              help="Where to run: auto takes CUDA when both ONNX Runtime and torch have it.  [default: auto]")
 SEED = opt("--seed", type=int, default=None,

@@ -8,6 +8,7 @@ import click
 from . import exit_codes
 from .console import progress, say, verbosity, write_report
 from .options import (
+    CACHE,
     DATA_HELP,
     FAIL_IF_PERSISTS,
     MODEL,
@@ -24,6 +25,7 @@ from .options import (
     json_option,
     model_argument,
     opt,
+    reference_cache,
     refuse_html_to_stdout,
     repair_method,
     repair_settings,
@@ -48,6 +50,7 @@ OUTPUT = OptionGroup("Output", opt("-o", "--output", required=True, type=click.P
 @FROM_REPORT
 @REPAIR
 @VERDICT
+@CACHE
 @RUN
 @OUTPUT
 @json_option("the repair report")
@@ -69,6 +72,7 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     config = scan_settings(options)
     settings = repair_settings(options, config.seed, method)
     check = verdict_settings(options, config.seed) if data else None
+    references = reference_cache(options)
     inputs = [*model_files(model), *([data] if data else []), *([from_report] if from_report else [])]
     # where a repaired model past 2 GiB keeps its weights, too
     check_outputs(inputs, output, f"{output}.data")
@@ -80,7 +84,8 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     bar = progress(ctx)
     result = run_repair(model_argument(model, class_output), data, settings, config, flagged=flagged,
                         progress=bar,
-                        on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None, check=check)
+                        on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None, check=check,
+                        references=references)
     if bar:
         bar.close()
     result.report.record_output(output, write_model(output, result.model))

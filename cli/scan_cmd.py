@@ -7,6 +7,7 @@ import click
 from . import exit_codes
 from .console import progress, say, write_report
 from .options import (
+    CACHE,
     FAIL_ON_SUSPICIOUS,
     MODEL,
     RUN,
@@ -21,6 +22,7 @@ from .options import (
     json_option,
     model_argument,
     opt,
+    reference_cache,
     refuse_html_to_stdout,
     scan_settings,
     verdict_settings,
@@ -40,6 +42,7 @@ RAY = OptionGroup(
 @data_options()
 @SCAN
 @VERDICT
+@CACHE
 @RUN
 @RAY
 @json_option()
@@ -56,6 +59,7 @@ def scan(ctx: click.Context, model: str, json_path: str | None, html_path: str |
     class_output = options.pop("class_output")
     config = scan_settings(options)
     verdict = verdict_settings(options, config.seed)
+    references = reference_cache(options)
     refuse_html_to_stdout(html_path)
     check_outputs([*model_files(model), data], json_path, html_path)
     runner = None
@@ -68,7 +72,8 @@ def scan(ctx: click.Context, model: str, json_path: str | None, html_path: str |
 
         raise ConfigError("--address and --workers go with --ray")
     bar = progress(ctx)
-    report = run_scan(model_argument(model, class_output), data, config, progress=bar, runner=runner, verdict=verdict)
+    report = run_scan(model_argument(model, class_output), data, config, progress=bar, runner=runner, verdict=verdict,
+                      references=references)
     if bar:
         bar.close()
     if json_path:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "to_torch": "backends.torch.bridge", "write_back": "backends.torch.bridge",
     "scan": "fmt.scan", "ScanConfig": "fmt.scan", "ScanReport": "report.json_report",
     "assess": "verdict", "Verdict": "verdict", "VerdictConfig": "verdict",
+    "ReferenceCache": "verdict.evidence.transfer",
     "RepairConfig": "repair.config", "RepairResult": "repair.pipeline", "FineTuneConfig": "repair.config",
     "RepairReport": "report.json_report", "evaluate": "repair.evaluation", "Evaluation": "repair.evaluation",
     "compare": "repair.comparison", "run_fleet": "fleet.audit", "read_source": "fleet.audit",

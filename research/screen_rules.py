@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from cases import model_paths
+from cases import model_paths, normalisation
 
 CACHE = Path.home() / ".cache" / "fmt-audit" / "research" / "screen_rules"
 THRESHOLD = 3.5
@@ -48,8 +48,7 @@ def scores(label: str, model: str, defender: str, samples: int, seed: int) -> di
     from fmt_audit.fmt.scan import ScanConfig, _Scanner
     from fmt_audit.model.loading import load_model
 
-    facts = json.loads((Path(model).parent / "facts.json").read_text()) if "matrix" in label else {}
-    mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+    mean, std = normalisation(Path(model))
     loaded = load_model(model)
     config = ScanConfig(samples=samples, seed=seed, device="cpu", mean=mean, std=std)
     data = load_npz(defender).take(samples, seed=seed)

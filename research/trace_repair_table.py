@@ -4,6 +4,12 @@ against the issue's targets. Markdown on stdout; reads only the jsonl files.
 
     python research/trace_repair_table.py research/results/trace_repair_heldout.jsonl
     python research/trace_repair_table.py research/results/trace_repair_dev.jsonl --methods "trace + unlearning,i-BAU"
+    python research/trace_repair_table.py research/results/trace_repair_twins.jsonl --gated   # clean twins
+
+``--gated`` adds the rule pre-registered in docs/research/repair-gating.md as the method ``gated``: per cell,
+``trace + unlearning``'s row where the verdict it recorded was suspicious, ``fine-tuning only``'s otherwise
+(cells with both rows). Clean twins (no ASR) get their own table: ACC change, and what the verdict said
+on the repaired model where it was run.
 """
 
 from __future__ import annotations
@@ -31,6 +37,36 @@ def latest_rows(path: Path) -> dict[str, dict[str, dict]]:
         if "method" in row and "ACC" in row:
             cells[row["model"].removeprefix("matrix ")][row["method"]] = row
     return cells
+
+
+GATED = "gated"
+
+
+def add_gated(cells: dict[str, dict[str, dict]]) -> None:
+    """The pre-registered rule of docs/research/repair-gating.md as a method, where both of its rows exist."""
+    for rows in cells.values():
+        traced, tuned = rows.get("trace + unlearning"), rows.get("fine-tuning only")
+        if traced and tuned and traced.get("verdict"):
+            suspicious = traced["verdict"]["verdict"] == "suspicious"
+            rows[GATED] = {**(traced if suspicious else tuned), "picked": traced["method"] if suspicious
+                           else tuned["method"]}
+
+
+def twins(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]:
+    """Per method over the clean twins (a ``none`` row without ASR): mean and worst ACC change, and the
+    verdicts on the repaired twins."""
+    lines = ["| method | twins | ACC change mean | ACC change worst | verdict after: clean / measured |",
+             "|---|---|---|---|---|"]
+    for method in methods:
+        pairs = [(rows["none"], rows[method]) for rows in cells.values()
+                 if method in rows and "none" in rows and rows["none"].get("ASR") is None]
+        if not pairs:
+            continue
+        changes = [100 * (row["ACC"] - given["ACC"]) for given, row in pairs]
+        after = [row["verdict after"]["verdict"] for _, row in pairs if row.get("verdict after")]
+        lines.append(f"| {method} | {len(pairs)} | {statistics.fmean(changes):+.2f} | {min(changes):+.2f} | "
+                     f"{after.count('clean')} / {len(after)} |")
+    return lines
 
 
 def _pct(value: float | None) -> str:
@@ -88,13 +124,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", type=Path)
     parser.add_argument("--methods", default=None, help="comma-separated, in this order (default: every method)")
+    parser.add_argument("--gated", action="store_true", help="add the rule of docs/research/repair-gating.md")
     args = parser.parse_args()
     cells = latest_rows(args.rows)
+    if args.gated:
+        add_gated(cells)
     found = list(dict.fromkeys(m for rows in cells.values() for m in rows if m != "none"))
     methods = args.methods.split(",") if args.methods else found
     print("\n".join(per_cell(cells, methods)))
     print()
     print("\n".join(averages(cells, methods)))
+    if any(rows.get("none", {}).get("ASR", 0) is None for rows in cells.values()):
+        print()
+        print("\n".join(twins(cells, methods)))
 
 
 if __name__ == "__main__":

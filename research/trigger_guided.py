@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cases import cases
+from cases import cases, normalisation
 from removal import acc_asr, opened, random_like
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,7 +49,7 @@ def every_case(name: str):
         if facts["attack"] != "clean":
             yield from cases(f"matrix:{folder.name}")
             continue
-        mean, std = (tuple(facts["mean"]), tuple(facts["std"])) if facts.get("mean") else (None, None)
+        mean, std = normalisation(folder / "model.onnx")
         test = load_npz(folder / "test.npz").take(2000, seed=1)
         yield Case(f"matrix {facts['name']}", folder / "model.onnx", folder / "defender.npz", facts["target"],
                    test, None, mean, std)

@@ -116,3 +116,60 @@ def test_mask_mode_scan_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'onnx2torch', 'onnxruntime') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['onnxruntime']"
+
+
+def token_combined_counting_references(monkeypatch) -> list:
+    """The combined verdict's code path at a token effort (what is tested is where its references come from);
+    the seeds of the reference networks trained from now on."""
+    import fmt_audit.verdict.combined
+    from fmt_audit.verdict import VerdictConfig
+    from fmt_audit.verdict.config import CleanseConfig, ReferenceConfig, UniversalConfig
+    from fmt_audit.verdict.evidence import transfer
+
+    monkeypatch.setattr(VerdictConfig, "cleanse", lambda self: CleanseConfig(steps=5, images=8, patience=5))
+    monkeypatch.setattr(VerdictConfig, "universal", lambda self: UniversalConfig(images=8, steps=2))
+    monkeypatch.setattr(fmt_audit.verdict.combined, "ReferenceConfig", lambda: ReferenceConfig(steps=10))
+    trained = []
+    original = transfer.train_reference
+    monkeypatch.setattr(transfer, "train_reference", lambda *a: trained.append(a[-1]) or original(*a))
+    return trained
+
+
+CACHED_SCAN = ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--samples", "16",
+               "--skip-layers", "block", "--verdict-samples", "64"]
+
+
+def test_a_reference_cache_trains_the_verdicts_references_once_across_commands(monkeypatch, tmp_path):
+    """--cache DIR (or FMT_AUDIT_CACHE) keeps the combined verdict's reference networks: a second scan on the same
+    images trains none and reports what the first did; an existing file in place of DIR is a usage error."""
+    trained = token_combined_counting_references(monkeypatch)
+    cache = tmp_path / "cache"
+    first = CliRunner().invoke(main, [*CACHED_SCAN, "--cache", str(cache), "--json", str(tmp_path / "a.json")])
+    assert first.exit_code == 0, first.output
+    assert len(trained) == 3 and len(list(cache.glob("*.npz"))) == 1
+    second = CliRunner().invoke(main, [*CACHED_SCAN, "--json", str(tmp_path / "b.json")],
+                                env={"FMT_AUDIT_CACHE": str(cache)})
+    assert second.exit_code == 0, second.output
+    assert len(trained) == 3
+    reports = [json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json")]
+    for report in reports:
+        report.pop("timing"), report.pop("resources")      # seconds, and the memory free at the time
+    assert reports[0] == reports[1] and reports[0]["verdict"]["suspicion"] is not None
+    (tmp_path / "file").write_text("")
+    refused = CliRunner().invoke(main, [*CACHED_SCAN, "--cache", str(tmp_path / "file")])
+    assert refused.exit_code == 2 and "is a file" in refused.output
+
+
+@pytest.mark.slow
+def test_a_repair_after_a_scan_with_the_same_cache_trains_no_references(monkeypatch, tmp_path):
+    """A scan, then a repair of its flagged channels, with one --cache: the self-check's verdict on the repaired
+    model takes the scan's reference networks (the images are the same sample of the same file)."""
+    trained = token_combined_counting_references(monkeypatch)
+    cache = tmp_path / "cache"
+    scanned = CliRunner().invoke(main, [*CACHED_SCAN, "--cache", str(cache), "--json", str(tmp_path / "a.json")])
+    assert scanned.exit_code == 0, scanned.output
+    assert len(trained) == 3
+    repaired = CliRunner().invoke(main, ["repair", *CACHED_SCAN[1:], "--from-report", str(tmp_path / "a.json"),
+                                         "--epochs", "1", "--cache", str(cache), "-o", str(tmp_path / "r.onnx")])
+    assert repaired.exit_code == 0, repaired.output
+    assert len(trained) == 3 and "self-check" in repaired.output

@@ -145,6 +145,39 @@ def test_a_reference_cache_trains_once_per_images_and_recipe(monkeypatch):
         assert torch.equal(first[1](x), fresh(x))
 
 
+def test_a_reference_cache_with_a_folder_trains_once_across_processes(monkeypatch, tmp_path, caplog):
+    """A cache with a folder keeps each set on disk: a second cache on the folder (another process) loads the
+    same networks without training; other images make another file; a file cut short or of another
+    architecture is trained again and replaced; the files hold arrays only."""
+    import fmt_audit.verdict.evidence.transfer as transfer
+
+    data, recipe = load_npz(DATA).take(64, seed=0), ReferenceConfig(count=2, steps=10)
+    trained = []
+    monkeypatch.setattr(transfer, "train_reference", lambda *a: trained.append(a) or train_reference(*a))
+    folder = tmp_path / "cache" / "references"      # made when first written
+    first = trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
+    files = list(folder.iterdir())
+    assert len(trained) == 2 and len(files) == 1 and files[0].suffix == ".npz"
+    with np.load(files[0], allow_pickle=False) as stored:      # readable without pickle
+        assert len(stored.files) == 2 * len(first[0].module.state_dict())
+    loaded = trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
+    assert len(trained) == 2 and loaded is not first
+    x = torch.from_numpy(data.x)
+    with torch.no_grad():
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(first, loaded))
+    trained_references(Dataset(data.x, (data.y + 1) % 10), 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
+    assert len(trained) == 4 and len(list(folder.iterdir())) == 2
+    files[0].write_bytes(files[0].read_bytes()[:100])     # cut short
+    again = trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
+    assert len(trained) == 6 and "training them again" in caplog.text
+    with torch.no_grad():
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(first, again))
+    assert trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder)) and len(trained) == 6
+    np.savez(files[0], **{"0/other": np.zeros(3)})      # not a set of reference networks
+    trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
+    assert len(trained) == 8 and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_the_badnets_targets_perturbation_does_not_move_the_references():
     """On the sample BadNets model the ladder stops at the target, and the target's perturbation moves the
     model's held-out images into it but leaves the references where they were."""

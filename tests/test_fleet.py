@@ -296,8 +296,10 @@ def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(
     quick_combined(monkeypatch)
     without_self_check(monkeypatch)
     VERDICT = {"samples": 16, "verdict": "combined", "verdict_samples": 96}
-    everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False)
+    everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False,
+                           reference_cache=tmp_path / "references")
     assert [row.repaired is not None for row in everything.rows] == [True, True]
+    assert len(list((tmp_path / "references").glob("*.npz"))) == 1    # two models, one data file: one set
     assert (out / "clean_op13.repaired.onnx").is_file()
     record = json.loads((out / "clean_op13.fleet.json").read_text())   # a record is a file anyone may edit:
     record["files"].append("../victim.txt")                             # it names only this model's outputs

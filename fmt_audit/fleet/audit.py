@@ -400,14 +400,14 @@ def audit_model(path: str, data: str, config: ScanConfig, verdict: VerdictConfig
               "channels": sum(layer.channels for layer in report.layers)}
     if repair is not None and (repair_when == "always" or report.attention()):
         try:
-            result |= _repaired(model, data, config, repair, report, repaired_path, verdict_config)
+            result |= _repaired(model, data, config, repair, report, repaired_path, verdict_config, references)
         except Exception as error:  # as above; the scan's results stand
             result["error"] = failed(error, "repair: ")["error"]
     return result | {"seconds": round(time.perf_counter() - started, 1)}
 
 
 def _repaired(model, data: str, config: ScanConfig, settings: RepairConfig, report, output: str,
-              check: VerdictConfig | None) -> dict:
+              check: VerdictConfig | None, references: ReferenceCache | None = None) -> dict:
     """Repair the scanned model (method fmt: the channels its scan flagged) and check it with the scan's verdict
     (method fmt: the scan's reused as the "before"; other methods compute it again); the report and the
     model's bytes."""
@@ -416,7 +416,7 @@ def _repaired(model, data: str, config: ScanConfig, settings: RepairConfig, repo
     from fmt_audit.report.html_report import repair_html
 
     result = repair(model, data, settings, config, flagged=report if settings.method == "fmt" else None,
-                    check=check)
+                    check=check, references=references)
     if not fits_in_protobuf(result.model):
         raise ConfigError("the repaired model is past protobuf's 2 GiB limit: repair it with fmt-audit repair, "
                           "which writes its weights as external data")
@@ -531,14 +531,17 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
               options: dict | None = None, *, repair: dict | None = None, repair_when: str = "always",
               address: str | None = None, workers: int | None = None, gpus_per_task: float = 0.0,
               force: bool = False, use_ray: bool | None = None, on_row: Callable[[FleetRow], None] | None = None,
-              inputs: Iterable[str | os.PathLike] = ()) -> FleetResult:
+              inputs: Iterable[str | os.PathLike] = (), reference_cache: str | os.PathLike | None = None,
+              ) -> FleetResult:
     """Audit ``models`` into the folder ``out``; ``options`` are scan options for every model (a model's own
     options win). ``repair``: repair options (``fmt_audit.repair.pipeline.repair_config``'s; ``{}`` for the defaults)
     to repair each model after its scan, ``always`` or, by ``repair_when``, only when the scan says it needs
     attention; None: scan only. ``use_ray``: None takes Ray when installed; with Ray and no ``address`` it
     starts on this machine with ``workers`` CPUs (default: all). ``force`` reruns models already audited the
     same way. Nothing is written over ``inputs`` (the manifest, say), the models, the data, or a file of
-    ``out`` that an earlier fleet run did not write."""
+    ``out`` that an earlier fleet run did not write. ``reference_cache``: a folder where the verdicts' reference
+    networks are kept and reused (:class:`~fmt_audit.verdict.evidence.transfer.ReferenceCache`; each Ray worker
+    reads and writes it too); without it, models audited in this process on one data file share them."""
 
     started = time.perf_counter()
     out = Path(out)
@@ -586,12 +589,13 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
         else:
             waiting.append(job)
     if use_ray:
-        engine = _run_on_ray(waiting, out, rows, address, workers, gpus_per_task, on_row)
+        engine = _run_on_ray(waiting, out, rows, address, workers, gpus_per_task, on_row, reference_cache)
     else:
         engine = "sequential, in this process" + ("" if ray_ok else " (Ray is not installed)")
         from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
-        references = ReferenceCache()     # models audited on one data file share their reference networks
+        # models audited on one data file share their reference networks
+        references = ReferenceCache(folder=reference_cache)
         for job in waiting:
             result = audit_model(str(job.model.path), str(job.data), job.config, job.verdict, 1, job.repair,
                                  job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)),
@@ -623,7 +627,7 @@ def _check_outputs(out: Path, models: Sequence[FleetModel], repairing: bool, pro
 
 
 def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None, workers: int | None,
-                gpus_per_task: float, on_row) -> str:
+                gpus_per_task: float, on_row, reference_cache: str | os.PathLike | None = None) -> str:
     import ray
 
     with ray_session(address, workers) as where:
@@ -633,7 +637,7 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
         pending = {task.options(**task_options(gpus_per_task, job.config.max_memory)).remote(
             str(job.model.path.resolve()), str(job.data.resolve()), job.config, job.verdict, job.repair,
             job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)),
-            job.class_output): job for job in jobs}
+            job.class_output, None if reference_cache is None else str(reference_cache)): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])
@@ -649,8 +653,13 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
 
 def _audit_in_worker(path: str, data: str, config: ScanConfig, verdict: VerdictConfig | None,
                      repair: RepairConfig | None, repair_when: str, repaired_path: str,
-                     class_output: str | None = None) -> dict:
+                     class_output: str | None = None, reference_cache: str | None = None) -> dict:
     # without --max-memory, a model's scan takes its share of this node's free memory: as many one-CPU
     # tasks as the node has CPUs may run beside it (with it, Ray reserved the budget: task_options)
-    return audit_model(path, data, config, verdict, node_cpus(), repair, repair_when, repaired_path,
-                       class_output=class_output)
+    references = None
+    if reference_cache is not None:
+        from fmt_audit.verdict.evidence.transfer import ReferenceCache
+
+        references = ReferenceCache(folder=reference_cache)
+    return audit_model(path, data, config, verdict, node_cpus(), repair, repair_when, repaired_path, references,
+                       class_output)

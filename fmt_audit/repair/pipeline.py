@@ -203,7 +203,8 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
                         classifier: BridgedClassifier, scan_config: ScanConfig,
                         flagged: ScanReport | ChannelSet | None,
                         progress: Callable[[str, int, int], None] | None,
-                        check: VerdictConfig | None = None) -> tuple[str, ChannelSet, ScanReport | None, dict | None]:
+                        check: VerdictConfig | None = None, references: ReferenceCache | None = None,
+                        ) -> tuple[str, ChannelSet, ScanReport | None, dict | None]:
     """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp / anp)."""
     if config.method == "ft":
         return "none (fine-tuning alone)", {}, None, None
@@ -226,7 +227,7 @@ def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Datase
     if flagged is None:
         # channels only, except that trace selection follows the verdict's reversed trigger
         verdict = (check or VerdictConfig()) if scan_config.selection == "trace" else None
-        report = scan(loaded, train, scan_config, progress=progress, verdict=verdict)
+        report = scan(loaded, train, scan_config, progress=progress, verdict=verdict, references=references)
         return "scan", report.flagged, report, None
     if isinstance(flagged, ScanReport):
         if flagged.model.get("sha256") != loaded.sha256:
@@ -255,7 +256,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
            flagged: ScanReport | ChannelSet | None = None,
            progress: Callable[[str, int, int], None] | None = None,
            on_epoch: Callable[[EpochRecord], None] | None = None,
-           check: VerdictConfig | None = None) -> RepairResult:
+           check: VerdictConfig | None = None, references: ReferenceCache | None = None) -> RepairResult:
     """Repair ``model`` with the clean labelled images in ``data`` by ``config.method``.
 
     ``flagged`` (method ``fmt`` only): the channels to remove — a scan report of
@@ -264,7 +265,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
     (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, with the same data;
-    ``None``: no self-check (it needs data).
+    ``None``: no self-check (it needs data). ``references``: where the verdicts' reference networks are kept
+    and reused (a :class:`~fmt_audit.verdict.evidence.transfer.ReferenceCache`, with a folder to reuse them
+    across processes); ``None``: trained once for this repair.
     """
     config = config or RepairConfig()
     scan_config = scan_config or ScanConfig()
@@ -295,7 +298,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     device = placement.torch
     classifier = BridgedClassifier(bridge, preprocessing, device)
     source, removed, scan_report, evidence = _channels_to_remove(config, loaded, train, classifier, scan_config,
-                                                                 flagged, progress, check)
+                                                                 flagged, progress, check, references)
     removed = check_channels(loaded, removed)
     scanned = time.perf_counter()
 
@@ -345,7 +348,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         if check is not None and dataset is not None:
             scanned_with = next((r.verdict for r in (scan_report, flagged) if isinstance(r, ScanReport) and r.verdict
                                  and r.verdict.get("method") == check.method), None)
-            references = ReferenceCache()      # trained on the check's sample once, for every verdict of it
+            # trained on the check's sample once, for every verdict of it
+            references = references if references is not None else ReferenceCache()
             before = scanned_with or verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check,
                                                 references).to_dict()
             after = verdict_on(loaded, repaired, dataset, preprocessing, device, check, references).to_dict()

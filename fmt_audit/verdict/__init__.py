@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from fmt_audit.errors import FmtAuditError
 from fmt_audit.verdict.base import ClassFigure, Verdict, VerdictInputs, VerdictMethod
 from fmt_audit.verdict.config import VerdictConfig
 from fmt_audit.verdict.registry import CHOICES, DEFAULT, METHODS, NO_VERDICT
+
+if TYPE_CHECKING:
+    from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
 __all__ = ["CHOICES", "DEFAULT", "METHODS", "NO_VERDICT", "ClassFigure", "Verdict", "VerdictConfig",
            "VerdictInputs", "VerdictMethod", "assess", "describe", "figures", "gather"]
@@ -43,11 +47,12 @@ def gather(inputs: VerdictInputs, config: VerdictConfig) -> Verdict:
 
 def assess(model: str | os.PathLike, data: str | os.PathLike | None = None, config: VerdictConfig | None = None,
            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-           device: str = "auto", input_range: str = "0-1") -> Verdict:
+           device: str = "auto", input_range: str = "0-1", *, references: ReferenceCache | None = None) -> Verdict:
     """The verdict on ``model`` (a path or a :class:`~fmt_audit.LoadedModel`) from the clean labelled images
     in ``data`` (``config.samples`` of them, drawn with ``config.seed``; a data-free method needs none), for
     a model that expects ``mean``/``std`` normalisation after its ``input_range`` (``0-1``, ``0-255``,
-    ``-1-1``), on ``device`` (auto, cpu, cuda)."""
+    ``-1-1``), on ``device`` (auto, cpu, cuda). ``references``: where reference networks trained on these
+    images are kept and reused (:class:`fmt_audit.ReferenceCache`; with a folder, across processes)."""
     from fmt_audit.data import Preprocessing, load_data
     from fmt_audit.model.loading import LoadedModel, load_model
 
@@ -59,7 +64,7 @@ def assess(model: str | os.PathLike, data: str | os.PathLike | None = None, conf
     if data is not None:
         dataset = load_data(data, loaded.image_input, loaded.num_classes).take(config.samples, seed=config.seed)
         loaded = loaded.at_image_size(*dataset.x.shape[2:])
-    return gather(VerdictInputs(loaded, dataset, preprocessing, device), config)
+    return gather(VerdictInputs(loaded, dataset, preprocessing, device, references=references), config)
 
 
 def describe(verdict: dict) -> str:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from fmt_audit.data import Dataset, Preprocessing
     from fmt_audit.model.loading import LoadedModel
     from fmt_audit.verdict.config import VerdictConfig
-    from fmt_audit.verdict.evidence.reference import ReferenceCache
+    from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
 VERDICTS = ("clean", "suspicious", "inconclusive")
 

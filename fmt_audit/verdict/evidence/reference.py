@@ -95,3 +95,30 @@ def train_reference(dataset: Dataset, classes: int, device: str = "cpu", config:
         optimizer.step()
         schedule.step()
     return ReferenceClassifier(model, device)
+
+
+def reference_arrays(references: Sequence[ReferenceClassifier]) -> dict[str, np.ndarray]:
+    """Every reference's parameters and BatchNorm statistics as named arrays (``"<index>/<name>"``): what
+    :func:`references_from_arrays` rebuilds them from, storable with ``np.savez`` (no pickle)."""
+    return {f"{i}/{name}": value.detach().cpu().numpy()
+            for i, reference in enumerate(references) for name, value in reference.module.state_dict().items()}
+
+
+def references_from_arrays(arrays: dict[str, np.ndarray], channels: int, classes: int,
+                           device: str = "cpu") -> list[ReferenceClassifier]:
+    """The references :func:`reference_arrays` stored, for ``channels``-channel images and ``classes`` classes.
+    Raises ``ValueError`` when the arrays are not a whole set of that architecture."""
+    count = len({name.split("/", 1)[0] for name in arrays})
+    references = []
+    for i in range(count):
+        module = reference_network(channels, classes)
+        expected = module.state_dict()
+        state = {name: arrays.get(f"{i}/{name}") for name in expected}
+        if any(value is None or value.shape != tuple(expected[name].shape) for name, value in state.items()):
+            raise ValueError(f"reference {i} does not fit a {channels}-channel, {classes}-class reference network")
+        module.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in state.items()})
+        references.append(ReferenceClassifier(module, device))
+    if not references or len(arrays) != count * len(reference_network(channels, classes).state_dict()):
+        raise ValueError("not a whole set of reference networks")
+    return references
+

@@ -15,21 +15,37 @@ verdict's own labelled images (:mod:`fmt_audit.verdict.evidence.reference`), on 
 Cost: training the references (``count x steps`` small CNN steps of ``batch`` images, on CPU) and two forward
 passes per reference of every held-out image per class. The references depend only on the images and the
 recipe, not on the audited model: a :class:`ReferenceCache` passed from one audit to the next (a fleet on one
-data file) trains them once.
+data file) trains them once, and one with a folder (``--cache``) once across processes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fmt_audit.data import Dataset
+from fmt_audit.errors import OutputError
+from fmt_audit.model.outputs import write_atomic
 from fmt_audit.verdict.config import ReferenceConfig
-from fmt_audit.verdict.evidence.reference import ReferenceClassifier, train_reference
+from fmt_audit.verdict.evidence.reference import (
+    ReferenceClassifier,
+    reference_arrays,
+    references_from_arrays,
+    train_reference,
+)
 from fmt_audit.verdict.evidence.universal import UniversalLadder, held_out_effect
+
+log = logging.getLogger(__name__)
+STORED_FORMAT = 1   # of the files a ReferenceCache keeps: raise it when the references' recipe or layout changes
 
 
 @dataclass(frozen=True)
@@ -42,20 +58,63 @@ class TransferResult:
 
 
 class ReferenceCache:
-    """Trained reference sets by data and recipe, the last ``kept`` of them (a few sets of three small CNNs:
-    a few MiB). Training is deterministic on CPU for a seed, so a set handed out again is the one a fresh
-    training gives."""
+    """Trained reference sets by data and recipe: the last ``kept`` of them in memory (a few sets of three
+    small CNNs: a few MiB) and, with ``folder``, every set on disk, so that another process auditing on the
+    same images (``scan`` and then ``repair``, a CI gate on each new model, a fleet's workers) loads them
+    instead of training them. Training is deterministic on CPU for a seed, so a set handed out again is the
+    one a fresh training gives.
 
-    def __init__(self, kept: int = 4):
+    A file holds arrays only (``np.savez``, read without pickle) and is named by a digest of the images, the
+    recipe and the versions of fmt-audit and torch that trained it; one that cannot be read back as a whole
+    set (cut short, another architecture) is trained again and replaced."""
+
+    def __init__(self, kept: int = 4, folder: str | os.PathLike | None = None):
         self.kept = kept
+        self.folder = Path(folder).expanduser() if folder is not None else None
         self._sets: dict[tuple, list[ReferenceClassifier]] = {}
 
-    def get(self, key: tuple, train) -> list[ReferenceClassifier]:
+    def path_for(self, key: tuple) -> Path | None:
+        """Where the set of ``key`` is kept on disk (None without a folder)."""
+        if self.folder is None:
+            return None
+        from fmt_audit import __version__
+
+        name = hashlib.sha256(repr((STORED_FORMAT, __version__, torch.__version__, key)).encode()).hexdigest()
+        return self.folder / f"references-{name[:40]}.npz"
+
+    def get(self, key: tuple, train: Callable[[], list[ReferenceClassifier]],
+            rebuild: Callable[[dict[str, np.ndarray]], list[ReferenceClassifier]]) -> list[ReferenceClassifier]:
+        """The set of ``key``: from memory, from the folder (``rebuild`` from its arrays), or ``train``-ed."""
         if key not in self._sets:
             if len(self._sets) >= self.kept:
                 del self._sets[next(iter(self._sets))]
-            self._sets[key] = train()
+            self._sets[key] = self._stored(key, rebuild) or self._trained(key, train)
         return self._sets[key]
+
+    def _stored(self, key: tuple, rebuild) -> list[ReferenceClassifier] | None:
+        path = self.path_for(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return rebuild({name: stored[name] for name in stored.files})
+        except (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
+            log.warning("reference networks in %s unreadable (%s): training them again", path, error)
+            return None
+
+    def _trained(self, key: tuple, train) -> list[ReferenceClassifier]:
+        references = train()
+        path = self.path_for(key)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise OutputError(f"cannot make the reference cache folder {path.parent}: "
+                                  f"{error.strerror or error}") from error
+            stream = io.BytesIO()
+            np.savez(stream, **reference_arrays(references))
+            write_atomic(path, stream.getvalue())
+        return references
 
 
 def trained_references(dataset: Dataset, classes: int, device: str = "cpu", config: ReferenceConfig | None = None,
@@ -67,6 +126,12 @@ def trained_references(dataset: Dataset, classes: int, device: str = "cpu", conf
     def train() -> list[ReferenceClassifier]:
         return [train_reference(dataset, classes, device, config, seed + i) for i in range(config.count)]
 
+    def rebuild(arrays: dict[str, np.ndarray]) -> list[ReferenceClassifier]:
+        references = references_from_arrays(arrays, dataset.x.shape[1], classes, device)
+        if len(references) != config.count:
+            raise ValueError(f"{len(references)} reference networks stored, {config.count} wanted")
+        return references
+
     if cache is None:
         return train()
     digest = hashlib.sha256()
@@ -74,7 +139,7 @@ def trained_references(dataset: Dataset, classes: int, device: str = "cpu", conf
         if part is not None:
             digest.update(f"{part.shape}{part.dtype}".encode())
             digest.update(np.ascontiguousarray(part).tobytes())
-    return cache.get((digest.hexdigest(), classes, device, config, seed), train)
+    return cache.get((digest.hexdigest(), classes, device, config, seed), train, rebuild)
 
 
 def transfer_to_references(ladder: UniversalLadder, dataset: Dataset, classes: int, device: str = "cpu",
