@@ -21,6 +21,7 @@ from .options import (
     parse_eps,
     parse_size,
     repair_method,
+    usable_folder,
 )
 
 FLEET_DATA_HELP = ("Clean labelled images for every model (.npz or an image folder); a manifest may give each "
@@ -87,6 +88,7 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
         settings = {"method": method, "augment": not repair_settings.pop("no_augment"),
                     "unlearn_eps": parse_eps(repair_settings.pop("unlearn_eps"), "--unlearn-eps"), **repair_settings}
     cache_folder = options.pop("cache")
+    cache_folder = usable_folder(cache_folder, "--cache") if cache_folder else None
     options["eps"] = parse_eps(options["eps"])
     options["max_memory"] = parse_size(options["max_memory"])
     if not sequential and not ray_available():

@@ -153,7 +153,24 @@ def reference_cache(values: dict):
         return None
     from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
-    return ReferenceCache(folder=folder)
+    return ReferenceCache(folder=usable_folder(folder, "--cache"))
+
+
+def usable_folder(folder: str, option: str) -> str:
+    """``folder`` made if missing and checked writable, before any work; a one-line error if it cannot be."""
+    import os
+    from pathlib import Path
+
+    from fmt_audit.errors import ConfigError
+
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{option} {folder}: cannot make the folder ({error.strerror or error})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {folder}: the folder is not writable")
+    return str(path)
 
 
 DEVICE = opt("--device", type=click.Choice(DEVICES), default=None,

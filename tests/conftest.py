@@ -40,6 +40,12 @@ def quick_combined(monkeypatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def no_reference_cache_from_the_environment(monkeypatch):
+    """A developer's or CI's FMT_AUDIT_CACHE would reach every command a test runs."""
+    monkeypatch.delenv("FMT_AUDIT_CACHE", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def reports_match_their_schema(request):
     """Every scan or repair report a test writes into its ``tmp_path`` matches the schema
     (fmt_audit.report.schema, docs/report-schema.md)."""

@@ -158,6 +158,9 @@ def test_a_reference_cache_trains_the_verdicts_references_once_across_commands(m
     (tmp_path / "file").write_text("")
     refused = CliRunner().invoke(main, [*CACHED_SCAN, "--cache", str(tmp_path / "file")])
     assert refused.exit_code == 2 and "is a file" in refused.output
+    refused = CliRunner().invoke(main, [*CACHED_SCAN, "--cache", str(tmp_path / "file" / "under")])
+    assert refused.exit_code == 2 and "--cache" in refused.output and "cannot make the folder" in refused.output
+    assert "Traceback" not in refused.output
 
 
 @pytest.mark.slow

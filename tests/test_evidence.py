@@ -176,6 +176,16 @@ def test_a_reference_cache_with_a_folder_trains_once_across_processes(monkeypatc
     np.savez(files[0], **{"0/other": np.zeros(3)})      # not a set of reference networks
     trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
     assert len(trained) == 8 and not list(tmp_path.rglob("*.tmp"))
+    arrays = dict(np.load(files[0]))
+    np.savez(files[0], **{name: value.astype(str) for name, value in arrays.items()})    # text of the right shapes
+    trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=folder))
+    assert len(trained) == 10
+    # a folder that cannot be written: the set is trained and used all the same, with a warning
+    (tmp_path / "a file").write_text("")
+    unkept = trained_references(data, 10, "cpu", recipe, 0, ReferenceCache(folder=tmp_path / "a file" / "cache"))
+    assert len(trained) == 12 and "not kept" in caplog.text
+    with torch.no_grad():
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(first, unkept))
 
 
 def test_the_badnets_targets_perturbation_does_not_move_the_references():

@@ -127,7 +127,11 @@ def without_self_check(monkeypatch) -> None:
     """Fleet repairs without the self-check's verdict on the repaired model: for tests about other things
     (it doubles their time); test_a_fleet_repair_writes_what_fmt_audit_repair_writes covers it."""
     repaired = fleet_module._repaired
-    monkeypatch.setattr(fleet_module, "_repaired", lambda *args: repaired(*args[:-1], None))
+
+    def unchecked(model, data, config, settings, report, output, check, references=None):
+        return repaired(model, data, config, settings, report, output, None, references)
+
+    monkeypatch.setattr(fleet_module, "_repaired", unchecked)
 
 
 def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monkeypatch):
@@ -296,10 +300,21 @@ def test_repair_when_suspicious_repairs_only_those_and_clears_an_earlier_repair(
     quick_combined(monkeypatch)
     without_self_check(monkeypatch)
     VERDICT = {"samples": 16, "verdict": "combined", "verdict_samples": 96}
+    from fmt_audit.verdict.evidence import transfer
+
+    trained = []
+    original = transfer.train_reference
+    monkeypatch.setattr(transfer, "train_reference", lambda *a: trained.append(a[-1]) or original(*a))
     everything = run_fleet(read_source(source), DATA, out, VERDICT, repair={"epochs": 0}, use_ray=False,
                            reference_cache=tmp_path / "references")
     assert [row.repaired is not None for row in everything.rows] == [True, True]
-    assert len(list((tmp_path / "references").glob("*.npz"))) == 1    # two models, one data file: one set
+    assert len(trained) == 3 and len(list((tmp_path / "references").glob("*.npz"))) == 1   # two models: one set
+    # what a Ray task runs, in a later process: the set is read from the folder, not trained
+    job = fleet_module.FleetModel("badnets_op13", source / "badnets_op13.onnx")
+    config, verdict = fleet_module.model_config(VERDICT, job)
+    row = fleet_module._audit_in_worker(str(job.path), str(DATA), config, verdict, None, "always", "", None,
+                                        str(tmp_path / "references"))
+    assert row.get("error") is None and row["verdict"] == "suspicious" and len(trained) == 3
     assert (out / "clean_op13.repaired.onnx").is_file()
     record = json.loads((out / "clean_op13.fleet.json").read_text())   # a record is a file anyone may edit:
     record["files"].append("../victim.txt")                             # it names only this model's outputs

@@ -637,7 +637,8 @@ def _run_on_ray(jobs: Sequence[_Job], out: Path, rows: dict, address: str | None
         pending = {task.options(**task_options(gpus_per_task, job.config.max_memory)).remote(
             str(job.model.path.resolve()), str(job.data.resolve()), job.config, job.verdict, job.repair,
             job.repair_when, str(output_file(output_stem(out, job.model), REPAIRED_SUFFIX)),
-            job.class_output, None if reference_cache is None else str(reference_cache)): job for job in jobs}
+            job.class_output, None if reference_cache is None else str(Path(reference_cache).expanduser().resolve())):
+            job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])

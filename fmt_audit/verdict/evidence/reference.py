@@ -114,7 +114,8 @@ def references_from_arrays(arrays: dict[str, np.ndarray], channels: int, classes
         module = reference_network(channels, classes)
         expected = module.state_dict()
         state = {name: arrays.get(f"{i}/{name}") for name in expected}
-        if any(value is None or value.shape != tuple(expected[name].shape) for name, value in state.items()):
+        if any(value is None or value.shape != tuple(expected[name].shape)
+               or value.dtype != expected[name].numpy().dtype for name, value in state.items()):
             raise ValueError(f"reference {i} does not fit a {channels}-channel, {classes}-class reference network")
         module.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in state.items()})
         references.append(ReferenceClassifier(module, device))

@@ -21,6 +21,7 @@ data file) trains them once, and one with a folder (``--cache``) once across pro
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -36,6 +37,7 @@ from fmt_audit.data import Dataset
 from fmt_audit.errors import OutputError
 from fmt_audit.model.outputs import write_atomic
 from fmt_audit.verdict.config import ReferenceConfig
+from fmt_audit.verdict.evidence import reference as reference_module
 from fmt_audit.verdict.evidence.reference import (
     ReferenceClassifier,
     reference_arrays,
@@ -64,9 +66,12 @@ class ReferenceCache:
     instead of training them. Training is deterministic on CPU for a seed, so a set handed out again is the
     one a fresh training gives.
 
-    A file holds arrays only (``np.savez``, read without pickle) and is named by a digest of the images, the
-    recipe and the versions of fmt-audit and torch that trained it; one that cannot be read back as a whole
-    set (cut short, another architecture) is trained again and replaced."""
+    A file holds arrays only (``np.savez``, read without pickle) and is named by a digest of everything the
+    trained weights depend on: the images, the recipe, the seed, the reference module's source, the torch
+    version, torch's CPU threads and instruction set (training on CPU is deterministic for those, not across
+    them); one that cannot be read back as a whole set (cut short, another architecture) is trained again and
+    replaced. A set that cannot be written (a full or read-only disk) is used all the same, with a warning:
+    the cache saves time, it never changes a verdict."""
 
     def __init__(self, kept: int = 4, folder: str | os.PathLike | None = None):
         self.kept = kept
@@ -79,7 +84,9 @@ class ReferenceCache:
             return None
         from fmt_audit import __version__
 
-        name = hashlib.sha256(repr((STORED_FORMAT, __version__, torch.__version__, key)).encode()).hexdigest()
+        made_by = (STORED_FORMAT, __version__, _reference_source(), torch.__version__, torch.get_num_threads(),
+                   torch.backends.cpu.get_cpu_capability())
+        name = hashlib.sha256(repr((made_by, key)).encode()).hexdigest()
         return self.folder / f"references-{name[:40]}.npz"
 
     def get(self, key: tuple, train: Callable[[], list[ReferenceClassifier]],
@@ -98,7 +105,7 @@ class ReferenceCache:
         try:
             with np.load(path, allow_pickle=False) as stored:
                 return rebuild({name: stored[name] for name in stored.files})
-        except (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
+        except (OSError, EOFError, ValueError, TypeError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
             log.warning("reference networks in %s unreadable (%s): training them again", path, error)
             return None
 
@@ -106,15 +113,23 @@ class ReferenceCache:
         references = train()
         path = self.path_for(key)
         if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise OutputError(f"cannot make the reference cache folder {path.parent}: "
-                                  f"{error.strerror or error}") from error
             stream = io.BytesIO()
             np.savez(stream, **reference_arrays(references))
-            write_atomic(path, stream.getvalue())
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, stream.getvalue())
+            except (OSError, OutputError) as error:
+                log.warning("reference networks not kept in %s: %s", path.parent, error)
         return references
+
+
+def _reference_source() -> str:
+    """A digest of the module that builds and trains the references: a cache never hands out networks of
+    another recipe, even from a development checkout whose version did not change."""
+    try:
+        return hashlib.sha256(inspect.getsource(reference_module).encode()).hexdigest()[:16]
+    except (OSError, TypeError):    # no source shipped (a frozen install): the versions alone
+        return "no source"
 
 
 def trained_references(dataset: Dataset, classes: int, device: str = "cpu", config: ReferenceConfig | None = None,
