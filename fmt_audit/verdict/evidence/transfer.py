@@ -104,7 +104,9 @@ class ReferenceCache:
             return None
         try:
             with np.load(path, allow_pickle=False) as stored:
-                return rebuild({name: stored[name] for name in stored.files})
+                references = rebuild({name: stored[name] for name in stored.files})
+            log.info("reference networks read from %s", path)
+            return references
         except (OSError, EOFError, ValueError, TypeError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
             log.warning("reference networks in %s unreadable (%s): training them again", path, error)
             return None
@@ -118,6 +120,7 @@ class ReferenceCache:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, stream.getvalue())
+                log.info("reference networks kept in %s", path)
             except (OSError, OutputError) as error:
                 log.warning("reference networks not kept in %s: %s", path.parent, error)
         return references
