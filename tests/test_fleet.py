@@ -134,6 +134,7 @@ def without_self_check(monkeypatch) -> None:
     monkeypatch.setattr(fleet_module, "_repaired", unchecked)
 
 
+@pytest.mark.slow     # two scans with the combined verdict and a repair through the CLI: 17 s
 def test_without_ray_the_cli_says_so_and_runs_in_process(source, tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_module, "ray_available", lambda: False)
     without_self_check(monkeypatch)

@@ -48,6 +48,7 @@ def test_the_summary_names_both_verdicts_and_the_stronger_try():
     assert "tried unlearning at twice the radius: suspicious (suspicion 0.70, class 3) (not kept: no better)" in text
 
 
+@pytest.mark.slow     # a repair, its self-check and the stronger try: 20 s of the quick suite's 6 minutes
 def test_a_repair_that_changed_nothing_may_persist_and_the_gate_fails(monkeypatch, tmp_path):
     """Fine-tuning at the smallest learning rate leaves the BadNets sample as it was: the verdict still names
     its target after the repair, the stronger try does not change that, and --fail-if-persists exits 1 with
