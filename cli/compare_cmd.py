@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from fmt_audit.repair.config import COMPARED
+from fmt_audit.repair.methods.registry import COMPARED
 
 from .console import STDOUT, say, verbosity, write_report
 from .options import (

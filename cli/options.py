@@ -15,7 +15,8 @@ from fmt_audit.backends.onnxrt.session import DEVICES
 from fmt_audit.fmt.scan import MODES, PRESETS, SCORES
 from fmt_audit.fmt.selection import SELECTIONS
 from fmt_audit.repair.config import FLIPS
-from fmt_audit.repair.config import METHODS as REPAIR_METHODS
+from fmt_audit.repair.methods.registry import DEFAULT as DEFAULT_REPAIR
+from fmt_audit.repair.methods.registry import METHODS as REPAIR_METHODS
 from fmt_audit.verdict.registry import CHOICES as VERDICTS
 from fmt_audit.verdict.registry import DEFAULT as DEFAULT_VERDICT
 from fmt_audit.verdict.registry import METHODS as VERDICT_METHODS
@@ -183,12 +184,7 @@ CONFIG = opt("--config", type=click.Path(dir_okay=False, path_type=str), default
 RUN = OptionGroup("Run", DEVICE, SEED, CONFIG)
 
 
-REPAIR_METHOD_HELP = ("fmt: feature map testing, remove, fine-tune; ft: fine-tuning alone; fp: Fine-Pruning (the "
-                      "last Conv layer's dormant channels, then fine-tuning); clp: Channel Lipschitzness-based "
-                      "Pruning (data-free, no fine-tuning); anp: Adversarial Neuron Pruning (channels whose masks, "
-                      "optimised against neuron perturbations, end low; no fine-tuning); ibau: Implicit Backdoor "
-                      "Adversarial Unlearning (minimax over one shared input perturbation, implicit hypergradient; "
-                      "nothing removed, no fine-tuning).")
+REPAIR_METHOD_HELP = "; ".join(f"{name}: {method.summary}" for name, method in REPAIR_METHODS.items()) + "."
 # The repair settings every repairing command shares (repair_settings turns them into a RepairConfig).
 REPAIR = OptionGroup(
     "Repair",
@@ -229,7 +225,7 @@ REPAIR = OptionGroup(
 
 
 def repair_method(help: str = REPAIR_METHOD_HELP) -> OptionGroup:
-    return OptionGroup("Repair", opt("--method", type=click.Choice(REPAIR_METHODS), default="fmt",
+    return OptionGroup("Repair", opt("--method", type=click.Choice(REPAIR_METHODS), default=DEFAULT_REPAIR,
                                      show_default=True, help=help))
 
 

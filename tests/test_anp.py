@@ -151,7 +151,7 @@ def test_cli_repair_method_anp_writes_the_model_and_refuses_bad_values(tmp_path)
 
 def test_compare_runs_anp_when_listed_and_not_by_default():
     from fmt_audit.repair.comparison import compare
-    from fmt_audit.repair.config import COMPARED, METHODS
+    from fmt_audit.repair.methods.registry import COMPARED, METHODS
 
     assert "anp" in METHODS and "anp" not in COMPARED
     comparison = compare(BADNETS, SAMPLES / "defender.npz", SAMPLES / "test.npz", methods=["anp"],

@@ -172,3 +172,24 @@ def test_cli_compare_table_json_and_saved_models(tmp_path):
     bad = _invoke("compare", BADNETS, "--data", SAMPLES / "defender.npz", "--test", SAMPLES / "test.npz",
                   "--methods", "fmt,nc")
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_the_repair_methods_are_a_registry_of_one_file_each_that_the_cli_and_compare_offer():
+    from pathlib import Path
+
+    from fmt_audit.repair.methods import registry
+    from fmt_audit.repair.methods.base import RepairMethod
+
+    folder = Path(registry.__file__).parent
+    for name, method in registry.METHODS.items():
+        assert isinstance(method, RepairMethod) and method.name == name and method.summary
+        assert type(method).__module__ == f"fmt_audit.repair.methods.{name}" and (folder / f"{name}.py").is_file()
+        assert method.fine_tunes or method.without_fine_tuning      # the text summary says why it did not
+    assert registry.DEFAULT == next(iter(registry.METHODS)) == "fmt"
+    assert registry.COMPARED == tuple(n for n, m in registry.METHODS.items() if m.compared)
+    assert "anp" not in registry.COMPARED
+    help_text = _invoke("repair", "--help").output
+    for name, method in registry.METHODS.items():
+        assert f"{name}: {method.summary.split(' (')[0]}" in " ".join(help_text.split())
+    result = _invoke("repair", BADNETS, "--method", "nope", "--data", SAMPLES / "defender.npz")
+    assert result.exit_code == 2 and all(name in result.output for name in registry.METHODS)

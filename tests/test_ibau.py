@@ -14,8 +14,9 @@ from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
 from fmt_audit.data import Preprocessing, load_npz
 from fmt_audit.errors import ConfigError
 from fmt_audit.model.loading import load_model
-from fmt_audit.repair.config import COMPARED, METHODS, IbauConfig, RepairConfig
+from fmt_audit.repair.config import IbauConfig, RepairConfig
 from fmt_audit.repair.ibau import _hypergradient, ibau_unlearn
+from fmt_audit.repair.methods.registry import COMPARED, METHODS
 
 BADNETS = SAMPLES / "badnets_op13.onnx"
 

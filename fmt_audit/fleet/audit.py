@@ -412,10 +412,11 @@ def _repaired(model, data: str, config: ScanConfig, settings: RepairConfig, repo
     (method fmt: the scan's reused as the "before"; other methods compute it again); the report and the
     model's bytes."""
     from fmt_audit.model.graph import fits_in_protobuf
+    from fmt_audit.repair.methods.registry import METHODS
     from fmt_audit.repair.pipeline import repair
     from fmt_audit.report.html_report import repair_html
 
-    result = repair(model, data, settings, config, flagged=report if settings.method == "fmt" else None,
+    result = repair(model, data, settings, config, flagged=report if METHODS[settings.method].takes_channels else None,
                     check=check, references=references)
     if not fits_in_protobuf(result.model):
         raise ConfigError("the repaired model is past protobuf's 2 GiB limit: repair it with fmt-audit repair, "

@@ -24,11 +24,9 @@ import torch
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier, channels_held_at_zero
 from fmt_audit.data import Dataset
-from fmt_audit.model.graph import ConvLayer
+from fmt_audit.model.graph import ChannelSet, ConvLayer
 from fmt_audit.verdict.config import CleanseConfig
 from fmt_audit.verdict.evidence.cleanse import search_class, stamped
-
-ChannelSet = Mapping[str, Sequence[int]]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ alone: same file, same names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -436,6 +436,10 @@ def class_scores(output):
         return output.reshape(len(output), -1)
     raise UnsupportedModelError(f"the class-score output gives shape {list(output.shape)}; expected [N, K] or "
                                 "[N, K, 1, 1] (name the scores with --class-output)")
+
+
+# channels of Conv layers: layer name -> output channel indices (what is flagged, removed, held at zero)
+ChannelSet = Mapping[str, Sequence[int]]
 
 
 @dataclass(frozen=True)

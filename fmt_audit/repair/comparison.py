@@ -1,7 +1,7 @@
 """``compare``: every repair method on one model, side by side (ACC, ASR, RA, DER).
 
-Each method asked for (of :data:`fmt_audit.repair.config.METHODS`; by default
-:data:`~fmt_audit.repair.config.COMPARED`, every one but the slow ``anp``) repairs the same model with the
+Each method asked for (of :data:`fmt_audit.repair.methods.registry.METHODS`; by default
+:data:`~fmt_audit.repair.methods.registry.COMPARED`, every one but the slow ``anp``) repairs the same model with the
 same clean data, fine-tuning recipe and seed; each repaired graph is measured as
 deployed (ONNX Runtime) on the same test images, against the model before any
 defense. A method that cannot run on this model (a one-line library error) gets
@@ -23,8 +23,9 @@ from fmt_audit.errors import ConfigError, FmtAuditError, first_line
 from fmt_audit.fmt.scan import ScanConfig
 from fmt_audit.model.graph import classifier_graph
 from fmt_audit.model.loading import LoadedModel, load_model
-from fmt_audit.repair.config import COMPARED, METHODS, RepairConfig
+from fmt_audit.repair.config import RepairConfig
 from fmt_audit.repair.evaluation import Metrics, defense_effectiveness, model_metrics
+from fmt_audit.repair.methods.registry import COMPARED, METHODS
 from fmt_audit.repair.pipeline import repair
 from fmt_audit.report.json_report import RepairReport
 

@@ -10,11 +10,6 @@ import numpy as np
 
 from fmt_audit.errors import ConfigError
 
-# fmt: feature map testing; ft: fine-tuning alone; fp: Fine-Pruning; clp: Channel Lipschitzness-based Pruning;
-# anp: Adversarial Neuron Pruning; ibau: Implicit Backdoor Adversarial Unlearning
-METHODS = ("fmt", "ft", "fp", "clp", "anp", "ibau")
-# what ``compare`` runs when not told: anp's mask search (2,000 iterations by default) is left to be asked for
-COMPARED = ("fmt", "ft", "fp", "clp", "ibau")
 FLIPS = ("auto", "on", "off")
 
 
@@ -155,6 +150,8 @@ class RepairConfig:
     ibau: IbauConfig = field(default_factory=IbauConfig)   # ibau: rounds and the Adam learning rate
 
     def __post_init__(self):
+        from fmt_audit.repair.methods.registry import METHODS
+
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not 0 < self.prune_drop < 1:

@@ -1,11 +1,9 @@
 """``repair``: remove the flagged channels, fine-tune on clean data, write back, verify.
 
-1. The channels to remove depend on the method (:data:`METHODS`): ``fmt`` takes
+1. The channels to remove depend on the method (:mod:`fmt_audit.repair.methods`): ``fmt`` takes
    them from a scan run here on the training part of the data, from a scan
-   report, or from the caller; ``ft`` removes none (fine-tuning alone); ``fp``
-   and ``clp`` choose them by the criteria of :mod:`fmt_audit.repair.pruning`,
-   ``anp`` by the masks of :mod:`fmt_audit.repair.anp`; ``ibau`` removes none and unlearns by
-   :mod:`fmt_audit.repair.ibau` instead of fine-tuning.
+   report, or from the caller; ``ft`` and ``ibau`` remove none; ``fp``, ``clp`` and ``anp``
+   choose them by their own criteria.
 2. Removal makes each channel's output exactly zero: its Conv filter and bias,
    and the scale and shift of a BatchNormalization that directly follows.
 3. Fine-tuning (:mod:`fmt_audit.repair.finetune`) through the PyTorch bridge, removed
@@ -16,8 +14,8 @@
    Runtime runs the repaired graph, its logits match the torch module's, and the
    removed channels' tensors are exactly zero in the graph.
 
-``clp`` is data-free: it runs without data and never fine-tunes; given data, it
-only measures accuracy. ``anp`` prunes and stops, as its reference does: no fine-tuning.
+A method that does not fine-tune (``clp``, ``anp``, ``ibau``) ends after its own step; ``clp`` is data-free:
+given data, it only measures accuracy.
 
 A part of the clean data (``holdout``) is kept out of scanning and training and
 measures accuracy before removal, after removal and after fine-tuning.
@@ -28,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -48,8 +46,9 @@ from fmt_audit.backends.torch.bridge import (
 from fmt_audit.data import Dataset, load_data
 from fmt_audit.errors import ConfigError, RepairError, UnsupportedModelError, first_line
 from fmt_audit.fmt.gradient import FeatureMapPerturbation
-from fmt_audit.fmt.scan import ScanConfig, calibrated_eps, scan
+from fmt_audit.fmt.scan import ScanConfig, calibrated_eps
 from fmt_audit.model.graph import (
+    ChannelSet,
     ImageInput,
     batchnorm_after,
     classifier_graph,
@@ -60,24 +59,21 @@ from fmt_audit.model.graph import (
     with_node_names,
 )
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
-from fmt_audit.repair.anp import anp_channels
 from fmt_audit.repair.config import RepairConfig
 from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
-from fmt_audit.repair.pruning import PruningChoice, clp_channels, dormant_channels
+from fmt_audit.repair.methods.base import RepairInputs
+from fmt_audit.repair.methods.registry import METHODS
 from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
 from fmt_audit.verdict import VerdictConfig
 from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
-ChannelSet = Mapping[str, Sequence[int]]
 # fewer optimizer steps than this and fine-tuning barely moves the weights (the
 # published recipe takes about 100: 2,500 images, batch 256, 10 epochs)
 MIN_STEPS = 30
 # images for calibrating the unlearning eps when no gradient scan did: a median accuracy
 # drop over 32 channels needs far fewer images than scoring every channel does
 CALIBRATION_SAMPLES = 64
-# methods that end without fine-tuning: clp and anp prune and stop, ibau's unlearning is the repair
-UNTUNED = ("clp", "anp", "ibau")
 # images for checking ONNX Runtime against torch when a data-free repair has no data
 VERIFY_IMAGES = 16
 # ONNX Runtime against torch for a float16 graph: its weights are the trained float32 values rounded to
@@ -199,49 +195,6 @@ def unlearning_eps(config: RepairConfig, scanned, loaded: LoadedModel, train: Da
     return eps, trace, "calibrated"
 
 
-def _channels_to_remove(config: RepairConfig, loaded: LoadedModel, train: Dataset | None,
-                        classifier: BridgedClassifier, scan_config: ScanConfig,
-                        flagged: ScanReport | ChannelSet | None,
-                        progress: Callable[[str, int, int], None] | None,
-                        check: VerdictConfig | None = None, references: ReferenceCache | None = None,
-                        ) -> tuple[str, ChannelSet, ScanReport | None, dict | None]:
-    """(where the channels came from, the channels, the scan that chose them, the evidence of fp / clp / anp)."""
-    if config.method == "ft":
-        return "none (fine-tuning alone)", {}, None, None
-    if config.method == "ibau":
-        return "none (i-BAU unlearns without removing)", {}, None, None
-    if config.method == "anp":
-        augment = config.fine_tune.augment
-        flip = augment and flip_decision(classifier, train, config.fine_tune.flip)[0]
-        choice = anp_channels(classifier, loaded.layers, train, config.anp, seed=scan_config.seed, augment=augment,
-                              flip=flip, progress=progress)
-        return "anp", choice.channels, None, choice.evidence
-    if config.method in ("fp", "clp"):
-        choice: PruningChoice
-        if config.method == "clp":
-            choice = clp_channels(loaded.proto, loaded.layers, config.clp_u)
-        else:
-            choice = dormant_channels(classifier, loaded.classifier, loaded.layers, train, config.prune_drop,
-                                      seed=scan_config.seed)
-        return {"fp": "fine-pruning", "clp": "clp"}[config.method], choice.channels, None, choice.evidence
-    if flagged is None:
-        # channels only, except that trace selection follows the verdict's reversed trigger
-        verdict = (check or VerdictConfig()) if scan_config.selection == "trace" else None
-        report = scan(loaded, train, scan_config, progress=progress, verdict=verdict, references=references)
-        return "scan", report.flagged, report, None
-    if isinstance(flagged, ScanReport):
-        if flagged.model.get("sha256") != loaded.sha256:
-            made_for = str(flagged.model.get("sha256"))[:12]
-            raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
-                              f"this model {loaded.sha256[:12]}...)")
-        scanned_output = flagged.model.get("class_output", loaded.scores)    # reports before 0.4 name none
-        if scanned_output != loaded.scores:
-            raise ConfigError(f"the scan report read the class scores from output {scanned_output!r}, this repair "
-                              f"from {loaded.scores!r}: give --class-output {scanned_output}")
-        return "report", flagged.flagged, None, None
-    return "given", flagged, None, None
-
-
 def verification_images(image: ImageInput, seed: int) -> np.ndarray:
     """Seeded uniform [0, 1] images of the model's input size, for checking a repair made without data."""
     if image.height is None or image.width is None:
@@ -271,17 +224,19 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     """
     config = config or RepairConfig()
     scan_config = scan_config or ScanConfig()
-    method = config.method
+    method = METHODS[config.method]
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     broken = nonfinite_weights(loaded.proto.graph)
     if broken:
         raise UnsupportedModelError(f"NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
                                     "repair refused: fine-tuning cannot be trusted to fix a broken model")
-    if flagged is not None and method != "fmt":
-        raise ConfigError(f"given channels to remove (a scan report) go with --method fmt, not {method}")
-    if data is None and method != "clp":
-        raise ConfigError(f"--method {method} needs clean labelled data (--data); only clp is data-free")
+    if flagged is not None and not method.takes_channels:
+        takers = ", ".join(name for name, m in METHODS.items() if m.takes_channels)
+        raise ConfigError(f"given channels to remove (a scan report) go with --method {takers}, not {method.name}")
+    if data is None and method.needs_data:
+        free = ", ".join(name for name, m in METHODS.items() if not m.needs_data)
+        raise ConfigError(f"--method {method.name} needs clean labelled data (--data); only {free} is data-free")
     preprocessing = scan_config.preprocessing
     preprocessing.check_channels(loaded.image_input.channels)
     dataset = None
@@ -297,27 +252,25 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     placement = resolve_device(scan_config.device, torch_needed=True)    # one decision for every stage
     device = placement.torch
     classifier = BridgedClassifier(bridge, preprocessing, device)
-    source, removed, scan_report, evidence = _channels_to_remove(config, loaded, train, classifier, scan_config,
-                                                                 flagged, progress, check, references)
-    removed = check_channels(loaded, removed)
+    inputs = RepairInputs(config, scan_config, loaded, train, classifier, flagged, progress, check, references)
+    removal = method.removal(inputs)
+    source, scan_report, evidence = removal.source, removal.scan, removal.evidence
+    removed = check_channels(loaded, removal.channels)
     scanned = time.perf_counter()
 
     measure = (lambda: classifier.accuracy(holdout)) if len(holdout) else (lambda: None)
     accuracy = {"before": measure()}
-    tuning = config.fine_tune if method not in UNTUNED else replace(config.fine_tune, epochs=0)
-    # nothing is fine-tuned after clp, anp or ibau (anp decided flips for its own search: its evidence says)
-    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method not in UNTUNED
+    tuning = config.fine_tune if method.fine_tunes else replace(config.fine_tune, epochs=0)
+    # nothing is fine-tuned after a method that does not (anp decided flips for its own search: its evidence says)
+    flip, flip_info = (flip_decision(classifier, train, tuning.flip) if method.fine_tunes
                        else (False, {"setting": tuning.flip, "flip": False}))
     remove_channels(bridge, removed)
     accuracy["after_removal"] = measure()
-    ibau_s = None
-    if method == "ibau":
-        from fmt_audit.repair.ibau import ibau_unlearn
-
-        unlearning_started = time.perf_counter()
-        evidence = ibau_unlearn(classifier, train, config.ibau, seed=scan_config.seed, progress=progress)
-        ibau_s = time.perf_counter() - unlearning_started
-    unlearn = method == "fmt" and (config.unlearn if config.unlearn is not None else scan_config.preset != "paper")
+    own_started = time.perf_counter()
+    own_evidence = method.after_removal(inputs)
+    own_s = time.perf_counter() - own_started if own_evidence is not None else None
+    evidence = own_evidence if own_evidence is not None else evidence
+    unlearn = method.unlearns(config, scan_config)
     perturb, unlearning = None, {"enabled": unlearn}
     if unlearn and tuning.epochs:
         eps, trace, origin = unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)
@@ -354,7 +307,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                                                 references).to_dict()
             after = verdict_on(loaded, repaired, dataset, preprocessing, device, check, references).to_dict()
             escalation = None
-            if status_of(after) == "may persist" and method == "fmt" and tuning.epochs:
+            if status_of(after) == "may persist" and method.escalates and tuning.epochs:
                 # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
                 eps = 2 * unlearning["eps"] if unlearning.get("eps") else \
                     unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)[0]
@@ -382,28 +335,25 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         warnings.append(f"fine-tuning took only {steps} optimizer steps ({len(train)} training images, batch "
                         f"{batch_size}, {tuning.epochs} epochs); a smaller --batch-size "
                         "or more --epochs gives it more")
-    if method == "ibau" and evidence.get("warning"):
-        warnings.append(f"i-BAU: {evidence['warning']}")
+    if evidence and evidence.get("warning"):
+        warnings.append(f"{method.name}: {evidence['warning']}")
     report = RepairReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "class_output": loaded.scores},
-        config={"method": method, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
+        config={"method": method.name, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
                 "holdout": config.holdout, "tolerance": config.tolerance, "device_used": device,
                 "placement": {**placement.to_dict(), "onnxruntime": verification["ort_device"]},
                 **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning, "steps": steps,
                 "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
-                **({"prune_drop": config.prune_drop} if method == "fp" else {}),
-                **({"clp_u": config.clp_u} if method == "clp" else {}),
-                **({"anp": asdict(config.anp)} if method == "anp" else {}),
-                **({"ibau": asdict(config.ibau)} if method == "ibau" else {})},
+                **method.settings(config)},
         flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
         data={"images": len(dataset) if dataset is not None else 0, "train": len(train), "holdout": len(holdout),
               "source": dataset.source if dataset is not None else None},
         accuracy=accuracy, epochs=[record.to_dict() for record in history], verification=verification,
         regrowth=regrowth(bridge, removed) if config.allow_regrowth else None, warnings=warnings,
-        timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned - (ibau_s or 0.0), 3),
-                **({"ibau_s": round(ibau_s, 3)} if ibau_s is not None else {}),
+        timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned - (own_s or 0.0), 3),
+                **({f"{method.name}_s": round(own_s, 3)} if own_s is not None else {}),
                 "self_check_s": round(time.perf_counter() - checked_from, 3) if self_check else None,
                 "total_s": round(time.perf_counter() - started, 3)},
-        method=method, evidence=evidence, self_check=self_check.to_dict() if self_check else None,
+        method=method.name, evidence=evidence, self_check=self_check.to_dict() if self_check else None,
     )
     return RepairResult(repaired, report, scan_report)

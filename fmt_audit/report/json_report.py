@@ -170,7 +170,7 @@ class RepairReport:
     model: dict
     config: dict
     flagged: dict[str, list[int]]
-    source: str                     # "scan" | "report" | "given" | "none (fine-tuning alone)" | "fine-pruning" | "clp"
+    source: str                     # where the removed channels came from (fmt_audit.repair.methods: Removal.source)
     channels_total: int
     data: dict
     accuracy: dict                  # holdout accuracy: before, after_removal, after (None without a holdout)
@@ -180,8 +180,8 @@ class RepairReport:
     warnings: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     output: dict | None = None      # path and sha256 of the written model, filled in by whoever writes it
-    method: str = "fmt"             # fmt | ft | fp | clp (fmt_audit.repair.pipeline.METHODS)
-    evidence: dict | None = None    # what fp / clp chose the channels on (fmt_audit.repair.pruning)
+    method: str = "fmt"             # a name of fmt_audit.repair.methods.registry.METHODS
+    evidence: dict | None = None    # what the method chose the channels on (fp, clp, anp) or its own step's (ibau)
     self_check: dict | None = None  # the verdict before and after (fmt_audit.repair.selfcheck); None: not run
 
     @property
@@ -219,7 +219,11 @@ class RepairReport:
                          f"flip {'on' if c['flip_decision']['flip'] else 'off'}"
                          f"{', channels free to regrow' if c['allow_regrowth'] else ''}")
         else:
-            lines.append("fine-tuned   no" + (" (clp is data-free)" if self.method == "clp" else ""))
+            from fmt_audit.repair.methods.registry import METHODS
+
+            known = METHODS.get(self.method)
+            why = known.without_fine_tuning if known is not None else ""
+            lines.append("fine-tuned   no" + (f" ({why})" if why else ""))
         unlearning = c.get("unlearning") or {}
         if unlearning.get("eps") is not None:
             lines.append(f"unlearning   on feature-map perturbations, eps {unlearning['eps']} "

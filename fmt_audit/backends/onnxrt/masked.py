@@ -20,9 +20,16 @@ from fmt_audit.backends.onnxrt.instrument import feature_output_name, instrument
 from fmt_audit.backends.onnxrt.session import Session, create_session, with_free_batch
 from fmt_audit.data import Preprocessing
 from fmt_audit.errors import first_line
-from fmt_audit.model.graph import ConvLayer, ImageInput, class_scores, conv_layers, image_input, with_node_names
+from fmt_audit.model.graph import (
+    ChannelSet,
+    ConvLayer,
+    ImageInput,
+    class_scores,
+    conv_layers,
+    image_input,
+    with_node_names,
+)
 
-ChannelSet = Mapping[str, Sequence[int]]
 log = logging.getLogger(__name__)
 # a layer's cut graph must give the whole graph's class scores within this, relative to max(1, |largest|)
 # (the audit runs float16 graphs widened to float32: fmt_audit.model.graph.float32_view)

@@ -1,0 +1,46 @@
+"""``fmt``: feature map testing. The channels a scan flags (run here on the training split, or the caller's scan
+report or channels) are removed, and fine-tuning unlearns feature-map perturbations too (except under the
+``paper`` preset: the published repair). Where the self-check says the backdoor may persist, it is tried once
+more, stronger."""
+
+from __future__ import annotations
+
+from fmt_audit.errors import ConfigError
+from fmt_audit.repair.methods.base import Removal, RepairInputs, RepairMethod
+
+
+class FeatureMapTesting(RepairMethod):
+    name = "fmt"
+    summary = "feature map testing, remove, fine-tune"
+    takes_channels = True
+    escalates = True
+
+    def removal(self, inputs: RepairInputs) -> Removal:
+        from fmt_audit.fmt.scan import scan
+        from fmt_audit.report.json_report import ScanReport
+        from fmt_audit.verdict import VerdictConfig
+
+        loaded, flagged = inputs.loaded, inputs.flagged
+        if flagged is None:
+            # channels only, except that trace selection follows the verdict's reversed trigger
+            verdict = (inputs.check or VerdictConfig()) if inputs.scan_config.selection == "trace" else None
+            report = scan(loaded, inputs.train, inputs.scan_config, progress=inputs.progress, verdict=verdict,
+                          references=inputs.references)
+            return Removal("scan", report.flagged, scan=report)
+        if isinstance(flagged, ScanReport):
+            if flagged.model.get("sha256") != loaded.sha256:
+                made_for = str(flagged.model.get("sha256"))[:12]
+                raise ConfigError(f"the scan report was made for another model (sha256 {made_for}..., "
+                                  f"this model {loaded.sha256[:12]}...)")
+            scanned_output = flagged.model.get("class_output", loaded.scores)    # reports before 0.4 name none
+            if scanned_output != loaded.scores:
+                raise ConfigError(f"the scan report read the class scores from output {scanned_output!r}, this "
+                                  f"repair from {loaded.scores!r}: give --class-output {scanned_output}")
+            return Removal("report", flagged.flagged)
+        return Removal("given", flagged)
+
+    def unlearns(self, config, scan_config) -> bool:
+        return config.unlearn if config.unlearn is not None else scan_config.preset != "paper"
+
+
+FMT = FeatureMapTesting()
