@@ -10,6 +10,6 @@ CELLS=" cifar10-preact18q-sig-p10 cifar10-mobilenetv2-badnets-p10 cifar10-vgg-wa
     cifar10-vgg-badnets-p01"
 for methods in "trace + unlearning,fine-tuning only" "i-BAU,unlearning only"; do
   for cell in $CELLS; do
-    PYTHONPATH=. OMP_NUM_THREADS=1 python ../research/trace_repair.py matrix:$cell --tag heldout --methods "$methods"
+    PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py matrix:$cell --tag heldout --methods "$methods"
   done
 done
