@@ -298,3 +298,46 @@ def test_onnx_runtime_runs_a_batch_one_graph_in_larger_batches_only_when_images_
     unfreeable = _unfreeable()
     assert with_free_batch(unfreeable) is unfreeable
     assert MaskedModel(unfreeable, "cpu").batch_size == 1
+
+
+def test_a_cpu_module_runs_channels_last_where_a_probe_agrees_and_writes_back_the_same_graph(monkeypatch):
+    import fmt_audit.backends.torch.bridge as bridge_module
+    from fmt_audit.backends.torch.bridge import BridgedClassifier
+    from fmt_audit.data import Preprocessing
+
+    model, x = build_synthetic(), synthetic_images()
+    logits = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(bridge_module, "CHANNELS_LAST_ON_CPU", enabled)
+        bridge = to_torch(model)
+        classifier = BridgedClassifier(bridge, Preprocessing(), "cpu")
+        expected = torch.channels_last if enabled else torch.contiguous_format
+        assert classifier.memory_format is expected and bridge.memory_formats == {"cpu": expected}
+        conv = bridge.conv_weights(conv_layers(model)[0].name).weight
+        assert conv.is_contiguous(memory_format=expected) and conv.is_contiguous() is not enabled
+        logits[enabled] = classifier.logits(x)
+        _train_a_little(bridge, x)      # weights and their gradients in that order, written back as ONNX's
+        updated = write_back(model, bridge)
+        assert np.abs(_ort_logits(updated, x) - _torch_logits(bridge, x)).max() <= 1e-4
+    assert np.abs(logits[True] - logits[False]).max() <= 1e-5
+
+
+def test_a_module_that_cannot_run_channels_last_stays_in_the_default_order():
+    from fmt_audit.backends.torch.bridge import BridgedClassifier
+    from fmt_audit.data import Preprocessing
+
+    model, x = build_synthetic(), synthetic_images()
+    bridge = to_torch(model)
+    strides = {name: p.stride() for name, p in bridge.module.named_parameters()}
+
+    def refuse(_module, inputs):
+        if not inputs[0].is_contiguous():
+            raise RuntimeError("view size is not compatible with input tensor's size and stride")
+
+    bridge.module.register_forward_pre_hook(refuse)
+    bridge.module.train()
+    classifier = BridgedClassifier(bridge, Preprocessing(), "cpu")
+    assert classifier.memory_format is torch.contiguous_format
+    assert {name: p.stride() for name, p in bridge.module.named_parameters()} == strides     # as found
+    assert bridge.module.training
+    assert np.abs(classifier.logits(x) - _ort_logits(model, x)).max() <= 1e-4
