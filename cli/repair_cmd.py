@@ -13,6 +13,7 @@ from .options import (
     FAIL_IF_PERSISTS,
     MODEL,
     REPAIR,
+    REPAIR_METHODS,
     RUN,
     SCAN,
     STDOUT,
@@ -33,6 +34,8 @@ from .options import (
     verdict_settings,
 )
 
+# the methods that run without data, for --data's help
+DATA_FREE = ", ".join(name for name, method in REPAIR_METHODS.items() if not method.needs_data)
 FROM_REPORT = OptionGroup("Repair", opt(
     "--from-report", default=None, type=click.Path(dir_okay=False, path_type=str),
     help="Remove the channels flagged in this scan report (from `fmt-audit scan --json`) instead of scanning."))
@@ -43,7 +46,7 @@ OUTPUT = OptionGroup("Output", opt("-o", "--output", required=True, type=click.P
 @command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @MODEL
-@data_options(f"{DATA_HELP} Required, except with --method clp (data-free; with data, it only measures "
+@data_options(f"{DATA_HELP} Required, except with --method {DATA_FREE} (data-free; with data, it only measures "
               "accuracy).", required=False)
 @SCAN
 @repair_method()

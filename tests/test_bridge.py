@@ -300,12 +300,16 @@ def test_onnx_runtime_runs_a_batch_one_graph_in_larger_batches_only_when_images_
     assert MaskedModel(unfreeable, "cpu").batch_size == 1
 
 
-def test_a_cpu_module_runs_channels_last_where_a_probe_agrees_and_writes_back_the_same_graph(monkeypatch):
+@pytest.mark.parametrize("build", ["synthetic", "badnets_op13"])    # the sample: Flatten of a Conv's maps -> Gemm
+def test_a_cpu_module_runs_channels_last_where_a_probe_agrees_and_writes_back_the_same_graph(monkeypatch, build):
     import fmt_audit.backends.torch.bridge as bridge_module
     from fmt_audit.backends.torch.bridge import BridgedClassifier
     from fmt_audit.data import Preprocessing
 
-    model, x = build_synthetic(), synthetic_images()
+    if build == "synthetic":
+        model, x = build_synthetic(), synthetic_images()
+    else:
+        model, x = load_model(f"sample_models/{build}.onnx").proto, sample_images(n=32)
     logits = {}
     for enabled in (False, True):
         monkeypatch.setattr(bridge_module, "CHANNELS_LAST_ON_CPU", enabled)
@@ -313,7 +317,9 @@ def test_a_cpu_module_runs_channels_last_where_a_probe_agrees_and_writes_back_th
         classifier = BridgedClassifier(bridge, Preprocessing(), "cpu")
         expected = torch.channels_last if enabled else torch.contiguous_format
         assert classifier.memory_format is expected and bridge.memory_formats == {"cpu": expected}
-        conv = bridge.conv_weights(conv_layers(model)[0].name).weight
+        # a filter whose two orders differ in memory (not one input channel, not 1x1)
+        conv = next(w for w in (bridge.conv_weights(layer.name).weight for layer in conv_layers(model))
+                    if w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1)
         assert conv.is_contiguous(memory_format=expected) and conv.is_contiguous() is not enabled
         logits[enabled] = classifier.logits(x)
         _train_a_little(bridge, x)      # weights and their gradients in that order, written back as ONNX's
@@ -341,3 +347,16 @@ def test_a_module_that_cannot_run_channels_last_stays_in_the_default_order():
     assert {name: p.stride() for name, p in bridge.module.named_parameters()} == strides     # as found
     assert bridge.module.training
     assert np.abs(classifier.logits(x) - _ort_logits(model, x)).max() <= 1e-4
+
+
+def test_a_module_whose_logits_move_in_channels_last_stays_in_the_default_order(monkeypatch):
+    import fmt_audit.backends.torch.bridge as bridge_module
+    from fmt_audit.backends.torch.bridge import BridgedClassifier
+    from fmt_audit.data import Preprocessing
+
+    monkeypatch.setattr(bridge_module, "LAYOUT_TOLERANCE", -1.0)     # no gap is small enough
+    bridge = to_torch(build_synthetic())
+    strides = {name: p.stride() for name, p in bridge.module.named_parameters()}
+    classifier = BridgedClassifier(bridge, Preprocessing(), "cpu")
+    assert classifier.memory_format is torch.contiguous_format and bridge.memory_format_name("cpu") == "contiguous"
+    assert {name: p.stride() for name, p in bridge.module.named_parameters()} == strides

@@ -38,14 +38,17 @@ def test_reports_name_where_each_stage_ran(tmp_path):
     masked = CliRunner().invoke(main, ["scan", model, *common, "--verdict", "none", "--json", str(tmp_path / "m.json")])
     assert masked.exit_code == 0, masked.output
     placement = json.loads((tmp_path / "m.json").read_text())["config"]["placement"]
-    assert placement == {"requested": "cpu", "onnxruntime": "cpu", "torch": None}   # no torch was needed
+    assert placement == {"requested": "cpu", "onnxruntime": "cpu", "torch": None,      # no torch was needed
+                         "torch_memory_format": None}
     verdict = CliRunner().invoke(main, ["scan", model, *common, *QUICK_MARGIN_ARGS, "--json", str(tmp_path / "v.json")])
     assert verdict.exit_code == 0, verdict.output
-    assert json.loads((tmp_path / "v.json").read_text())["config"]["placement"]["torch"] == "cpu"
+    placement = json.loads((tmp_path / "v.json").read_text())["config"]["placement"]
+    assert placement["torch"] == "cpu" and placement["torch_memory_format"] == "channels_last"  # the verdict's
     repaired = CliRunner().invoke(main, ["repair", model, *common, "--epochs", "0", "--verdict", "none",
                                          "-o", str(tmp_path / "r.onnx"),
                                          "--json", str(tmp_path / "r.json")])
     assert repaired.exit_code == 0, repaired.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["config"]["placement"] == {"requested": "cpu", "onnxruntime": "cpu", "torch": "cpu"}
+    assert report["config"]["placement"] == {"requested": "cpu", "onnxruntime": "cpu", "torch": "cpu",
+                                             "torch_memory_format": "channels_last"}
     assert report["verification"]["ort_device"] == "cpu"

@@ -25,6 +25,8 @@ class Placement:
     requested: str
     onnxruntime: str
     torch: str | None = None
+    # the memory format torch's convolutions ran in (TorchBridge.memory_format_on); None: no torch module placed
+    torch_memory_format: str | None = None
 
     def with_torch(self) -> Placement:
         """This placement with torch's device decided (imports torch)."""
@@ -40,7 +42,8 @@ class Placement:
         return self.onnxruntime if mode == "mask" or self.torch is None else self.torch
 
     def to_dict(self) -> dict:
-        return {"requested": self.requested, "onnxruntime": self.onnxruntime, "torch": self.torch}
+        return {"requested": self.requested, "onnxruntime": self.onnxruntime, "torch": self.torch,
+                "torch_memory_format": self.torch_memory_format}
 
 
 def resolve_device(requested: str, torch_needed: bool = False) -> Placement:

@@ -15,7 +15,7 @@ import numpy as np
 
 from fmt_audit.backends.device import DEVICES, Placement, resolve_device
 from fmt_audit.data import Dataset, Preprocessing, load_data
-from fmt_audit.errors import ConfigError
+from fmt_audit.errors import ConfigError, FmtAuditError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from fmt_audit.fmt.scores import ChannelScores
 from fmt_audit.fmt.selection import SELECTIONS, select
@@ -126,6 +126,16 @@ PRESETS: dict[str, dict] = {
     # iterated FMT: the gradient method with a calibrated eps, 5 steps and class-shift scores
     "gradient": {"mode": "gradient"},
 }
+
+
+def _converted(loaded: LoadedModel):
+    """The model's PyTorch bridge, or None where it cannot be converted (the verdict then tries and says why)."""
+    from fmt_audit.backends.torch.bridge import to_torch
+
+    try:
+        return to_torch(loaded.classifier)
+    except FmtAuditError:
+        return None
 
 
 def _suspicion(scores: ChannelScores, score: str) -> np.ndarray:
@@ -356,6 +366,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     found = None
     if verdict is not None:
         scanner.placement = scanner.placement.with_torch()     # the verdict runs in torch, where the scan's did
+        scanner.bridge = scanner.bridge or _converted(loaded)  # once, for the verdict and a trace after it
         found = gather_verdict(VerdictInputs(loaded, everything.take(verdict.samples, seed=verdict.seed),
                                              config.preprocessing, scanner.placement.torch, scanner.bridge,
                                              references), verdict)
@@ -378,7 +389,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
                "nonfinite_weights": nonfinite_weights(loaded.proto.graph)},
         config={**used, "eps_requested": config.eps, "samples": len(dataset), **config.preprocessing.to_dict(),
                 "device_used": scanner.device, "ort_provider": scanner.provider,
-                "placement": scanner.placement.to_dict(),
+                "placement": replace(scanner.placement, torch_memory_format=scanner.bridge.memory_format_name(
+                    scanner.placement.torch) if scanner.bridge is not None else None).to_dict(),
                 **({"layers_device_used": getattr(runner, "device_used", None)} if runner is not None else {}),
                 "bridge_steps": scanner.bridge.steps if scanner.bridge else None,
                 # mask mode in this process: the layers whose settings ran through the whole graph, not cut

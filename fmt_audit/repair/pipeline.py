@@ -61,7 +61,7 @@ from fmt_audit.model.graph import (
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
 from fmt_audit.repair.config import RepairConfig
 from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
-from fmt_audit.repair.methods.base import RepairInputs
+from fmt_audit.repair.methods.base import RepairInputs, RepairMethod
 from fmt_audit.repair.methods.registry import METHODS
 from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
@@ -252,6 +252,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     placement = resolve_device(scan_config.device, torch_needed=True)    # one decision for every stage
     device = placement.torch
     classifier = BridgedClassifier(bridge, preprocessing, device)
+    placement = replace(placement, torch_memory_format=bridge.memory_format_name(device))
     inputs = RepairInputs(config, scan_config, loaded, train, classifier, flagged, progress, check, references)
     removal = method.removal(inputs)
     source, scan_report, evidence = removal.source, removal.scan, removal.evidence
@@ -268,7 +269,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     accuracy["after_removal"] = measure()
     own_started = time.perf_counter()
     own_evidence = method.after_removal(inputs)
-    own_s = time.perf_counter() - own_started if own_evidence is not None else None
+    own_step = type(method).after_removal is not RepairMethod.after_removal
+    own_s = time.perf_counter() - own_started if own_step else None
     evidence = own_evidence if own_evidence is not None else evidence
     unlearn = method.unlearns(config, scan_config)
     perturb, unlearning = None, {"enabled": unlearn}

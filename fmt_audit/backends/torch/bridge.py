@@ -44,10 +44,11 @@ from fmt_audit.model.graph import (
 )
 from fmt_audit.model.loading import in_one_piece
 
-# On a CPU, torch's convolutions (oneDNN) run forward and backward 1.1-1.6x faster on the CIFAR-10 networks
-# with activations and weights in channels-last order (benchmarks/memory_format.py); logits agree with the
-# default order to about 1e-6 of their size. Unmeasured on CUDA, so left there as it is. Benchmarks set this
-# False in their own process to measure the difference.
+# On a CPU, torch's convolutions (oneDNN) run forward and backward faster on the CIFAR-10 networks with
+# activations and weights in channels-last order (benchmarks/memory_format.py: 1.65x on a MobileNetV2's
+# trigger search, the figures for the others in benchmarks/README.md); logits agree with the default order to
+# about 1e-6 of their size. Unmeasured on CUDA, so left there as it is. Benchmarks set this False in their
+# own process to measure the difference.
 CHANNELS_LAST_ON_CPU = True
 # channels-last must give the default order's logits within this, relative to max(1, |largest|), on a probe
 # of seeded random images, or the module stays in the default order
@@ -107,6 +108,11 @@ class TorchBridge:
         self.module.to(memory_format=chosen)
         return chosen
 
+    def memory_format_name(self, device: str | None) -> str | None:
+        """``channels_last`` or ``contiguous``: the format decided for ``device`` (None: not placed there yet)."""
+        chosen = self.memory_formats.get(torch.device(device).type) if device is not None else None
+        return None if chosen is None else "channels_last" if chosen is torch.channels_last else "contiguous"
+
 
 def _channels_last_agrees(bridge: TorchBridge) -> bool:
     """Whether the module (on the CPU, in the default order) gives the same logits in channels-last order on
@@ -155,6 +161,8 @@ class BridgedClassifier:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         normalized = self.normalize(x)
+        # the format the shared module is in now (a classifier on another device may have placed it since)
+        self.memory_format = self.bridge.memory_formats.get(torch.device(self.device).type, self.memory_format)
         if self.memory_format is torch.channels_last:      # an NCHW graph: nothing to permute
             return class_scores(self.module(normalized.contiguous(memory_format=torch.channels_last)))
         return class_scores(self.module(self.bridge.image.to_model_layout(normalized) if self.bridge.image
