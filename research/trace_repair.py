@@ -28,6 +28,7 @@ skipped, so a rerun resumes. The verdict, the trace and the default scan are cac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -41,7 +42,10 @@ from cases import cases
 RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
-           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP")
+           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning")
+# trace + distilled unlearning: the clean images' loss is (1 - weight) x cross-entropy + weight x T^2 x KL from the
+# model as given at temperature T; fixed by docs/research/repair-distillation.md (both of its tests)
+DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
 # staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
 STAGED_ACC_DROP = 0.02
 
@@ -68,6 +72,23 @@ def poisoned_defender(train, attack: str, target: int, seed: int):
     x[chosen] = apply_trigger(attack, as_uint8).astype(np.float32) / 255
     y[chosen] = target
     return Dataset(x, y)
+
+
+def distilled_from(teacher):
+    """The clean loss of ``trace + distilled unlearning`` (``fine_tune``'s ``clean_loss``), ``teacher`` the model
+    as given (a frozen classifier on pixel-space images)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fmt_audit.backends.torch.logits import as_logits
+
+    def clean_loss(x, y, logits):
+        with torch.no_grad():
+            taught = F.log_softmax(as_logits(teacher(x)) / DISTILL_TEMPERATURE, 1)
+        kl = F.kl_div(F.log_softmax(logits / DISTILL_TEMPERATURE, 1), taught, log_target=True, reduction="batchmean")
+        return (1 - DISTILL_WEIGHT) * F.cross_entropy(logits, y) + DISTILL_WEIGHT * DISTILL_TEMPERATURE ** 2 * kl
+
+    return clean_loss
 
 
 def main() -> None:
@@ -195,6 +216,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace removal only": lambda: (trace_flagged, RepairConfig(FineTuneConfig(epochs=0)), "trace"),
         "trace + fine-tuning": lambda: (trace_flagged, tune_only, "trace"),
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
+        "trace + distilled unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
@@ -238,7 +260,8 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
             continue
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
-        result = repair(loaded, data, settings, scan_config, flagged=flagged)
+        with distillation(method == "trace + distilled unlearning", loaded, preprocessing):
+            result = repair(loaded, data, settings, scan_config, flagged=flagged)
         after = measured(result.model)
         m = after.metrics
         seconds = time.perf_counter() - started
@@ -254,6 +277,26 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                "holdout ACC": result.report.accuracy, "time s": round(seconds, 1),
                "verdict": {"verdict": found["verdict"], "class": found["target_class"]},
                "trace rounds": len(trace.get("rounds", [])), **extra})
+
+
+@contextlib.contextmanager
+def distillation(on: bool, loaded, preprocessing):
+    """Within it (``on``), the repair's fine-tuning takes its clean loss half from the model as given."""
+    if not on:
+        yield
+        return
+    import functools
+    from unittest import mock
+
+    import fmt_audit.repair.pipeline as pipeline
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import freeze
+
+    teacher = BridgedClassifier(to_torch(loaded.classifier), preprocessing, "cpu")
+    freeze(teacher)
+    with mock.patch.object(pipeline, "fine_tune", functools.partial(pipeline.fine_tune,
+                                                                    clean_loss=distilled_from(teacher))):
+        yield
 
 
 if __name__ == "__main__":

@@ -177,6 +177,33 @@ def test_fine_tuning_a_graph_that_ends_in_softmax_takes_the_log_of_its_probabili
     assert record.loss == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_fine_tune_trains_on_the_clean_loss_it_is_given():
+    """``clean_loss`` replaces cross-entropy on the clean images: the same function gives the same weights, one
+    that is always zero leaves them where they were, and it sees the batch's images, labels and logits."""
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.data import Preprocessing
+    from fmt_audit.repair.finetune import fine_tune
+
+    data = Dataset(synthetic_images(n=24), np.arange(24) % 5)
+    config = FineTuneConfig(epochs=1, augment=False, batch_size=8)
+    seen = []
+
+    def cross_entropy(x, y, logits):
+        seen.append((x.shape, y.shape, logits.shape))
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    weights = []
+    for clean_loss in (None, cross_entropy, lambda x, y, logits: 0 * logits.sum()):
+        classifier = BridgedClassifier(to_torch(build_synthetic()), Preprocessing(), "cpu")
+        fine_tune(classifier, data, config, flip=False, clean_loss=clean_loss)
+        weights.append([p.detach().clone() for p in classifier.module.parameters()])
+    untrained = list(to_torch(build_synthetic()).module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], untrained))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], untrained))
+    assert seen == [((8, 3, 8, 8), (8,), (8, 5))] * 3
+
+
 def test_fine_tune_settings_are_validated():
     for bad in ({"epochs": -1}, {"lr": 0.0}, {"batch_size": 1}, {"flip": "sometimes"}, {"max_grad_norm": 0.0}):
         with pytest.raises(ConfigError):

@@ -86,8 +86,14 @@ def flip_decision(classifier: BridgedClassifier, data: Dataset, setting: str) ->
 def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneConfig, flip: bool,
               holdout: Dataset | None = None,
               progress: Callable[[EpochRecord], None] | None = None,
-              perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[EpochRecord]:
+              perturb: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              clean_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+              ) -> list[EpochRecord]:
     """Train ``classifier`` in place on ``train``; one record per epoch.
+
+    ``perturb``: perturbed copies of each batch are trained on too, with their true labels (unlearning).
+    ``clean_loss(images, labels, logits)``: the loss of each batch's clean images (augmented, in pixel space);
+    ``None``: cross-entropy with their labels (research varies it: docs/research/repair-distillation.md).
 
     Channels to hold at zero are set up by the caller
     (:func:`fmt_audit.backends.torch.bridge.channels_held_at_zero`).
@@ -131,7 +137,7 @@ def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneCon
                 # a graph that ends in Softmax gives probabilities: their logarithm is what cross-entropy takes
                 logits = as_logits(classifier(x))
                 # clean loss at full weight, plus the perturbed copies' loss (unlearning)
-                loss = loss_fn(logits[:n], y[:n])
+                loss = loss_fn(logits[:n], y[:n]) if clean_loss is None else clean_loss(x[:n], y[:n], logits[:n])
                 if perturb is not None:
                     loss = loss + loss_fn(logits[n:], y[n:])
                 loss.backward()
