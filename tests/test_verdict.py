@@ -178,12 +178,15 @@ def test_the_margin_verdict_drives_the_gate(tmp_path):
 
 
 def test_a_model_the_bridge_cannot_convert_keeps_its_scan_and_gets_an_inconclusive_verdict(monkeypatch):
+    import fmt_audit.backends.torch.bridge
     import fmt_audit.backends.torch.logits
     from fmt_audit.errors import BridgeError
 
     def refuse(model):
         raise BridgeError("onnx2torch cannot convert op 'Fancy'")
 
+    # wherever it is asked: the scan's one conversion for its verdict, and the verdict's own
+    monkeypatch.setattr(fmt_audit.backends.torch.bridge, "to_torch", refuse)
     monkeypatch.setattr(fmt_audit.backends.torch.logits, "to_torch", refuse)
     report = scan(SAMPLES / "clean_op13.onnx", DATA, ScanConfig(samples=8, skip_layers="block"),
                   verdict=VerdictConfig(method="margin", **QUICK_MARGIN))
