@@ -151,6 +151,7 @@ class BridgedClassifier:
         self.module = bridge.module.to(device)
         self.memory_format = bridge.memory_format_on(device)
         self.device = device
+        self._device_type = torch.device(device).type
         self.preprocessing = preprocessing
         self._scale, self._offset = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
                                      for v in preprocessing.affine())
@@ -162,7 +163,7 @@ class BridgedClassifier:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         normalized = self.normalize(x)
         # the format the shared module is in now (a classifier on another device may have placed it since)
-        self.memory_format = self.bridge.memory_formats.get(torch.device(self.device).type, self.memory_format)
+        self.memory_format = self.bridge.memory_formats.get(self._device_type, self.memory_format)
         if self.memory_format is torch.channels_last:      # an NCHW graph: nothing to permute
             return class_scores(self.module(normalized.contiguous(memory_format=torch.channels_last)))
         return class_scores(self.module(self.bridge.image.to_model_layout(normalized) if self.bridge.image
