@@ -149,12 +149,18 @@ class BridgedClassifier:
     def __init__(self, bridge: TorchBridge, preprocessing: Preprocessing, device: str = "cpu"):
         self.bridge = bridge
         self.module = bridge.module.to(device)
-        self.memory_format = bridge.memory_format_on(device)
+        bridge.memory_format_on(device)
         self.device = device
         self._device_type = torch.device(device).type
         self.preprocessing = preprocessing
         self._scale, self._offset = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
                                      for v in preprocessing.affine())
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The format the shared module runs in on this classifier's device type (the bridge holds it: a
+        classifier on another device type may have placed the module since)."""
+        return self.bridge.memory_formats[self._device_type]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel-space images -> what the ONNX model takes."""
@@ -162,8 +168,6 @@ class BridgedClassifier:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         normalized = self.normalize(x)
-        # the format the shared module is in now (a classifier on another device may have placed it since)
-        self.memory_format = self.bridge.memory_formats.get(self._device_type, self.memory_format)
         if self.memory_format is torch.channels_last:      # an NCHW graph: nothing to permute
             return class_scores(self.module(normalized.contiguous(memory_format=torch.channels_last)))
         return class_scores(self.module(self.bridge.image.to_model_layout(normalized) if self.bridge.image
