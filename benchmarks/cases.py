@@ -33,6 +33,12 @@ class Case(NamedTuple):
     std: tuple[float, ...] | None = None
 
 
+def matrix_label(facts: dict) -> str:
+    """``matrix CELL``; ``matrix CELL (cpu)`` for a cell trained on the CPU: the same seeded recipe gives other
+    weights there than on the GPU, so rows of the two models must not be taken for one model's."""
+    return f"matrix {facts['name']}" + (" (cpu)" if facts.get("trained_on") == "cpu" else "")
+
+
 def matrix_folders(name: str) -> list[Path]:
     """The exported matrix cells (benchmarks/matrix.py) that ``name`` (``matrix:PART[,PART...]``) names:
     every cell whose name contains one of the parts."""
@@ -68,7 +74,7 @@ def cases(name: str, clean: bool = False):
                     test = load_npz(folder / "test.npz")
                     chosen = np.sort(np.random.default_rng(1).choice(len(test), size=min(2000, len(test)),
                                                                      replace=False))
-                    yield Case(f"matrix {facts['name']}", folder / "model.onnx", folder / "defender.npz", None,
+                    yield Case(matrix_label(facts), folder / "model.onnx", folder / "defender.npz", None,
                                Dataset(test.x[chosen], test.y[chosen]), None, mean, std)
                 continue
             test, target = load_npz(folder / "test.npz"), facts["target"]
@@ -82,7 +88,7 @@ def cases(name: str, clean: bool = False):
             x = np.concatenate([test.x[victims[chosen]], test.x[own]])
             y = np.concatenate([test.y[victims[chosen]], test.y[own]])
             # the target's own images are never triggered (ASR counts the others): their clean copies stand in
-            yield Case(f"matrix {facts['name']}", folder / "model.onnx", folder / "defender.npz", target,
+            yield Case(matrix_label(facts), folder / "model.onnx", folder / "defender.npz", target,
                        Dataset(x, y), np.concatenate([triggered, test.x[own]]), mean, std)
         return
 

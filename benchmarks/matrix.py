@@ -936,7 +936,7 @@ def cmd_train(args) -> None:
     workers = max(0, args.workers)
     config = {"device": device, "data": str(Path(args.data).resolve()), "smoke": args.smoke,
               "epochs_scale": args.epochs_scale, "hard_deadline": t0 + budget + grace,
-              "threads": max(1, (os.cpu_count() or 2) // max(1, workers))}
+              "threads": args.threads or max(1, (os.cpu_count() or 2) // max(1, workers))}
     log(f"training {len(cells)} cells on {gpu} with {workers or 'no'} worker processes, budget {budget:.0f} s "
         f"(hard stop {budget + grace:.0f} s), torch {torch.__version__}, smoke {args.smoke}")
     report = {"version": 1, "smoke": args.smoke, "device": gpu, "torch": torch.__version__,
@@ -1039,7 +1039,7 @@ def _train_in_process(config, running, next_cell, finished, failed, log) -> None
     datasets: dict[str, dict[str, np.ndarray]] = {}
     while (cell := next_cell()) is not None:
         if not datasets:
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(config["threads"])
             torch.backends.cudnn.benchmark = config["device"] == "cuda"
         running[0] = cell
         try:
@@ -1211,7 +1211,8 @@ def _shared_file(base: Path, stem: str, x: np.ndarray, y: np.ndarray, folder: Pa
         dest.write_bytes(source.read_bytes())
 
 
-def export_cell(cell: Cell, entry: dict, weights_dir: Path, data: dict[str, np.ndarray], smoke: bool) -> dict:
+def export_cell(cell: Cell, entry: dict, weights_dir: Path, data: dict[str, np.ndarray], smoke: bool,
+                trained_on: str | None = None) -> dict:
     import onnx
     import onnxruntime as ort
 
@@ -1284,7 +1285,9 @@ def export_cell(cell: Cell, entry: dict, weights_dir: Path, data: dict[str, np.n
               "train_seconds": entry.get("train_seconds"), "train_acc": entry.get("train_acc"),
               "gpu_eval_acc": entry.get("eval_acc"), "gpu_eval_asr": entry.get("eval_asr"),
               "ort_max_diff": diff, "defender_images": len(pick), "test_images": len(data["y_test"]),
-              "triggered_images": int(keep.sum()) if cell.attack != "clean" else 0, "smoke": smoke}
+              "triggered_images": int(keep.sum()) if cell.attack != "clean" else 0, "smoke": smoke,
+              # the same seeded recipe gives other weights on another device (the GPU trained in bfloat16)
+              "trained_on": trained_on}
     _write_json(folder / "facts.json", facts)
     os.replace(tmp, folder / "model.onnx")
     return facts
@@ -1324,7 +1327,7 @@ def cmd_export(args) -> None:
             datasets[cell.dataset] = load_shared(cell.dataset, Path(args.shared))
         started = time.time()
         try:
-            facts = export_cell(cell, entry, weights_dir, datasets[cell.dataset], smoke)
+            facts = export_cell(cell, entry, weights_dir, datasets[cell.dataset], smoke, report.get("device"))
         except Exception:
             failures.append(name)
             print(f"{name}: export failed\n{traceback.format_exc()}")
@@ -1369,6 +1372,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", help="comma-separated cell names (or parts of names)")
     p.add_argument("--smoke", action="store_true", help="256 images per dataset, one epoch, every cell")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is available")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per training process (0: the CPU's cores shared among the workers)")
     p.add_argument("--require-cuda", action="store_true", help="stop at once where CUDA is not available")
     p = sub.add_parser("export", help="ONNX, test data and facts per trained cell (CPU)")
     p.add_argument("--weights", required=True)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 
 def cell_parts(cell: str) -> dict[str, str]:
-    """``cifar10-preact18q-badnets-p10`` -> dataset, network, attack, poisoning (``clean`` twins: no rate)."""
-    parts = cell.split("-")
+    """``cifar10-preact18q-badnets-p10`` -> dataset, network, attack, poisoning (``clean`` twins: no rate); a
+    ``(cpu)`` suffix (a cell retrained on the CPU) does not change them."""
+    parts = cell.split(" ")[0].split("-")
     return {"dataset": parts[0], "network": parts[1], "attack": parts[2],
             "poisoning": parts[3] if len(parts) > 3 else "–"}
 
