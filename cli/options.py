@@ -119,7 +119,8 @@ SCAN = OptionGroup(
     opt("--score", type=click.Choice(SCORES), default=None,
         help="What selection ranks: class shift or accuracy drop.  [default: shift]"),
     opt("--selection", type=click.Choice(SELECTIONS), default=None,
-        help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule.  [default: outlier]"),
+        help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule; trace: the channels that "
+             "carry the combined verdict's reversed trigger (repair: no per-channel test).  [default: outlier]"),
     opt("--skip-layers", default=None, help="Regular expression of Conv node names not to test."),
     opt("--max-memory", default=None, metavar="SIZE",
         help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); batch sizes "

@@ -116,15 +116,38 @@ def test_a_repair_that_removed_the_backdoor_says_so(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_trace_repair_reuses_its_scans_verdict_as_the_check_before(monkeypatch):
-    from fmt_audit.fmt.scan import ScanConfig
+def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(monkeypatch):
+    """``repair --selection trace`` removes the channels ``scan --selection trace`` flags on the same training
+    split, from the same verdict, which is also the self-check's verdict before; no channel is tested one by
+    one (the per-channel scores would decide nothing)."""
+    import fmt_audit.fmt.scan
+    from fmt_audit.data import load_data
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.model.loading import load_model
     from fmt_audit.repair.config import FineTuneConfig, RepairConfig
     from fmt_audit.repair.pipeline import repair
     from fmt_audit.verdict import VerdictConfig
 
     quick_combined(monkeypatch)
-    result = repair(SAMPLES / "badnets_op13.onnx", DATA, RepairConfig(FineTuneConfig(epochs=2)),
-                    ScanConfig(selection="trace", samples=32), check=VerdictConfig(samples=96))
-    assert result.scan.trace["flagged"] == result.report.flagged_count > 0
-    assert result.report.self_check["before"] == result.scan.verdict
-    assert result.report.self_check["status"] in ("removed", "may persist")
+    model = SAMPLES / "badnets_op13.onnx"
+    loaded = load_model(model)
+    data = load_data(DATA, loaded.image_input, loaded.num_classes)
+    config, scan_config = RepairConfig(FineTuneConfig(epochs=2)), ScanConfig(selection="trace", samples=32)
+    check = VerdictConfig(samples=96)       # the removal's verdict is the check's method and sample
+    scanned = scan(model, data.split(config.holdout, seed=scan_config.seed)[0], scan_config, verdict=check)
+
+    def no_channel_test(*args, **kwargs):
+        raise AssertionError("the per-channel test ran")
+
+    monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", no_channel_test)
+    result = repair(model, data, config, scan_config, check=check)
+    report = result.report
+    assert result.scan is None and report.source == "trace"
+    def ordered(channels):
+        return {layer: sorted(numbers) for layer, numbers in channels.items()}
+
+    assert ordered(report.flagged) == ordered(scanned.flagged) and report.flagged_count > 0
+    assert report.evidence == {"verdict": scanned.verdict, "trace": scanned.trace}
+    assert report.self_check["before"] == scanned.verdict
+    assert report.self_check["status"] in ("removed", "may persist")
+    assert "trace: " in report.format_text() and "(from trace)" in report.format_text()

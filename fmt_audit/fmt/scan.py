@@ -128,6 +128,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def scanned_layers(loaded: LoadedModel, config: ScanConfig) -> list[ConvLayer]:
+    """The model's Conv layers that ``config`` tests (all but those ``--skip-layers`` matches)."""
+    skip = re.compile(config.skip_layers) if config.skip_layers else None
+    layers = [layer for layer in loaded.layers if not (skip and skip.search(layer.name))]
+    if not layers:
+        raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
+    return layers
+
+
 def _converted(loaded: LoadedModel):
     """The model's PyTorch bridge, or None where it cannot be converted (the verdict then tries and says why)."""
     from fmt_audit.backends.torch.bridge import to_torch
@@ -327,11 +336,9 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     everything = data if isinstance(data, Dataset) else load_data(data, loaded.image_input, loaded.num_classes)
     loaded = loaded.at_image_size(*everything.x.shape[2:])
     dataset = everything.take(config.samples, seed=config.seed)
-    skip = re.compile(config.skip_layers) if config.skip_layers else None
-    skipped = [layer.name for layer in loaded.layers if skip and skip.search(layer.name)]
-    layers = [layer for layer in loaded.layers if layer.name not in skipped]
-    if not layers:
-        raise ConfigError(f"--skip-layers {config.skip_layers!r} skips every Conv layer")
+    layers = scanned_layers(loaded, config)
+    tested = {layer.name for layer in layers}
+    skipped = [layer.name for layer in loaded.layers if layer.name not in tested]
     scanner = _Scanner(loaded, dataset, config, layers,
                        memory_share=max(memory_share, getattr(runner, "memory_share", 1)))
     log.info("scanning %d channels in %d layers on %d images, %s mode on %s; batches %s", sum(
@@ -410,25 +417,19 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
 
 def _trace(loaded: LoadedModel, layers: list[ConvLayer], data: Dataset, config: ScanConfig, found,
            scanner: _Scanner) -> dict:
-    """What the report keeps of the trace (:mod:`fmt_audit.fmt.trace`) of the suspicious verdict's reversed
-    trigger, with the flagged channels under ``layers``; ``{"skipped": why}`` (nothing flagged) when the
-    verdict is not suspicious or has no trigger figures."""
-    if found is None or found.verdict != "suspicious":
-        return {"skipped": "the verdict is not suspicious"}
-    if not found.details.get("norms"):
-        return {"skipped": "the verdict names no class with reversed-trigger figures"}
-    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.backends.torch.logits import freeze
-    from fmt_audit.fmt.trace import TraceConfig, trace_channels
+    """What the report keeps of the trace (:func:`fmt_audit.fmt.trace.trace_verdict`) of the suspicious
+    verdict's reversed trigger, with the flagged channels under ``layers``; ``{"skipped": why}`` (nothing
+    flagged) when the verdict names no class to trace."""
+    from fmt_audit.fmt.trace import trace_verdict, untraceable
 
-    norms = np.asarray(found.details["norms"], dtype=float)
-    target = int(found.target_class)
+    why = untraceable(found)
+    if why is not None:     # before converting anything
+        return {"skipped": why}
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+
     classifier = BridgedClassifier(scanner.bridge or to_torch(loaded.classifier), config.preprocessing,
                                    scanner.placement.torch)
-    freeze(classifier)
-    traced = trace_channels(classifier, layers, data, target, float(np.median(np.delete(norms, target))),
-                            TraceConfig(seed=config.seed))
-    return {**traced.to_dict(), "layers": traced.flagged}
+    return trace_verdict(classifier, layers, data, found, config.seed)
 
 
 def _rounded(values: np.ndarray) -> list[list[float]]:

@@ -157,3 +157,31 @@ def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], d
             stop = f"the limit of {config.max_share:.0%} of the channels"
             break
     return Trace(target, removed, rounds, stop)
+
+
+def untraceable(verdict) -> str | None:
+    """Why ``verdict`` (a :class:`~fmt_audit.verdict.Verdict` or None) names no class to trace; None when it
+    does: a suspicious verdict with reversed-trigger figures (the ``combined`` method's ``norms``)."""
+    if verdict is None or verdict.verdict != "suspicious":
+        return "the verdict is not suspicious"
+    if not verdict.details.get("norms"):
+        return "the verdict names no class with reversed-trigger figures"
+    return None
+
+
+def trace_verdict(classifier: BridgedClassifier, layers: Sequence[ConvLayer], dataset: Dataset, verdict,
+                  seed: int = 0) -> dict:
+    """What reports keep of the trace of ``verdict``'s class (its reversed trigger's channels in ``layers``,
+    found on ``dataset``), with the channels under ``layers``; ``{"skipped": why}`` where it names none.
+    ``classifier`` is frozen here: give it a conversion of its own, not one that is fine-tuned after."""
+    from fmt_audit.backends.torch.logits import freeze
+
+    why = untraceable(verdict)
+    if why is not None:
+        return {"skipped": why}
+    norms = np.asarray(verdict.details["norms"], dtype=float)
+    target = int(verdict.target_class)
+    freeze(classifier)
+    traced = trace_channels(classifier, layers, dataset, target, float(np.median(np.delete(norms, target))),
+                            TraceConfig(seed=seed))
+    return {**traced.to_dict(), "layers": traced.flagged}

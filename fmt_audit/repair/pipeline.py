@@ -301,8 +301,10 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         repaired, verification = written_and_verified()
         checked_from = time.perf_counter()
         if check is not None and dataset is not None:
-            scanned_with = next((r.verdict for r in (scan_report, flagged) if isinstance(r, ScanReport) and r.verdict
-                                 and r.verdict.get("method") == check.method), None)
+            # the verdict the removal already computed (a scan's, or trace's evidence), where it is the check's
+            computed = [r.verdict for r in (scan_report, flagged) if isinstance(r, ScanReport)]
+            computed.append((removal.evidence or {}).get("verdict"))
+            scanned_with = next((v for v in computed if v and v.get("method") == check.method), None)
             # trained on the check's sample once, for every verdict of it
             references = references if references is not None else ReferenceCache()
             before = scanned_with or verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check,

@@ -213,6 +213,8 @@ class RepairReport:
                  f"removed      {self.flagged_count} of {self.channels_total} channels in {len(self.flagged)} layers "
                  f"(from {self.source})"]
         lines += [f"  {name}: {', '.join(map(str, channels))}" for name, channels in self.flagged.items()]
+        if self.source == "trace" and self.evidence and self.evidence.get("trace"):
+            lines.append(f"  {format_trace(self.evidence['trace'])}")
         if c["epochs"]:
             lines.append(f"fine-tuned   {c['epochs']} epochs, {c['steps']} steps, batch {c['batch_size_used']}, "
                          f"lr {c['lr']} -> {c['final_lr']}, augment {'on' if c['augment'] else 'off'}, "

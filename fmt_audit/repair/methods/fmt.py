@@ -18,13 +18,12 @@ class FeatureMapTesting(RepairMethod):
     def removal(self, inputs: RepairInputs) -> Removal:
         from fmt_audit.fmt.scan import scan
         from fmt_audit.report.json_report import ScanReport
-        from fmt_audit.verdict import VerdictConfig
 
         loaded, flagged = inputs.loaded, inputs.flagged
+        if flagged is None and inputs.scan_config.selection == "trace":
+            return _traced(inputs)
         if flagged is None:
-            # channels only, except that trace selection follows the verdict's reversed trigger
-            verdict = (inputs.check or VerdictConfig()) if inputs.scan_config.selection == "trace" else None
-            report = scan(loaded, inputs.train, inputs.scan_config, progress=inputs.progress, verdict=verdict,
+            report = scan(loaded, inputs.train, inputs.scan_config, progress=inputs.progress, verdict=None,
                           references=inputs.references)
             return Removal("scan", report.flagged, scan=report)
         if isinstance(flagged, ScanReport):
@@ -41,6 +40,30 @@ class FeatureMapTesting(RepairMethod):
 
     def unlearns(self, config, scan_config) -> bool:
         return config.unlearn if config.unlearn is not None else scan_config.preset != "paper"
+
+
+def _traced(inputs: RepairInputs) -> Removal:
+    """``--selection trace`` without the per-channel test (its scores would decide nothing here): the
+    ``combined`` verdict on the training split, then the trace of the class it names (none where it names
+    none), as ``scan --selection trace`` finds them; the verdict and the trace are the removal's evidence."""
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.fmt.scan import scanned_layers
+    from fmt_audit.fmt.trace import trace_verdict
+    from fmt_audit.verdict import VerdictConfig, VerdictInputs, gather
+
+    check = inputs.check or VerdictConfig()
+    if check.method != "combined":
+        raise ConfigError("--selection trace follows the combined verdict's reversed trigger: give --verdict combined")
+    loaded, config, device = inputs.loaded, inputs.scan_config, inputs.classifier.device
+    layers = scanned_layers(loaded, config)
+    # a conversion of its own: the verdict and the trace freeze what they differentiate, the repair tunes its own
+    bridge = to_torch(loaded.classifier)
+    found = gather(VerdictInputs(loaded, inputs.train.take(check.samples, seed=check.seed), config.preprocessing,
+                                 device, bridge, inputs.references), check)
+    trace = trace_verdict(BridgedClassifier(bridge, config.preprocessing, device), layers, inputs.train, found,
+                          config.seed)
+    channels = trace.pop("layers", {})
+    return Removal("trace", channels, evidence={"verdict": found.to_dict(), "trace": trace})
 
 
 FMT = FeatureMapTesting()
