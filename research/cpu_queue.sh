@@ -4,6 +4,9 @@
 # cell's export. Run from a worktree pinned at the frozen method's commit (its research/results a link to
 # main's): cd /work/pinned && bash /work/main/research/cpu_queue.sh
 cd benchmarks || exit 1
+# the pinned commit predates the "(cpu)" labels: without them a retrained cell's rows would take the lost GPU
+# model's label and be skipped or mixed with its rows (copy main's benchmarks/cases.py over the pinned one)
+grep -q matrix_label cases.py || { echo "benchmarks/cases.py has no matrix_label: copy main's" >&2; exit 1; }
 cache="${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/matrix"
 M="trace + unlearning,fine-tuning only,unlearning only,i-BAU"
 run() {   # tag cell methods [--clean]

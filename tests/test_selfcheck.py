@@ -126,6 +126,7 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     from fmt_audit.model.loading import load_model
     from fmt_audit.repair.config import FineTuneConfig, RepairConfig
     from fmt_audit.repair.pipeline import repair
+    from fmt_audit.report.html_report import repair_html
     from fmt_audit.verdict import VerdictConfig
 
     quick_combined(monkeypatch)
@@ -133,7 +134,7 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     loaded = load_model(model)
     data = load_data(DATA, loaded.image_input, loaded.num_classes)
     config, scan_config = RepairConfig(FineTuneConfig(epochs=2)), ScanConfig(selection="trace", samples=32)
-    check = VerdictConfig(samples=96)       # the removal's verdict is the check's method and sample
+    check = VerdictConfig(samples=96)       # the removal's verdict: the check's settings, on the training split
     scanned = scan(model, data.split(config.holdout, seed=scan_config.seed)[0], scan_config, verdict=check)
 
     def no_channel_test(*args, **kwargs):
@@ -147,7 +148,9 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
         return {layer: sorted(numbers) for layer, numbers in channels.items()}
 
     assert ordered(report.flagged) == ordered(scanned.flagged) and report.flagged_count > 0
-    assert report.evidence == {"verdict": scanned.verdict, "trace": scanned.trace}
+    assert report.evidence["verdict"] == scanned.verdict and report.evidence["trace"] == scanned.trace
     assert report.self_check["before"] == scanned.verdict
     assert report.self_check["status"] in ("removed", "may persist")
     assert "trace: " in report.format_text() and "(from trace)" in report.format_text()
+    page = repair_html(report)
+    assert "The verdict the channels were traced from" in page and "Trigger search" in page

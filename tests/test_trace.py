@@ -60,3 +60,47 @@ def test_trace_flags_nothing_where_the_verdict_finds_no_backdoor(monkeypatch):
 def test_trace_needs_the_combined_verdict(verdict):
     with pytest.raises(ConfigError, match="--selection trace follows the combined verdict"):
         scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(selection="trace", samples=8), verdict=verdict)
+
+
+def _trace_repair(**kwargs):
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+
+    return repair(SAMPLES / "badnets_op13.onnx", DATA, RepairConfig(FineTuneConfig(epochs=1)),
+                  ScanConfig(selection="trace", samples=32), **kwargs)
+
+
+def test_a_trace_repair_needs_the_combined_verdict():
+    with pytest.raises(ConfigError, match="--selection trace follows the combined verdict"):
+        _trace_repair(check=QUICK_VERDICT)
+
+
+def test_a_trace_repair_removes_nothing_where_the_verdict_names_no_class(monkeypatch):
+    """The verdict and the trace decide, not a per-channel test: a clean verdict (stubbed here; the real one
+    on the sample is in test_selfcheck) removes nothing, and the reports say why."""
+    import fmt_audit.fmt.scan
+    import fmt_audit.verdict
+    from fmt_audit.report.html_report import repair_html
+    from fmt_audit.verdict.base import Verdict
+
+    seen = []
+
+    def clean(inputs, config):
+        seen.append((len(inputs.dataset), config.method))
+        return Verdict("combined", 0.1, "clean", 3, 0.5, "stub")
+
+    def no_channel_test(*args, **kwargs):
+        raise AssertionError("the per-channel test ran")
+
+    monkeypatch.setattr(fmt_audit.verdict, "gather", clean)
+    monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", no_channel_test)
+    result = _trace_repair()
+    report = result.report
+    assert seen == [(180, "combined")]      # the training split's 180 of the sample's 200 images
+    assert result.scan is None and report.source == "trace" and report.flagged_count == 0
+    assert report.evidence["trace"] == {"skipped": "the verdict is not suspicious"}
+    assert report.evidence["verdict"]["verdict"] == "clean" and report.evidence["settings"]["selection"] == "trace"
+    assert set(report.evidence["timing"]) == {"verdict_s", "trace_s"}
+    assert "trace: nothing flagged (the verdict is not suspicious)" in report.format_text()
+    page = repair_html(report)
+    assert "The verdict the channels were traced from" in page and "nothing flagged" in page

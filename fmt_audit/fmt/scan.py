@@ -328,8 +328,10 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     of ``data``; ``references``: trained reference networks to reuse (a fleet on one data file).
     """
     config = config or ScanConfig()
-    if config.selection == "trace" and (verdict is None or verdict.method != "combined"):
-        raise ConfigError("--selection trace follows the combined verdict's reversed trigger: give --verdict combined")
+    if config.selection == "trace":
+        from fmt_audit.fmt.trace import require_combined
+
+        require_combined(verdict)
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     config.preprocessing.check_channels(loaded.image_input.channels)
@@ -337,8 +339,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     loaded = loaded.at_image_size(*everything.x.shape[2:])
     dataset = everything.take(config.samples, seed=config.seed)
     layers = scanned_layers(loaded, config)
-    tested = {layer.name for layer in layers}
-    skipped = [layer.name for layer in loaded.layers if layer.name not in tested]
+    tested_names = {layer.name for layer in layers}
+    skipped = [layer.name for layer in loaded.layers if layer.name not in tested_names]
     scanner = _Scanner(loaded, dataset, config, layers,
                        memory_share=max(memory_share, getattr(runner, "memory_share", 1)))
     log.info("scanning %d channels in %d layers on %d images, %s mode on %s; batches %s", sum(

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fmt_audit.backends.torch.bridge import BridgedClassifier, channels_held_at_zero
 from fmt_audit.data import Dataset
+from fmt_audit.errors import ConfigError
 from fmt_audit.model.graph import ChannelSet, ConvLayer
 from fmt_audit.verdict.config import CleanseConfig
 from fmt_audit.verdict.evidence.cleanse import search_class, stamped
+
+if TYPE_CHECKING:
+    from fmt_audit.verdict.base import Verdict
+    from fmt_audit.verdict.config import VerdictConfig
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,13 @@ def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], d
     return Trace(target, removed, rounds, stop)
 
 
-def untraceable(verdict) -> str | None:
+def require_combined(verdict: VerdictConfig | None) -> None:
+    """Trace follows the ``combined`` verdict's reversed triggers; refuse any other verdict (or none)."""
+    if verdict is None or verdict.method != "combined":
+        raise ConfigError("--selection trace follows the combined verdict's reversed trigger: give --verdict combined")
+
+
+def untraceable(verdict: Verdict | None) -> str | None:
     """Why ``verdict`` (a :class:`~fmt_audit.verdict.Verdict` or None) names no class to trace; None when it
     does: a suspicious verdict with reversed-trigger figures (the ``combined`` method's ``norms``)."""
     if verdict is None or verdict.verdict != "suspicious":
@@ -169,8 +181,8 @@ def untraceable(verdict) -> str | None:
     return None
 
 
-def trace_verdict(classifier: BridgedClassifier, layers: Sequence[ConvLayer], dataset: Dataset, verdict,
-                  seed: int = 0) -> dict:
+def trace_verdict(classifier: BridgedClassifier, layers: Sequence[ConvLayer], dataset: Dataset,
+                  verdict: Verdict | None, seed: int = 0) -> dict:
     """What reports keep of the trace of ``verdict``'s class (its reversed trigger's channels in ``layers``,
     found on ``dataset``), with the channels under ``layers``; ``{"skipped": why}`` where it names none.
     ``classifier`` is frozen here: give it a conversion of its own, not one that is fine-tuned after."""

@@ -214,7 +214,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
 
     ``flagged`` (method ``fmt`` only): the channels to remove — a scan report of
     this model, or a ``{layer: [channels]}`` map; ``None`` runs a scan with
-    ``scan_config`` on the training part of the data first. ``data`` may be
+    ``scan_config`` on the training part of the data first (with ``selection="trace"``:
+    the ``combined`` verdict and its trace only, and the unlearning radius calibrated here,
+    as for given channels). ``data`` may be
     ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
     (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, with the same data;

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fmt_audit.report.json_report import RepairReport, ScanReport, format_self_check
+from fmt_audit.report.json_report import RepairReport, ScanReport, format_self_check, format_trace
 
 LAYERS_PER_FIGURE = 12
 STYLE = """
@@ -136,6 +136,20 @@ def _page(title: str, body: list[str]) -> str:
             + "\n".join(body) + "</body></html>\n")
 
 
+def _verdict_line(verdict: dict) -> str:
+    from fmt_audit.verdict import describe
+
+    return (f'<p class="verdict {"quiet" if verdict["verdict"] == "clean" else "flagged"}">'
+            f'{_esc(describe(verdict))}</p>')
+
+
+def _verdict_figures(verdict: dict) -> list[str]:
+    from fmt_audit.verdict import figures
+
+    return [f"<h2>{_esc(figure.title)}</h2><p class=\"note\">{_esc(figure.note)}</p>"
+            + class_plot(figure.values, verdict.get("target_class"), figure.label) for figure in figures(verdict)]
+
+
 def _scan_sections(report: ScanReport) -> list[str]:
     s, c = report.summary, report.config
     flagged = s["flagged"]
@@ -146,11 +160,7 @@ def _scan_sections(report: ScanReport) -> list[str]:
             "other channels did (the channels a backdoor would use). A scan that flags nothing is not proof of a "
             "clean model.</p>"]
     if report.verdict:
-        from fmt_audit.verdict import describe
-
-        v = report.verdict
-        body.insert(0, f'<p class="verdict {"quiet" if v["verdict"] == "clean" else "flagged"}">'
-                       f'{_esc(describe(v))}</p>')
+        body.insert(0, _verdict_line(report.verdict))
     if report.model.get("nonfinite_weights"):
         body.append(f'<p class="verdict flagged">NaN or Inf in weights: '
                     f'{_esc(", ".join(report.model["nonfinite_weights"]))}</p>')
@@ -158,11 +168,9 @@ def _scan_sections(report: ScanReport) -> list[str]:
                                            ("opset", report.model["opset"]),
                                            ("input", json.dumps(report.model["input"]))]))
     if report.verdict:
-        from fmt_audit.verdict import figures
-
-        for figure in figures(report.verdict):
-            body.append(f"<h2>{_esc(figure.title)}</h2><p class=\"note\">{_esc(figure.note)}</p>"
-                        + class_plot(figure.values, report.verdict.get("target_class"), figure.label))
+        body += _verdict_figures(report.verdict)
+    if report.trace:
+        body.append(f"<p>{_esc(format_trace(report.trace))}</p>")
     rows = [(layer.name, ", ".join(map(str, layer.flagged))) for layer in report.layers if layer.flagged]
     body.append("<h2>Flagged channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
     body.append("<h2>Channel scores by layer</h2><p class=\"note\">Each point is a channel; red: flagged; dashed: "
@@ -205,6 +213,10 @@ def repair_html(report: RepairReport, scan: ScanReport | None = None) -> str:
                     f'<p>{_esc(format_self_check(report.self_check).removeprefix("self-check   "))}</p>')
     rows = [(layer, ", ".join(map(str, channels))) for layer, channels in report.flagged.items()]
     body.append("<h2>Removed channels</h2>" + (_table(rows) if rows else "<p>None.</p>"))
+    evidence = report.evidence or {}
+    if report.source == "trace" and evidence.get("verdict"):
+        body += ["<h2>The verdict the channels were traced from</h2>", _verdict_line(evidence["verdict"]),
+                 f"<p>{_esc(format_trace(evidence['trace']))}</p>", *_verdict_figures(evidence["verdict"])]
     if report.epochs:
         plt = _pyplot()
         figure, axis = plt.subplots(figsize=(6, 2.8))

@@ -1,7 +1,8 @@
 """``fmt``: feature map testing. The channels a scan flags (run here on the training split, or the caller's scan
-report or channels) are removed, and fine-tuning unlearns feature-map perturbations too (except under the
-``paper`` preset: the published repair). Where the self-check says the backdoor may persist, it is tried once
-more, stronger."""
+report or channels; with ``--selection trace``, the channels that carry the ``combined`` verdict's reversed
+trigger, traced without the per-channel test) are removed, and fine-tuning unlearns feature-map perturbations
+too (except under the ``paper`` preset: the published repair). Where the self-check says the backdoor may
+persist, it is tried once more, stronger."""
 
 from __future__ import annotations
 
@@ -45,25 +46,40 @@ class FeatureMapTesting(RepairMethod):
 def _traced(inputs: RepairInputs) -> Removal:
     """``--selection trace`` without the per-channel test (its scores would decide nothing here): the
     ``combined`` verdict on the training split, then the trace of the class it names (none where it names
-    none), as ``scan --selection trace`` finds them; the verdict and the trace are the removal's evidence."""
+    none), as ``scan --selection trace`` finds them; the verdict, the trace, their settings and times are
+    the removal's evidence."""
+    import logging
+    import time
+    from dataclasses import asdict
+
     from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
     from fmt_audit.fmt.scan import scanned_layers
-    from fmt_audit.fmt.trace import trace_verdict
+    from fmt_audit.fmt.trace import require_combined, trace_verdict
     from fmt_audit.verdict import VerdictConfig, VerdictInputs, gather
 
-    check = inputs.check or VerdictConfig()
-    if check.method != "combined":
-        raise ConfigError("--selection trace follows the combined verdict's reversed trigger: give --verdict combined")
+    log = logging.getLogger(__name__)
     loaded, config, device = inputs.loaded, inputs.scan_config, inputs.classifier.device
+    check = inputs.check or VerdictConfig(seed=config.seed)
+    require_combined(check)
     layers = scanned_layers(loaded, config)
+    started = time.perf_counter()
     # a conversion of its own: the verdict and the trace freeze what they differentiate, the repair tunes its own
     bridge = to_torch(loaded.classifier)
+    log.info("trace: the %s verdict on %d of %d training images", check.method, min(check.samples, len(inputs.train)),
+             len(inputs.train))
     found = gather(VerdictInputs(loaded, inputs.train.take(check.samples, seed=check.seed), config.preprocessing,
                                  device, bridge, inputs.references), check)
+    verdict_s = time.perf_counter() - started
+    log.info("trace: %s; tracing", found.verdict)
     trace = trace_verdict(BridgedClassifier(bridge, config.preprocessing, device), layers, inputs.train, found,
                           config.seed)
-    channels = trace.pop("layers", {})
-    return Removal("trace", channels, evidence={"verdict": found.to_dict(), "trace": trace})
+    traced = trace.pop("layers", {})
+    channels = {layer.name: traced[layer.name] for layer in layers if layer.name in traced}   # the model's order
+    settings = {"selection": config.selection, "skip_layers": config.skip_layers, "seed": config.seed,
+                "verdict": asdict(check)}
+    return Removal("trace", channels, evidence={
+        "verdict": found.to_dict(), "trace": trace, "settings": settings,
+        "timing": {"verdict_s": round(verdict_s, 3), "trace_s": round(time.perf_counter() - started - verdict_s, 3)}})
 
 
 FMT = FeatureMapTesting()
