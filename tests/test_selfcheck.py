@@ -128,6 +128,7 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     from fmt_audit.repair.pipeline import repair
     from fmt_audit.report.html_report import repair_html
     from fmt_audit.verdict import VerdictConfig
+    from fmt_audit.verdict.evidence.transfer import ReferenceCache
 
     quick_combined(monkeypatch)
     model = SAMPLES / "badnets_op13.onnx"
@@ -141,6 +142,9 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
         raise AssertionError("the per-channel test ran")
 
     monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", no_channel_test)
+    trained = []
+    train_references = ReferenceCache._trained
+    monkeypatch.setattr(ReferenceCache, "_trained", lambda self, *a: trained.append(1) or train_references(self, *a))
     result = repair(model, data, config, scan_config, check=check)
     report = result.report
     assert result.scan is None and report.source == "trace"
@@ -150,6 +154,8 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     assert ordered(report.flagged) == ordered(scanned.flagged) and report.flagged_count > 0
     assert report.evidence["verdict"] == scanned.verdict and report.evidence["trace"] == scanned.trace
     assert report.self_check["before"] == scanned.verdict
+    # checked on the removal's images: the references trained for its verdict serve the verdict after it
+    assert len(trained) == 1 and report.self_check["after"]["basis"] == scanned.verdict["basis"]
     assert report.self_check["status"] in ("removed", "may persist")
     assert "trace: " in report.format_text() and "(from trace)" in report.format_text()
     page = repair_html(report)

@@ -219,7 +219,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     as for given channels). ``data`` may be
     ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
-    (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, with the same data;
+    (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, on the same images (the
+    training split's sample where the removal ran that verdict itself, ``selection="trace"``; else all the data);
     ``None``: no self-check (it needs data). ``references``: where the verdicts' reference networks are kept
     and reused (a :class:`~fmt_audit.verdict.evidence.transfer.ReferenceCache`, with a folder to reuse them
     across processes); ``None``: trained once for this repair.
@@ -255,6 +256,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     device = placement.torch
     classifier = BridgedClassifier(bridge, preprocessing, device)
     placement = replace(placement, torch_memory_format=bridge.memory_format_name(device))
+    # trained reference networks, kept for every verdict of this repair on the same images (the removal's, the
+    # self-check's)
+    references = references if references is not None else ReferenceCache()
     inputs = RepairInputs(config, scan_config, loaded, train, classifier, flagged, progress, check, references)
     removal = method.removal(inputs)
     source, scan_report, evidence = removal.source, removal.scan, removal.evidence
@@ -303,15 +307,15 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         repaired, verification = written_and_verified()
         checked_from = time.perf_counter()
         if check is not None and dataset is not None:
-            # the verdict the removal already computed (a scan's, or trace's evidence), where it is the check's
-            computed = [r.verdict for r in (scan_report, flagged) if isinstance(r, ScanReport)]
-            computed.append((removal.evidence or {}).get("verdict"))
-            scanned_with = next((v for v in computed if v and v.get("method") == check.method), None)
-            # trained on the check's sample once, for every verdict of it
-            references = references if references is not None else ReferenceCache()
-            before = scanned_with or verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check,
-                                                references).to_dict()
-            after = verdict_on(loaded, repaired, dataset, preprocessing, device, check, references).to_dict()
+            # the verdict the removal computed here on the training split (trace's evidence), where it is the
+            # check's: the repaired model is checked on the same images (its references already trained); else
+            # a scan report's verdict, or the check's own on all the data
+            own = (removal.evidence or {}).get("verdict") if removal.scan is None else removal.scan.verdict
+            given = flagged.verdict if isinstance(flagged, ScanReport) else None
+            checked_on = train if own and own.get("method") == check.method else dataset
+            before = next((v for v in (own, given) if v and v.get("method") == check.method), None) or \
+                verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check, references).to_dict()
+            after = verdict_on(loaded, repaired, checked_on, preprocessing, device, check, references).to_dict()
             escalation = None
             if status_of(after) == "may persist" and method.escalates and tuning.epochs:
                 # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
@@ -323,7 +327,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                 more = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
                                  progress=on_epoch, perturb=stronger)
                 candidate, candidate_verification = written_and_verified()
-                tried = verdict_on(loaded, candidate, dataset, preprocessing, device, check, references).to_dict()
+                tried = verdict_on(loaded, candidate, checked_on, preprocessing, device, check, references).to_dict()
                 kept = tried["verdict"] == "clean"
                 escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "after": tried,
                               "kept": kept, "accuracy": measure()}
