@@ -1286,8 +1286,9 @@ def export_cell(cell: Cell, entry: dict, weights_dir: Path, data: dict[str, np.n
               "gpu_eval_acc": entry.get("eval_acc"), "gpu_eval_asr": entry.get("eval_asr"),
               "ort_max_diff": diff, "defender_images": len(pick), "test_images": len(data["y_test"]),
               "triggered_images": int(keep.sum()) if cell.attack != "clean" else 0, "smoke": smoke,
-              # the same seeded recipe gives other weights on another device (the GPU trained in bfloat16)
-              "trained_on": trained_on}
+              # the same seeded recipe gives other weights on another device (the GPU trained in bfloat16); on
+              # the CPU with one thread it gives the same file again (sha256 below)
+              "trained_on": trained_on, "onnx_sha256": hashlib.sha256(tmp.read_bytes()).hexdigest()}
     _write_json(folder / "facts.json", facts)
     os.replace(tmp, folder / "model.onnx")
     return facts
