@@ -43,19 +43,22 @@ def progress(ctx: click.Context) -> ProgressLine | None:
 
 
 class ProgressLine:
-    """One self-rewriting stderr line: items done, rate and time left."""
+    """One self-rewriting stderr line: items done, rate and time left; for a stage without a count (``total``
+    0: a verdict, a trace), its name."""
 
-    def __init__(self, unit: str = "channels"):
-        self.unit = unit
+    def __init__(self):
         self._started = time.perf_counter()
 
     def __call__(self, step: str, done: int, total: int) -> None:
+        if total <= 0:
+            click.echo(f"\r{step} ...\x1b[K", err=True, nl=False)
+            return
         elapsed = time.perf_counter() - self._started
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (total - done) / rate if rate > 0 else 0.0
         width = 24
         filled = int(width * done / max(total, 1))
-        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {self.unit} "
+        click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
                    f"{rate:.1f}/s, {left:.0f} s left ({step})\x1b[K", err=True, nl=False)
 
     def close(self) -> None:

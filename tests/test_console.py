@@ -3,7 +3,7 @@
 import json
 
 from click.testing import CliRunner
-from conftest import QUICK_MARGIN_ARGS, SAMPLES
+from conftest import QUICK_MARGIN_ARGS, QUICK_VERDICT, SAMPLES
 from fmt_audit_cli.main import main
 
 MODEL_AND_DATA = [str(SAMPLES / "badnets_op13.onnx"), "--data", str(SAMPLES / "defender.npz"), "--samples", "16"]
@@ -60,3 +60,24 @@ def test_config_file_errors_are_one_line(tmp_path):
                           (bad_table, "unknown table [scna]"), (tmp_path / "none.toml", "cannot read the config")):
         result = _run(*SCAN, "--config", path)
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_progress_line_counts_channels_and_names_stages(capsys):
+    """The scan tells it of its verdict stage (no count); the line rewrites itself either way."""
+    from fmt_audit_cli.console import ProgressLine
+
+    from fmt_audit.fmt.scan import ScanConfig, scan
+
+    seen = []
+    line = ProgressLine()
+
+    def both(step, done, total):
+        seen.append((step, done, total))
+        line(step, done, total)
+
+    scan(SAMPLES / "badnets_op13.onnx", SAMPLES / "defender.npz", ScanConfig(samples=16, skip_layers="block"),
+         progress=both, verdict=QUICK_VERDICT)
+    assert seen[-1] == ("margin verdict", 0, 0) and seen[-2][1] == seen[-2][2] == 16
+    printed = capsys.readouterr().err
+    # (click leaves out the escape that clears the rest of the line where stderr is not a terminal)
+    assert "16/16 " in printed and "s left (" in printed and printed.endswith("\rmargin verdict ...")

@@ -319,7 +319,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
          verdict: VerdictConfig | None = DEFAULT_VERDICT, references: ReferenceCache | None = None) -> ScanReport:
     """Feature map testing of ``model`` on the clean labelled images in ``data``.
 
-    ``progress(layer, done, total)`` is called as channels are tested. ``runner``
+    ``progress(layer, done, total)`` is called as channels are tested (``total`` 0: a stage begins, the
+    verdict or the trace). ``runner``
     tests the layers elsewhere (``fmt_audit.fleet.ray_engine.ray_runner``: Ray workers,
     by chunks of layers); calibration and the verdict stay in this process, and
     the report is the one a local scan gives. ``memory_share``: scans running side
@@ -374,6 +375,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     tested = time.perf_counter()
     found = None
     if verdict is not None:
+        if progress:
+            progress(f"{verdict.method} verdict", 0, 0)
         scanner.placement = scanner.placement.with_torch()     # the verdict runs in torch, where the scan's did
         scanner.bridge = scanner.bridge or _converted(loaded)  # once, for the verdict and a trace after it
         found = gather_verdict(VerdictInputs(loaded, everything.take(verdict.samples, seed=verdict.seed),
@@ -382,6 +385,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     finished = time.perf_counter()
     traced = None
     if config.selection == "trace":
+        if progress:
+            progress("trace", 0, 0)
         traced = _trace(loaded, layers, everything, config, found, scanner)
         results = [replace(r, flagged=traced.get("layers", {}).get(r.name, [])) for r in results]
     shape = image_input(loaded.proto).shape     # as the graph declares it (run_at: the size it ran at)

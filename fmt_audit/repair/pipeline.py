@@ -217,7 +217,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     ``scan_config`` on the training part of the data first (with ``selection="trace"``:
     the ``combined`` verdict and its trace only, and the unlearning radius calibrated here,
     as for given channels). ``data`` may be
-    ``None`` for the data-free ``clp``. ``progress`` is passed to that scan;
+    ``None`` for the data-free ``clp``. ``progress`` is passed to that scan (and told of the later stages);
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
     (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, on the same images (the
     training split's sample where the removal ran that verdict itself, ``selection="trace"``; else all the data);
@@ -307,6 +307,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         repaired, verification = written_and_verified()
         checked_from = time.perf_counter()
         if check is not None and dataset is not None:
+            if progress:
+                progress("self-check", 0, 0)
             # the verdict the removal computed here on the training split (trace's evidence), where it is the
             # check's: the repaired model is checked on the same images (its references already trained); else
             # a scan report's verdict, or the check's own on all the data

@@ -67,10 +67,14 @@ def _traced(inputs: RepairInputs) -> Removal:
     bridge = to_torch(loaded.classifier)
     log.info("trace: the %s verdict on %d of %d training images", check.method, min(check.samples, len(inputs.train)),
              len(inputs.train))
+    if inputs.progress:
+        inputs.progress(f"{check.method} verdict", 0, 0)
     found = gather(VerdictInputs(loaded, inputs.train.take(check.samples, seed=check.seed), config.preprocessing,
                                  device, bridge, inputs.references), check)
     verdict_s = time.perf_counter() - started
     log.info("trace: %s; tracing", found.verdict)
+    if inputs.progress:
+        inputs.progress("trace", 0, 0)
     trace = trace_verdict(BridgedClassifier(bridge, config.preprocessing, device), layers, inputs.train, found,
                           config.seed)
     traced = trace.pop("layers", {})
