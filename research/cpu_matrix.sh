@@ -6,6 +6,11 @@
 # PreAct quarter 9, CIFAR-10 plain CNN 22, VGG 38, PreAct quarter 53, MobileNetV2 166 (estimates from
 # timed steps except the MNIST cells).
 #   bash research/cpu_matrix.sh gtsrb-preact18q-clean cifar10-plaincnn-clean ...
+# The held-out cells research/cpu_queue.sh waits for, cheapest first:
+#   bash research/cpu_matrix.sh gtsrb-preact18q-wanet-p10 cifar10-plaincnn-inputaware-p10 \
+#     cifar10-plaincnn-lowfreq-p10 cifar10-vgg-badnets-p01 cifar10-preact18q-badnets-p05 \
+#     cifar10-preact18q-inputaware-p10 cifar10-preact18q-badnets-p01 cifar10-preact18q-blended-p01 \
+#     cifar10-plaincnn-clean gtsrb-preact18q-badnets-p10
 cd "$(dirname "$0")/../benchmarks"   # run with the project's environment active
 out="${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/cpu-weights"
 [ -d ../.gpudata ] || python matrix.py pack

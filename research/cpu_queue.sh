@@ -1,8 +1,13 @@
 #!/bin/bash
-# Issue 31 rows on cells retrained on the CPU (research/cpu_matrix.sh), in the order the open decisions need
-# them: the gate's development rows (docs/research/repair-gating.md), then held-out pass 1. Waits for each
-# cell's export. Run from a worktree pinned at the frozen method's commit (its research/results a link to
-# main's): cd /work/pinned && bash /work/main/research/cpu_queue.sh
+# Issue 31 rows on cells retrained on the CPU (research/cpu_matrix.sh trains and exports them; this waits for
+# each export): held-out pass 1 first (the rule that makes trace + unlearning the default is decided once 12
+# of the 17 held-out cells are in: docs/research/set-selection.md), then the development rows still missing.
+# Run from a worktree pinned at the frozen method's commit, its research/results a link to main's and main's
+# benchmarks/cases.py copied in (the "(cpu)" labels):
+#   git worktree add /work/pinned 4fcb6be && cd /work/pinned && rm -rf research/results \
+#     && ln -s /work/main/research/results research/results && cp /work/main/benchmarks/cases.py benchmarks/
+#   bash /work/main/research/cpu_queue.sh          # with the project's environment active
+# Resumable: trace_repair.py skips the cell/method pairs already in the results.
 cd benchmarks || exit 1
 # the pinned commit predates the "(cpu)" labels: without them a retrained cell's rows would take the lost GPU
 # model's label and be skipped or mixed with its rows (copy main's benchmarks/cases.py over the pinned one)
@@ -13,11 +18,14 @@ run() {   # tag cell methods [--clean]
   until [ -f "$cache/$2/facts.json" ]; do sleep 30; done
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$2" --tag "$1" --methods "$3" $4
 }
-run dev mnist-lenet-wanet-p10 "$M"
-run heldout mnist-plaincnn-badnets-p10 "trace + unlearning,fine-tuning only"
-run twins gtsrb-preact18q-clean "fine-tuning only,trace + unlearning" --clean
-run dev gtsrb-preact18q-badnets-p10 "$M"
+P1="trace + unlearning,fine-tuning only"
+# held-out pass 1, in the order research/cpu_matrix.sh trains them (cheapest first); MobileNetV2 and
+# full-width cells wait for a GPU
+for cell in gtsrb-preact18q-wanet-p10 cifar10-plaincnn-inputaware-p10 cifar10-plaincnn-lowfreq-p10 \
+    cifar10-vgg-badnets-p01 cifar10-preact18q-badnets-p05 cifar10-preact18q-inputaware-p10 \
+    cifar10-preact18q-badnets-p01 cifar10-preact18q-blended-p01; do
+  run heldout "$cell" "$P1"
+done
+# development rows (clean twins' cost; the GTSRB development cell)
 run twins cifar10-plaincnn-clean "fine-tuning only,trace + unlearning" --clean
-run heldout gtsrb-preact18q-wanet-p10 "trace + unlearning,fine-tuning only"
-run heldout cifar10-plaincnn-inputaware-p10 "trace + unlearning,fine-tuning only"
-run heldout cifar10-plaincnn-lowfreq-p10 "trace + unlearning,fine-tuning only"
+run dev gtsrb-preact18q-badnets-p10 "$M"
