@@ -61,5 +61,9 @@ class ProgressLine:
         click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
                    f"{rate:.1f}/s, {left:.0f} s left ({step})\x1b[K", err=True, nl=False)
 
+    def clear(self) -> None:
+        """Rub the line out, so that a whole line (an epoch's) can be printed in its place."""
+        click.echo("\r\x1b[K", err=True, nl=False)
+
     def close(self) -> None:
         click.echo("", err=True)

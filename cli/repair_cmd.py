@@ -3,6 +3,8 @@ the result with the verdict (the self-check)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 from . import exit_codes
@@ -87,7 +89,7 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     bar = progress(ctx)
     result = run_repair(model_argument(model, class_output), data, settings, config, flagged=flagged,
                         progress=bar,
-                        on_epoch=_echo_epoch if bar or verbosity(ctx) > 0 else None, check=check,
+                        on_epoch=partial(_echo_epoch, bar) if bar or verbosity(ctx) > 0 else None, check=check,
                         references=references)
     if bar:
         bar.close()
@@ -106,7 +108,9 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
         ctx.exit(exit_codes.PERSISTS)
 
 
-def _echo_epoch(record) -> None:
+def _echo_epoch(bar, record) -> None:
+    if bar:     # the progress line stands where the epoch goes (a stage's name, the last channel)
+        bar.clear()
     held = "" if record.holdout_accuracy is None else f", holdout accuracy {record.holdout_accuracy:.4f}"
     click.echo(f"epoch {record.epoch}: loss {record.loss:.4f}, train accuracy {record.accuracy:.4f}{held}", err=True)
 

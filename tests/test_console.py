@@ -81,3 +81,5 @@ def test_the_progress_line_counts_channels_and_names_stages(capsys):
     printed = capsys.readouterr().err
     # (click leaves out the escape that clears the rest of the line where stderr is not a terminal)
     assert "16/16 " in printed and "s left (" in printed and printed.endswith("\rmargin verdict ...")
+    line.clear()        # an epoch's line then takes its place
+    assert capsys.readouterr().err == "\r"

@@ -121,6 +121,8 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     split, from the same verdict, which is also the self-check's verdict before; no channel is tested one by
     one (the per-channel scores would decide nothing)."""
     import fmt_audit.fmt.scan
+    import fmt_audit.repair.pipeline
+    import fmt_audit.verdict.evidence.transfer
     from fmt_audit.data import load_data
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.model.loading import load_model
@@ -128,7 +130,7 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     from fmt_audit.repair.pipeline import repair
     from fmt_audit.report.html_report import repair_html
     from fmt_audit.verdict import VerdictConfig
-    from fmt_audit.verdict.evidence.transfer import ReferenceCache
+    from fmt_audit.verdict.config import ReferenceConfig
 
     quick_combined(monkeypatch)
     model = SAMPLES / "badnets_op13.onnx"
@@ -142,9 +144,14 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
         raise AssertionError("the per-channel test ran")
 
     monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", no_channel_test)
-    trained = []
-    train_references = ReferenceCache._trained
-    monkeypatch.setattr(ReferenceCache, "_trained", lambda self, *a: trained.append(1) or train_references(self, *a))
+    trained, checked_on = [], []
+    train_one = fmt_audit.verdict.evidence.transfer.train_reference
+    monkeypatch.setattr(fmt_audit.verdict.evidence.transfer, "train_reference",
+                        lambda *a, **k: trained.append(1) or train_one(*a, **k))
+    verdict_on = fmt_audit.repair.pipeline.verdict_on
+    monkeypatch.setattr(fmt_audit.repair.pipeline, "verdict_on",
+                        lambda loaded, model, images, *a, **k: checked_on.append(len(images))
+                        or verdict_on(loaded, model, images, *a, **k))
     result = repair(model, data, config, scan_config, check=check)
     report = result.report
     assert result.scan is None and report.source == "trace"
@@ -154,8 +161,9 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     assert ordered(report.flagged) == ordered(scanned.flagged) and report.flagged_count > 0
     assert report.evidence["verdict"] == scanned.verdict and report.evidence["trace"] == scanned.trace
     assert report.self_check["before"] == scanned.verdict
-    # checked on the removal's images: the references trained for its verdict serve the verdict after it
-    assert len(trained) == 1 and report.self_check["after"]["basis"] == scanned.verdict["basis"]
+    # checked on the removal's images (the 180 of the training split, not all 200): the references trained for
+    # its verdict serve the verdict after it, so one set of them is trained
+    assert checked_on == [180] and len(trained) == ReferenceConfig().count
     assert report.self_check["status"] in ("removed", "may persist")
     assert "trace: " in report.format_text() and "(from trace)" in report.format_text()
     page = repair_html(report)

@@ -216,8 +216,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     this model, or a ``{layer: [channels]}`` map; ``None`` runs a scan with
     ``scan_config`` on the training part of the data first (with ``selection="trace"``:
     the ``combined`` verdict and its trace only, and the unlearning radius calibrated here,
-    as for given channels). ``data`` may be
-    ``None`` for the data-free ``clp``. ``progress`` is passed to that scan (and told of the later stages);
+    as for given channels). ``data`` may be ``None`` for the data-free ``clp``. ``progress`` is
+    passed to the removal (a scan's channels, the trace's stages, ANP's masks, i-BAU's rounds) and
+    told of the self-check;
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
     (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, on the same images (the
     training split's sample where the removal ran that verdict itself, ``selection="trace"``; else all the data);
