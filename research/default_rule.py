@@ -56,7 +56,10 @@ def main() -> None:
     for text, held in checks.items():
         print(f"- {text}: {'met' if held else 'NOT met'}")
     print(f"- ACC change (reported, not a criterion): mean {100 * statistics.mean(change):+.2f} points")
-    if len(inside) < DECIDED_AT:
+    if len(inside) < DECIDED_AT and max(traced) > MAX_ASR:     # a row is final: no later cell can undo it
+        print(f"\nsettled before the {DECIDED_AT}th cell: criterion (2) can no longer be met, trace + unlearning "
+              "does not become the default under this rule")
+    elif len(inside) < DECIDED_AT:
         print(f"\nnot decided yet: {DECIDED_AT - len(inside)} more cells to go")
     else:
         print(f"\ndecided: trace + unlearning {'becomes' if all(checks.values()) else 'does not become'} the default")
