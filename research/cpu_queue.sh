@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 31 rows on cells retrained on the CPU (research/cpu_matrix.sh trains and exports them; this waits for
-# each export): held-out pass 1 first (the rule that makes trace + unlearning the default is decided once 12
-# of the 17 held-out cells are in: docs/research/set-selection.md), then the development rows still missing.
+# each export): the held-out head-to-head of trace + unlearning and today's default first (pre-registered in
+# docs/research/set-selection.md after pass 1's criterion (2) failed), then the development rows still missing.
 # Run from a worktree pinned at the frozen method's commit, its research/results a link to main's and main's
 # benchmarks/cases.py copied in (the "(cpu)" labels):
 #   git worktree add /work/pinned 4fcb6be && cd /work/pinned && rm -rf research/results \
@@ -19,13 +19,20 @@ run() {   # tag cell methods [--clean]
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$2" --tag "$1" --methods "$3" $4
 }
 P1="trace + unlearning,fine-tuning only"
-# held-out pass 1, in the order research/cpu_matrix.sh trains them (cheapest first); MobileNetV2 and
-# full-width cells wait for a GPU. gtsrb-preact18q-wanet-p10 (cpu) is trained already: its rows run while the
-# next cells train (its attack did not take, ASR 78.1%: it counts towards the 12 cells in, not the criteria)
-for cell in cifar10-plaincnn-inputaware-p10 gtsrb-preact18q-wanet-p10 cifar10-plaincnn-lowfreq-p10 \
-    cifar10-vgg-badnets-p01 cifar10-preact18q-badnets-p05 cifar10-preact18q-inputaware-p10 \
-    cifar10-preact18q-badnets-p01 cifar10-preact18q-blended-p01; do
-  run heldout "$cell" "$P1"
+H2H="trace + unlearning,default + unlearning,fine-tuning only"
+# a row of an earlier queue's cell still running (its process outlives the queue that started it)
+while pgrep -f "trace_repair.py matrix:" > /dev/null; do sleep 60; done
+# the held-out pass 1's cell that is trained already (its attack did not take: reported, not counted)
+run heldout gtsrb-preact18q-wanet-p10 "$P1"
+# the head-to-head with today's default (docs/research/set-selection.md, pre-registered in the ninth session),
+# in the order research/cpu_matrix.sh trains them; MobileNetV2 and full-width cells wait for a GPU
+for cell in cifar10-plaincnn-lowfreq-p10 cifar10-vgg-badnets-p01 cifar10-preact18q-badnets-p05 \
+    cifar10-preact18q-inputaware-p10 cifar10-preact18q-badnets-p01 cifar10-preact18q-blended-p01; do
+  run heldout "$cell" "$H2H"
+done
+# supplementary: today's default on the held-out cells whose trace + unlearning rows were seen
+for cell in cifar10-plaincnn-inputaware-p10 mnist-plaincnn-badnets-p10 gtsrb-preact18q-wanet-p10; do
+  run heldout "$cell" "default + unlearning"
 done
 # development rows (clean twins' cost; the GTSRB development cell)
 run twins cifar10-plaincnn-clean "fine-tuning only,trace + unlearning" --clean
