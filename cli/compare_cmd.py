@@ -18,6 +18,7 @@ from .options import (
     command,
     data_options,
     json_option,
+    made_folder,
     model_argument,
     opt,
     repair_settings,
@@ -66,19 +67,19 @@ def compare(ctx: click.Context, model: str, test_data: str, poisoned: str | None
     settings = repair_settings(options, config.seed)
     names = [name.strip() for name in methods.split(",") if name.strip()]
     inputs = [*model_files(model), data, test_data, *([poisoned] if poisoned else [])]
-    check_outputs(inputs, json_path)
     targets = {name: Path(save_dir) / f"{name}.onnx" for name in names} if save_dir else {}
-    if save_dir:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-    for path in targets.values():
-        check_outputs(inputs, str(path), f"{path}.data")
     announce = (lambda name: click.echo(f"running {name} ...", err=True)) if verbosity(ctx) >= 0 else None
-    result = run_compare(model_argument(model, class_output), data, test_data, poisoned, target, names, settings,
-                         config, on_method=announce)
-    for outcome in result.outcomes:
-        if outcome.method in targets and outcome.model is not None:
-            path = targets[outcome.method]
-            outcome.repair.record_output(path, write_model(path, outcome.model))
-    if json_path:
-        write_report(json_path, result.to_json())
+    outputs = {"--json": json_path}
+    for name, path in targets.items():
+        outputs |= {f"-o {save_dir}'s {name}.onnx": str(path), f"{name}.onnx's external weights": f"{path}.data"}
+    with made_folder(save_dir):     # removed again, where still empty, if the comparison fails
+        check_outputs(inputs, outputs)
+        result = run_compare(model_argument(model, class_output), data, test_data, poisoned, target, names, settings,
+                             config, on_method=announce)
+        for outcome in result.outcomes:
+            if outcome.method in targets and outcome.model is not None:
+                path = targets[outcome.method]
+                outcome.repair.record_output(path, write_model(path, outcome.model))
+        if json_path:
+            write_report(json_path, result.to_json())
     say(ctx, result.format_text(), json_to_stdout=json_path == STDOUT)

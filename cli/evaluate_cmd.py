@@ -44,8 +44,9 @@ def evaluate(ctx: click.Context, model: str, class_output: str | None, data: str
     from fmt_audit.model.loading import model_files
     from fmt_audit.repair.evaluation import evaluate as run_evaluate
 
-    inputs = [*model_files(model), data, *([poisoned] if poisoned else []), *([baseline] if baseline else [])]
-    check_outputs(inputs, json_path)
+    inputs = [*model_files(model), data, *([poisoned] if poisoned else []),
+              *(model_files(baseline) if baseline else [])]
+    check_outputs(inputs, {"--json": json_path})
     preprocessing = Preprocessing(parse_channel_values(mean, "--mean"), parse_channel_values(std, "--std"),
                                   input_range or "0-1")
     result = run_evaluate(model_argument(model, class_output), data, poisoned, target,

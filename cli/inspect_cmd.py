@@ -24,7 +24,7 @@ def inspect(ctx: click.Context, model: str, class_output: str | None, json_path:
     from fmt_audit.model.inspection import summarize
     from fmt_audit.model.loading import load_model, model_files
 
-    check_outputs(list(model_files(model)), json_path)
+    check_outputs(list(model_files(model)), {"--json": json_path})
     summary = summarize(load_model(model, class_output))
     if json_path:
         write_report(json_path, json.dumps(summary.to_dict(), indent=2) + "\n")

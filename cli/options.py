@@ -7,6 +7,7 @@ values to the library object it builds (``ScanConfig``, ``VerdictConfig``, ``Rep
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import click
@@ -21,7 +22,7 @@ from fmt_audit.verdict.registry import CHOICES as VERDICTS
 from fmt_audit.verdict.registry import DEFAULT as DEFAULT_VERDICT
 from fmt_audit.verdict.registry import METHODS as VERDICT_METHODS
 
-from .config_file import apply_config
+from .config_file import CONFIG_FILE, apply_config
 
 STDOUT = "-"
 OTHER = "Other options"
@@ -178,7 +179,7 @@ def usable_folder(folder: str, option: str) -> str:
 DEVICE = opt("--device", type=click.Choice(DEVICES), default=None,
              help="Where to run: auto takes CUDA when both ONNX Runtime and torch have it.  [default: auto]")
 SEED = opt("--seed", type=int, default=None,
-           help="Seed of every random draw: same seed, same inputs, same report.  [default: 0]")
+           help="Seed of every random draw (0 to 2^32 - 1): same seed, same inputs, same report.  [default: 0]")
 CONFIG = opt("--config", type=click.Path(dir_okay=False, path_type=str), default=None, is_eager=True,
              expose_value=False, callback=apply_config,
              help="Read option values from this TOML file ([scan], [repair], ... tables); options given here win.")
@@ -315,13 +316,43 @@ def repair_settings(values: dict, seed: int, method: str = "fmt"):
                          unlearn_eps=parse_eps(options.pop("unlearn_eps"), "--unlearn-eps"), **options)
 
 
-def check_outputs(inputs: list[str], *outputs: str | None) -> None:
-    """Refuse, before any work, an output path over an input or in a missing folder."""
-    from fmt_audit.model.outputs import check_output_path
+def check_outputs(inputs: list[str], outputs: dict[str, str | None]) -> None:
+    """Refuse, before any work, an output (``{option: path}``, every output of the command at once) over an input
+    (the ``--config`` file included), in a missing folder, or on another output's file."""
+    from fmt_audit.model.outputs import check_output_paths
 
-    for path in outputs:
-        if path and path != STDOUT:
-            check_output_path(path, inputs=inputs)
+    context = click.get_current_context(silent=True)
+    config_file = context.meta.get(CONFIG_FILE) if context is not None else None
+    check_output_paths({what: path for what, path in outputs.items() if path != STDOUT},
+                       [*inputs, *([config_file] if config_file else [])])
+
+
+@contextlib.contextmanager
+def made_folder(folder: str | None, option: str = "-o"):
+    """``folder`` (and any missing parent) made for the command's outputs, and removed again, where still empty,
+    when the command fails: a refused or failed run leaves nothing behind."""
+    from pathlib import Path
+
+    from fmt_audit.errors import OutputError
+
+    if folder is None:
+        yield
+        return
+    path = Path(folder)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{option} {folder}: cannot make the folder ({error.strerror or error})") from None
+    try:
+        yield
+    except BaseException:
+        for made in missing:        # deepest first
+            try:
+                made.rmdir()
+            except OSError:         # not empty (or gone): leave it
+                break
+        raise
 
 
 def refuse_html_to_stdout(html_path: str | None) -> None:

@@ -76,13 +76,15 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     class_output = options.pop("class_output")
     config = scan_settings(options)
     settings = repair_settings(options, config.seed, method)
-    check = verdict_settings(options, config.seed) if data else None
+    check = verdict_settings(options, config.seed)      # checked with or without data
+    check = check if data else None
+    if config.selection == "trace" and not from_report:     # a report's channels are removed as they are
+        _refuse_untraceable(method, check, data)
     references = reference_cache(options)
     inputs = [*model_files(model), *([data] if data else []), *([from_report] if from_report else [])]
-    # where a repaired model past 2 GiB keeps its weights, too
-    check_outputs(inputs, output, f"{output}.data")
     refuse_html_to_stdout(html_path)
-    check_outputs([*inputs, output], json_path, html_path)
+    check_outputs(inputs, {"-o": output, f"-o {output}'s external weights (a model past 2 GiB)": f"{output}.data",
+                           "--json": json_path, "--html": html_path})
     flagged = ScanReport.read(from_report) if from_report else None
     if flagged is not None:
         config = inherit_preprocessing(config, flagged)
@@ -106,6 +108,20 @@ def repair(ctx: click.Context, model: str, method: str, output: str, from_report
     if fail_if_persists and status not in ("removed", "not found"):
         click.echo(f"the self-check says: {status or 'not run (--verdict none or no --data)'}", err=True)
         ctx.exit(exit_codes.PERSISTS)
+
+
+def _refuse_untraceable(method: str, check, data: str | None) -> None:
+    """``--selection trace`` chooses the channels ``fmt`` removes by the ``combined`` verdict: as ``scan`` does,
+    refuse it without that verdict, and with a method that removes no given channels."""
+    from fmt_audit.errors import ConfigError
+    from fmt_audit.fmt.trace import require_combined
+
+    if not REPAIR_METHODS[method].takes_channels:
+        takers = ", ".join(name for name, m in REPAIR_METHODS.items() if m.takes_channels)
+        raise ConfigError(f"--selection trace chooses the channels to remove: it goes with --method {takers}, "
+                          f"not {method}")
+    if data:
+        require_combined(check)
 
 
 def _echo_epoch(bar, record) -> None:

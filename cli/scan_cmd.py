@@ -61,7 +61,7 @@ def scan(ctx: click.Context, model: str, json_path: str | None, html_path: str |
     verdict = verdict_settings(options, config.seed)
     references = reference_cache(options)
     refuse_html_to_stdout(html_path)
-    check_outputs([*model_files(model), data], json_path, html_path)
+    check_outputs([*model_files(model), data], {"--json": json_path, "--html": html_path})
     runner = None
     if use_ray:
         from fmt_audit.fleet.ray_engine import ray_runner

@@ -15,10 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from fmt_audit.errors import DataError, first_line
+from fmt_audit.errors import ConfigError, DataError, first_line
 from fmt_audit.model.graph import ImageInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
+
+
+SEED_MAX = 2**32 - 1     # a choice, not a generator's limit: the common range, which every seeded generator takes
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """Refuse a seed no generator takes (negative, past 2^32 - 1, or not a whole number) with the option's name."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{option} must be a whole number in 0..{SEED_MAX}; got {seed!r}")
 
 
 @dataclass(frozen=True)

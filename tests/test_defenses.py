@@ -20,6 +20,7 @@ from fmt_audit.repair.config import FineTuneConfig
 from fmt_audit.repair.evaluation import defense_effectiveness, evaluate
 from fmt_audit.repair.pipeline import RepairConfig, nonzero_removed, repair
 from fmt_audit.repair.pruning import clp_channels, dormant_channels, lipschitz_bounds, mean_activations
+from fmt_audit.report.schema import SCHEMA_VERSION, problems
 
 BADNETS = SAMPLES / "badnets_op13.onnx"
 TARGET = next(m["target"] for m in MANIFEST["models"] if m["file"] == "badnets_op13.onnx")
@@ -167,6 +168,7 @@ def test_cli_compare_table_json_and_saved_models(tmp_path):
     saved = json.loads((tmp_path / "c.json").read_text())
     assert [m["method"] for m in saved["methods"]] == ["clp", "ft"]
     assert saved["baseline"]["asr"] == pytest.approx(1.0)
+    assert (saved["schema_version"], saved["kind"], problems(saved)) == (SCHEMA_VERSION, "comparison", [])
     for name in ("clp", "ft"):
         onnx.checker.check_model(str(tmp_path / "models" / f"{name}.onnx"))
     bad = _invoke("compare", BADNETS, "--data", SAMPLES / "defender.npz", "--test", SAMPLES / "test.npz",

@@ -109,10 +109,18 @@ def test_manifests_give_each_model_its_own_data_and_options(tmp_path):
     ({"model": "/etc/passwd"}, "expected a path relative to the manifest's folder"),
     ({"model": "m.onnx", "data": "../../data.npz"}, "leads outside"),
     ({"model": "m.onnx", "learning_rate": 1}, "unknown option(s) learning_rate"),
-    ({"model": "m.onnx", "samples": "many"}, "samples must be a number"),
+    ({"model": "m.onnx", "samples": "many"}, "samples must be a whole number; got 'many'"),
     ({"model": "m.onnx", "data": 5}, "\"data\" must be a path"),
     ({"model": "m.onnx", "mean": 0.5}, "mean must be a list of numbers"),
     ({"model": "..onnx"}, "cannot name a report file"),
+    ({"model": "m.onnx", "samples": True}, "samples must be a whole number; got true"),
+    ({"model": "m.onnx", "samples": [1]}, "samples must be a whole number; got [1]"),
+    ({"model": "m.onnx", "gain": False}, "gain must be a number; got false"),
+    ({"model": "m.onnx", "seed": -1}, "--seed must be a whole number in 0..4294967295; got -1"),
+    ({"model": "m.onnx", "epochs": "x"}, "epochs must be a whole number"),    # checked without --repair too
+    ({"model": "m.onnx", "epochs": -1}, "m: --epochs must be 0 or more; got -1 (a repair option)"),
+    ({"model": "m.onnx", "eps": "x"}, "eps must be a number or 'auto'"),
+    ({"model": "m.onnx", "augment": 1}, "augment must be true or false"),
 ])
 def test_bad_manifests_are_one_line_errors(tmp_path, entry, message):
     shutil.copy(SAMPLES / "clean_op13.onnx", tmp_path / "m.onnx")

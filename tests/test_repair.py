@@ -20,6 +20,7 @@ from fmt_audit.repair.evaluation import Metrics, attack_metrics, defense_effecti
 from fmt_audit.repair.finetune import augment_batch
 from fmt_audit.repair.pipeline import RepairConfig, channel_tensors, repair
 from fmt_audit.report.json_report import ScanReport
+from fmt_audit.report.schema import SCHEMA_VERSION, problems
 
 SHORT = RepairConfig(FineTuneConfig(epochs=2), unlearn=False)
 # feeds a residual Add, so its channels can regrow when allowed (a Conv followed by
@@ -279,6 +280,7 @@ def test_cli_repair_from_report_and_evaluate(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
     assert metrics["baseline"]["metrics"]["asr"] == pytest.approx(1.0) and 0 <= metrics["der"] <= 1
+    assert (metrics["schema_version"], metrics["kind"], problems(metrics)) == (SCHEMA_VERSION, "evaluation", [])
 
 
 def test_cli_repair_takes_the_reports_normalisation(tmp_path):

@@ -35,8 +35,19 @@ def test_the_schema_check_names_what_is_wrong(scan_report):
     broken["verdict"]["suspicion"] = True
     assert problems(broken) == ["report.layers[0].channels: expected int, got str", "report.summary.flagged: missing",
                                 "report.verdict.suspicion: expected int or float or null, got bool"]
-    assert problems({"kind": "evaluation"}) == ["kind: expected one of scan, repair, got 'evaluation'"]
+    assert problems({"kind": "verdict"}) == ["kind: expected one of scan, repair, evaluation, comparison, got "
+                                             "'verdict'"]
     assert problems([]) == ["the report is not a JSON object"]
+    evaluation = {"schema_version": 2, "kind": "evaluation", "model": {"path": "m.onnx", "sha256": "0"},
+                  "metrics": {"acc": 0.9, "asr": None, "ra": None, "clean_images": 10, "attack_images": 0},
+                  "baseline": {"path": "b.onnx", "sha256": "1", "metrics": {"acc": "0.8"}}, "der": None, "config": {}}
+    assert problems(evaluation) == ["report.baseline.metrics.acc: expected int or float, got str",
+                                    "report.baseline.metrics.asr: missing", "report.baseline.metrics.ra: missing",
+                                    "report.baseline.metrics.clean_images: missing",
+                                    "report.baseline.metrics.attack_images: missing"]
+    comparison = {"schema_version": 2, "kind": "comparison", "model": {"path": "m.onnx", "sha256": "0"},
+                  "baseline": evaluation["metrics"], "config": {}, "methods": 5}
+    assert problems(comparison) == ["report.methods: expected a list, got int"]
 
 
 def test_a_report_of_a_newer_schema_or_another_kind_is_refused_and_an_unversioned_one_read(scan_report, tmp_path):

@@ -1,5 +1,6 @@
 """Untrusted inputs and interrupted runs: one-line errors (exit 2), no traceback, no partial output."""
 
+import json
 import os
 import signal
 import subprocess
@@ -320,14 +321,115 @@ def test_write_back_keeps_identity_copies_of_a_changed_tensor():
 
 @pytest.mark.parametrize(("content", "message"), [
     ("scan = 1\n", "scan must be a table"),
-    ("[scan]\nsamples = {a = 1}\n", "samples must be a string, number"),
-    ("seed = 1979-05-27\n", "seed must be a string, number"),
+    ("[scan]\nsamples = {a = 1}\n", "samples must be a whole number"),
+    ("seed = 1979-05-27\n", "seed must be a whole number"),
+    ("[scan]\nsamples = 64.7\n", "samples must be a whole number; got 64.7"),
+    ("[scan]\nsamples = true\n", "samples must be a whole number; got true"),
+    ("[scan]\nfail-on-suspicious = 1\n", "fail-on-suspicious must be true or false"),
+    ("[scan]\ngain = \"x\"\n", "gain must be a number"),
+    ("sampels = 64\n", "no command has an option 'sampels'"),
+    ("[scan]\njson-path = \"r.json\"\n", "has no option 'json-path'"),
+    ("[scan]\nseed = -1\n", "--seed must be a whole number in 0..4294967295; got -1"),
+    ("json = 1\n", "json must be a string; got 1"),
+    ("[scan]\ndata = 5\n", "data must be a string; got 5"),
+    ("sample = 64\n", "did you mean 'samples'?"),
+    ("layers = true\n", "no command has an option 'layers'"),      # inspect's: it reads no config file
 ])
 def test_config_values_of_the_wrong_shape_exit_2(tmp_path, content, message):
     config = tmp_path / "c.toml"
     config.write_text(content)
     result = _invoke("scan", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--config", config)
     _one_line_exit_2(result, message)
+
+
+def test_config_keys_are_the_long_option_names(tmp_path):
+    """``json`` for --json, ``output`` for -o/--output; a key only other commands have (epochs) is theirs."""
+    config, report = tmp_path / "c.toml", tmp_path / "r.json"
+    config.write_text(f'epochs = 3\n[scan]\njson = "{report}"\nsamples = 16\nskip-layers = "block"\n'
+                      'verdict = "none"\n')
+    result = _invoke("scan", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["config"]["samples"] == 16
+
+
+@pytest.mark.parametrize("command", ["scan", "repair", "evaluate"])
+def test_no_output_overwrites_the_config_file(tmp_path, command):
+    config = tmp_path / "c.toml"
+    config.write_text("device = \"cpu\"\n")
+    before = config.read_bytes()
+    given = {"scan": ["--json", config], "repair": ["-o", tmp_path / "r.onnx", "--json", config],
+             "evaluate": ["--json", config]}[command]
+    result = _invoke(command, SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--config", config,
+                     *given)
+    _one_line_exit_2(result, "refusing to overwrite the input file")
+    assert config.read_bytes() == before
+
+
+@pytest.mark.parametrize("outputs", [["--json", "same", "--html", "same"], ["--json", "r.onnx"],
+                                     ["--json", "r.onnx.data"]])
+def test_two_outputs_of_one_command_cannot_share_a_path(tmp_path, outputs):
+    """Refused before any work, whether or not the file exists yet."""
+    command = ["scan"] if "same" in outputs else ["repair", "-o", tmp_path / "r.onnx"]
+    result = _invoke(*command, SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz",
+                     *[tmp_path / a if a in ("same", "r.onnx", "r.onnx.data") else a for a in outputs])
+    _one_line_exit_2(result, "name the same file")
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_never_overwrites_the_baselines_external_data(tmp_path):
+    import shutil
+
+    for name in ("badnets_op18.onnx", "badnets_op18.onnx.data"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    before = (tmp_path / "badnets_op18.onnx.data").read_bytes()
+    result = _invoke("evaluate", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "test.npz", "--baseline",
+                     tmp_path / "badnets_op18.onnx", "--json", tmp_path / "badnets_op18.onnx.data")
+    _one_line_exit_2(result, "refusing to overwrite")
+    assert (tmp_path / "badnets_op18.onnx.data").read_bytes() == before
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_seeds_out_of_range_exit_2(tmp_path, seed):
+    for command in (["scan"], ["repair", "-o", tmp_path / "r.onnx"]):
+        result = _invoke(*command, SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--seed", seed)
+        _one_line_exit_2(result, f"--seed must be a whole number in 0..4294967295; got {seed}")
+
+
+def test_the_trace_is_refused_where_it_cannot_choose_the_channels(tmp_path):
+    """As scan refuses --selection trace without the combined verdict, so does repair; and with a method that
+    removes no given channels."""
+    base = ["repair", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "-o", tmp_path / "r.onnx",
+            "--selection", "trace"]
+    _one_line_exit_2(_invoke(*base, "--verdict", "none"), "give --verdict combined")
+    _one_line_exit_2(_invoke(*base, "--method", "clp"), "--selection trace chooses the channels to remove")
+    assert not list(tmp_path.iterdir())
+
+
+def test_repair_checks_the_verdict_options_without_data(tmp_path):
+    result = _invoke("repair", SAMPLES / "clean_op13.onnx", "--method", "clp", "-o", tmp_path / "r.onnx",
+                     "--verdict-samples", "0")
+    _one_line_exit_2(result, "--verdict-samples must be at least 1")
+
+
+def test_a_failed_comparison_leaves_no_folder_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()     # there before: stays, empty or not
+    for folder in (tmp_path / "made" / "sub", tmp_path / "kept" / "sub"):
+        result = _invoke("compare", SAMPLES / "clean_op13.onnx", "--data", SAMPLES / "defender.npz", "--test",
+                         SAMPLES / "test.npz", "--methods", "fmt,bogus", "-o", folder)
+        _one_line_exit_2(result, "--methods takes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not list((tmp_path / "kept").iterdir())
+
+
+def test_every_config_checks_its_seed():
+    from fmt_audit.errors import ConfigError
+    from fmt_audit.fmt.scan import ScanConfig
+    from fmt_audit.repair.config import FineTuneConfig
+    from fmt_audit.verdict import VerdictConfig
+
+    for make in (ScanConfig, FineTuneConfig, VerdictConfig):
+        with pytest.raises(ConfigError, match=r"--seed must be a whole number in 0..4294967295; got 4294967296"):
+            make(seed=2**32)
+        assert make(seed=2**32 - 1).seed == 2**32 - 1
 
 
 def test_html_to_stdout_is_refused():

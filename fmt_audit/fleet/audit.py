@@ -26,6 +26,7 @@ import functools
 import hashlib
 import io
 import json
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -293,6 +294,8 @@ def model_repair(base: dict, model: FleetModel, seed: int) -> RepairConfig:
         return repair_config(seed, **options)
     except (TypeError, ValueError) as error:      # a wrong value type from a manifest
         raise ConfigError(f"{model.name}: {first_line(error)}") from None
+    except FmtAuditError as error:  # a value out of range: say whose, and that it is a repair option
+        raise ConfigError(f"{model.name}: {first_line(error)} (a repair option)") from None
 
 
 _OPTION_TYPES = {**{f.name: str(f.type) for f in fields(ScanConfig)}, **VERDICT_OPTION_TYPES}  # "int", "float | None"
@@ -303,11 +306,21 @@ def _typed(key: str, value, where: str, types: dict[str, str]):
     """A manifest value as its option's type: CSV cells are text (``"64"``, ``"auto"``, ``"0.5,0.5,0.5"``,
     ``"true"``)."""
     kind = types.get(key, "str")
+    whole = kind.startswith("int")
+    what = ("a whole number" if whole else "a number") + (" or 'auto'" if "str" in kind else "")
     if not isinstance(value, str):
-        if kind.startswith("int") and isinstance(value, float):     # JSON 5.0 is 5; 1.5 is no count
-            if not value.is_integer():
-                raise ConfigError(f"{where}: {key} must be a whole number; got {value!r}")
+        if value is None:       # the preset's (or the option's) default: the configs decide
+            return None
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)    # JSON's true is no count
+        if whole:
+            if not ((isinstance(value, numbers.Integral) and number)
+                    or (isinstance(value, float) and value.is_integer())):   # JSON 5.0 is 5; 1.5 is no count
+                raise ConfigError(f"{where}: {key} must be {what}; got {json.dumps(value, default=str)}")
             return int(value)
+        if kind.startswith("float") and not number:
+            raise ConfigError(f"{where}: {key} must be {what}; got {json.dumps(value, default=str)}")
+        if kind.startswith("bool") and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false; got {json.dumps(value, default=str)}")
         return value
     if not kind.startswith(("int", "float", "bool")) or (value == "auto" and "str" in kind):
         return value    # text options, and "auto" where an option takes it (eps)
@@ -318,9 +331,9 @@ def _typed(key: str, value, where: str, types: dict[str, str]):
             raise ConfigError(f"{where}: {key} must be true or false; got {value!r}")
         return value.lower() in _TRUE
     try:
-        return int(value) if kind.startswith("int") else float(value)
+        return int(value) if whole else float(value)
     except ValueError:
-        raise ConfigError(f"{where}: {key} must be a number; got {value!r}") from None
+        raise ConfigError(f"{where}: {key} must be {what}; got {value!r}") from None
 
 
 def config_key(config: ScanConfig, verdict: VerdictConfig | None, data: Path, repair: RepairConfig | None = None,
@@ -573,6 +586,8 @@ def run_fleet(models: Sequence[FleetModel], data: str | os.PathLike | None, out:
             raise ConfigError(f"{model.name}: no data (give --data, or 'data' in the manifest)")
         config, verdict = model_config(options or {}, model)
         settings = model_repair(repair, model, config.seed) if repair is not None else None
+        if repair is None:      # a manifest shared with repairing runs: its repair values are checked all the same
+            model_repair({}, model, config.seed)
         jobs.append(_Job(model, config, verdict, Path(source),
                          config_key(config, verdict, Path(source), settings, repair_when,
                                     model.options.get("class_output")),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fmt_audit.backends.device import DEVICES, Placement, resolve_device
-from fmt_audit.data import Dataset, Preprocessing, load_data
+from fmt_audit.data import Dataset, Preprocessing, check_seed, load_data
 from fmt_audit.errors import ConfigError, FmtAuditError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from fmt_audit.fmt.scores import ChannelScores
@@ -69,6 +69,7 @@ class ScanConfig:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1; got {self.samples}")
+        check_seed(self.seed)
         if self.eps != AUTO and not (isinstance(self.eps, (int, float)) and 0 < self.eps <= 1):
             raise ConfigError(f"--eps must be 'auto' or in (0, 1] (pixel space); got {self.eps}")
         if self.alpha is not None and not 0 < self.alpha <= (self.eps if self.eps != AUTO else 1):

@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import onnx
@@ -28,6 +28,21 @@ def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
         if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
             raise OutputError(f"refusing to overwrite the input file {source}")
     return path
+
+
+def check_output_paths(outputs: Mapping[str, str | os.PathLike | None],
+                       inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, the outputs of one task (``{what it is: path}``, None where not written) that
+    :func:`check_output_path` refuses, and two that name one file (one would replace the other)."""
+    seen: dict[Path, str] = {}
+    for what, path in outputs.items():
+        if path is None:
+            continue
+        check_output_path(path, inputs)
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise OutputError(f"{seen[resolved]} and {what} name the same file {path}: give them different paths")
+        seen[resolved] = what
 
 
 def _published_mode() -> int:

@@ -28,6 +28,7 @@ from fmt_audit.repair.evaluation import Metrics, defense_effectiveness, model_me
 from fmt_audit.repair.methods.registry import COMPARED, METHODS
 from fmt_audit.repair.pipeline import repair
 from fmt_audit.report.json_report import RepairReport
+from fmt_audit.report.schema import SCHEMA_VERSION
 
 
 @dataclass
@@ -58,7 +59,8 @@ class Comparison:
     config: dict
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "baseline": self.baseline.to_dict(), "config": self.config,
+        return {"schema_version": SCHEMA_VERSION, "kind": "comparison",
+                "model": self.model, "baseline": self.baseline.to_dict(), "config": self.config,
                 "methods": [outcome.to_dict() for outcome in self.outcomes]}
 
     def to_json(self) -> str:

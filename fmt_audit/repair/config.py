@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fmt_audit.data import check_seed
 from fmt_audit.errors import ConfigError
 
 FLIPS = ("auto", "on", "off")
@@ -33,6 +34,7 @@ class FineTuneConfig:
     def __post_init__(self):
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more; got {self.epochs}")
+        check_seed(self.seed)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number; got {self.lr}")
         if not (math.isfinite(self.final_lr) and 0 <= self.final_lr <= self.lr):

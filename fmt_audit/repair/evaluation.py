@@ -19,6 +19,7 @@ import onnx
 from fmt_audit.data import Dataset, Preprocessing, load_data
 from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.model.loading import LoadedModel, load_model
+from fmt_audit.report.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Evaluation:
     config: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "metrics": self.metrics.to_dict(), "baseline": self.baseline,
+        return {"schema_version": SCHEMA_VERSION, "kind": "evaluation",
+                "model": self.model, "metrics": self.metrics.to_dict(), "baseline": self.baseline,
                 "der": None if self.der is None else round(self.der, 6), "config": self.config}
 
     def to_json(self) -> str:

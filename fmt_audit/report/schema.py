@@ -45,7 +45,24 @@ REPAIR = {
     "timing": {"total_s": NUMBER},
 }
 SELF_CHECK = {"status": str, "before": (dict, type(None)), "after": VERDICT, "escalation": (dict, type(None))}
-KINDS = {"scan": SCAN, "repair": REPAIR}
+METRICS = {"acc": NUMBER, "asr": OPTIONAL_NUMBER, "ra": OPTIONAL_NUMBER, "clean_images": int, "attack_images": int}
+EVALUATION = {
+    "schema_version": int, "kind": str,
+    "model": {"path": str, "sha256": str},
+    "metrics": METRICS,
+    "baseline": (dict, type(None)),
+    "der": OPTIONAL_NUMBER,
+    "config": dict,
+}
+COMPARISON = {
+    "schema_version": int, "kind": str,
+    "model": {"path": str, "sha256": str},
+    "baseline": METRICS,
+    "config": dict,
+    "methods": [{"method": str, "metrics": (dict, type(None)), "der": OPTIONAL_NUMBER, "removed": (int, type(None)),
+                 "seconds": NUMBER, "error": (str, type(None)), "repair": (dict, type(None))}],
+}
+KINDS = {"scan": SCAN, "repair": REPAIR, "evaluation": EVALUATION, "comparison": COMPARISON}
 
 
 def _check(value, spec, where: str, found: list[str]) -> None:
@@ -73,8 +90,8 @@ def _check(value, spec, where: str, found: list[str]) -> None:
 
 
 def problems(report: dict) -> list[str]:
-    """What in ``report`` (a scan or repair report as JSON gives it) does not match its schema; empty when it
-    matches."""
+    """What in ``report`` (a scan, repair, evaluation or comparison report as JSON gives it) does not match its
+    schema; empty when it matches."""
     if not isinstance(report, dict):
         return ["the report is not a JSON object"]
     kind = report.get("kind")
@@ -88,4 +105,12 @@ def problems(report: dict) -> list[str]:
         _check(report["verdict"], VERDICT, "report.verdict", found)
     if kind == "repair" and isinstance(report.get("self_check"), dict):
         _check(report["self_check"], SELF_CHECK, "report.self_check", found)
+    if kind == "evaluation" and isinstance(report.get("baseline"), dict):
+        _check(report["baseline"], {"path": str, "sha256": str, "metrics": METRICS}, "report.baseline", found)
+    methods = report.get("methods") if kind == "comparison" else None
+    for i, method in enumerate(methods if isinstance(methods, list) else []):
+        if isinstance(method, dict) and isinstance(method.get("metrics"), dict):
+            _check(method["metrics"], METRICS, f"report.methods[{i}].metrics", found)
+        if isinstance(method, dict) and isinstance(method.get("repair"), dict):
+            _check(method["repair"], REPAIR, f"report.methods[{i}].repair", found)
     return found

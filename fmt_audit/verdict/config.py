@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmt_audit.data import check_seed
 from fmt_audit.errors import ConfigError
 
 
@@ -48,6 +49,7 @@ class VerdictConfig:
             raise ConfigError(f"--verdict must be one of {', '.join([*METHODS, 'none'])}; got {self.method!r}")
         if self.samples < 1:
             raise ConfigError(f"--verdict-samples must be at least 1; got {self.samples}")
+        check_seed(self.seed)
         self.margin()    # checks --margin-restarts and --margin-steps
 
     @classmethod

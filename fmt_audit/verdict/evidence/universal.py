@@ -83,7 +83,7 @@ def fit_and_held_out(dataset: Dataset, classes: int, images: int, seed: int,
         raise DataError(f"the {test} needs, for every class, at least {MIN_HELD_OUT} held-out "
                         f"images of other classes and some to fit on; {len(dataset)} images "
                         f"({len(np.unique(dataset.y))} labels) leave {fewest} held out and {fitted} to fit: give more "
-                        f"images (--samples)")
+                        f"images (--verdict-samples, or a larger --data)")
     return fit, held
 
 
