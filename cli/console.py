@@ -43,23 +43,29 @@ def progress(ctx: click.Context) -> ProgressLine | None:
 
 
 class ProgressLine:
-    """One self-rewriting stderr line: items done, rate and time left; for a stage without a count (``total``
-    0: a verdict, a trace), its name."""
+    """One self-rewriting stderr line: items done, rate and time left, from the start of the count (the
+    channels, then the verdict's trigger search); for a stage without a count (``total`` 0: the verdict's other
+    stages, a trace), its name."""
 
     def __init__(self):
         self._started = time.perf_counter()
+        self._counting = (0, 0)     # the counted stage's total and the last count: a new one restarts the clock
+        self._base = 0              # the count when the clock (re)started
 
     def __call__(self, step: str, done: int, total: int) -> None:
         if total <= 0:
             click.echo(f"\r{step} ...\x1b[K", err=True, nl=False)
             return
+        if total != self._counting[0] or done < self._counting[1]:     # the channels, then a trigger search
+            self._started, self._base = time.perf_counter(), done
+        self._counting = (total, done)
         elapsed = time.perf_counter() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (total - done) / rate if rate > 0 else 0.0
+        rate = (done - self._base) / elapsed if elapsed > 0 else 0.0
+        left = f"{(total - done) / rate:.0f}" if rate > 0 else "?"     # no rate before the clock's second count
         width = 24
         filled = int(width * done / max(total, 1))
         click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                   f"{rate:.1f}/s, {left:.0f} s left ({step})\x1b[K", err=True, nl=False)
+                   f"{rate:.1f}/s, {left} s left ({step})\x1b[K", err=True, nl=False)
 
     def clear(self) -> None:
         """Rub the line out, so that a whole line (an epoch's) can be printed in its place."""

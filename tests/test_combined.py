@@ -135,3 +135,25 @@ def test_scan_and_cli_take_the_combined_verdict(monkeypatch, tmp_path):
     few = CliRunner().invoke(main, ["scan", str(SAMPLES / "badnets_op13.onnx"), "--data", str(DATA),
                                     "--samples", "10", "--verdict-samples", "10", "--skip-layers", "block"])
     assert "inconclusive" in few.output and "held-out" in few.output, few.output
+
+
+def test_the_verdict_tells_its_stages_and_counts_the_trigger_search(monkeypatch):
+    """A verdict that runs for minutes (an hour on 43 classes) says where it is: the trigger search by its steps
+    (every chunk of classes fitted together), then the ladder's rungs, the references, the smooth images."""
+    from fmt_audit.fmt.scan import ScanConfig, scan
+    from fmt_audit.verdict import VerdictConfig
+
+    quick_combined(monkeypatch)
+    seen = []
+    scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=16, skip_layers="block"),
+         progress=lambda step, done, total: seen.append((step, done, total)), verdict=VerdictConfig(samples=96))
+    stages = [step for step, _, _ in seen]
+    searched = [(done, total) for step, done, total in seen if step == "trigger search"]
+    # 10 classes of 16 images each fit in one chunk of 512 images: the 100 steps once
+    assert searched == [(k, 100) for k in range(1, 101)]
+    assert stages.index("combined verdict") < stages.index("trigger search") < stages.index("universal ladder")
+    rungs = [step for step in stages if step.startswith("universal ladder (budget ")]
+    assert rungs and stages.index("universal ladder") < stages.index(rungs[0])
+    assert stages.index(rungs[-1]) < stages.index("reference networks") < stages.index("smooth images")
+    after = seen[stages.index("combined verdict"):]     # the channels before it count channels
+    assert all(total == 0 for step, _, total in after if step != "trigger search")

@@ -83,3 +83,22 @@ def test_the_progress_line_counts_channels_and_names_stages(capsys):
     assert "16/16 " in printed and "s left (" in printed and printed.endswith("\rmargin verdict ...")
     line.clear()        # an epoch's line then takes its place
     assert capsys.readouterr().err == "\r"
+
+
+def test_the_progress_line_restarts_its_clock_for_a_new_count(capsys, monkeypatch):
+    """The channels, then the verdict's trigger search: its rate and time left are its own, not the average
+    since the scan began."""
+    from fmt_audit_cli import console
+
+    now = [0.0]
+    monkeypatch.setattr(console.time, "perf_counter", lambda: now[0])
+    line = console.ProgressLine()
+    for done, at in ((1, 10.0), (2, 20.0)):         # channels: 0.1 a second
+        now[0] = at
+        line("layer", done, 2)
+    now[0] = 100.0
+    line("trigger search", 1, 300)                  # a new count: no rate yet
+    assert capsys.readouterr().err.endswith("0.0/s, ? s left (trigger search)")
+    now[0] = 101.0
+    line("trigger search", 11, 300)                 # 10 steps a second: 29 s left
+    assert capsys.readouterr().err.endswith("10.0/s, 29 s left (trigger search)")

@@ -382,7 +382,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
         scanner.bridge = scanner.bridge or _converted(loaded)  # once, for the verdict and a trace after it
         found = gather_verdict(VerdictInputs(loaded, everything.take(verdict.samples, seed=verdict.seed),
                                              config.preprocessing, scanner.placement.torch, scanner.bridge,
-                                             references), verdict)
+                                             references, progress), verdict)
     finished = time.perf_counter()
     traced = None
     if config.selection == "trace":

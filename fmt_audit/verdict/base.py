@@ -10,7 +10,7 @@ torch: its evidence (:mod:`fmt_audit.verdict.evidence`) is imported when it is g
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,8 @@ class VerdictInputs:
     device: str = "auto"
     bridge: TorchBridge | None = None
     references: ReferenceCache | None = None
+    # told of the method's stages, as a scan's progress (stage, done, total; total 0: a stage without a count)
+    progress: Callable[[str, int, int], None] | None = None
 
 
 class VerdictMethod(ABC):

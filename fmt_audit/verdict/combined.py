@@ -83,9 +83,11 @@ class CombinedMethod(VerdictMethod):
                                                       inputs.bridge, "combined verdict")
         triggers: TriggerFigures | str
         transfer: TransferFigures | str
+        tell = inputs.progress or (lambda stage, done, total: None)
         search = config.cleanse()
         try:
-            found = reverse_triggers(classifier, dataset, classes, search)
+            found = reverse_triggers(classifier, dataset, classes, search,
+                                     lambda done, total: tell("trigger search", done, total))
             triggers = TriggerFigures(found.norms, found.success, found.reached, "; ".join(
                 [f"trigger search, {search.steps} steps, {found.images} images per class to fit, at least "
                  f"{found.held_out} held out", *notes]))
@@ -93,7 +95,11 @@ class CombinedMethod(VerdictMethod):
             triggers = str(error)
         universal, references = config.universal(), ReferenceConfig()
         try:
-            ladder = universal_ladder(classifier, dataset, classes, universal)
+            tell("universal ladder", 0, 0)
+            ladder = universal_ladder(classifier, dataset, classes, universal,
+                                      lambda budget, best: tell(f"universal ladder (budget {budget:.3g}, best class "
+                                                                f"{best:.0%})", 0, 0))
+            tell("reference networks", 0, 0)
             moved = transfer_to_references(ladder, dataset, classes, "cpu", references, universal.seed,
                                            universal.batch, cache=inputs.references)
             transfer = TransferFigures(ladder.budgets, ladder.success, moved.reference_success,
@@ -103,6 +109,7 @@ class CombinedMethod(VerdictMethod):
                  "verdict's images", *notes]))
         except FmtAuditError as error:
             transfer = str(error)
+        tell("smooth images", 0, 0)
         shares = smooth_shares(classifier, (image.channels, image.height, image.width), classes)
         return combined_verdict(triggers, transfer, [round(float(s), 6) for s in shares])
 

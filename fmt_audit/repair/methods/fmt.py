@@ -70,7 +70,7 @@ def _traced(inputs: RepairInputs) -> Removal:
     if inputs.progress:
         inputs.progress(f"{check.method} verdict", 0, 0)
     found = gather(VerdictInputs(loaded, inputs.train.take(check.samples, seed=check.seed), config.preprocessing,
-                                 device, bridge, inputs.references), check)
+                                 device, bridge, inputs.references, inputs.progress), check)
     verdict_s = time.perf_counter() - started
     log.info("trace: %s; tracing", found.verdict)
     if inputs.progress:

@@ -19,6 +19,7 @@ held-out image per class.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,9 +58,12 @@ def stamped(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch
 
 
 def reverse_triggers(classifier: BridgedClassifier, dataset: Dataset, classes: int,
-                     config: CleanseConfig | None = None) -> ReversedTriggers:
+                     config: CleanseConfig | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> ReversedTriggers:
     """Every class's smallest reversed trigger on ``dataset`` (float NCHW in [0, 1] with labels): half of the
-    images, drawn with ``config.seed``, to fit the triggers on, the other half to measure them."""
+    images, drawn with ``config.seed``, to fit the triggers on, the other half to measure them.
+    ``progress(done, total)`` is told of every optimisation step (``total``: the steps of every chunk of
+    classes fitted together: the search's cost grows with the number of classes)."""
     config = config or CleanseConfig()
     freeze(classifier)
     fit, held = fit_and_held_out(dataset, classes, config.images, config.seed, "trigger search")
@@ -74,10 +78,14 @@ def reverse_triggers(classifier: BridgedClassifier, dataset: Dataset, classes: i
     patterns = torch.zeros((classes, channels, height, width))
     norms, reached = np.ones(classes), np.zeros(classes, bool)
     per_call = max(1, config.batch // config.images)       # classes fitted together
-    for first in range(0, classes, per_call):
+    chunks = range(0, classes, per_call)
+    for number, first in enumerate(chunks):
         chunk = list(range(first, min(classes, first + per_call)))
+        told = (lambda step, before=number * config.steps: progress(before + step, len(chunks) * config.steps)
+                ) if progress else None
         kept_masks, kept_patterns = _search(classifier, x, [fit[k] for k in chunk], chunk,
-                                            mask_start[chunk].to(device), pattern_start[chunk].to(device), config)
+                                            mask_start[chunk].to(device), pattern_start[chunk].to(device), config,
+                                            told)
         for k, mask, pattern in zip(chunk, kept_masks, kept_patterns):
             if mask is not None:
                 masks[k], patterns[k] = mask.cpu(), pattern.cpu()
@@ -105,8 +113,9 @@ def search_class(classifier: BridgedClassifier, x: torch.Tensor, fit: np.ndarray
 
 
 def _search(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarray], chunk: list[int],
-            mask_start: torch.Tensor, pattern_start: torch.Tensor,
-            config: CleanseConfig) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+            mask_start: torch.Tensor, pattern_start: torch.Tensor, config: CleanseConfig,
+            progress: Callable[[int], None] | None = None,
+            ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Per class of ``chunk``, the smallest mask (and its pattern) that sent ``config.level`` of its images
     (``picks``) into the class during the search; None where none did."""
     groups = [x[torch.from_numpy(p).to(x.device)] for p in picks]
@@ -142,6 +151,8 @@ def _search(classifier: BridgedClassifier, x: torch.Tensor, picks: list[np.ndarr
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if progress:
+            progress(step + 1)
     return kept_mask, kept_pattern
 
 
