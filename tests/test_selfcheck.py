@@ -152,9 +152,14 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     monkeypatch.setattr(fmt_audit.repair.pipeline, "verdict_on",
                         lambda loaded, model, images, *a, **k: checked_on.append(len(images))
                         or verdict_on(loaded, model, images, *a, **k))
-    result = repair(model, data, config, scan_config, check=check)
+    stages = []
+    result = repair(model, data, config, scan_config, check=check, progress=lambda step, done, total:
+                    stages.append(step) if total == 0 or done == total else None)
     report = result.report
     assert result.scan is None and report.source == "trace"
+    # the removal's verdict counts its trigger search, then the trace; the self-check's verdict its own
+    assert stages.index("trigger search") < stages.index("trace") < stages.index("self-check") \
+        < stages.index("self-check: trigger search") < stages.index("self-check: smooth images")
     def ordered(channels):
         return {layer: sorted(numbers) for layer, numbers in channels.items()}
 

@@ -310,6 +310,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         if check is not None and dataset is not None:
             if progress:
                 progress("self-check", 0, 0)
+            # the check's verdicts tell their stages as the self-check's
+            told = (lambda stage, done, total: progress(f"self-check: {stage}", done, total)) if progress else None
             # the verdict the removal computed here on the training split (trace's evidence), where it is the
             # check's: the repaired model is checked on the same images (its references already trained); else
             # a scan report's verdict, or the check's own on all the data
@@ -317,8 +319,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
             given = flagged.verdict if isinstance(flagged, ScanReport) else None
             checked_on = train if own and own.get("method") == check.method else dataset
             before = next((v for v in (own, given) if v and v.get("method") == check.method), None) or \
-                verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check, references).to_dict()
-            after = verdict_on(loaded, repaired, checked_on, preprocessing, device, check, references).to_dict()
+                verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check, references, told).to_dict()
+            after = verdict_on(loaded, repaired, checked_on, preprocessing, device, check, references, told).to_dict()
             escalation = None
             if status_of(after) == "may persist" and method.escalates and tuning.epochs:
                 # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
@@ -330,7 +332,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                 more = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
                                  progress=on_epoch, perturb=stronger)
                 candidate, candidate_verification = written_and_verified()
-                tried = verdict_on(loaded, candidate, checked_on, preprocessing, device, check, references).to_dict()
+                tried = verdict_on(loaded, candidate, checked_on, preprocessing, device, check, references,
+                                   told).to_dict()
                 kept = tried["verdict"] == "clean"
                 escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "after": tried,
                               "kept": kept, "accuracy": measure()}

@@ -19,6 +19,7 @@ backdoor the verdict misses on the model as given is also missed after the repai
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import onnx
@@ -54,11 +55,14 @@ def status_of(after: dict, before: dict | None = None) -> str:
 
 
 def verdict_on(loaded: LoadedModel, model: onnx.ModelProto, dataset: Dataset, preprocessing: Preprocessing,
-               device: str, config: VerdictConfig, references: ReferenceCache | None = None) -> Verdict:
+               device: str, config: VerdictConfig, references: ReferenceCache | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> Verdict:
     """``config``'s verdict on ``model`` (``loaded``'s graph with other weights), from ``dataset``'s sample;
-    ``references``: reference networks already trained on that sample (the check's verdicts share them)."""
+    ``references``: reference networks already trained on that sample (the check's verdicts share them);
+    ``progress``: told of the verdict's stages (:class:`~fmt_audit.verdict.VerdictInputs`)."""
     if model is not loaded.proto:
         digest = hashlib.sha256(model.SerializeToString()).hexdigest()
         loaded = replace(loaded, proto=model, sha256=digest)
     sample = dataset.take(config.samples, seed=config.seed)
-    return gather(VerdictInputs(loaded, sample, preprocessing, device, references=references), config)
+    return gather(VerdictInputs(loaded, sample, preprocessing, device, references=references, progress=progress),
+                  config)
