@@ -60,12 +60,14 @@ class ProgressLine:
             self._started, self._base = time.perf_counter(), done
         self._counting = (total, done)
         elapsed = time.perf_counter() - self._started
-        rate = (done - self._base) / elapsed if elapsed > 0 else 0.0
-        left = f"{(total - done) / rate:.0f}" if rate > 0 else "?"     # no rate before the clock's second count
+        rate = (done - self._base) / elapsed if elapsed > 0 and done > self._base else None
+        # no rate before the count's first step; nothing left once it is done
+        left = "0" if done >= total else (f"{(total - done) / rate:.0f}" if rate else "?")
         width = 24
         filled = int(width * done / max(total, 1))
         click.echo(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                   f"{rate:.1f}/s, {left} s left ({step})\x1b[K", err=True, nl=False)
+                   f"{'?' if rate is None else format(rate, '.1f')}/s, {left} s left ({step})\x1b[K", err=True,
+                   nl=False)
 
     def clear(self) -> None:
         """Rub the line out, so that a whole line (an epoch's) can be printed in its place."""

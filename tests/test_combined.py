@@ -149,10 +149,10 @@ def test_the_verdict_tells_its_stages_and_counts_the_trigger_search(monkeypatch)
          progress=lambda step, done, total: seen.append((step, done, total)), verdict=VerdictConfig(samples=96))
     stages = [step for step, _, _ in seen]
     searched = [(done, total) for step, done, total in seen if step == "trigger search"]
-    # 10 classes of 16 images each fit in one chunk of 512 images: the 100 steps once
-    assert searched == [(k, 100) for k in range(1, 101)]
+    # 10 classes of 16 images each fit in one chunk of 512 images: the 100 steps once, from 0
+    assert searched == [(k, 100) for k in range(101)]
     assert stages.index("combined verdict") < stages.index("trigger search") < stages.index("universal ladder")
-    rungs = [step for step in stages if step.startswith("universal ladder (budget ")]
+    rungs = [step for step in stages if step.startswith("universal ladder (the rung at budget ")]
     assert rungs and stages.index("universal ladder") < stages.index(rungs[0])
     assert stages.index(rungs[-1]) < stages.index("reference networks") < stages.index("smooth images")
     after = seen[stages.index("combined verdict"):]     # the channels before it count channels

@@ -97,8 +97,10 @@ def test_the_progress_line_restarts_its_clock_for_a_new_count(capsys, monkeypatc
         now[0] = at
         line("layer", done, 2)
     now[0] = 100.0
-    line("trigger search", 1, 300)                  # a new count: no rate yet
-    assert capsys.readouterr().err.endswith("0.0/s, ? s left (trigger search)")
+    line("trigger search", 0, 300)                  # a new count begins: no rate yet
+    assert capsys.readouterr().err.endswith("?/s, ? s left (trigger search)")
     now[0] = 101.0
-    line("trigger search", 11, 300)                 # 10 steps a second: 29 s left
+    line("trigger search", 10, 300)                 # 10 steps a second: 29 s left
     assert capsys.readouterr().err.endswith("10.0/s, 29 s left (trigger search)")
+    line("trigger search", 300, 300)                # done, whatever the rate
+    assert capsys.readouterr().err.endswith(" 0 s left (trigger search)")

@@ -14,7 +14,7 @@ from fmt_audit.errors import ConfigError, DataError
 from fmt_audit.model.loading import load_model
 from fmt_audit.verdict.combined import mask_ratio, transferred
 from fmt_audit.verdict.config import CleanseConfig, ReferenceConfig, UniversalConfig
-from fmt_audit.verdict.evidence.cleanse import cleanse_test
+from fmt_audit.verdict.evidence.cleanse import cleanse_test, reverse_triggers
 from fmt_audit.verdict.evidence.reference import train_reference
 from fmt_audit.verdict.evidence.transfer import ReferenceCache, trained_references, transfer_to_references
 from fmt_audit.verdict.evidence.universal import universal_ladder, universal_test
@@ -57,6 +57,20 @@ def test_the_badnets_target_needs_a_far_smaller_trigger_found_where_the_patch_is
         mask = triggers.masks[k, 0]
         return float(mask[12:, 12:].sum() / mask.sum())
     assert corner(bad_triggers, bad_class) > 0.25 > 0.1 > corner(clean_triggers, clean_class)
+
+
+def test_the_trigger_search_counts_its_steps_over_every_chunk_of_classes():
+    """Classes fitted a few at a time (here 3, then 3, 3 and 1): the count runs over every chunk's steps, and
+    counting changes no figure."""
+    loaded = load_model(SAMPLES / "badnets_op13.onnx")
+    data = load_npz(DATA).take(64, seed=0)
+    config = CleanseConfig(steps=5, images=4, batch=12)
+    classifier, classes, _ = logit_classifier(loaded.proto, loaded.image_input, Preprocessing(), "cpu", None, "test")
+    told = []
+    counted = reverse_triggers(classifier, data, classes, config, lambda done, total: told.append((done, total)))
+    assert told == [(k, 20) for k in range(21)]
+    plain = reverse_triggers(classifier, data, classes, config)
+    assert counted == plain and np.array_equal(counted.masks, plain.masks)
 
 
 def test_same_seed_same_triggers_and_a_small_set_is_refused():

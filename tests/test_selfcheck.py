@@ -159,7 +159,7 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     assert result.scan is None and report.source == "trace"
     # the removal's verdict counts its trigger search, then the trace; the self-check's verdict its own
     assert stages.index("trigger search") < stages.index("trace") < stages.index("self-check") \
-        < stages.index("self-check: trigger search") < stages.index("self-check: smooth images")
+        < stages.index("self-check (repaired): trigger search") < stages.index("self-check (repaired): smooth images")
     def ordered(channels):
         return {layer: sorted(numbers) for layer, numbers in channels.items()}
 

@@ -162,6 +162,8 @@ def ray_runner(address: str | None = None, workers: int | None = None, chunks_pe
                        for number, part in enumerate(parts)}
             results: dict[int, list[LayerResult]] = {}
             total, done = sum(layer.out_channels for layer in layers), 0
+            if progress:        # the count begins (its clock too), before the first chunk comes back
+                progress(layers[0].name, 0, total)
             try:
                 while pending:
                     finished, _ = ray.wait(list(pending), num_returns=1)

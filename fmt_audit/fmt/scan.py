@@ -365,6 +365,8 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     else:
         total = sum(layer.out_channels for layer in layers)
         done = 0
+        if progress:    # the count begins (its clock too) before the first channel
+            progress(layers[0].name, 0, total)
 
         def advance(name: str, k: int) -> None:
             nonlocal done

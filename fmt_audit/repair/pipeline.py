@@ -218,7 +218,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     the ``combined`` verdict and its trace only, and the unlearning radius calibrated here,
     as for given channels). ``data`` may be ``None`` for the data-free ``clp``. ``progress`` is
     passed to the removal (a scan's channels, the trace's stages, ANP's masks, i-BAU's rounds) and
-    told of the self-check;
+    told of the self-check and its verdicts' stages;
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
     (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, on the same images (the
     training split's sample where the removal ran that verdict itself, ``selection="trace"``; else all the data);
@@ -310,8 +310,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         if check is not None and dataset is not None:
             if progress:
                 progress("self-check", 0, 0)
-            # the check's verdicts tell their stages as the self-check's
-            told = (lambda stage, done, total: progress(f"self-check: {stage}", done, total)) if progress else None
+            def told(which: str):       # each of the check's verdicts tells its stages, under its name
+                return (lambda stage, done, total: progress(f"self-check ({which}): {stage}", done, total)
+                        ) if progress else None
             # the verdict the removal computed here on the training split (trace's evidence), where it is the
             # check's: the repaired model is checked on the same images (its references already trained); else
             # a scan report's verdict, or the check's own on all the data
@@ -319,8 +320,10 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
             given = flagged.verdict if isinstance(flagged, ScanReport) else None
             checked_on = train if own and own.get("method") == check.method else dataset
             before = next((v for v in (own, given) if v and v.get("method") == check.method), None) or \
-                verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check, references, told).to_dict()
-            after = verdict_on(loaded, repaired, checked_on, preprocessing, device, check, references, told).to_dict()
+                verdict_on(loaded, loaded.proto, dataset, preprocessing, device, check, references,
+                           told("model as given")).to_dict()
+            after = verdict_on(loaded, repaired, checked_on, preprocessing, device, check, references,
+                               told("repaired")).to_dict()
             escalation = None
             if status_of(after) == "may persist" and method.escalates and tuning.epochs:
                 # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
@@ -333,7 +336,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                                  progress=on_epoch, perturb=stronger)
                 candidate, candidate_verification = written_and_verified()
                 tried = verdict_on(loaded, candidate, checked_on, preprocessing, device, check, references,
-                                   told).to_dict()
+                                   told("stronger try")).to_dict()
                 kept = tried["verdict"] == "clean"
                 escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "after": tried,
                               "kept": kept, "accuracy": measure()}

@@ -97,8 +97,9 @@ class CombinedMethod(VerdictMethod):
         try:
             tell("universal ladder", 0, 0)
             ladder = universal_ladder(classifier, dataset, classes, universal,
-                                      lambda budget, best: tell(f"universal ladder (budget {budget:.3g}, best class "
-                                                                f"{best:.0%})", 0, 0))
+                                      lambda budget, best: tell(f"universal ladder (the rung at budget {budget:.3g} "
+                                                                f"done: its best class takes {best:.0%} of held-out "
+                                                                "images)", 0, 0))
             tell("reference networks", 0, 0)
             moved = transfer_to_references(ladder, dataset, classes, "cpu", references, universal.seed,
                                            universal.batch, cache=inputs.references)

@@ -79,6 +79,8 @@ def reverse_triggers(classifier: BridgedClassifier, dataset: Dataset, classes: i
     norms, reached = np.ones(classes), np.zeros(classes, bool)
     per_call = max(1, config.batch // config.images)       # classes fitted together
     chunks = range(0, classes, per_call)
+    if progress:
+        progress(0, len(chunks) * config.steps)
     for number, first in enumerate(chunks):
         chunk = list(range(first, min(classes, first + per_call)))
         told = (lambda step, before=number * config.steps: progress(before + step, len(chunks) * config.steps)
