@@ -115,11 +115,11 @@ def _refuse_untraceable(method: str, check, data: str | None) -> None:
     refuse it without that verdict, and with a method that removes no given channels."""
     from fmt_audit.errors import ConfigError
     from fmt_audit.fmt.trace import require_combined
+    from fmt_audit.repair.methods.registry import TAKE_CHANNELS
 
-    if not REPAIR_METHODS[method].takes_channels:
-        takers = ", ".join(name for name, m in REPAIR_METHODS.items() if m.takes_channels)
-        raise ConfigError(f"--selection trace chooses the channels to remove: it goes with --method {takers}, "
-                          f"not {method}")
+    if method not in TAKE_CHANNELS:
+        raise ConfigError(f"--selection trace chooses the channels to remove: it goes with --method "
+                          f"{', '.join(TAKE_CHANNELS)}, not {method}")
     if data:
         require_combined(check)
 

@@ -62,7 +62,7 @@ from fmt_audit.model.loading import LoadedModel, load_model, run_checker
 from fmt_audit.repair.config import RepairConfig
 from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
 from fmt_audit.repair.methods.base import RepairInputs, RepairMethod
-from fmt_audit.repair.methods.registry import METHODS
+from fmt_audit.repair.methods.registry import METHODS, TAKE_CHANNELS
 from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
 from fmt_audit.verdict import VerdictConfig
@@ -236,8 +236,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         raise UnsupportedModelError(f"NaN or Inf in {len(broken)} weight tensor(s) ({', '.join(broken[:3])}); "
                                     "repair refused: fine-tuning cannot be trusted to fix a broken model")
     if flagged is not None and not method.takes_channels:
-        takers = ", ".join(name for name, m in METHODS.items() if m.takes_channels)
-        raise ConfigError(f"given channels to remove (a scan report) go with --method {takers}, not {method.name}")
+        raise ConfigError(f"given channels to remove (a scan report) go with --method {', '.join(TAKE_CHANNELS)}, "
+                          f"not {method.name}")
     if data is None and method.needs_data:
         free = ", ".join(name for name, m in METHODS.items() if not m.needs_data)
         raise ConfigError(f"--method {method.name} needs clean labelled data (--data); only {free} is data-free")

@@ -14,3 +14,5 @@ METHODS: dict[str, RepairMethod] = {method.name: method for method in (FMT, FT, 
 DEFAULT = FMT.name
 # what `compare` runs when the methods are not named
 COMPARED = tuple(name for name, method in METHODS.items() if method.compared)
+# the methods that remove channels the caller chooses (a scan report's, the trace's)
+TAKE_CHANNELS = tuple(name for name, method in METHODS.items() if method.takes_channels)
