@@ -47,6 +47,11 @@ def _read(path: str) -> dict:
 CONFIG_FILE = "fmt_audit.config_file"      # where the file's path is kept in the click context's meta (an input)
 
 
+def config_inputs(ctx: click.Context | None) -> list[str]:
+    """The command's ``--config`` file, as an input no output may overwrite (none without one)."""
+    return [ctx.meta[CONFIG_FILE]] if ctx is not None and CONFIG_FILE in ctx.meta else []
+
+
 def long_names(param: click.Parameter) -> list[str]:
     """The keys a file may give ``param`` under: its long option names without the dashes (``json`` for
     ``--json``, ``output`` for ``-o/--output``, ``unlearn`` for ``--unlearn/--no-unlearn``)."""

@@ -7,7 +7,7 @@ import click
 from click.core import ParameterSource
 
 from . import exit_codes
-from .config_file import CONFIG_FILE
+from .config_file import config_inputs
 from .console import say
 from .options import (
     CACHE,
@@ -103,7 +103,7 @@ def fleet(ctx: click.Context, source: str, data: str | None, out: str, address: 
     result = run_fleet(models, data, out, {k: v for k, v in options.items() if v is not None}, repair=settings,
                        repair_when=repair_when, address=address, workers=workers, gpus_per_task=gpus_per_task,
                        force=force, use_ray=False if sequential else None, on_row=report,
-                       inputs=[source, *([ctx.meta[CONFIG_FILE]] if CONFIG_FILE in ctx.meta else [])],
+                       inputs=[source, *config_inputs(ctx)],
                        reference_cache=cache_folder)
     say(ctx, result.format_text())
     if fail_on_suspicious:     # scan's gate (fmt_audit.report.json_report.attention), and any model that failed

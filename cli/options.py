@@ -22,7 +22,7 @@ from fmt_audit.verdict.registry import CHOICES as VERDICTS
 from fmt_audit.verdict.registry import DEFAULT as DEFAULT_VERDICT
 from fmt_audit.verdict.registry import METHODS as VERDICT_METHODS
 
-from .config_file import CONFIG_FILE, apply_config
+from .config_file import apply_config, config_inputs
 
 STDOUT = "-"
 OTHER = "Other options"
@@ -321,10 +321,8 @@ def check_outputs(inputs: list[str], outputs: dict[str, str | None]) -> None:
     (the ``--config`` file included), in a missing folder, or on another output's file."""
     from fmt_audit.model.outputs import check_output_paths
 
-    context = click.get_current_context(silent=True)
-    config_file = context.meta.get(CONFIG_FILE) if context is not None else None
     check_output_paths({what: path for what, path in outputs.items() if path != STDOUT},
-                       [*inputs, *([config_file] if config_file else [])])
+                       [*inputs, *config_inputs(click.get_current_context(silent=True))])
 
 
 @contextlib.contextmanager

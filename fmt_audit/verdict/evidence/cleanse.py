@@ -79,12 +79,12 @@ def reverse_triggers(classifier: BridgedClassifier, dataset: Dataset, classes: i
     norms, reached = np.ones(classes), np.zeros(classes, bool)
     per_call = max(1, config.batch // config.images)       # classes fitted together
     chunks = range(0, classes, per_call)
+    steps = len(chunks) * config.steps      # every chunk runs the whole search
     if progress:
-        progress(0, len(chunks) * config.steps)
+        progress(0, steps)
     for number, first in enumerate(chunks):
         chunk = list(range(first, min(classes, first + per_call)))
-        told = (lambda step, before=number * config.steps: progress(before + step, len(chunks) * config.steps)
-                ) if progress else None
+        told = (lambda step, before=number * config.steps: progress(before + step, steps)) if progress else None
         kept_masks, kept_patterns = _search(classifier, x, [fit[k] for k in chunk], chunk,
                                             mask_start[chunk].to(device), pattern_start[chunk].to(device), config,
                                             told)
