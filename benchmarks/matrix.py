@@ -714,6 +714,28 @@ def _predict(model: nn.Module, x: np.ndarray, spec: DatasetSpec, norm: str, devi
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
 
+def _checkpoint_path(cell: Cell, config: dict) -> Path | None:
+    return Path(config["checkpoints"]) / f"checkpoint-{cell.name}.pt" if config.get("checkpoints") else None
+
+
+def _read_checkpoint(path: Path | None, cell: Cell, epochs: int, steps_per_epoch: int, log) -> dict | None:
+    """The state a killed run of this cell saved after its last whole epoch, if it trained the same schedule
+    (a session that ends mid-cell loses at most one epoch, not hours); tensors only (weights_only)."""
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if (state.get("cell"), state.get("epochs"), state.get("steps_per_epoch")) != (cell.name, epochs, steps_per_epoch):
+        log(f"{cell.name}: {path.name} is for another schedule; training from the start")
+        return None
+    return state
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    partial = path.with_name(path.name + ".tmp")     # cmd_train removes a stale one
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
 def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tuple[dict, dict[str, np.ndarray]]:
     device = torch.device(config["device"])
     spec = DATASETS[cell.dataset]
@@ -730,7 +752,12 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     lr = MAX_LR[cell.net]
-    for attempt in range(3):
+    checkpoint = _checkpoint_path(cell, config)
+    resumed = _read_checkpoint(checkpoint, cell, epochs, steps_per_epoch, log)
+    first_attempt = 0 if resumed is None else int(resumed["attempt"])
+    if resumed is not None:
+        lr = float(resumed["max_lr"])
+    for attempt in range(first_attempt, 3):
         torch.manual_seed(cell.seed + attempt)
         generator = torch.Generator(device=device).manual_seed(cell.seed + attempt)
         net = build_net(cell.net, cell.dataset)
@@ -739,9 +766,18 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                        pct_start=0.25)
-        train_started = time.time()
+        first_epoch, trained_s = 0, 0.0
+        if resumed is not None and attempt == first_attempt:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["schedule"])
+            generator.set_state(resumed["generator"])
+            torch.set_rng_state(resumed["torch_rng"])
+            first_epoch, trained_s = int(resumed["epoch"]), float(resumed["train_seconds"])
+            log(f"{cell.name}: resumed after epoch {first_epoch}/{epochs} from {checkpoint.name}")
+        train_started = time.time() - trained_s
         diverged = False
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             model.train()
             order = torch.randperm(len(ys), device=device, generator=generator)
             loss_sum = torch.zeros((), device=device)
@@ -771,6 +807,13 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
             if last or (epoch + 1) % max(1, epochs // 4) == 0:
                 log(f"{cell.name} epoch {epoch + 1}/{epochs} loss {train_loss:.3f} acc {train_acc:.3f} "
                     f"({time.time() - train_started:.0f} s)")
+            if checkpoint is not None and not last:
+                _write_checkpoint(checkpoint, {
+                    "cell": cell.name, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "attempt": attempt,
+                    "max_lr": lr, "epoch": epoch + 1, "train_seconds": time.time() - train_started,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state()})
             if time.time() > config["hard_deadline"] and not last:
                 raise BudgetExceeded(f"{cell.name}: past the hard deadline at epoch {epoch + 1}/{epochs}")
         if not diverged:
@@ -779,6 +822,8 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
         lr /= 2
     else:
         raise RuntimeError(f"{cell.name}: diverged three times")
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - train_started
@@ -936,7 +981,8 @@ def cmd_train(args) -> None:
     workers = max(0, args.workers)
     config = {"device": device, "data": str(Path(args.data).resolve()), "smoke": args.smoke,
               "epochs_scale": args.epochs_scale, "hard_deadline": t0 + budget + grace,
-              "threads": args.threads or max(1, (os.cpu_count() or 2) // max(1, workers))}
+              "threads": args.threads or max(1, (os.cpu_count() or 2) // max(1, workers)),
+              "checkpoints": str(out) if args.resume else None}
     log(f"training {len(cells)} cells on {gpu} with {workers or 'no'} worker processes, budget {budget:.0f} s "
         f"(hard stop {budget + grace:.0f} s), torch {torch.__version__}, smoke {args.smoke}")
     report = {"version": 1, "smoke": args.smoke, "device": gpu, "torch": torch.__version__,
@@ -1373,6 +1419,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", help="comma-separated cell names (or parts of names)")
     p.add_argument("--smoke", action="store_true", help="256 images per dataset, one epoch, every cell")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is available")
+    p.add_argument("--resume", action="store_true",
+                   help="save each cell's state in --out after every epoch and go on from it when run again")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per training process (0: the CPU's cores shared among the workers)")
     p.add_argument("--require-cuda", action="store_true", help="stop at once where CUDA is not available")
