@@ -27,31 +27,20 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 from cases import model_paths, normalisation, publish
 
-HEADER = ["model", "runs at once", "same scores", "channels", "layers", "N", "K", "tested", "test s",
-          "extrapolated s", "full s", "extrapolated / full", "verdict s", "verdict stages",
-          "search s (300 steps, scaled)"]
+HEADER = ["model", "channels", "layers", "N", "K", "tested", "test s", "extrapolated s", "full s",
+          "extrapolated / full", "verdict s", "verdict stages", "search s (300 steps, scaled)"]
 
 
-def layer_times(tester, layers, k: int, scores: list | None = None) -> dict[str, float]:
-    """Seconds to test the first ``k`` channels of each layer (all of a smaller layer's); their scores are
-    appended to ``scores``."""
+def layer_times(tester, layers, k: int) -> dict[str, float]:
+    """Seconds to test the first ``k`` channels of each layer (all of a smaller layer's)."""
     times = {}
     for layer in layers:
         started = time.perf_counter()
-        scored = tester.score_layer(layer, list(range(min(k, layer.out_channels))))
+        tester.score_layer(layer, list(range(min(k, layer.out_channels))))
         times[layer.name] = time.perf_counter() - started
-        if scores is not None:
-            scores.append(scored)
     return times
-
-
-def same_scores(first: list, second: list) -> bool:
-    return all(np.array_equal(getattr(a, name), getattr(b, name))
-               for a, b in zip(first, second, strict=True) for name in a.__dataclass_fields__
-               if isinstance(getattr(a, name), np.ndarray))
 
 
 def extrapolate(layers, first: dict[str, float], second: dict[str, float], k1: int, k2: int) -> float:
@@ -77,9 +66,6 @@ def main() -> None:
     parser.add_argument("--search-steps", type=int, default=0,
                         help="time this many of the trigger search's steps and scale them to all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--concurrent-runs", default="",
-                        help="comma-separated: time each (1: one ORT run at a time on every thread, as before "
-                             "the scan ran its batches side by side); the library's choice when not given")
     args = parser.parse_args()
     k1, k2 = (int(v) for v in args.channels.split(","))
 
@@ -102,23 +88,21 @@ def main() -> None:
         dataset = load_data(data_path, loaded.image_input, loaded.num_classes)
         sample = dataset.take(args.samples, seed=args.seed)
         classes = loaded.num_classes or int(dataset.y.max()) + 1
+        masked = MaskedModel(loaded.classifier, "cpu", preprocessing if mean else None)
+        tester = MaskTester(masked, sample.x, sample.y, classes, MaskTestConfig())
         layers = loaded.layers
-        reference: list | None = None
-        for runs in [int(v) for v in args.concurrent_runs.split(",")] if args.concurrent_runs else [None]:
-            masked = MaskedModel(loaded.classifier, "cpu", preprocessing if mean else None)
-            if runs is not None:
-                masked.concurrent_runs = runs
-            tester = MaskTester(masked, sample.x, sample.y, classes, MaskTestConfig())
-            started = time.perf_counter()
-            first = layer_times(tester, layers, k1)
-            scores: list = []
-            second = layer_times(tester, layers, k2, scores)
-            row = measured(label, layers, args, k1, k2, first, second, time.perf_counter() - started)
-            row["runs at once"] = masked.concurrent_runs
-            reference = reference or scores
-            row["same scores"] = same_scores(reference, scores)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        started = time.perf_counter()
+        first = layer_times(tester, layers, k1)
+        second = layer_times(tester, layers, k2)
+        row = {"model": label, "channels": sum(layer.out_channels for layer in layers), "layers": len(layers),
+               "N": args.samples, "K": f"{k1},{k2}",
+               "tested": sum(min(k1, layer.out_channels) + min(k2, layer.out_channels) for layer in layers),
+               "test s": round(time.perf_counter() - started, 1),
+               "extrapolated s": round(extrapolate(layers, first, second, k1, k2), 1),
+               "full s": "–", "extrapolated / full": "–", "verdict s": "–", "verdict stages": "–",
+               "search s (300 steps, scaled)": "–",
+               "per layer": [[layer.name, layer.out_channels, round(first[layer.name], 3), round(second[layer.name], 3)]
+                             for layer in layers]}
         if args.full:
             started = time.perf_counter()
             layer_times(tester, layers, max(layer.out_channels for layer in layers))
@@ -136,24 +120,10 @@ def main() -> None:
             decided = assess(loaded, data_path, VerdictConfig(samples=args.samples), mean, std, "cpu")
             row["verdict s"] = round(time.perf_counter() - started, 1)
             row["verdict stages"] = dict(spent, verdict=decided.verdict)
-        if args.full or args.search_steps or args.verdict:
-            print(json.dumps(row), flush=True)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     threads = os.environ.get("OMP_NUM_THREADS", "all")
-    runs = f"_runs{args.concurrent_runs.replace(',', '-')}" if args.concurrent_runs else ""
-    publish(rows, HEADER, f"scan_extrapolate_{'_'.join(args.models)}_n{args.samples}_threads{threads}{runs}")
-
-
-def measured(label: str, layers, args, k1: int, k2: int, first: dict[str, float], second: dict[str, float],
-             seconds: float) -> dict:
-    """The row of one timing: the channels tested and the whole scan extrapolated."""
-    return {"model": label, "channels": sum(layer.out_channels for layer in layers), "layers": len(layers),
-            "N": args.samples, "K": f"{k1},{k2}",
-            "tested": sum(min(k1, layer.out_channels) + min(k2, layer.out_channels) for layer in layers),
-            "test s": round(seconds, 1), "extrapolated s": round(extrapolate(layers, first, second, k1, k2), 1),
-            "full s": "–", "extrapolated / full": "–", "verdict s": "–", "verdict stages": "–",
-            "search s (300 steps, scaled)": "–",
-            "per layer": [[layer.name, layer.out_channels, round(first[layer.name], 3), round(second[layer.name], 3)]
-                          for layer in layers]}
+    publish(rows, HEADER, f"scan_extrapolate_{'_'.join(args.models)}_n{args.samples}_threads{threads}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 as the whole graph on real exported graphs, the shortcut of a residual block fed from the part run once,
 and the whole graph where a cut disagrees."""
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,6 @@ from conftest import SAMPLES
 from onnx import helper, numpy_helper
 
 from fmt_audit.backends.onnxrt.masked import MaskedModel
-from fmt_audit.backends.onnxrt.session import thread_budget
 from fmt_audit.backends.onnxrt.suffix import LayerSuffix
 from fmt_audit.model.loading import load_model
 
@@ -150,41 +147,3 @@ def test_the_scan_report_names_the_layers_that_ran_the_whole_graph():
     assert whole.config["whole_graph_layers"] == [layer.name for layer in whole.layers]
     assert cut.flagged == whole.flagged
     assert [layer.shift for layer in cut.layers] == [layer.shift for layer in whole.layers]
-
-
-def test_the_cut_batches_side_by_side_predict_what_one_at_a_time_does(monkeypatch):
-    """On a CPU the cut's batches run on several threads at once (one ORT thread each): the same predictions
-    as one batch at a time, at the first and the last layer."""
-    loaded = load_model(SAMPLES / "badnets_op13.onnx")
-    x = _images(loaded, 6)
-    threads_seen: set[int] = set()
-    scores = LayerSuffix.scores
-
-    def spied(self, *args, **kwargs):
-        threads_seen.add(threading.get_ident())
-        time.sleep(0.02)        # a run long enough that the next batch starts on another thread
-        return scores(self, *args, **kwargs)
-
-    monkeypatch.setattr(LayerSuffix, "scores", spied)
-    one_at_a_time = MaskedModel(loaded.classifier, "cpu", batch_size=4)
-    one_at_a_time.concurrent_runs = 1
-    side_by_side = MaskedModel(loaded.classifier, "cpu", batch_size=4)
-    side_by_side.concurrent_runs = 3
-    for layer in (loaded.layers[0], loaded.layers[-1]):
-        mask = _settings(layer, 4, len(x), seed=len(layer.name))
-        threads_seen.clear()
-        expected = one_at_a_time.replicated_predictions(layer.name, x, mask)
-        assert len(threads_seen) == 1
-        threads_seen.clear()
-        got = side_by_side.replicated_predictions(layer.name, x, mask)
-        assert side_by_side.cuts[layer.name] and len(threads_seen) > 1
-        np.testing.assert_array_equal(got, expected)
-
-
-def test_the_thread_budget_is_the_one_given_else_the_environment_else_the_cpus(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert thread_budget(5) == 5 and thread_budget() == 3
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert thread_budget() >= 1
-    model = MaskedModel(load_model(SAMPLES / "badnets_op13.onnx").classifier, "cpu", threads=2)
-    assert model.concurrent_runs == 2

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 
 from fmt_audit.backends.onnxrt.instrument import feature_output_name, instrument, mask_input_name
-from fmt_audit.backends.onnxrt.session import Session, create_session, thread_budget, with_free_batch
+from fmt_audit.backends.onnxrt.session import Session, create_session, with_free_batch
 from fmt_audit.data import Preprocessing
 from fmt_audit.errors import first_line
 from fmt_audit.model.graph import (
@@ -52,11 +51,6 @@ class MaskedModel:
         self.threads = threads
         self._cut = self._graph = None
         self.cut_memory = cut_memory        # bytes the cut may keep of one layer's feature maps; None: no limit
-        # On a CPU the cut's batches run side by side, one thread each, rather than one at a time on every
-        # thread: after a late layer the rest of the graph is a few small ops on small maps, where ORT's
-        # threads (not spinning: session.py) spend more time waking than working (MobileNetV2's scan: 1.3x
-        # faster). Each batch's scores are its own, so the scores do not change.
-        self.concurrent_runs = 1 if self.device == "cuda" else thread_budget(threads)
         self.cuts: dict[str, bool] = {}     # per layer tested: whether its cut graph ran (else the whole)
         self.logits_name = named.graph.output[0].name
         self.batch_size = batch_size if self.image.batch is None else self.image.batch
@@ -139,8 +133,7 @@ class MaskedModel:
             if self._graph is None:
                 self._graph = LayerSuffix.typed_graph(self.instrumented)
             suffix = LayerSuffix(self._graph, self.instrumented, layer, self.image.name, self.logits_name,
-                                 self.device, self.threads,
-                                 suffix_threads=1 if self.concurrent_runs > 1 else self.threads)
+                                 self.device, self.threads)
             parts: dict[str, list[np.ndarray]] = {}
             for part in self.batches(x):
                 values = suffix.boundary_values(self._feeds(x[part]))
@@ -172,17 +165,12 @@ class MaskedModel:
         """Class scores through ``cut`` of the images ``rows`` (indices into the cut's images; replica-major
         copies repeat them), row k with row k of ``mask``."""
         suffix, boundary, feeds = cut
-
-        def batch(start: int) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), self.batch_size):
             part = rows[start:start + self.batch_size]
-            return suffix.scores({name: value[part] for name, value in boundary.items()}, feeds,
-                                 mask[start:start + self.batch_size])
-
-        starts = range(0, len(rows), self.batch_size)
-        if self.concurrent_runs == 1 or len(starts) == 1:
-            return np.concatenate([batch(start) for start in starts])
-        with ThreadPoolExecutor(min(self.concurrent_runs, len(starts))) as pool:    # ORT lets go of the GIL
-            return np.concatenate(list(pool.map(batch, starts)))
+            out.append(suffix.scores({name: value[part] for name, value in boundary.items()}, feeds,
+                                     mask[start:start + self.batch_size]))
+        return np.concatenate(out)
 
     def batches(self, x: np.ndarray) -> Iterator[slice]:
         for start in range(0, len(x), self.batch_size):

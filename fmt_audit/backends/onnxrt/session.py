@@ -79,19 +79,6 @@ def _threads_from_environment() -> int | None:
     return value if value > 0 else None
 
 
-def thread_budget(threads: int | None = None) -> int:
-    """The CPU threads ORT may use: ``threads``, else ``OMP_NUM_THREADS``, else the CPUs this process may run on."""
-    if threads:
-        return threads
-    given = _threads_from_environment()
-    if given:
-        return given
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:      # no sched_getaffinity (macOS, Windows)
-        return max(1, os.cpu_count() or 1)
-
-
 def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None,
                    quiet: bool = False) -> Session:
     """An ORT session for ``model`` on ``device`` (``auto`` | ``cpu`` | ``cuda``).

@@ -49,7 +49,7 @@ class LayerSuffix:
         return gs.import_onnx(_with_types(instrumented))
 
     def __init__(self, graph, instrumented: onnx.ModelProto, layer: str, image_name: str, logits_name: str,
-                 device: str = "auto", threads: int | None = None, suffix_threads: int | None = None):
+                 device: str = "auto", threads: int | None = None):
         self.layer = layer
         mul = next((node for node in graph.nodes if node.name == MUL_PREFIX + layer), None)
         if mul is None:
@@ -84,8 +84,7 @@ class LayerSuffix:
         part.inputs = inputs
         part.outputs = [kept[logits_name]]
         part.cleanup(remove_unused_graph_inputs=True).toposort()
-        self.suffix: Session = create_session(_export(part, instrumented), device, suffix_threads or threads,
-                                              quiet=True)
+        self.suffix: Session = create_session(_export(part, instrumented), device, threads, quiet=True)
         self.mask_name = mask_input_name(layer)
         self.image_name = image_name
         self.logits_name = logits_name
