@@ -718,14 +718,30 @@ def _checkpoint_path(cell: Cell, config: dict) -> Path | None:
     return Path(config["checkpoints"]) / f"checkpoint-{cell.name}.pt" if config.get("checkpoints") else None
 
 
-def _read_checkpoint(path: Path | None, cell: Cell, epochs: int, steps_per_epoch: int, log) -> dict | None:
+class CheckpointError(Exception):
+    pass
+
+
+def _checkpoint_key(cell: Cell, epochs: int, steps_per_epoch: int, device: torch.device) -> list:
+    return [cell.name, epochs, steps_per_epoch, device.type, str(torch.__version__)]   # plain str: weights_only
+
+
+def _read_checkpoint(path: Path | None, key: list, log) -> dict | None:
     """The state a killed run of this cell saved after its last whole epoch, if it trained the same schedule
-    (a session that ends mid-cell loses at most one epoch, not hours); tensors only (weights_only)."""
+    on the same kind of device and torch (a session that ends mid-cell loses at most one epoch, not hours);
+    tensors only (weights_only). One that cannot be read or is for another run is removed."""
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if (state.get("cell"), state.get("epochs"), state.get("steps_per_epoch")) != (cell.name, epochs, steps_per_epoch):
-        log(f"{cell.name}: {path.name} is for another schedule; training from the start")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # the first version's checkpoints (2026-12-05, CPU runs only) carried the schedule without a key
+        found = state.get("key", [state.get("cell"), state.get("epochs"), state.get("steps_per_epoch"), "cpu",
+                                  str(torch.__version__)])
+        if found != key:
+            raise CheckpointError(f"it is for another run ({found}, not {key})")
+    except Exception as error:
+        log(f"{key[0]}: {path.name} not used ({str(error).strip().splitlines()[0][:200]}); training from the start")
+        path.unlink(missing_ok=True)
         return None
     return state
 
@@ -753,7 +769,8 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     lr = MAX_LR[cell.net]
     checkpoint = _checkpoint_path(cell, config)
-    resumed = _read_checkpoint(checkpoint, cell, epochs, steps_per_epoch, log)
+    key = _checkpoint_key(cell, epochs, steps_per_epoch, device)
+    resumed = _read_checkpoint(checkpoint, key, log)
     first_attempt = 0 if resumed is None else int(resumed["attempt"])
     if resumed is not None:
         lr = float(resumed["max_lr"])
@@ -768,11 +785,17 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
                                                        pct_start=0.25)
         first_epoch, trained_s = 0, 0.0
         if resumed is not None and attempt == first_attempt:
-            model.load_state_dict(resumed["model"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            schedule.load_state_dict(resumed["schedule"])
-            generator.set_state(resumed["generator"])
-            torch.set_rng_state(resumed["torch_rng"])
+            try:
+                model.load_state_dict(resumed["model"])
+                optimizer.load_state_dict(resumed["optimizer"])
+                schedule.load_state_dict(resumed["schedule"])
+                generator.set_state(resumed["generator"])
+                torch.set_rng_state(resumed["torch_rng"])
+            except Exception as error:      # half restored: start the cell again without it
+                log(f"{cell.name}: {checkpoint.name} cannot be restored ({str(error).strip().splitlines()[0][:200]})"
+                    "; training from the start")
+                checkpoint.unlink(missing_ok=True)
+                return train_cell(cell, data, config, log)
             first_epoch, trained_s = int(resumed["epoch"]), float(resumed["train_seconds"])
             log(f"{cell.name}: resumed after epoch {first_epoch}/{epochs} from {checkpoint.name}")
         train_started = time.time() - trained_s
@@ -809,7 +832,7 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
                     f"({time.time() - train_started:.0f} s)")
             if checkpoint is not None and not last:
                 _write_checkpoint(checkpoint, {
-                    "cell": cell.name, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "attempt": attempt,
+                    "key": key, "attempt": attempt,
                     "max_lr": lr, "epoch": epoch + 1, "train_seconds": time.time() - train_started,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "generator": generator.get_state(),
@@ -822,8 +845,6 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
         lr /= 2
     else:
         raise RuntimeError(f"{cell.name}: diverged three times")
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - train_started
@@ -834,7 +855,9 @@ def train_cell(cell: Cell, data: dict[str, np.ndarray], config: dict, log) -> tu
               "eval_acc": round(eval_acc, 4), "eval_images": len(data["y_eval"]),
               "seconds": round(time.time() - started, 1), "train_seconds": round(train_s, 1),
               "prep_seconds": round(prep_s, 1), "step_seconds": round(train_s / max(1, epochs * steps_per_epoch), 5),
-              "trigger_signature": trigger_signature(cell.attack, data["x_train"][:8])}
+              "trigger_signature": trigger_signature(cell.attack, data["x_train"][:8]),
+              # "seconds" is this run's; "train_seconds" counts the epochs of the run it went on from too
+              "resumed_after_epoch": 0 if resumed is None else int(resumed["epoch"])}
     if x_eval_triggered is not None:
         hits = _predict(model, x_eval_triggered, spec, cell.norm, device) == TARGET
         result["eval_asr"] = round(float(hits.mean()), 4)
@@ -958,8 +981,11 @@ def cmd_train(args) -> None:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("weights-*.npz"), *out.glob("*.tmp"), out / "train.json"]:   # an earlier run's
-        stale.unlink(missing_ok=True)
+    stale = [*out.glob("weights-*.npz"), *out.glob("*.tmp"), out / "train.json"]       # an earlier run's
+    if not args.resume:     # a killed run's epochs, which a later --resume must not mix into a retrained cell
+        stale += out.glob("checkpoint-*.pt")
+    for path in stale:
+        path.unlink(missing_ok=True)
     cells = select(args.only)
     if args.require_cuda and not torch.cuda.is_available():
         sys.exit("CUDA is not available (--require-cuda)")
@@ -1033,6 +1059,7 @@ def cmd_train(args) -> None:
         if where is None:
             entry["reason"] = "its weights did not fit the shards"
         entries[cell.name] = entry
+        (out / f"checkpoint-{cell.name}.pt").unlink(missing_ok=True)    # only now: a kill before it goes on
         if result["steps"]:
             steps_s = result["train_seconds"] / result["steps"]
             measured[cell.net] = max(steps_s, 0.5 * measured.get(cell.net, steps_s) + 0.5 * steps_s)
@@ -1420,7 +1447,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="256 images per dataset, one epoch, every cell")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is available")
     p.add_argument("--resume", action="store_true",
-                   help="save each cell's state in --out after every epoch and go on from it when run again")
+                   help="save each cell's state in --out after every epoch; run again, a cell killed in training "
+                        "goes on from its last whole epoch (cells already trained are trained again)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per training process (0: the CPU's cores shared among the workers)")
     p.add_argument("--require-cuda", action="store_true", help="stop at once where CUDA is not available")

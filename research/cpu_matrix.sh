@@ -2,7 +2,8 @@
 # Retrain matrix cells on the CPU where the GPU-trained weights are not in the cache (a new machine), one
 # cell at a time, each exported as soon as it is trained; facts.json says `trained_on: cpu` and research
 # rows label such a cell "(cpu)". Resumable: an exported cell is skipped, and a cell killed in training goes on
-# from its last whole epoch (--resume; bit-identical to an unbroken run). One thread unless THREADS is set.
+# from its last whole epoch (--resume; on the CPU bit-identical to an unbroken run); a trained cell whose
+# export did not finish is exported without training it again. One thread unless THREADS is set.
 # Measured CPU minutes per cell (one thread, 2026-12-05): MNIST LeNet 0.3, MNIST plain CNN 5, GTSRB
 # PreAct quarter 9, CIFAR-10 plain CNN 22, VGG 38, PreAct quarter 53, MobileNetV2 166 (estimates from
 # timed steps except the MNIST cells).
@@ -19,7 +20,11 @@ for cell in "$@"; do
   if [ -f "${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/matrix/$cell/facts.json" ]; then
     echo "$cell: exported already"; continue
   fi
-  python matrix.py train --out "$out/$cell" --workers 0 --threads "${THREADS:-1}" --cpu --budget-s 100000 --resume \
-    --only "$cell" || continue
+  # trained, but the export did not finish: export only (train would start by removing the weights)
+  if ! python -c "import json, sys; sys.exit(not any(c['name'] == '$cell' and c['status'] == 'done'
+      for c in json.load(open('$out/$cell/train.json'))['cells']))" 2> /dev/null; then
+    python matrix.py train --out "$out/$cell" --workers 0 --threads "${THREADS:-1}" --cpu --budget-s 100000 --resume \
+      --only "$cell" || continue
+  fi
   python matrix.py export --weights "$out/$cell" --only "$cell" --results results/matrix_cpu.json
 done
