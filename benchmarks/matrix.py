@@ -17,6 +17,8 @@ Steps (``python benchmarks/matrix.py list`` prints the cells):
 
     python benchmarks/matrix.py pack                      # .gpudata/: the training images, compressed
     python3 benchmarks/matrix.py train --out $OUT --workers 4 --budget-s 480 --require-cuda   # on the GPU
+    python benchmarks/matrix.py train --out $OUT --workers 0 --cpu --resume --only CELL   # or here, a cell at a
+                                                          # time: a killed run goes on from its last epoch
     python benchmarks/matrix.py export --weights DIR      # here: ONNX, test data and facts per cell
 
 ``train`` needs only numpy and torch (it runs where fmt_audit is not installed);
@@ -718,10 +720,6 @@ def _checkpoint_path(cell: Cell, config: dict) -> Path | None:
     return Path(config["checkpoints"]) / f"checkpoint-{cell.name}.pt" if config.get("checkpoints") else None
 
 
-class CheckpointError(Exception):
-    pass
-
-
 def _checkpoint_key(cell: Cell, epochs: int, steps_per_epoch: int, device: torch.device) -> list:
     return [cell.name, epochs, steps_per_epoch, device.type, str(torch.__version__)]   # plain str: weights_only
 
@@ -738,7 +736,7 @@ def _read_checkpoint(path: Path | None, key: list, log) -> dict | None:
         found = state.get("key", [state.get("cell"), state.get("epochs"), state.get("steps_per_epoch"), "cpu",
                                   str(torch.__version__)])
         if found != key:
-            raise CheckpointError(f"it is for another run ({found}, not {key})")
+            raise ValueError(f"it is for another run ({found}, not {key})")
     except Exception as error:
         log(f"{key[0]}: {path.name} not used ({str(error).strip().splitlines()[0][:200]}); training from the start")
         path.unlink(missing_ok=True)
