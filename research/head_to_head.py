@@ -21,6 +21,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from default_rule import TOOK  # the same reading of "the attack took" as pass 1's rule
 from trace_repair_table import latest_rows
 
 # the cells of the pre-registration, in the order research/cpu_queue.sh runs them; the GPU-only ones join
@@ -31,7 +32,6 @@ GPU_ONLY = ("cifar10-preact18-badnets-p10", "cifar10-mobilenetv2-issba-p10", "ci
 REPORTED = ("gtsrb-preact18q-wanet-p10",)       # shown, never counted (its attack did not take: 78.1%)
 TRACE, DEFAULT, TUNED = "trace + unlearning", "default + unlearning", "fine-tuning only"
 METHODS = (TRACE, DEFAULT, TUNED)
-TOOK = 0.90             # ASR as given from which an attack took
 AT_LEAST = 4            # counted cells the decision needs
 WORSE_ON_A_CELL = 0.05  # (b): ASR points above the default's on any one cell
 ACC_MARGIN = 0.01       # (c): mean ACC change points below the default's
