@@ -39,11 +39,24 @@ def matrix_label(facts: dict) -> str:
     return f"matrix {facts['name']}" + (" (cpu)" if facts.get("trained_on") == "cpu" else "")
 
 
+def replica_of(part: str) -> tuple[str, int]:
+    """``(name, replica)``: ``cifar10-vgg-badnets-p10-r1`` is replica 1 of ``cifar10-vgg-badnets-p10`` (the same
+    cell trained again from other seeds, benchmarks/matrix.py); without ``-rN``, replica 0."""
+    base, dash, number = part.rpartition("-r")
+    return (base, int(number)) if dash and base and number.isdigit() and int(number) > 0 else (part, 0)
+
+
 def matrix_folders(name: str) -> list[Path]:
     """The exported matrix cells (benchmarks/matrix.py) that ``name`` (``matrix:PART[,PART...]``) names:
-    every cell whose name contains one of the parts."""
-    parts = name.removeprefix("matrix:").split(",")
-    found = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists() and any(p in f.name for p in parts))
+    every cell whose name contains one of the parts, of the replica the part names (a part without ``-rN``
+    never takes a replica: rows of new models must be asked for)."""
+    parts = [replica_of(p) for p in name.removeprefix("matrix:").split(",")]
+
+    def named(folder: Path) -> bool:
+        base, replica = replica_of(folder.name)
+        return any(part in base and replica == want for part, want in parts)
+
+    found = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists() and named(f))
     if not found:
         raise SystemExit(f"no exported matrix cell matches {name!r} under {MATRIX} "
                          "(python benchmarks/matrix.py export)")

@@ -41,13 +41,14 @@ import sys
 import time
 import traceback
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cases import replica_of  # numpy only: matrix.py still runs without fmt_audit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -583,11 +584,12 @@ class Cell:
     norm: str = "inside"        # inside: the model's first module normalises; outside: the user does
     exporter: str = "legacy"    # legacy: torch.onnx.export(dynamo=False), opset 13; dynamo: opset 18
     bn: str = "kept"            # folded: BN after a Conv folded into it before export; kept: left in the graph
+    replica: int = 0            # > 0: the same cell trained again from other seeds (its name ends -rN)
 
     @property
     def name(self) -> str:
         suffix = "" if self.attack == "clean" else f"-p{round(self.rate * 100):02d}"
-        return f"{self.dataset}-{self.net}-{self.attack}{suffix}"
+        return f"{self.dataset}-{self.net}-{self.attack}{suffix}" + (f"-r{self.replica}" if self.replica else "")
 
     @property
     def seed(self) -> int:
@@ -635,14 +637,18 @@ def epochs_for(cell: Cell, scale: float = 1.0) -> int:
 
 
 def select(only: str | None) -> list[Cell]:
+    """The cells ``only`` names (comma-separated parts of names; all cells where empty). A part ending ``-rN``
+    selects replica N of the cells its rest names: new models of those cells (other initialisation, poisoned
+    images and batch order, as every seed comes from the name), for measuring a method that was developed
+    after the first models were seen (docs/research/removal-matrix.md)."""
     if not only:
         return list(CELLS)
-    names = [n.strip() for n in only.split(",") if n.strip()]
-    by_name = {c.name: c for c in CELLS}
-    unknown = [n for n in names if n not in by_name and not any(n in c.name for c in CELLS)]
+    parts = [replica_of(n.strip()) for n in only.split(",") if n.strip()]
+    unknown = [base + (f"-r{r}" if r else "") for base, r in parts if not any(base in c.name for c in CELLS)]
     if unknown:
         sys.exit(f"no cell matches {', '.join(unknown)} (python benchmarks/matrix.py list)")
-    return [c for c in CELLS if c.name in names or any(n in c.name for n in names)]
+    return [replace(c, replica=r) for r in sorted({r for _, r in parts}) for c in CELLS
+            if any(base in c.name and r == want for base, want in parts)]
 
 
 _SIZES: dict[tuple[str, str], tuple[int, int, int]] = {}

@@ -1,6 +1,8 @@
-"""Issue 31: ``trace + unlearning`` against today's default repair (``default + unlearning``), head to head on
-held-out cells, as pre-registered in docs/research/set-selection.md ("Trace + unlearning against today's
-default, head to head").
+"""Issue 31: pre-registered head-to-heads of two repairs on cells neither has seen. ``--study default`` (the
+text below): ``trace + unlearning`` against today's default repair (``default + unlearning``), as registered
+in docs/research/set-selection.md ("Trace + unlearning against today's default, head to head"). ``--study
+stamp``: ``trace + stamp unlearning`` against ``trace + unlearning`` on replica cells, the same rule with at
+least 5 counted (docs/research/repair-stamp-unlearning.md).
 
 A listed cell is *in* when it has its three rows (``trace + unlearning``, ``default + unlearning``,
 ``fine-tuning only``); it counts when its attack took as given (ASR >= 90% on the ``none`` row). Over the
@@ -19,22 +21,54 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from default_rule import TOOK  # the same reading of "the attack took" as pass 1's rule
 from trace_repair_table import latest_rows
 
-# the cells of the pre-registration, in the order research/cpu_queue.sh runs them; the GPU-only ones join
-# only if a GPU trains them before the decision
-CELLS = ("cifar10-plaincnn-lowfreq-p10", "cifar10-vgg-badnets-p01", "cifar10-preact18q-badnets-p05",
-         "cifar10-preact18q-inputaware-p10", "cifar10-preact18q-badnets-p01", "cifar10-preact18q-blended-p01")
-GPU_ONLY = ("cifar10-preact18-badnets-p10", "cifar10-mobilenetv2-issba-p10", "cifar10-mobilenetv2-sig-p10")
-REPORTED = ("gtsrb-preact18q-wanet-p10",)       # shown, never counted (its attack did not take: 78.1%)
-TRACE, DEFAULT, TUNED = "trace + unlearning", "default + unlearning", "fine-tuning only"
-METHODS = (TRACE, DEFAULT, TUNED)
-AT_LEAST = 4            # counted cells the decision needs
-WORSE_ON_A_CELL = 0.05  # (b): ASR points above the default's on any one cell
-ACC_MARGIN = 0.01       # (c): mean ACC change points below the default's
+
+@dataclass(frozen=True)
+class Study:
+    """A pre-registered head-to-head: ``candidate`` against ``incumbent`` (``reference`` shown beside them) on
+    ``cells``; ``gpu_only`` cells join once they have a row, ``reported`` ones are shown, never counted."""
+
+    cells: tuple[str, ...]
+    candidate: str
+    incumbent: str
+    reference: str = "fine-tuning only"
+    gpu_only: tuple[str, ...] = ()
+    reported: tuple[str, ...] = ()
+    at_least: int = 4               # counted cells the decision needs
+    wins: str = "becomes the default"
+    loses: str = "does not become the default"
+    stays: str = "the default stays"
+
+    @property
+    def methods(self) -> tuple[str, str, str]:
+        return self.candidate, self.incumbent, self.reference
+
+
+STUDIES = {
+    # docs/research/set-selection.md, "Trace + unlearning against today's default, head to head"; the cells in
+    # the order research/cpu_queue.sh runs them; the GPU-only ones join only if a GPU trains them in time
+    "default": Study(
+        cells=("cifar10-plaincnn-lowfreq-p10", "cifar10-vgg-badnets-p01", "cifar10-preact18q-badnets-p05",
+               "cifar10-preact18q-inputaware-p10", "cifar10-preact18q-badnets-p01", "cifar10-preact18q-blended-p01"),
+        candidate="trace + unlearning", incumbent="default + unlearning",
+        gpu_only=("cifar10-preact18-badnets-p10", "cifar10-mobilenetv2-issba-p10", "cifar10-mobilenetv2-sig-p10"),
+        reported=("gtsrb-preact18q-wanet-p10",)),       # its attack did not take: 78.1%
+    # docs/research/repair-stamp-unlearning.md: new models (replica 1) of the cells, never seen by any method
+    "stamp": Study(
+        cells=("cifar10-plaincnn-badnets-p10-r1", "cifar10-plaincnn-lowfreq-p10-r1",
+               "cifar10-plaincnn-inputaware-p10-r1", "mnist-plaincnn-badnets-p10-r1", "mnist-lenet-badnets-p10-r1",
+               "mnist-lenet-blended-p10-r1", "mnist-lenet-wanet-p10-r1", "gtsrb-preact18q-badnets-p10-r1"),
+        candidate="trace + stamp unlearning", incumbent="trace + unlearning", at_least=5,
+        wins="replaces trace + unlearning as the candidate", loses="is not pursued",
+        stays="trace + unlearning stays the candidate"),
+}
+WORSE_ON_A_CELL = 0.05  # (b): ASR points above the incumbent's on any one cell
+ACC_MARGIN = 0.01       # (c): mean ACC change points below the incumbent's
 
 
 def name(cell: str) -> str:
@@ -42,28 +76,30 @@ def name(cell: str) -> str:
     return cell.removeprefix("matrix ").removesuffix(" (cpu)")
 
 
-def decide(cells: dict[str, dict[str, dict]]) -> list[str]:
+def decide(cells: dict[str, dict[str, dict]], study: Study = STUDIES["default"]) -> list[str]:
     """The rule's lines over ``cells`` (label -> method -> row), as printed."""
-    listed = {cell: rows for cell, rows in cells.items() if name(cell) in CELLS + GPU_ONLY + REPORTED}
-    inside = {cell: rows for cell, rows in listed.items() if all(m in rows for m in METHODS)}
-    lines = ["| cell | ASR as given | trace + unlearning ACC / ASR | default + unlearning ACC / ASR | "
-             "fine-tuning only ACC / ASR | counted |", "|---|---|---|---|---|---|"]
+    candidate, incumbent, _ = methods = study.methods
+    listed = {cell: rows for cell, rows in cells.items()
+              if name(cell) in study.cells + study.gpu_only + study.reported}
+    inside = {cell: rows for cell, rows in listed.items() if all(m in rows for m in methods)}
+    lines = ["| cell | ASR as given | " + " | ".join(f"{m} ACC / ASR" for m in methods) + " | counted |",
+             "|---|---|---|---|---|---|"]
     counted = {}
     for cell, rows in sorted(inside.items()):
         given = rows.get("none", {}).get("ASR")
-        took = given is not None and given >= TOOK and name(cell) not in REPORTED
+        took = given is not None and given >= TOOK and name(cell) not in study.reported
         if took:
             counted[cell] = rows
-        shown = " | ".join(f"{100 * rows[m]['ACC']:.1f} / {100 * rows[m]['ASR']:.1f}%" for m in METHODS)
+        shown = " | ".join(f"{100 * rows[m]['ACC']:.1f} / {100 * rows[m]['ASR']:.1f}%" for m in methods)
         lines.append(f"| {cell} | {'?' if given is None else f'{100 * given:.1f}%'} | {shown} | "
                      f"{'yes' if took else 'no (attack did not take)'} |")
     # every CPU cell until it is in; a GPU-only cell once it has a row (it joins if trained before the decision)
-    waiting = [c for c in CELLS if not any(name(cell) == c for cell in inside)]
-    waiting += [name(cell) for cell in listed if name(cell) in GPU_ONLY and cell not in inside]
+    waiting = [c for c in study.cells if not any(name(cell) == c for cell in inside)]
+    waiting += [name(cell) for cell in listed if name(cell) in study.gpu_only and cell not in inside]
     lines.append(f"\n{len(inside)} cells in, {len(counted)} counted; waiting for: {', '.join(waiting) or 'none'}")
+    undecidable = f"\ncannot be decided: every cell is in and fewer than {study.at_least} count; {study.stays}"
     if not counted:
-        lines.append("\nnot decided yet" if waiting else
-                     f"\ncannot be decided: every cell is in and fewer than {AT_LEAST} count; the default stays")
+        lines.append("\nnot decided yet" if waiting else undecidable)
         return lines
 
     def asr(method: str) -> list[float]:
@@ -73,38 +109,41 @@ def decide(cells: dict[str, dict[str, dict]]) -> list[str]:
         return [rows[method]["ACC"] - rows["none"]["ACC"] for rows in counted.values()]
 
     # rounded: rows hold four decimals, and 0.0821 - 0.0321 must be 5 points, not 5.000000000000001
-    worst = round(max(t - d for t, d in zip(asr(TRACE), asr(DEFAULT))), 9)
-    gap = round(statistics.mean(change(TRACE)) - statistics.mean(change(DEFAULT)), 9)
+    worst = round(max(t - d for t, d in zip(asr(candidate), asr(incumbent))), 9)
+    gap = round(statistics.mean(change(candidate)) - statistics.mean(change(incumbent)), 9)
+    mean_asr = {method: statistics.mean(asr(method)) for method in methods}
     checks = {
-        f"(a) mean ASR {100 * statistics.mean(asr(TRACE)):.2f}% below default + unlearning's "
-        f"{100 * statistics.mean(asr(DEFAULT)):.2f}%": statistics.mean(asr(TRACE)) < statistics.mean(asr(DEFAULT)),
+        f"(a) mean ASR {100 * mean_asr[candidate]:.2f}% below {incumbent}'s {100 * mean_asr[incumbent]:.2f}%":
+        mean_asr[candidate] < mean_asr[incumbent],
         f"(b) at most {100 * WORSE_ON_A_CELL:g} points above it on every cell (largest: {100 * worst:+.1f})":
         worst <= WORSE_ON_A_CELL,
-        f"(c) mean ACC change {100 * statistics.mean(change(TRACE)):+.2f} at most {100 * ACC_MARGIN:g} point below "
-        f"its {100 * statistics.mean(change(DEFAULT)):+.2f}": gap >= -ACC_MARGIN}
+        f"(c) mean ACC change {100 * statistics.mean(change(candidate)):+.2f} at most {100 * ACC_MARGIN:g} point "
+        f"below its {100 * statistics.mean(change(incumbent)):+.2f}": gap >= -ACC_MARGIN}
     lines += [f"- {text}: {'met' if held else 'NOT met'}" for text, held in checks.items()]
-    for method in METHODS:
+    for method in methods:
         values = asr(method)
         lines.append(f"- against the issue's targets, {method}: mean ASR {100 * statistics.mean(values):.2f}% "
                      f"(<= 3%: {'yes' if statistics.mean(values) <= 0.03 else 'no'}), largest "
                      f"{100 * max(values):.2f}% (<= 10%: {'yes' if max(values) <= 0.10 else 'no'})")
     if worst > WORSE_ON_A_CELL:     # a counted row is final: no later cell can undo (b)
-        lines.append("\nsettled: (b) can no longer be met, trace + unlearning does not become the default")
+        lines.append(f"\nsettled: (b) can no longer be met, {candidate} {study.loses}")
     elif waiting:
         lines.append("\nnot decided yet")
-    elif len(counted) < AT_LEAST:
-        lines.append(f"\ncannot be decided: every cell is in and fewer than {AT_LEAST} count; the default stays")
+    elif len(counted) < study.at_least:
+        lines.append(undecidable)
     else:
-        lines.append(f"\ndecided: trace + unlearning {'becomes' if all(checks.values()) else 'does not become'} "
-                     "the default")
+        lines.append(f"\ndecided: {candidate} {study.wins if all(checks.values()) else study.loses}")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", type=Path)
+    parser.add_argument("--study", choices=sorted(STUDIES), default="default",
+                        help="default: trace + unlearning against today's default (set-selection.md); stamp: "
+                             "trace + stamp unlearning against trace + unlearning (repair-stamp-unlearning.md)")
     args = parser.parse_args()
-    print("\n".join(decide(latest_rows(args.rows))))
+    print("\n".join(decide(latest_rows(args.rows), STUDIES[args.study])))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * ``unlearning only`` and ``fine-tuning only`` (no channel removed);
 * ``default + unlearning``: today's default repair (the per-channel scan at N = 256, then unlearning);
 * ``i-BAU`` and ``ANP``: ``repair --method ibau|anp`` at their references' defaults (no fine-tuning);
+* ``trace + stamp unlearning`` (pre-registered in docs/research/repair-stamp-unlearning.md): ``trace +
+  unlearning`` with half of the unlearning copies the clean images stamped with one of the trace's reversed
+  triggers (true labels) instead of feature-map perturbations;
 * ``staged`` (pre-registered in docs/research/set-selection.md, "Staged repair"): nothing when the verdict
   is not suspicious; else remove the traced channels, run the verdict again on the cut model (same images,
   seed), keep the cut when it is clean and cost at most 2 points of holdout accuracy, fine-tune from it when
@@ -42,7 +45,10 @@ from cases import cases
 RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
-           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning")
+           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning",
+           "trace + stamp unlearning")
+# trace + stamp unlearning: the share of the unlearning copies that carry a reversed trigger (fixed before any row)
+STAMP_SHARE = 0.5
 # trace + distilled unlearning: the clean images' loss is (1 - weight) x cross-entropy + weight x T^2 x KL from the
 # model as given at temperature T; fixed by docs/research/repair-distillation.md (both of its tests)
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
@@ -179,15 +185,18 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                         lambda: verdict_on(loaded, loaded.proto, train, preprocessing, "cpu", check).to_dict())
     verdict_s = time.perf_counter() - started
 
-    def traced(found=found, loaded=loaded, train=train, preprocessing=preprocessing):
-        if found["verdict"] != "suspicious" or not found.get("norms"):
-            return {"flagged": {}, "rounds": [], "stop": f"verdict {found['verdict']}"}
+    def traced_anew(found=found, loaded=loaded, train=train, preprocessing=preprocessing):
         classifier = BridgedClassifier(to_torch(loaded.proto), preprocessing, "cpu")
         freeze(classifier)
         norms = np.asarray(found["norms"], dtype=float)
         target = int(found["target_class"])
-        result = trace_channels(classifier, loaded.layers, train, target,
-                                float(np.median(np.delete(norms, target))), TraceConfig(seed=args.seed))
+        return trace_channels(classifier, loaded.layers, train, target,
+                              float(np.median(np.delete(norms, target))), TraceConfig(seed=args.seed))
+
+    def traced(found=found):
+        if found["verdict"] != "suspicious" or not found.get("norms"):
+            return {"flagged": {}, "rounds": [], "stop": f"verdict {found['verdict']}"}
+        result = traced_anew()
         return {**result.to_dict(), "flagged": result.flagged}
 
     started = time.perf_counter()
@@ -217,6 +226,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace + fine-tuning": lambda: (trace_flagged, tune_only, "trace"),
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + distilled unlearning": lambda: (trace_flagged, unlearn, "trace"),
+        "trace + stamp unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
@@ -224,6 +234,22 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "i-BAU": lambda: (None, RepairConfig(config.fine_tune, method="ibau"), "none"),
         "ANP": lambda: (None, RepairConfig(config.fine_tune, method="anp"), "anp"),
     }
+    def stamps() -> tuple[list, bool | None]:
+        """The trace's reversed triggers (cached beside the cell: the trace's JSON predates them), and whether
+        tracing again gave the cached trace's channels (None: read from the cache)."""
+        path = folder / f"trace_stamps_train_seed{args.seed}.npz"
+        if path.exists():
+            with np.load(path) as saved:
+                return list(zip(saved["masks"], saved["patterns"])), None
+        if found["verdict"] != "suspicious" or not found.get("norms"):
+            return [], None
+        result = traced_anew()
+        pairs = [(m.numpy(), p.numpy()) for m, p in result.stamps]
+        shape = train.x.shape[1:]
+        np.savez(path, masks=np.stack([m for m, _ in pairs]) if pairs else np.zeros((0, 1, *shape[1:]), np.float32),
+                 patterns=np.stack([p for _, p in pairs]) if pairs else np.zeros((0, *shape), np.float32))
+        return pairs, result.flagged == trace_flagged
+
     def staged() -> dict:
         """Which method the staged rule picks on this cell, and why."""
         if found["verdict"] != "suspicious":
@@ -258,9 +284,19 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
             write({**rows()["trace + unlearning"], "method": method, "flags from": "none",
                    "same as": "trace + unlearning (nothing traced)"})
             continue
+        extra_row = {}
+        if method == "trace + stamp unlearning":
+            pairs, reproduced = stamps()
+            extra_row = {"stamps": len(pairs), "trace reproduced": reproduced}
+            if not pairs and "trace + unlearning" in rows():
+                # no reversed trigger to stamp: the same repair as trace + unlearning, with the same seed
+                write({**rows()["trace + unlearning"], "method": method, **extra_row,
+                       "same as": "trace + unlearning (no reversed trigger)"})
+                continue
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
-        with distillation(method == "trace + distilled unlearning", loaded, preprocessing):
+        with distillation(method == "trace + distilled unlearning", loaded, preprocessing), \
+                stamp_unlearning(pairs if method == "trace + stamp unlearning" else []):
             result = repair(loaded, data, settings, scan_config, flagged=flagged)
         after = measured(result.model)
         m = after.metrics
@@ -276,7 +312,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                "ASR": rounded(m.asr), "RA": rounded(m.ra), "DER": rounded(after.der),
                "holdout ACC": result.report.accuracy, "time s": round(seconds, 1),
                "verdict": {"verdict": found["verdict"], "class": found["target_class"]},
-               "trace rounds": len(trace.get("rounds", [])), **extra})
+               "trace rounds": len(trace.get("rounds", [])), **extra_row, **extra})
 
 
 @contextlib.contextmanager
@@ -296,6 +332,42 @@ def distillation(on: bool, loaded, preprocessing):
     freeze(teacher)
     with mock.patch.object(pipeline, "fine_tune", functools.partial(pipeline.fine_tune,
                                                                     clean_loss=distilled_from(teacher))):
+        yield
+
+
+@contextlib.contextmanager
+def stamp_unlearning(pairs: list):
+    """Within it (``pairs`` of reversed-trigger mask and pattern, numpy), the repair's unlearning copies are for
+    ``STAMP_SHARE`` of the images (drawn per image, seeded) the clean image with one of the stamps (drawn per
+    image), in place of its feature-map perturbation; both are trained with the true label."""
+    if not pairs:
+        yield
+        return
+    from unittest import mock
+
+    import torch
+
+    import fmt_audit.repair.pipeline as pipeline
+    from fmt_audit.verdict.evidence.cleanse import stamped
+
+    masks = torch.from_numpy(np.stack([m for m, _ in pairs]).astype(np.float32))
+    patterns = torch.from_numpy(np.stack([p for _, p in pairs]).astype(np.float32))
+
+    class StampOrPerturbation(pipeline.FeatureMapPerturbation):
+        def __init__(self, *args, seed: int = 0, **kwargs):
+            super().__init__(*args, seed=seed, **kwargs)
+            self.stamp_rng = np.random.default_rng([seed, len(pairs)])
+
+        def __call__(self, x):
+            out = super().__call__(x)
+            rows = np.flatnonzero(self.stamp_rng.random(len(x)) < STAMP_SHARE)
+            which = torch.from_numpy(self.stamp_rng.integers(0, len(pairs), len(rows)))
+            if len(rows):
+                index = torch.from_numpy(rows).to(x.device)
+                out[index] = stamped(x[index], masks[which].to(x.device), patterns[which].to(x.device))
+            return out
+
+    with mock.patch.object(pipeline, "FeatureMapPerturbation", StampOrPerturbation):
         yield
 
 

@@ -53,6 +53,8 @@ class Trace:
     flagged: dict[str, list[int]]
     rounds: list[dict]          # per round: the stamp's mask share, its success before and after the cut, the cut
     stop: str                   # why the rounds ended
+    # the class's anomalous reversed triggers, one (mask [1, H, W], pattern [C, H, W]) per round that found one
+    stamps: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -118,6 +120,7 @@ def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], d
     modules = classifier.bridge.channel_modules
     removed: dict[str, list[int]] = {}
     rounds: list[dict] = []
+    stamps: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def success(images: np.ndarray, cut: ChannelSet) -> float:
         with channels_held_at_zero(modules, cut), torch.inference_mode():
@@ -138,6 +141,7 @@ def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], d
                     f"(the other classes' median {median_norm:.2%})")
             rounds.append({"round": number, "mask_share": round(share, 6)})
             break
+        stamps.append((mask.detach().cpu(), pattern.detach().cpu()))
         x_stamped = stamped(torch.from_numpy(x_held), mask.cpu(), pattern.cpu()).numpy()
         with channels_held_at_zero(modules, removed):
             clean = channel_means(classifier, layers, x_held)
@@ -162,7 +166,7 @@ def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], d
         if after > config.stop:
             stop = f"the limit of {config.max_share:.0%} of the channels"
             break
-    return Trace(target, removed, rounds, stop)
+    return Trace(target, removed, rounds, stop, stamps)
 
 
 def require_combined(verdict: VerdictConfig | None) -> None:
