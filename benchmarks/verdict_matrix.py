@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cases import CACHE, HERE, MATRIX, matrix_folders, normalisation
+from cases import CACHE, HERE, MATRIX, matrix_folders, normalisation, replica_of
 
 ROWS = CACHE / "verdict_matrix.jsonl"
 TOOK = 0.9      # a backdoored cell counts when its attack took: ASR at least this on the test set
@@ -47,8 +47,9 @@ def done_cells() -> set[str]:
 
 
 def run(name: str) -> None:
-    folders = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists()) if name == "all" \
-        else matrix_folders(name)
+    # all: the first models of every cell (replicas, -rN, are new models for other studies: by name only)
+    folders = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists() and not replica_of(f.name)[1]) \
+        if name == "all" else matrix_folders(name)
     done = done_cells()
     # smallest graphs first, so that an interrupted run has covered as many cells as the time allowed
     for folder in sorted(folders, key=lambda f: ((f / "model.onnx").stat().st_size, f.name)):

@@ -1,20 +1,21 @@
-"""Issue 31: pre-registered head-to-heads of two repairs on cells neither has seen. ``--study default`` (the
-text below): ``trace + unlearning`` against today's default repair (``default + unlearning``), as registered
-in docs/research/set-selection.md ("Trace + unlearning against today's default, head to head"). ``--study
-stamp``: ``trace + stamp unlearning`` against ``trace + unlearning`` on replica cells, the same rule with at
-least 5 counted (docs/research/repair-stamp-unlearning.md).
+"""Issue 31: pre-registered head-to-heads of two repairs on cells neither has seen, each a :class:`Study`.
 
-A listed cell is *in* when it has its three rows (``trace + unlearning``, ``default + unlearning``,
-``fine-tuning only``); it counts when its attack took as given (ASR >= 90% on the ``none`` row). Over the
-counted cells ``trace + unlearning`` becomes the default repair if (a) its mean ASR is lower than
-``default + unlearning``'s, (b) on no cell its ASR is more than 5 points above ``default + unlearning``'s and
-(c) its mean ACC change is at most 1 point below ``default + unlearning``'s. Decided when every listed cell
-that trains has its three rows, at least 4 of them counted (a GPU-only cell joins once it has a row); settled
-early when (b) fails on a counted cell, since a row is final. ``gtsrb-preact18q-wanet-p10`` is shown, never
-counted. Both methods are reported against the issue's targets (mean ASR <= 3%, none above 10%). Reads
-only the jsonl rows; Markdown on stdout.
+A listed cell is *in* when it has the study's three rows (candidate, incumbent and the reference shown beside
+them, ``fine-tuning only``); it counts when its attack took as given (ASR >= 90% on the ``none`` row). Over the
+counted cells the candidate wins if (a) its mean ASR is lower than the incumbent's, (b) on no cell its ASR is
+more than 5 points above the incumbent's and (c) its mean ACC change is at most 1 point below the incumbent's.
+Decided when every listed cell that trains has its rows and at least ``at_least`` of them count (a GPU-only
+cell joins once it has a row); settled early when (b) fails on a counted cell, since a row is final. Reported
+beside the rule: each method against the issue's targets (mean ASR <= 3%, none above 10%) and its re-activated
+ASR. Reads only the jsonl rows; Markdown on stdout.
+
+``--study default``: ``trace + unlearning`` against today's default repair (``default + unlearning``), at least
+4 counted, ``gtsrb-preact18q-wanet-p10`` shown, never counted (docs/research/set-selection.md, "Trace +
+unlearning against today's default, head to head"). ``--study stamp``: ``trace + stamp unlearning`` against
+``trace + unlearning`` on replica cells, at least 5 counted (docs/research/repair-stamp-unlearning.md).
 
     python research/head_to_head.py research/results/trace_repair_heldout.jsonl
+    python research/head_to_head.py --study stamp research/results/trace_repair_stamp-heldout.jsonl
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ def decide(cells: dict[str, dict[str, dict]], study: Study = STUDIES["default"])
         lines.append(f"- against the issue's targets, {method}: mean ASR {100 * statistics.mean(values):.2f}% "
                      f"(<= 3%: {'yes' if statistics.mean(values) <= 0.03 else 'no'}), largest "
                      f"{100 * max(values):.2f}% (<= 10%: {'yes' if max(values) <= 0.10 else 'no'})")
+    for method in methods:
+        back = [rows[method]["reactivated ASR"] for rows in counted.values() if "reactivated ASR" in rows[method]]
+        if back:
+            lines.append(f"- re-activated (one epoch with 1% poisoned images), {method}: mean ASR "
+                         f"{100 * statistics.mean(back):.2f}%, largest {100 * max(back):.2f}% ({len(back)} cells)")
     if worst > WORSE_ON_A_CELL:     # a counted row is final: no later cell can undo (b)
         lines.append(f"\nsettled: (b) can no longer be met, {candidate} {study.loses}")
     elif waiting:

@@ -193,10 +193,23 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         return trace_channels(classifier, loaded.layers, train, target,
                               float(np.median(np.delete(norms, target))), TraceConfig(seed=args.seed))
 
+    stamps_path = folder / f"trace_stamps_train_seed{args.seed}.npz"
+
+    def keep_stamps(result, reproduced: bool) -> None:
+        """The trace's reversed triggers beside the cell (written whole: a kill leaves no half file)."""
+        shape = train.x.shape[1:]
+        pairs = [(m.numpy(), p.numpy()) for m, p in result.stamps]
+        partial = stamps_path.with_suffix(".partial.npz")
+        np.savez(partial, reproduced=reproduced,
+                 masks=np.stack([m for m, _ in pairs]) if pairs else np.zeros((0, 1, *shape[1:]), np.float32),
+                 patterns=np.stack([p for _, p in pairs]) if pairs else np.zeros((0, *shape), np.float32))
+        partial.replace(stamps_path)
+
     def traced(found=found):
         if found["verdict"] != "suspicious" or not found.get("norms"):
             return {"flagged": {}, "rounds": [], "stop": f"verdict {found['verdict']}"}
         result = traced_anew()
+        keep_stamps(result, True)      # from the same trace as the channels
         return {**result.to_dict(), "flagged": result.flagged}
 
     started = time.perf_counter()
@@ -234,21 +247,17 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "i-BAU": lambda: (None, RepairConfig(config.fine_tune, method="ibau"), "none"),
         "ANP": lambda: (None, RepairConfig(config.fine_tune, method="anp"), "anp"),
     }
-    def stamps() -> tuple[list, bool | None]:
-        """The trace's reversed triggers (cached beside the cell: the trace's JSON predates them), and whether
-        tracing again gave the cached trace's channels (None: read from the cache)."""
-        path = folder / f"trace_stamps_train_seed{args.seed}.npz"
-        if path.exists():
-            with np.load(path) as saved:
-                return list(zip(saved["masks"], saved["patterns"])), None
+    def stamps() -> tuple[list, bool | str]:
+        """The trace's reversed triggers, and whether they come from the trace whose channels are cut (a trace
+        cached before the stamps were kept is run again: True where it gave the same channels); "nothing
+        traced" where the verdict named no class."""
         if found["verdict"] != "suspicious" or not found.get("norms"):
-            return [], None
-        result = traced_anew()
-        pairs = [(m.numpy(), p.numpy()) for m, p in result.stamps]
-        shape = train.x.shape[1:]
-        np.savez(path, masks=np.stack([m for m, _ in pairs]) if pairs else np.zeros((0, 1, *shape[1:]), np.float32),
-                 patterns=np.stack([p for _, p in pairs]) if pairs else np.zeros((0, *shape), np.float32))
-        return pairs, result.flagged == trace_flagged
+            return [], "nothing traced"
+        if not stamps_path.exists():
+            result = traced_anew()
+            keep_stamps(result, result.flagged == trace_flagged)
+        with np.load(stamps_path) as saved:
+            return list(zip(saved["masks"], saved["patterns"])), bool(saved["reproduced"])
 
     def staged() -> dict:
         """Which method the staged rule picks on this cell, and why."""
@@ -284,10 +293,14 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
             write({**rows()["trace + unlearning"], "method": method, "flags from": "none",
                    "same as": "trace + unlearning (nothing traced)"})
             continue
-        extra_row = {}
+        extra_row, pairs = {}, []
         if method == "trace + stamp unlearning":
             pairs, reproduced = stamps()
             extra_row = {"stamps": len(pairs), "trace reproduced": reproduced}
+            if reproduced is False:     # stamps of another trace than the cut's: not the registered method
+                print(f"{case.label}: tracing again gave other channels than the cached trace; no "
+                      f"{method} row", file=sys.stderr, flush=True)
+                continue
             if not pairs and "trace + unlearning" in rows():
                 # no reversed trigger to stamp: the same repair as trace + unlearning, with the same seed
                 write({**rows()["trace + unlearning"], "method": method, **extra_row,
@@ -296,7 +309,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
         with distillation(method == "trace + distilled unlearning", loaded, preprocessing), \
-                stamp_unlearning(pairs if method == "trace + stamp unlearning" else []):
+                stamp_unlearning(pairs):
             result = repair(loaded, data, settings, scan_config, flagged=flagged)
         after = measured(result.model)
         m = after.metrics

@@ -17,14 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cases import replica_of  # a replica (-rN) is the same cell trained again
 
 
 def cell_parts(cell: str) -> dict[str, str]:
     """``cifar10-preact18q-badnets-p10`` -> dataset, network, attack, poisoning (``clean`` twins: no rate); a
     ``(cpu)`` suffix (a cell retrained on the CPU) does not change them."""
-    parts = cell.split(" ")[0].split("-")
+    parts = replica_of(cell.split(" ")[0])[0].split("-")
     return {"dataset": parts[0], "network": parts[1], "attack": parts[2],
             "poisoning": parts[3] if len(parts) > 3 else "–"}
 
