@@ -15,13 +15,15 @@ grep -q matrix_label cases.py || { echo "benchmarks/cases.py has no matrix_label
 cache="${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/matrix"
 M="trace + unlearning,fine-tuning only,unlearning only,i-BAU"
 run() {   # tag cell methods [--clean]
-  until [ -f "$cache/$2/facts.json" ]; do sleep 30; done
+  # the export's last step: model.onnx is renamed into place after facts.json is written
+  until [ -f "$cache/$2/facts.json" ] && [ -f "$cache/$2/model.onnx" ]; do sleep 30; done
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$2" --tag "$1" --methods "$3" $4
 }
 P1="trace + unlearning,fine-tuning only"
 H2H="trace + unlearning,default + unlearning,fine-tuning only"
-# a row of an earlier queue's cell still running (its process outlives the queue that started it)
-while pgrep -f "trace_repair.py matrix:" > /dev/null; do sleep 60; done
+# a row of an earlier queue's cell still running (its process outlives the queue that started it); other
+# studies' rows (other tags) may run beside it
+while pgrep -f "trace_repair.py matrix:.* --tag heldout" > /dev/null; do sleep 60; done
 # the head-to-head with today's default (docs/research/set-selection.md, pre-registered in the ninth session),
 # in the order research/cpu_matrix.sh trains them; MobileNetV2 and full-width cells wait for a GPU
 for cell in cifar10-plaincnn-lowfreq-p10 cifar10-vgg-badnets-p01 cifar10-preact18q-badnets-p05 \
