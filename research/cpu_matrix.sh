@@ -13,18 +13,17 @@
 #     cifar10-plaincnn-lowfreq-p10 cifar10-vgg-badnets-p01 cifar10-preact18q-badnets-p05 \
 #     cifar10-preact18q-inputaware-p10 cifar10-preact18q-badnets-p01 cifar10-preact18q-blended-p01 \
 #     cifar10-plaincnn-clean gtsrb-preact18q-badnets-p10
+. "$(dirname "$0")/matrix_state.sh"
 cd "$(dirname "$0")/../benchmarks"   # run with the project's environment active
-out="${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/cpu-weights"
 [ -d ../.gpudata ] || python matrix.py pack
 for cell in "$@"; do
-  if [ -f "${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/matrix/$cell/facts.json" ]; then
+  if exported "$cell"; then
     echo "$cell: exported already"; continue
   fi
   # trained, but the export did not finish: export only (train would start by removing the weights)
-  if ! python -c "import json, sys; sys.exit(not any(c['name'] == '$cell' and c['status'] == 'done'
-      for c in json.load(open('$out/$cell/train.json'))['cells']))" 2> /dev/null; then
-    python matrix.py train --out "$out/$cell" --workers 0 --threads "${THREADS:-1}" --cpu --budget-s 100000 --resume \
-      --only "$cell" || continue
+  if ! training_ended "$cell" done; then
+    python matrix.py train --out "$cpu_weights/$cell" --workers 0 --threads "${THREADS:-1}" --cpu --budget-s 100000 \
+      --resume --only "$cell" || continue
   fi
-  python matrix.py export --weights "$out/$cell" --only "$cell" --results results/matrix_cpu.json
+  python matrix.py export --weights "$cpu_weights/$cell" --only "$cell" --results results/matrix_cpu.json
 done

@@ -8,15 +8,14 @@
 #     && ln -s /work/main/research/results research/results && cp /work/main/benchmarks/cases.py benchmarks/
 #   bash /work/main/research/cpu_queue.sh          # with the project's environment active
 # Resumable: trace_repair.py skips the cell/method pairs already in the results.
+. "$(dirname "$0")/matrix_state.sh"
 cd benchmarks || exit 1
 # the pinned commit predates the "(cpu)" labels: without them a retrained cell's rows would take the lost GPU
 # model's label and be skipped or mixed with its rows (copy main's benchmarks/cases.py over the pinned one)
 grep -q matrix_label cases.py || { echo "benchmarks/cases.py has no matrix_label: copy main's" >&2; exit 1; }
-cache="${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/matrix"
 M="trace + unlearning,fine-tuning only,unlearning only,i-BAU"
 run() {   # tag cell methods [--clean]
-  # the export's last step: model.onnx is renamed into place after facts.json is written
-  until [ -f "$cache/$2/facts.json" ] && [ -f "$cache/$2/model.onnx" ]; do sleep 30; done
+  until exported "$2"; do sleep 30; done
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$2" --tag "$1" --methods "$3" $4
 }
 P1="trace + unlearning,fine-tuning only"

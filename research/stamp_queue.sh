@@ -11,15 +11,13 @@
 #   bash research/stamp_queue.sh          # with the project's environment active
 # Resumable: trace_repair.py skips the cell/method pairs already in the results. The rule:
 #   PYTHONPATH=research python research/head_to_head.py --study stamp research/results/trace_repair_stamp-heldout.jsonl
+. "$(dirname "$0")/matrix_state.sh"
 cd "$(dirname "$0")/../benchmarks" || exit 1
-cache="${FMT_AUDIT_BENCH_CACHE:-$HOME/.cache/fmt-audit/benchmarks}/matrix"
 M="trace + unlearning,trace + stamp unlearning,fine-tuning only"
-run() {   # cell [--clean]; waits for the export's last step (model.onnx is renamed into place after facts.json)
-  until [ -f "$cache/$1/facts.json" ] && [ -f "$cache/$1/model.onnx" ]; do
+run() {   # cell [--clean]
+  until exported "$1"; do
     # a cell whose training failed is never exported: go on without it (its status in train.json says why)
-    python -c "import json, sys; sys.exit(not any(c['name'] == '$1' and c['status'] != 'done'
-        for c in json.load(open('$cache/../cpu-weights/$1/train.json'))['cells']))" 2> /dev/null \
-      && { echo "$1: not trained (cpu-weights/$1/train.json says why)" >&2; return; }
+    training_ended "$1" other && { echo "$1: not trained (cpu-weights/$1/train.json says why)" >&2; return; }
     sleep 30
   done
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$1" --tag stamp-heldout --methods "$M" $2

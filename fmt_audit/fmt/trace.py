@@ -142,7 +142,7 @@ def trace_channels(classifier: BridgedClassifier, layers: Sequence[ConvLayer], d
             rounds.append({"round": number, "mask_share": round(share, 6)})
             break
         stamps.append((mask.detach().cpu(), pattern.detach().cpu()))
-        x_stamped = stamped(torch.from_numpy(x_held), mask.cpu(), pattern.cpu()).numpy()
+        x_stamped = stamped(torch.from_numpy(x_held), *stamps[-1]).numpy()
         with channels_held_at_zero(modules, removed):
             clean = channel_means(classifier, layers, x_held)
             triggered = channel_means(classifier, layers, x_stamped)
