@@ -11,6 +11,10 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * ``trace + stamp unlearning`` (pre-registered in docs/research/repair-stamp-unlearning.md): ``trace +
   unlearning`` with half of the unlearning copies the clean images stamped with one of the trace's reversed
   triggers (true labels) instead of feature-map perturbations;
+* ``trace + unlearning, self-checked`` (docs/research/repair-self-check.md): the product's own path, ``fmt-audit
+  repair --selection trace`` with its self-check: the verdict and trace run inside the repair, then the verdict
+  on the repaired model, and where it still finds the backdoor the one stronger setting; the row keeps the
+  self-check's word and what the stronger setting did;
 * ``staged`` (pre-registered in docs/research/set-selection.md, "Staged repair"): nothing when the verdict
   is not suspicious; else remove the traced channels, run the verdict again on the cut model (same images,
   seed), keep the cut when it is clean and cost at most 2 points of holdout accuracy, fine-tune from it when
@@ -46,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
            "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning",
-           "trace + stamp unlearning")
+           "trace + stamp unlearning", "trace + unlearning, self-checked")
 # trace + stamp unlearning: the share of the unlearning copies that carry a reversed trigger (fixed before any row)
 STAMP_SHARE = 0.5
 # trace + distilled unlearning: the clean images' loss is (1 - weight) x cross-entropy + weight x T^2 x KL from the
@@ -54,6 +58,7 @@ STAMP_SHARE = 0.5
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
 # staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
 STAGED_ACC_DROP = 0.02
+SELF_CHECKED = "trace + unlearning, self-checked"
 
 
 def cached_json(path: Path, make):
@@ -240,6 +245,8 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + distilled unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + stamp unlearning": lambda: (trace_flagged, unlearn, "trace"),
+        # the repair finds its own channels (verdict and trace on the training split), as the CLI does
+        SELF_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
@@ -308,14 +315,19 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                 continue
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
+        checking = method == SELF_CHECKED
         with distillation(method == "trace + distilled unlearning", loaded, preprocessing), \
                 stamp_unlearning(pairs):
-            result = repair(loaded, data, settings, scan_config, flagged=flagged)
+            result = repair(loaded, data, settings, replace(scan_config, selection="trace") if checking else
+                            scan_config, flagged=flagged, check=check if checking else None)
+        if checking:
+            extra_row = {"self-check": self_check_row(result.report.self_check)}
         after = measured(result.model)
         m = after.metrics
         seconds = time.perf_counter() - started
         if twin:    # the self-check's question: does the verdict call the repaired model clean?
-            checked = verdict_on(loaded, result.model, train, preprocessing, "cpu", check).to_dict()
+            checked = result.report.self_check["after"] if checking else \
+                verdict_on(loaded, result.model, train, preprocessing, "cpu", check).to_dict()
             extra = {"verdict after": {"verdict": checked["verdict"], "class": checked["target_class"],
                                        "suspicion": checked["suspicion"]}}
         else:
@@ -326,6 +338,17 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                "holdout ACC": result.report.accuracy, "time s": round(seconds, 1),
                "verdict": {"verdict": found["verdict"], "class": found["target_class"]},
                "trace rounds": len(trace.get("rounds", [])), **extra_row, **extra})
+
+
+def self_check_row(check: dict) -> dict:
+    """What a row keeps of a repair report's self-check: its word, the verdicts, the stronger try."""
+    def brief(verdict: dict | None) -> dict | None:
+        return verdict and {"verdict": verdict["verdict"], "class": verdict["target_class"],
+                            "suspicion": verdict["suspicion"]}
+    escalation = check["escalation"]
+    return {"status": check["status"], "before": brief(check["before"]), "after": brief(check["after"]),
+            "escalation": escalation and {"setting": escalation["setting"], "kept": escalation["kept"],
+                                          "after": brief(escalation["after"]), "holdout ACC": escalation["accuracy"]}}
 
 
 @contextlib.contextmanager
