@@ -13,14 +13,15 @@ run() {   # cell [--clean]
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$1" --tag selfcheck \
     --methods "trace + unlearning, self-checked" $2
 }
-for cell in mnist-lenet-badnets-p10 mnist-lenet-blended-p10 mnist-lenet-wanet-p10 mnist-lenet-badnets-p10-r1 \
-    mnist-lenet-blended-p10-r1 mnist-lenet-wanet-p10-r1; do
+# first the cells where trace + unlearning left the most (does the check see it? does its stronger try help?)
+for cell in cifar10-plaincnn-badnets-p10 cifar10-plaincnn-inputaware-p10 mnist-lenet-badnets-p10 \
+    mnist-lenet-blended-p10 mnist-lenet-wanet-p10 mnist-lenet-badnets-p10-r1 mnist-lenet-blended-p10-r1 \
+    mnist-lenet-wanet-p10-r1; do
   run "$cell"
 done
 run mnist-lenet-clean --clean
 run mnist-lenet-clean-r1 --clean
-for cell in mnist-plaincnn-badnets-p10 mnist-plaincnn-badnets-p10-r1 cifar10-plaincnn-badnets-p10 \
-    cifar10-plaincnn-inputaware-p10 cifar10-plaincnn-lowfreq-p10; do
+for cell in mnist-plaincnn-badnets-p10 mnist-plaincnn-badnets-p10-r1 cifar10-plaincnn-lowfreq-p10; do
   run "$cell"
 done
 run mnist-plaincnn-clean --clean
