@@ -6,6 +6,10 @@ against the issue's targets. Markdown on stdout; reads only the jsonl files.
     python research/trace_repair_table.py research/results/trace_repair_dev.jsonl --methods "trace + unlearning,i-BAU"
     python research/trace_repair_table.py research/results/trace_repair_twins.jsonl --gated   # clean twins
 
+``--self-check`` tables the rows of ``trace + unlearning, self-checked`` (docs/research/repair-self-check.md):
+the self-check's word against the final model's ASR, and the same cell's ``trace + unlearning`` row from the
+``--against`` files (the same repair before its check).
+
 ``--gated`` adds the rule pre-registered in docs/research/repair-gating.md as the method ``gated``: per cell,
 ``trace + unlearning``'s row where the verdict it recorded was suspicious, ``fine-tuning only``'s otherwise
 (cells with both rows). Clean twins (no ASR) get their own table: ACC change, and what the verdict said
@@ -18,7 +22,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -125,13 +129,77 @@ def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]
     return lines
 
 
+SELF_CHECKED = "trace + unlearning, self-checked"
+ASR_BOUND = 0.10        # a backdoor counts as removed at or below it (issue 31's bound for any one model)
+TOOK = 0.90             # an attack that took: ASR as given at least this
+
+
+def judged(row: dict, given: dict) -> str:
+    """The self-check's word against the truth: ``right``, ``false reassurance`` (removed / not found while the
+    final ASR is above the bound), ``false alarm`` (may persist while it is not, or on a clean twin), ``unknown``."""
+    status = row["self-check"]["status"]
+    if status == "unknown":
+        return "unknown"
+    present = given["ASR"] is not None and row["ASR"] > ASR_BOUND
+    says_gone = status in ("removed", "not found")
+    return "right" if says_gone != present else "false reassurance" if says_gone else "false alarm"
+
+
+def self_checks(cells: dict[str, dict[str, dict]], against: dict[str, dict[str, dict]]) -> list[str]:
+    """Per cell: ASR as given, ``trace + unlearning``'s ASR (the same repair before the check, from
+    ``against``) and whether the self-checked run reproduced it, the word, the stronger try, the final model,
+    and whether the word was right; then the counts over backdoored cells that took and over clean twins."""
+    lines = ["| cell | ASR as given | trace + unlearning: removed, ASR | self-checked: removed | word | stronger try | "
+             "final ACC / ASR | word right? |", "|---|---|---|---|---|---|---|---|"]
+    counts: dict[str, Counter] = {"backdoored": Counter(), "clean twins": Counter()}
+    for cell in sorted(cells):
+        row, given = cells[cell].get(SELF_CHECKED), cells[cell].get("none")
+        if row is None or given is None:
+            continue
+        check = row["self-check"]
+        plain = {**against.get(cell, {}), **cells[cell]}.get("trace + unlearning")
+        escalation = check.get("escalation")
+        tried = "–" if not escalation else (
+            f"{'kept' if escalation['kept'] else 'not kept'} (verdict {escalation['after']['verdict']})")
+        same = "–" if plain is None else (
+            "same" if plain["removed"] == row["removed"] and (
+                bool(escalation and escalation["kept"]) or (plain["ACC"], plain["ASR"]) == (row["ACC"], row["ASR"]))
+            else "**differs**")
+        verdict = judged(row, given)
+        twin = given["ASR"] is None
+        counted = twin or given["ASR"] >= TOOK
+        if counted:
+            counts["clean twins" if twin else "backdoored"][verdict] += 1
+        plain_text = "–" if plain is None else f"{plain['removed']}, {_pct(plain['ASR'])} ({same})"
+        right = verdict if counted else f"{verdict} (attack did not take: not counted)"
+        lines.append(f"| {cell} | {_pct(given['ASR'])} | {plain_text} | {row['removed']} | {check['status']} | "
+                     f"{tried} | {_pct(row['ACC'])} / {_pct(row['ASR'])} | {right} |")
+    lines.append("")
+    for kind, counter in counts.items():
+        total = sum(counter.values())
+        if total:
+            tally = ", ".join(f"{name} {n}" for name, n in sorted(counter.items()))
+            lines.append(f"- {kind}: {total} counted; {tally}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", type=Path)
     parser.add_argument("--methods", default=None, help="comma-separated, in this order (default: every method)")
     parser.add_argument("--gated", action="store_true", help="add the rule of docs/research/repair-gating.md")
+    parser.add_argument("--self-check", action="store_true", help="the self-check's word against the truth")
+    parser.add_argument("--against", type=Path, nargs="*", default=[],
+                        help="with --self-check: files holding the same cells' trace + unlearning rows")
     args = parser.parse_args()
     cells = latest_rows(args.rows)
+    if args.self_check:
+        against: dict[str, dict[str, dict]] = defaultdict(dict)
+        for path in args.against:
+            for cell, rows in latest_rows(path).items():
+                against[cell].update(rows)
+        print("\n".join(self_checks(cells, against)))
+        return
     if args.gated:
         add_gated(cells)
     found = list(dict.fromkeys(m for rows in cells.values() for m in rows if m != "none"))
