@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../benchmarks" || exit 1
 run() {   # cell [--clean]
   until exported "$1"; do sleep 30; done
   PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$1" --tag selfcheck \
-    --methods "trace + unlearning, self-checked" $2
+    --methods "trace + unlearning (self-checked)" $2
 }
 # first the cells where trace + unlearning left the most (does the check see it? does its stronger try help?)
 for cell in cifar10-plaincnn-badnets-p10 cifar10-plaincnn-inputaware-p10 mnist-lenet-badnets-p10 \

@@ -11,10 +11,14 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * ``trace + stamp unlearning`` (pre-registered in docs/research/repair-stamp-unlearning.md): ``trace +
   unlearning`` with half of the unlearning copies the clean images stamped with one of the trace's reversed
   triggers (true labels) instead of feature-map perturbations;
-* ``trace + unlearning, self-checked`` (docs/research/repair-self-check.md): the product's own path, ``fmt-audit
+* ``trace + unlearning (self-checked)`` (docs/research/repair-self-check.md): the product's own path, ``fmt-audit
   repair --selection trace`` with its self-check: the verdict and trace run inside the repair, then the verdict
   on the repaired model, and where it still finds the backdoor the one stronger setting; the row keeps the
   self-check's word and what the stronger setting did;
+* ``trace + unlearning (re-traced)`` (docs/research/repair-retrace.md): ``trace + unlearning``, then the verdict
+  on the repaired model (the self-check's); where it still finds a backdoor, the trace of the class it names on
+  the repaired model, those channels removed too, and the unlearning again from the repaired model (instead of
+  the self-check's stronger try);
 * ``staged`` (pre-registered in docs/research/set-selection.md, "Staged repair"): nothing when the verdict
   is not suspicious; else remove the traced channels, run the verdict again on the cut model (same images,
   seed), keep the cut when it is clean and cost at most 2 points of holdout accuracy, fine-tune from it when
@@ -50,7 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
            "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning",
-           "trace + stamp unlearning", "trace + unlearning, self-checked")
+           "trace + stamp unlearning", "trace + unlearning (self-checked)", "trace + unlearning (re-traced)")
 # trace + stamp unlearning: the share of the unlearning copies that carry a reversed trigger (fixed before any row)
 STAMP_SHARE = 0.5
 # trace + distilled unlearning: the clean images' loss is (1 - weight) x cross-entropy + weight x T^2 x KL from the
@@ -58,7 +62,8 @@ STAMP_SHARE = 0.5
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
 # staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
 STAGED_ACC_DROP = 0.02
-SELF_CHECKED = "trace + unlearning, self-checked"
+SELF_CHECKED = "trace + unlearning (self-checked)"
+RETRACED = "trace + unlearning (re-traced)"
 
 
 def cached_json(path: Path, make):
@@ -118,7 +123,11 @@ def main() -> None:
         for line in out.read_text().splitlines():
             row = json.loads(line)
             done.add((row["model"], row["method"]))
-    wanted = [m for m in METHODS if m in args.methods.split(",")]
+    requested = args.methods.split(",")
+    unknown = [m for m in requested if m not in METHODS]
+    if unknown:     # a typo (or a name with a comma) would otherwise run other methods than asked, or none
+        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    wanted = [m for m in METHODS if m in requested]
 
     def write(row: dict) -> None:
         done.add((row["model"], row["method"]))
@@ -247,6 +256,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace + stamp unlearning": lambda: (trace_flagged, unlearn, "trace"),
         # the repair finds its own channels (verdict and trace on the training split), as the CLI does
         SELF_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
+        RETRACED: lambda: (trace_flagged, unlearn, "trace, and the repaired model's where the backdoor may persist"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
         "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
@@ -254,6 +264,25 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "i-BAU": lambda: (None, RepairConfig(config.fine_tune, method="ibau"), "none"),
         "ANP": lambda: (None, RepairConfig(config.fine_tune, method="anp"), "anp"),
     }
+    def retraced(first, flagged: dict, loaded=loaded, train=train, preprocessing=preprocessing):
+        """The verdict on ``first``'s repaired model; where it is suspicious, the trace of its class on that model,
+        and the repair again from it, those channels removed beside ``flagged`` (held at zero again)."""
+        repaired = replace(loaded, proto=first.model)
+        after = verdict_on(loaded, first.model, train, preprocessing, "cpu", check)
+        brief = {"verdict": after.verdict, "class": after.target_class, "suspicion": after.suspicion}
+        if after.verdict != "suspicious" or not after.details.get("norms"):
+            return first, {"verdict after": brief, "re-trace": None}
+        classifier = BridgedClassifier(to_torch(first.model), preprocessing, "cpu")
+        freeze(classifier)
+        norms = np.asarray(after.details["norms"], dtype=float)
+        target = int(after.target_class)
+        again = trace_channels(classifier, loaded.layers, train, target,
+                               float(np.median(np.delete(norms, target))), TraceConfig(seed=args.seed))
+        both = {name: sorted(set(flagged.get(name, ())) | set(again.flagged.get(name, ())))
+                for name in {**flagged, **again.flagged}}
+        second = repair(repaired, data, unlearn, scan_config, flagged=both)
+        return second, {"verdict after": brief, "re-trace": {**again.to_dict(), "flagged": again.count}}
+
     def stamps() -> tuple[list, bool | str]:
         """The trace's reversed triggers, and whether they come from the trace whose channels are cut (a trace
         cached before the stamps were kept is run again: True where it gave the same channels); "nothing
@@ -322,10 +351,14 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                             scan_config, flagged=flagged, check=check if checking else None)
         if checking:
             extra_row = {"self-check": self_check_row(result.report.self_check)}
+        if method == RETRACED:
+            result, extra_row = retraced(result, flagged)
         after = measured(result.model)
         m = after.metrics
         seconds = time.perf_counter() - started
-        if twin:    # the self-check's question: does the verdict call the repaired model clean?
+        if twin and method == RETRACED:
+            extra = {}      # its row holds the verdict on the repaired model already
+        elif twin:    # the self-check's question: does the verdict call the repaired model clean?
             checked = result.report.self_check["after"] if checking else \
                 verdict_on(loaded, result.model, train, preprocessing, "cpu", check).to_dict()
             extra = {"verdict after": {"verdict": checked["verdict"], "class": checked["target_class"],

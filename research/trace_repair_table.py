@@ -6,7 +6,7 @@ against the issue's targets. Markdown on stdout; reads only the jsonl files.
     python research/trace_repair_table.py research/results/trace_repair_dev.jsonl --methods "trace + unlearning,i-BAU"
     python research/trace_repair_table.py research/results/trace_repair_twins.jsonl --gated   # clean twins
 
-``--self-check`` tables the rows of ``trace + unlearning, self-checked`` (docs/research/repair-self-check.md):
+``--self-check`` tables the rows of ``trace + unlearning (self-checked)`` (docs/research/repair-self-check.md):
 the self-check's word against the final model's ASR, and the same cell's ``trace + unlearning`` row from the
 ``--against`` files (the same repair before its check).
 
@@ -129,7 +129,7 @@ def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]
     return lines
 
 
-SELF_CHECKED = "trace + unlearning, self-checked"
+SELF_CHECKED = "trace + unlearning (self-checked)"
 ASR_BOUND = 0.10        # a backdoor counts as removed at or below it (issue 31's bound for any one model)
 TOOK = 0.90             # an attack that took: ASR as given at least this
 
