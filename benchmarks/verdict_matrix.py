@@ -8,6 +8,12 @@ fresh process, appended to CACHE/verdict_matrix.jsonl as it comes (a rerun skips
 
     python benchmarks/verdict_matrix.py run [matrix:PART,...]     # default: every exported cell
     python benchmarks/verdict_matrix.py summary                   # tables, and results/verdict_matrix.json
+    python benchmarks/verdict_matrix.py summary --from trace-caches
+
+``--from trace-caches`` summarises another population the same way: the verdicts ``research/trace_repair.py``
+caches beside each cell it repaired (``verdict_combined_train_seed0.json``: the same verdict on 256 images of the
+cell's 1,800-image training split), which covers the cells retrained on the CPU and their replicas (``-rN``);
+written to results/verdict_matrix_trace_caches.json.
 """
 
 from __future__ import annotations
@@ -72,12 +78,32 @@ def auc(negatives: list[float], positives: list[float]) -> float | None:
     return round(sum(pairs) / len(pairs), 3) if pairs else None
 
 
+def median(values: list[float]) -> float | None:
+    """The upper median (the value at index len // 2 of the sorted list), None when empty."""
+    return sorted(values)[len(values) // 2] if values else None
+
+
 def _share(hits: list[bool]) -> float | None:
     return round(sum(hits) / len(hits), 3) if hits else None
 
 
-def summary() -> dict:
-    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+def trace_cache_rows(seed: int = 0) -> list[dict]:
+    """``one_cell``'s rows from the verdicts research/trace_repair.py cached beside the cells (no timing kept)."""
+    rows = []
+    for folder in sorted(MATRIX.glob("*")):
+        cached = folder / f"verdict_combined_train_seed{seed}.json"
+        if not cached.exists():
+            continue
+        facts, found = json.loads((folder / "facts.json").read_text()), json.loads(cached.read_text())
+        rows.append({"cell": folder.name, "attack": facts["attack"], "target": facts.get("target"),
+                     "asr": facts.get("asr"), "verdict": found["verdict"], "suspicion": found.get("suspicion"),
+                     "class": found.get("target_class"), "threshold": found.get("threshold"),
+                     "basis": found.get("basis"), "seconds": None, "threads": None})
+    return rows
+
+
+def summary(rows: list[dict] | None = None, name: str = "verdict_matrix") -> dict:
+    rows = rows if rows is not None else [json.loads(line) for line in ROWS.read_text().splitlines()]
     clean = [r for r in rows if r["attack"] == "clean"]
     backdoored = [r for r in rows if r["attack"] != "clean" and (r["asr"] or 0) >= TOOK]
     left_out = [r["cell"] for r in rows if r["attack"] != "clean" and (r["asr"] or 0) < TOOK]
@@ -98,7 +124,7 @@ def summary() -> dict:
             [r["class"] == r["target"] for r in backdoored if r["verdict"] == "suspicious"]),
         "per attack": {},
         "clean twins' named classes": {r["cell"]: r["class"] for r in clean},
-        "median seconds": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None,
+        "median seconds": median([r["seconds"] for r in rows if r["seconds"] is not None]),
     }
     for attack in sorted({r["attack"] for r in backdoored}):
         group = [r for r in backdoored if r["attack"] == attack]
@@ -109,10 +135,10 @@ def summary() -> dict:
         suspicion = "–" if r["suspicion"] is None else f"{r['suspicion']:.3f}"
         asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
         print(f"| {r['cell']} | {r['attack']} | {asr} | {r['verdict']} | {suspicion} | {r['class']} | "
-              f"{r['target'] if r['attack'] != 'clean' else '–'} | {r['seconds']} |")
+              f"{r['target'] if r['attack'] != 'clean' else '–'} | {'–' if r['seconds'] is None else r['seconds']} |")
     print(json.dumps(result, indent=1))
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "verdict_matrix.json").write_text(json.dumps({"summary": result, "rows": rows}, indent=1)
+    (HERE / "results" / f"{name}.json").write_text(json.dumps({"summary": result, "rows": rows}, indent=1)
                                                           + "\n")
     return result
 
@@ -121,11 +147,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "summary", "cell"))
     parser.add_argument("what", nargs="?", default="all")
+    parser.add_argument("--from", dest="source", choices=("runs", "trace-caches"), default="runs",
+                        help="summary: this script's own runs, or the verdicts research/trace_repair.py cached")
     args = parser.parse_args()
     if args.command == "cell":
         print(json.dumps(one_cell(Path(args.what))))
     elif args.command == "run":
         run(args.what)
+    elif args.source == "trace-caches":
+        summary(trace_cache_rows(), "verdict_matrix_trace_caches")
     else:
         summary()
 
