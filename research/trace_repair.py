@@ -30,7 +30,8 @@ replaced by triggered images labelled as the target (the attack's own trigger, `
 ``reactivated ASR`` says how much of the backdoor comes back.
 
 Rows go to ``research/results/trace_repair_<tag>.jsonl`` as they come; a cell's method already there is
-skipped, so a rerun resumes. The verdict, the trace and the default scan are cached next to the cell.
+skipped, so a rerun resumes. The verdict, the trace and the default scan are cached next to the cell;
+``--keep-models`` also keeps each repaired model there.
 
     cd benchmarks && PYTHONPATH=. OMP_NUM_THREADS=1 python ../research/trace_repair.py \\
         matrix:cifar10-vgg-badnets-p10 --tag dev
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clean", action="store_true",
                         help="the clean twins too: ACC, and the verdict on each repaired model (no ASR)")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="write each repaired model beside the cell: repaired_<tag>_<method>.onnx (for "
+                             "diagnostics that need the model, not only its figures)")
     args = parser.parse_args()
     out = RESULTS / f"trace_repair_{args.tag}.jsonl"
     done = set()
@@ -353,6 +357,12 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
             extra_row = {"self-check": self_check_row(result.report.self_check)}
         if method == RETRACED:
             result, extra_row = retraced(result, flagged)
+        if args.keep_models:
+            slug = "".join(c if c.isalnum() else "-" for c in method).strip("-")
+            kept = folder / f"repaired_{args.tag}_{slug}.onnx"
+            partial = kept.with_suffix(".partial")
+            onnx.save(result.model, str(partial))
+            partial.replace(kept)
         after = measured(result.model)
         m = after.metrics
         seconds = time.perf_counter() - started
