@@ -221,6 +221,9 @@ REPAIR = OptionGroup(
              "[default: on, off under --preset paper]"),
     opt("--unlearn-eps", default="auto", show_default=True,
         help="L-inf radius of those perturbations in [0,1] pixel space; auto: the scan's calibrated eps."),
+    opt("--unlearn-stamps/--no-unlearn-stamps", default=True, show_default=True,
+        help="--selection trace: half the unlearning copies are the clean images stamped with the trace's "
+             "reversed triggers (true labels)."),
     opt("--holdout", type=float, default=0.1, show_default=True,
         help="Share of the clean data kept out of scanning and training, to measure accuracy."),
 )

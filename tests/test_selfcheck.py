@@ -170,6 +170,9 @@ def test_a_trace_repair_removes_what_the_scan_traces_without_the_channel_test(mo
     # its verdict serve the verdict after it, so one set of them is trained
     assert checked_on == [180] and len(trained) == ReferenceConfig().count
     assert report.self_check["status"] in ("removed", "may persist")
+    # the trace's reversed triggers (one per round that cut) are stamped into half the unlearning copies
+    assert report.config["unlearning"]["stamps"] == len(report.evidence["trace"]["rounds"]) - (
+        "no longer anomalous" in report.evidence["trace"]["stop"]) > 0
     assert "trace: " in report.format_text() and "(from trace)" in report.format_text()
     page = repair_html(report)
     assert "The verdict the channels were traced from" in page and "Trigger search" in page

@@ -104,3 +104,82 @@ def test_a_trace_repair_removes_nothing_where_the_verdict_names_no_class(monkeyp
     assert "trace: nothing flagged (the verdict is not suspicious)" in report.format_text()
     page = repair_html(report)
     assert "The verdict the channels were traced from" in page and "nothing flagged" in page
+
+
+def test_stamp_or_perturbation_stamps_a_seeded_half_of_the_copies():
+    """Half the unlearning copies (a seeded coin per image) are the clean image with one of the trace's reversed
+    triggers stamped in, the others the perturbation's copy; the same seed draws the same images and stamps."""
+    import torch
+
+    from fmt_audit.repair.finetune import STAMP_SHARE, StampOrPerturbation
+
+    x = torch.rand(2000, 3, 8, 8)
+    masks = [torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)]
+    masks[0][:, :2, :2], masks[1][:, -2:, -2:] = 1.0, 1.0
+    stamps = [(masks[0], torch.zeros(3, 8, 8)), (masks[1], torch.ones(3, 8, 8))]
+
+    def copies(seed: int) -> torch.Tensor:
+        return StampOrPerturbation(lambda images: images + 5.0, stamps, seed=seed)(x)
+
+    out = copies(0)
+    perturbed = (out - x - 5.0).abs().flatten(1).amax(1) < 1e-6
+    def each(values: torch.Tensor) -> torch.Tensor:
+        return values.all(1).all(1).all(1)
+
+    first = each(out[:, :, :2, :2] == 0) & each(torch.isclose(out[:, :, 2:, 2:], x[:, :, 2:, 2:]))
+    second = each(out[:, :, -2:, -2:] == 1) & each(torch.isclose(out[:, :, :-2, :-2], x[:, :, :-2, :-2]))
+    assert bool((perturbed ^ (first | second)).all())       # every copy is one or the other
+    assert abs(float((first | second).float().mean()) - STAMP_SHARE) < 0.05
+    assert 0.4 < float(first.float().sum() / (first | second).float().sum()) < 0.6     # both stamps drawn
+    assert torch.equal(copies(0), out) and not torch.equal(copies(1), out)
+    with pytest.raises(ValueError, match="at least one reversed trigger"):
+        StampOrPerturbation(lambda images: images, [])
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_trace_repair_unlearns_with_the_traces_reversed_triggers(monkeypatch, on):
+    """The reversed triggers the trace found reach the unlearning (half the copies stamped with them) and the
+    report says so; ``unlearn_stamps=False`` keeps the feature-map perturbations alone. The verdict and the
+    trace are stubbed here (a real trace repair: test_selfcheck)."""
+    import torch
+
+    import fmt_audit.fmt.trace
+    import fmt_audit.repair.pipeline
+    import fmt_audit.verdict
+    from fmt_audit.fmt.gradient import FeatureMapPerturbation
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.finetune import StampOrPerturbation
+    from fmt_audit.repair.pipeline import repair
+    from fmt_audit.verdict.base import Verdict
+
+    loaded = load_model(SAMPLES / "badnets_op13.onnx")
+    layer = loaded.layers[0].name
+    channels, height, width = loaded.image_input.channels, loaded.image_input.height, loaded.image_input.width
+    mask = torch.zeros(1, height, width)
+    mask[:, -3:, -3:] = 1.0
+    stamp = (mask, torch.ones(channels, height, width))
+    monkeypatch.setattr(fmt_audit.verdict, "gather",
+                        lambda inputs, config: Verdict("combined", 0.8, "suspicious", TARGET, 0.5, "stub",
+                                                       {"norms": [0.01] * loaded.num_classes}))
+
+    def traced(classifier, layers, dataset, verdict, seed=0, with_stamps=False):
+        found = {"target": TARGET, "flagged": 1, "rounds": [], "stop": "stub", "layers": {layer: [0]}}
+        return {**found, "stamps": [stamp]} if with_stamps else found
+
+    monkeypatch.setattr(fmt_audit.fmt.trace, "trace_verdict", traced)
+    used = []
+    fine_tune = fmt_audit.repair.pipeline.fine_tune
+    monkeypatch.setattr(fmt_audit.repair.pipeline, "fine_tune",
+                        lambda *a, perturb=None, **k: used.append(perturb) or fine_tune(*a, perturb=perturb, **k))
+    report = repair(loaded, DATA, RepairConfig(FineTuneConfig(epochs=1), unlearn_eps=0.1, unlearn_stamps=on),
+                    ScanConfig(selection="trace", samples=32)).report
+    assert report.flagged == {layer: [0]} and len(used) == 1
+    unlearning = report.config["unlearning"]
+    if on:
+        assert isinstance(used[0], StampOrPerturbation) and isinstance(used[0].perturbation, FeatureMapPerturbation)
+        assert unlearning["stamps"] == 1 and unlearning["stamp_share"] == 0.5
+        assert "50% of the copies stamped with the trace's 1 reversed trigger" in report.format_text()
+    else:
+        assert isinstance(used[0], FeatureMapPerturbation) and "stamps" not in unlearning
+        assert "stamped" not in report.format_text()

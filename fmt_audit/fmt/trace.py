@@ -186,9 +186,10 @@ def untraceable(verdict: Verdict | None) -> str | None:
 
 
 def trace_verdict(classifier: BridgedClassifier, layers: Sequence[ConvLayer], dataset: Dataset,
-                  verdict: Verdict | None, seed: int = 0) -> dict:
+                  verdict: Verdict | None, seed: int = 0, with_stamps: bool = False) -> dict:
     """What reports keep of the trace of ``verdict``'s class (its reversed trigger's channels in ``layers``,
     found on ``dataset``), with the channels under ``layers``; ``{"skipped": why}`` where it names none.
+    ``with_stamps``: its reversed triggers too, under ``stamps`` (tensors: take them out before writing a report).
     ``classifier`` is frozen here: give it a conversion of its own, not one that is fine-tuned after."""
     from fmt_audit.backends.torch.logits import freeze
 
@@ -200,4 +201,4 @@ def trace_verdict(classifier: BridgedClassifier, layers: Sequence[ConvLayer], da
     freeze(classifier)
     traced = trace_channels(classifier, layers, dataset, target, float(np.median(np.delete(norms, target))),
                             TraceConfig(seed=seed))
-    return {**traced.to_dict(), "layers": traced.flagged}
+    return {**traced.to_dict(), "layers": traced.flagged, **({"stamps": traced.stamps} if with_stamps else {})}

@@ -145,6 +145,8 @@ class RepairConfig:
     unlearn: bool | None = None
     unlearn_eps: float | str = "auto"   # auto: the scan's gradient-mode eps, else calibrated here
     unlearn_steps: int = 5
+    # half the unlearning copies stamped with the trace's reversed triggers (--selection trace, where it found any)
+    unlearn_stamps: bool = True
     method: str = "fmt"
     prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
     clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
@@ -174,15 +176,15 @@ class RepairConfig:
 def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: float = 0.01,
                   batch_size: int | None = None, augment: bool = True, flip: str = "auto",
                   allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
-                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0, anp_eps: float = 0.4,
-                  anp_tradeoff: float = 0.2, anp_iterations: int = 2000, anp_threshold: float = 0.2,
-                  ibau_rounds: int = 5, ibau_lr: float = 0.001) -> RepairConfig:
+                  unlearn_stamps: bool = True, holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0,
+                  anp_eps: float = 0.4, anp_tradeoff: float = 0.2, anp_iterations: int = 2000,
+                  anp_threshold: float = 0.2, ibau_rounds: int = 5, ibau_lr: float = 0.001) -> RepairConfig:
     """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
     models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
     return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
                                        augment=augment, flip=flip, seed=seed),
                         allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
-                        method=method, prune_drop=prune_drop, clp_u=clp_u,
+                        unlearn_stamps=unlearn_stamps, method=method, prune_drop=prune_drop, clp_u=clp_u,
                         anp=AnpConfig(eps=anp_eps, tradeoff=anp_tradeoff, iterations=anp_iterations,
                                       threshold=anp_threshold),
                         ibau=IbauConfig(rounds=ibau_rounds, lr=ibau_lr))

@@ -14,7 +14,7 @@ lets them regrow; training outside :func:`fmt_audit.backends.torch.bridge.channe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,11 @@ from fmt_audit.backends.torch.bridge import BridgedClassifier
 from fmt_audit.backends.torch.logits import as_logits
 from fmt_audit.data import Dataset
 from fmt_audit.repair.config import FineTuneConfig
+from fmt_audit.verdict.evidence.cleanse import stamped
+
+# the share of the unlearning copies that carry one of the trace's reversed triggers (fixed before the first row
+# of docs/research/repair-stamp-unlearning.md and never changed)
+STAMP_SHARE = 0.5
 
 # flip augmentation is used in ``auto`` when the model's accuracy on mirrored images
 # stays within this many points of its accuracy on the originals (see flip_decision)
@@ -81,6 +86,34 @@ def flip_decision(classifier: BridgedClassifier, data: Dataset, setting: str) ->
     use = mirrored >= original - FLIP_TOLERANCE
     return use, {"setting": "auto", "accuracy": round(original, 6), "mirrored_accuracy": round(mirrored, 6),
                  "tolerance": FLIP_TOLERANCE, "flip": use}
+
+
+class StampOrPerturbation:
+    """Unlearning copies that also use what the trace found: for ``share`` of the images (a seeded coin per
+    image) the clean image stamped with one of ``stamps`` (the trace's reversed triggers, ``(mask [1, H, W],
+    pattern [C, H, W])``, one drawn per image), for the others ``perturbation``'s copy; both are trained with the
+    true label. Neural Cleanse's mitigation inside the unlearning: a backdoor spread over more channels than the
+    cut may take is trained away through its own opening (docs/research/repair-stamp-unlearning.md)."""
+
+    def __init__(self, perturbation: Callable[[torch.Tensor], torch.Tensor],
+                 stamps: Sequence[tuple[torch.Tensor, torch.Tensor]], share: float = STAMP_SHARE, seed: int = 0):
+        if not stamps:
+            raise ValueError("stamp unlearning needs at least one reversed trigger")
+        self.perturbation = perturbation
+        self.masks = torch.stack([torch.as_tensor(mask, dtype=torch.float32) for mask, _ in stamps])
+        self.patterns = torch.stack([torch.as_tensor(pattern, dtype=torch.float32) for _, pattern in stamps])
+        self.share = share
+        self.rng = np.random.default_rng([seed, len(stamps)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # every image's perturbed copy first, so that its random draws do not depend on the coins
+        out = self.perturbation(x)
+        rows = np.flatnonzero(self.rng.random(len(x)) < self.share)
+        which = torch.from_numpy(self.rng.integers(0, len(self.masks), len(rows)))
+        if len(rows):
+            index = torch.from_numpy(rows).to(x.device)
+            out[index] = stamped(x[index], self.masks[which].to(x.device), self.patterns[which].to(x.device))
+        return out
 
 
 def fine_tune(classifier: BridgedClassifier, train: Dataset, config: FineTuneConfig, flip: bool,

@@ -60,7 +60,7 @@ from fmt_audit.model.graph import (
 )
 from fmt_audit.model.loading import LoadedModel, load_model, run_checker
 from fmt_audit.repair.config import RepairConfig
-from fmt_audit.repair.finetune import EpochRecord, fine_tune, flip_decision
+from fmt_audit.repair.finetune import STAMP_SHARE, EpochRecord, StampOrPerturbation, fine_tune, flip_decision
 from fmt_audit.repair.methods.base import RepairInputs, RepairMethod
 from fmt_audit.repair.methods.registry import METHODS, TAKE_CHANNELS
 from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
@@ -287,6 +287,9 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                                          seed=tuning.seed)
         unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
                            "calibration": trace})
+        if removal.stamps and config.unlearn_stamps:
+            perturb = StampOrPerturbation(perturb, removal.stamps, STAMP_SHARE, seed=tuning.seed)
+            unlearning.update({"stamps": len(removal.stamps), "stamp_share": STAMP_SHARE})
     hold = (contextlib.nullcontext() if config.allow_regrowth
             else channels_held_at_zero(bridge.channel_modules, removed))
     tolerance = max(config.tolerance, FLOAT16_TOLERANCE) if is_float16(loaded.proto) else config.tolerance

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from fmt_audit.model.graph import ChannelSet
 
 if TYPE_CHECKING:
+    import torch
+
     from fmt_audit.backends.torch.bridge import BridgedClassifier
     from fmt_audit.data import Dataset
     from fmt_audit.fmt.scan import ScanConfig
@@ -48,12 +50,15 @@ class RepairInputs:
 @dataclass(frozen=True)
 class Removal:
     """The channels a method removes, where they came from (in words, the report's ``flagged.source``), the
-    scan that chose them (if one ran here) and the evidence the method chose them on (for the report)."""
+    scan that chose them (if one ran here), the evidence the method chose them on (for the report) and the
+    reversed triggers it found on the way (``--selection trace``)."""
 
     source: str
     channels: ChannelSet
     scan: ScanReport | None = None
     evidence: dict | None = None
+    # the trace's reversed triggers ((mask, pattern) tensors), which the unlearning stamps into half its copies
+    stamps: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
 class RepairMethod(ABC):

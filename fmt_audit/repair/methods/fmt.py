@@ -76,14 +76,15 @@ def _traced(inputs: RepairInputs) -> Removal:
     if inputs.progress:
         inputs.progress("trace", 0, 0)
     trace = trace_verdict(BridgedClassifier(bridge, config.preprocessing, device), layers, inputs.train, found,
-                          config.seed)
-    traced = trace.pop("layers", {})
+                          config.seed, with_stamps=True)
+    traced, stamps = trace.pop("layers", {}), tuple(trace.pop("stamps", ()))
     channels = {layer.name: traced[layer.name] for layer in layers if layer.name in traced}   # the model's order
     settings = {"selection": config.selection, "skip_layers": config.skip_layers, "seed": config.seed,
                 "verdict": asdict(check)}
     return Removal("trace", channels, evidence={
         "verdict": found.to_dict(), "trace": trace, "settings": settings,
-        "timing": {"verdict_s": round(verdict_s, 3), "trace_s": round(time.perf_counter() - started - verdict_s, 3)}})
+        "timing": {"verdict_s": round(verdict_s, 3), "trace_s": round(time.perf_counter() - started - verdict_s, 3)}},
+        stamps=stamps)
 
 
 FMT = FeatureMapTesting()
