@@ -222,8 +222,8 @@ REPAIR = OptionGroup(
     opt("--unlearn-eps", default="auto", show_default=True,
         help="L-inf radius of those perturbations in [0,1] pixel space; auto: the scan's calibrated eps."),
     opt("--unlearn-stamps/--no-unlearn-stamps", default=True, show_default=True,
-        help="--selection trace: half the unlearning copies are the clean images stamped with the trace's "
-             "reversed triggers (true labels)."),
+        help="--selection trace, where repair runs the trace itself (not --from-report, not fleet): half the "
+             "unlearning copies are the clean images stamped with the trace's reversed triggers (true labels)."),
     opt("--holdout", type=float, default=0.1, show_default=True,
         help="Share of the clean data kept out of scanning and training, to measure accuracy."),
 )

@@ -108,7 +108,9 @@ def test_a_trace_repair_removes_nothing_where_the_verdict_names_no_class(monkeyp
 
 def test_stamp_or_perturbation_stamps_a_seeded_half_of_the_copies():
     """Half the unlearning copies (a seeded coin per image) are the clean image with one of the trace's reversed
-    triggers stamped in, the others the perturbation's copy; the same seed draws the same images and stamps."""
+    triggers stamped in, the others the perturbation's copy. The draws are the measured method's
+    (docs/research/repair-stamp-unlearning.md): every image perturbed first, then a coin per image, then a stamp
+    per stamped image, from ``default_rng([seed, stamps])``."""
     import torch
 
     from fmt_audit.repair.finetune import STAMP_SHARE, StampOrPerturbation
@@ -117,23 +119,30 @@ def test_stamp_or_perturbation_stamps_a_seeded_half_of_the_copies():
     masks = [torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)]
     masks[0][:, :2, :2], masks[1][:, -2:, -2:] = 1.0, 1.0
     stamps = [(masks[0], torch.zeros(3, 8, 8)), (masks[1], torch.ones(3, 8, 8))]
+    perturbed_batches = []
 
-    def copies(seed: int) -> torch.Tensor:
-        return StampOrPerturbation(lambda images: images + 5.0, stamps, seed=seed)(x)
+    def perturbation(images: torch.Tensor) -> torch.Tensor:
+        perturbed_batches.append(len(images))
+        return images + 5.0
 
-    out = copies(0)
-    perturbed = (out - x - 5.0).abs().flatten(1).amax(1) < 1e-6
-    def each(values: torch.Tensor) -> torch.Tensor:
-        return values.all(1).all(1).all(1)
-
-    first = each(out[:, :, :2, :2] == 0) & each(torch.isclose(out[:, :, 2:, 2:], x[:, :, 2:, 2:]))
-    second = each(out[:, :, -2:, -2:] == 1) & each(torch.isclose(out[:, :, :-2, :-2], x[:, :, :-2, :-2]))
-    assert bool((perturbed ^ (first | second)).all())       # every copy is one or the other
-    assert abs(float((first | second).float().mean()) - STAMP_SHARE) < 0.05
-    assert 0.4 < float(first.float().sum() / (first | second).float().sum()) < 0.6     # both stamps drawn
-    assert torch.equal(copies(0), out) and not torch.equal(copies(1), out)
+    out = StampOrPerturbation(perturbation, stamps, seed=3)(x)
+    rng = np.random.default_rng([3, 2])
+    rows = np.flatnonzero(rng.random(len(x)) < STAMP_SHARE)
+    which = rng.integers(0, 2, len(rows))
+    expected = x + 5.0
+    for row, k in zip(rows, which):
+        expected[row] = (1 - masks[k]) * x[row] + masks[k] * stamps[k][1]
+    assert perturbed_batches == [len(x)] and torch.equal(out, expected)
+    assert abs(len(rows) / len(x) - STAMP_SHARE) < 0.05 and 0.4 < which.mean() < 0.6     # both stamps drawn
+    # a perturbation that hands back its input is not stamped over
+    same = torch.rand(4, 3, 8, 8)
+    kept = same.clone()
+    StampOrPerturbation(lambda images: images, stamps, share=1.0)(same)
+    assert torch.equal(same, kept)
     with pytest.raises(ValueError, match="at least one reversed trigger"):
         StampOrPerturbation(lambda images: images, [])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        StampOrPerturbation(lambda images: images, stamps, share=1.5)
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -168,18 +177,29 @@ def test_a_trace_repair_unlearns_with_the_traces_reversed_triggers(monkeypatch, 
         return {**found, "stamps": [stamp]} if with_stamps else found
 
     monkeypatch.setattr(fmt_audit.fmt.trace, "trace_verdict", traced)
+    seeds = []
+
+    class Seeded(StampOrPerturbation):
+        def __init__(self, *args, seed: int = 0, **kwargs):
+            seeds.append(seed)
+            super().__init__(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(fmt_audit.repair.pipeline, "StampOrPerturbation", Seeded)
     used = []
     fine_tune = fmt_audit.repair.pipeline.fine_tune
     monkeypatch.setattr(fmt_audit.repair.pipeline, "fine_tune",
                         lambda *a, perturb=None, **k: used.append(perturb) or fine_tune(*a, perturb=perturb, **k))
-    report = repair(loaded, DATA, RepairConfig(FineTuneConfig(epochs=1), unlearn_eps=0.1, unlearn_stamps=on),
-                    ScanConfig(selection="trace", samples=32)).report
+    config = RepairConfig(FineTuneConfig(epochs=1, seed=3), unlearn_eps=0.1, unlearn_stamps=on)
+    report = repair(loaded, DATA, config, ScanConfig(selection="trace", samples=32)).report
     assert report.flagged == {layer: [0]} and len(used) == 1
     unlearning = report.config["unlearning"]
-    if on:
+    if on:      # the trace's own stamp, drawn with the fine-tuning's seed
         assert isinstance(used[0], StampOrPerturbation) and isinstance(used[0].perturbation, FeatureMapPerturbation)
+        assert torch.equal(used[0].masks[0], mask) and torch.equal(used[0].patterns[0], stamp[1])
+        assert seeds == [3]
         assert unlearning["stamps"] == 1 and unlearning["stamp_share"] == 0.5
-        assert "50% of the copies stamped with the trace's 1 reversed trigger" in report.format_text()
+        assert "(50% of the copies) on the trace's 1 reversed trigger" in report.format_text()
     else:
-        assert isinstance(used[0], FeatureMapPerturbation) and "stamps" not in unlearning
-        assert "stamped" not in report.format_text()
+        assert isinstance(used[0], FeatureMapPerturbation)
+        assert unlearning["stamps"] == 0 and "stamp_share" not in unlearning
+        assert "reversed trigger" not in report.format_text().split("unlearning")[1].split("\n")[0]

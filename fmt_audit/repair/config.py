@@ -176,9 +176,9 @@ class RepairConfig:
 def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: float = 0.01,
                   batch_size: int | None = None, augment: bool = True, flip: str = "auto",
                   allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
-                  unlearn_stamps: bool = True, holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0,
-                  anp_eps: float = 0.4, anp_tradeoff: float = 0.2, anp_iterations: int = 2000,
-                  anp_threshold: float = 0.2, ibau_rounds: int = 5, ibau_lr: float = 0.001) -> RepairConfig:
+                  holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0, anp_eps: float = 0.4,
+                  anp_tradeoff: float = 0.2, anp_iterations: int = 2000, anp_threshold: float = 0.2,
+                  ibau_rounds: int = 5, ibau_lr: float = 0.001, unlearn_stamps: bool = True) -> RepairConfig:
     """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
     models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
     return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,

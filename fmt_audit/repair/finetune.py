@@ -92,13 +92,16 @@ class StampOrPerturbation:
     """Unlearning copies that also use what the trace found: for ``share`` of the images (a seeded coin per
     image) the clean image stamped with one of ``stamps`` (the trace's reversed triggers, ``(mask [1, H, W],
     pattern [C, H, W])``, one drawn per image), for the others ``perturbation``'s copy; both are trained with the
-    true label. Neural Cleanse's mitigation inside the unlearning: a backdoor spread over more channels than the
-    cut may take is trained away through its own opening (docs/research/repair-stamp-unlearning.md)."""
+    true label. Neural Cleanse's mitigation inside the unlearning: where the backdoor is spread over more
+    channels than the cut may take, training on images that carry its reversed trigger, labelled with their
+    true classes, teaches the model to ignore the trigger (docs/research/repair-stamp-unlearning.md)."""
 
     def __init__(self, perturbation: Callable[[torch.Tensor], torch.Tensor],
                  stamps: Sequence[tuple[torch.Tensor, torch.Tensor]], share: float = STAMP_SHARE, seed: int = 0):
         if not stamps:
             raise ValueError("stamp unlearning needs at least one reversed trigger")
+        if not 0 <= share <= 1:
+            raise ValueError(f"the share of stamped copies must be in [0, 1]; got {share}")
         self.perturbation = perturbation
         self.masks = torch.stack([torch.as_tensor(mask, dtype=torch.float32) for mask, _ in stamps])
         self.patterns = torch.stack([torch.as_tensor(pattern, dtype=torch.float32) for _, pattern in stamps])
@@ -107,7 +110,7 @@ class StampOrPerturbation:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # every image's perturbed copy first, so that its random draws do not depend on the coins
-        out = self.perturbation(x)
+        out = self.perturbation(x).clone()     # a perturbation may hand back its input: never stamp that
         rows = np.flatnonzero(self.rng.random(len(x)) < self.share)
         which = torch.from_numpy(self.rng.integers(0, len(self.masks), len(rows)))
         if len(rows):

@@ -287,9 +287,12 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                                          seed=tuning.seed)
         unlearning.update({"eps": eps, "alpha": eps / 3, "steps": config.unlearn_steps, "eps_from": origin,
                            "calibration": trace})
-        if removal.stamps and config.unlearn_stamps:
+        # the trace's reversed triggers (--selection trace, where repair traced): how many the copies carry
+        stamps = len(removal.stamps) if config.unlearn_stamps else 0
+        unlearning["stamps"] = stamps
+        if stamps:
             perturb = StampOrPerturbation(perturb, removal.stamps, STAMP_SHARE, seed=tuning.seed)
-            unlearning.update({"stamps": len(removal.stamps), "stamp_share": STAMP_SHARE})
+            unlearning["stamp_share"] = STAMP_SHARE
     hold = (contextlib.nullcontext() if config.allow_regrowth
             else channels_held_at_zero(bridge.channel_modules, removed))
     tolerance = max(config.tolerance, FLOAT16_TOLERANCE) if is_float16(loaded.proto) else config.tolerance
@@ -341,7 +344,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                 tried = verdict_on(loaded, candidate, checked_on, preprocessing, device, check, references,
                                    told("stronger try")).to_dict()
                 kept = tried["verdict"] == "clean"
-                escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "after": tried,
+                escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "stamps": 0, "after": tried,
                               "kept": kept, "accuracy": measure()}
                 if kept:
                     repaired, verification, after = candidate, candidate_verification, tried

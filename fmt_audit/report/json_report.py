@@ -231,8 +231,8 @@ class RepairReport:
             stamps = unlearning.get("stamps")
             lines.append(f"unlearning   on feature-map perturbations, eps {unlearning['eps']} "
                          f"({unlearning['eps_from']}), {unlearning['steps']} steps"
-                         + (f"; {unlearning['stamp_share']:.0%} of the copies stamped with the trace's "
-                            f"{stamps} reversed trigger{'s' if stamps > 1 else ''}" if stamps else ""))
+                         + (f", and ({unlearning['stamp_share']:.0%} of the copies) on the trace's {stamps} "
+                            f"reversed trigger{'s' if stamps > 1 else ''}" if stamps else ""))
         if self.data["holdout"]:
             lines.append(f"holdout      {self.data['holdout']} images: accuracy {fmt(a['before'])} before, "
                          f"{fmt(a['after_removal'])} after removal, {fmt(a['after'])} after fine-tuning")

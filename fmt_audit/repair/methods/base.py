@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fmt_audit.model.graph import ChannelSet
@@ -58,7 +58,7 @@ class Removal:
     scan: ScanReport | None = None
     evidence: dict | None = None
     # the trace's reversed triggers ((mask, pattern) tensors), which the unlearning stamps into half its copies
-    stamps: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    stamps: tuple[tuple[torch.Tensor, torch.Tensor], ...] = field(default=(), repr=False, compare=False)
 
 
 class RepairMethod(ABC):
