@@ -248,7 +248,8 @@ def html_option(what: str) -> OptionGroup:
 FAIL_IF_PERSISTS = OptionGroup("Output", opt(
     "--fail-if-persists", is_flag=True,
     help="Exit with code 1 when the self-check says the backdoor may persist, or cannot tell (the repaired model "
-         "is written either way), for pipeline gates."))
+         "is written either way), for pipeline gates. A pass is not proof: the check is the verdict run again, and "
+         "unlearning can hide a backdoor that still works from it (README, Limits)."))
 FAIL_ON_SUSPICIOUS = OptionGroup("Output", opt(
     "--fail-on-suspicious", is_flag=True,
     help="Exit with code 1 when the verdict is suspicious or inconclusive (without a verdict: when any channel is "

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -358,7 +359,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         if method == RETRACED:
             result, extra_row = retraced(result, flagged)
         if args.keep_models:
-            slug = "".join(c if c.isalnum() else "-" for c in method).strip("-")
+            slug = re.sub(r"[^0-9A-Za-z]+", "-", method).strip("-")     # trace + unlearning: trace-unlearning
             kept = folder / f"repaired_{args.tag}_{slug}.onnx"
             partial = kept.with_suffix(".partial")
             onnx.save(result.model, str(partial))
