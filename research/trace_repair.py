@@ -14,7 +14,8 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * ``trace + unlearning (self-checked)`` (docs/research/repair-self-check.md): the product's own path, ``fmt-audit
   repair --selection trace`` with its self-check: the verdict and trace run inside the repair, then the verdict
   on the repaired model, and where it still finds the backdoor the one stronger setting; the row keeps the
-  self-check's word and what the stronger setting did;
+  self-check's word and what the stronger setting did (from 50589e2 the product's path stamps the trace's
+  reversed triggers into the unlearning: rows before and after it are different repairs);
 * ``trace + unlearning (re-traced)`` (docs/research/repair-retrace.md): ``trace + unlearning``, then the verdict
   on the repaired model (the self-check's); where it still finds a backdoor, the trace of the class it names on
   the repaired model, those channels removed too, and the unlearning again from the repaired model (instead of
