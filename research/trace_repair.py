@@ -153,7 +153,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
     from fmt_audit.backends.torch.logits import freeze
     from fmt_audit.data import Dataset, Preprocessing, load_npz
     from fmt_audit.fmt.scan import ScanConfig, scan
-    from fmt_audit.fmt.trace import TraceConfig, trace_channels
+    from fmt_audit.fmt.trace import TraceConfig, trace_channels, trace_verdict, untraceable
     from fmt_audit.model.loading import load_model
     from fmt_audit.repair.config import FineTuneConfig, RepairConfig
     from fmt_audit.repair.evaluation import evaluate
@@ -273,21 +273,16 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
     def retraced(first, flagged: dict, loaded=loaded, train=train, preprocessing=preprocessing):
         """The verdict on ``first``'s repaired model; where it is suspicious, the trace of its class on that model,
         and the repair again from it, those channels removed beside ``flagged`` (held at zero again)."""
-        repaired = replace(loaded, proto=first.model)
         after = verdict_on(loaded, first.model, train, preprocessing, "cpu", check)
         brief = {"verdict": after.verdict, "class": after.target_class, "suspicion": after.suspicion}
-        if after.verdict != "suspicious" or not after.details.get("norms"):
+        if untraceable(after):
             return first, {"verdict after": brief, "re-trace": None}
-        classifier = BridgedClassifier(to_torch(first.model), preprocessing, "cpu")
-        freeze(classifier)
-        norms = np.asarray(after.details["norms"], dtype=float)
-        target = int(after.target_class)
-        again = trace_channels(classifier, loaded.layers, train, target,
-                               float(np.median(np.delete(norms, target))), TraceConfig(seed=args.seed))
-        both = {name: sorted(set(flagged.get(name, ())) | set(again.flagged.get(name, ())))
-                for name in {**flagged, **again.flagged}}
-        second = repair(repaired, data, unlearn, scan_config, flagged=both)
-        return second, {"verdict after": brief, "re-trace": {**again.to_dict(), "flagged": again.count}}
+        again = trace_verdict(BridgedClassifier(to_torch(first.model), preprocessing, "cpu"), loaded.layers, train,
+                              after, args.seed)
+        layers = again.pop("layers")
+        both = {name: sorted(set(flagged.get(name, ())) | set(layers.get(name, ()))) for name in {**flagged, **layers}}
+        second = repair(replace(loaded, proto=first.model), data, unlearn, scan_config, flagged=both)
+        return second, {"verdict after": brief, "re-trace": again}
 
     def stamps() -> tuple[list, bool | str]:
         """The trace's reversed triggers, and whether they come from the trace whose channels are cut (a trace
