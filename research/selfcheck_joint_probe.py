@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from cases import cases
+from selfcheck_probe import given_and_repaired, predicted
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,35 +66,17 @@ def main() -> None:
     parser.add_argument("--note", default="", help="what the repaired model is (kept in the row)")
     args = parser.parse_args()
 
-    import onnx
     import torch
 
     from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.data import Preprocessing, load_npz
-    from fmt_audit.model.loading import load_model
-    from fmt_audit.repair.config import RepairConfig
-    from fmt_audit.verdict import VerdictConfig
     from fmt_audit.verdict.config import CleanseConfig
     from fmt_audit.verdict.evidence.cleanse import reverse_triggers, stamped
 
-    (case,) = list(cases(args.cell))
-    folder = Path(case.model).parent
-    given = load_model(case.model)
-    repaired = replace(given, proto=onnx.load(str(folder / Path(args.repaired).name)))
-    preprocessing = Preprocessing(case.mean, case.std)
-    train, _ = load_npz(case.defender).split(RepairConfig().holdout, seed=args.seed)
-    sample = train.take(VerdictConfig().samples, seed=args.seed)
+    pair = given_and_repaired(args.cell, args.repaired, args.seed)
+    case, given, repaired, preprocessing = pair.case, pair.given, pair.repaired, pair.preprocessing
+    sample, clean, triggered = pair.sample, pair.clean, pair.triggered
     classes = given.num_classes
     target = case.target
-    victims = case.test.y != target if target is not None else np.ones(len(case.test.y), bool)
-    clean = torch.from_numpy(np.ascontiguousarray(case.test.x[victims]))
-    triggered = (torch.from_numpy(np.ascontiguousarray(case.triggered[: int(victims.sum())]))
-                 if case.triggered is not None else None)
-
-    def predicted(classifier, images: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return np.concatenate([classifier(images[s:s + 256]).argmax(1).numpy()
-                                   for s in range(0, len(images), 256)])
 
     given_classifier = BridgedClassifier(to_torch(given.classifier), preprocessing, "cpu")
     repaired_classifier = BridgedClassifier(to_torch(repaired.classifier), preprocessing, "cpu")

@@ -23,13 +23,58 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from cases import cases
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A cell's model as given and a repaired model beside it, with what the probes measure them on."""
+
+    case: object
+    given: object                   # LoadedModel
+    repaired: object                # LoadedModel: the given graph with the repaired weights
+    preprocessing: object
+    sample: object                  # the verdict's sample of the repair's training split
+    clean: object                   # torch: the clean test images not of the target (all of them on a twin)
+    triggered: object | None        # torch: as many triggered test images (None on a clean twin)
+
+
+def given_and_repaired(cell: str, repaired_name: str, seed: int) -> Pair:
+    """``cell`` (``matrix:CELL``) and the repaired model ``repaired_name`` kept in its folder
+    (``research/trace_repair.py --keep-models``), with the verdict's sample: the repair's split and seed."""
+    import onnx
+    import torch
+
+    from fmt_audit.data import Preprocessing, load_npz
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.repair.config import RepairConfig
+    from fmt_audit.verdict import VerdictConfig
+
+    (case,) = list(cases(cell))
+    folder = Path(case.model).parent
+    given = load_model(case.model)
+    repaired = replace(given, proto=onnx.load(str(folder / Path(repaired_name).name)))
+    train, _ = load_npz(case.defender).split(RepairConfig().holdout, seed=seed)
+    victims = case.test.y != case.target if case.target is not None else np.ones(len(case.test.y), bool)
+    triggered = (torch.from_numpy(np.ascontiguousarray(case.triggered[: int(victims.sum())]))
+                 if case.triggered is not None else None)
+    return Pair(case, given, repaired, Preprocessing(case.mean, case.std),
+                train.take(VerdictConfig().samples, seed=seed),
+                torch.from_numpy(np.ascontiguousarray(case.test.x[victims])), triggered)
+
+
+def predicted(classifier, images) -> np.ndarray:
+    """``classifier``'s classes for ``images`` (torch), in batches of 256."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([classifier(images[s:s + 256]).argmax(1).numpy() for s in range(0, len(images), 256)])
 
 
 def main() -> None:
@@ -40,32 +85,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import onnx
     import torch
 
     from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.data import Preprocessing, load_npz
-    from fmt_audit.model.loading import load_model
-    from fmt_audit.repair.config import RepairConfig
-    from fmt_audit.verdict import VerdictConfig
     from fmt_audit.verdict.config import CleanseConfig
     from fmt_audit.verdict.evidence.cleanse import reverse_triggers, stamped
 
-    (case,) = list(cases(args.cell))
-    folder = Path(case.model).parent
-    given = load_model(case.model)
-    repaired = replace(given, proto=onnx.load(str(folder / Path(args.repaired).name)))
-    preprocessing = Preprocessing(case.mean, case.std)
-    train, _ = load_npz(case.defender).split(RepairConfig().holdout, seed=args.seed)
-    sample = train.take(VerdictConfig().samples, seed=args.seed)
+    pair = given_and_repaired(args.cell, args.repaired, args.seed)
+    case, given, repaired, preprocessing = pair.case, pair.given, pair.repaired, pair.preprocessing
+    sample, clean, triggered = pair.sample, pair.clean, pair.triggered
     classes = given.num_classes
-    victims = case.test.y != case.target
-    triggered = torch.from_numpy(np.ascontiguousarray(case.triggered[: int(victims.sum())]))
-    clean = torch.from_numpy(np.ascontiguousarray(case.test.x[victims]))
-
-    def predicted(classifier, images: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return np.concatenate([classifier(images[s:s + 256]).argmax(1).numpy() for s in range(0, len(images), 256)])
 
     row = {"model": case.label, "repaired": Path(args.repaired).name, "target": case.target, "models": {}}
     given_trigger = None
