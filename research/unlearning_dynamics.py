@@ -26,6 +26,7 @@ from unittest import mock
 
 import numpy as np
 from cases import cases
+from selfcheck_probe import predicted
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("trace + unlearning", "trace + stamp unlearning", "fine-tuning only", "unlearning only")
@@ -80,19 +81,12 @@ def main() -> None:
         triggered = torch.from_numpy(np.ascontiguousarray(case.triggered[: min(args.images, int(victims.sum()))]))
     epochs, finals = [], []
 
-    def predicted(classifier, images):
-        with torch.inference_mode():
-            return np.concatenate([classifier(images[s:s + 250]).argmax(1).cpu().numpy()
-                                   for s in range(0, len(images), 250)])
-
     def watched(classifier, *a, progress=None, **k):
         def told(record):
             training = classifier.module.training
             classifier.module.eval()
             row = {"epoch": record.epoch, "lr": round(record.lr, 6), "holdout": record.holdout_accuracy,
-                   "ACC": round(float((predicted(classifier, test_x) == test_y).mean()), 4)}
-            if triggered is not None:
-                row["ASR"] = round(float((predicted(classifier, triggered) == case.target).mean()), 4)
+                   **measure(classifier, test_x, test_y, triggered, case.target)}
             classifier.module.train(training)
             epochs.append(row)
             print(json.dumps(row), flush=True)
@@ -110,9 +104,9 @@ def main() -> None:
     recalibrated = {}
     if finals:
         classifier = finals[-1]
-        recalibrated["as trained"] = measure(classifier, predicted, test_x, test_y, triggered, case.target)
+        recalibrated["as trained"] = measure(classifier, test_x, test_y, triggered, case.target)
         recalibrated["batchnorms"] = recalibrate(classifier, train.x)
-        recalibrated["recalibrated"] = measure(classifier, predicted, test_x, test_y, triggered, case.target)
+        recalibrated["recalibrated"] = measure(classifier, test_x, test_y, triggered, case.target)
         print(json.dumps(recalibrated), flush=True)
     row = {"model": case.label, "method": args.method, "removed": sum(map(len, flagged.values())),
            "stamps": len(pairs), "eps": eps, "images": args.images, "holdout ACC": result.report.accuracy,
@@ -122,7 +116,8 @@ def main() -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def measure(classifier, predicted, test_x, test_y, triggered, target) -> dict:
+def measure(classifier, test_x, test_y, triggered, target) -> dict:
+    """Accuracy on the test images and, where there are triggered ones, the share sent to ``target``."""
     classifier.module.eval()
     row = {"ACC": round(float((predicted(classifier, test_x) == test_y).mean()), 4)}
     if triggered is not None:
