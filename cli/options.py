@@ -121,7 +121,8 @@ SCAN = OptionGroup(
         help="What selection ranks: class shift or accuracy drop.  [default: shift]"),
     opt("--selection", type=click.Choice(SELECTIONS), default=None,
         help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule; trace: the channels that "
-             "carry the combined verdict's reversed trigger (repair: no per-channel test).  [default: outlier]"),
+             "carry the combined verdict's reversed trigger (repair: no per-channel test); auto: trace in a repair "
+             "that chooses its channels with the combined verdict, outlier otherwise (scan).  [default: auto]"),
     opt("--skip-layers", default=None, help="Regular expression of Conv node names not to test."),
     opt("--max-memory", default=None, metavar="SIZE",
         help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); batch sizes "
@@ -222,8 +223,9 @@ REPAIR = OptionGroup(
     opt("--unlearn-eps", default="auto", show_default=True,
         help="L-inf radius of those perturbations in [0,1] pixel space; auto: the scan's calibrated eps."),
     opt("--unlearn-stamps/--no-unlearn-stamps", default=True, show_default=True,
-        help="--selection trace, where repair runs the trace itself (not --from-report, not fleet): half the "
-             "unlearning copies are the clean images stamped with the trace's reversed triggers (true labels)."),
+        help="With the trace (--selection auto or trace), where repair runs it itself (not --from-report, not "
+             "fleet): half the unlearning copies are the clean images stamped with the trace's reversed triggers "
+             "(true labels)."),
     opt("--holdout", type=float, default=0.1, show_default=True,
         help="Share of the clean data kept out of scanning and training, to measure accuracy."),
 )

@@ -106,6 +106,46 @@ def test_a_trace_repair_removes_nothing_where_the_verdict_names_no_class(monkeyp
     assert "The verdict the channels were traced from" in page and "nothing flagged" in page
 
 
+@pytest.mark.parametrize("check", ["combined", "margin", None])
+def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verdict(monkeypatch, check):
+    """``auto``, the default selection: a repair that chooses its own channels and checks itself with the
+    ``combined`` verdict traces them (no per-channel test); with another verdict, or none, it runs the
+    per-channel outlier test as before, and so does a scan."""
+    import fmt_audit.fmt.scan
+    import fmt_audit.repair.selfcheck
+    import fmt_audit.verdict
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+    from fmt_audit.verdict import VerdictConfig
+    from fmt_audit.verdict.base import Verdict
+
+    class PerChannelTest(Exception):
+        pass
+
+    def per_channel_test(*args, **kwargs):
+        raise PerChannelTest
+
+    def clean(inputs, config):
+        return Verdict(config.method, 0.1, "clean", 3, 0.5, "stub")
+
+    monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", per_channel_test)
+    monkeypatch.setattr(fmt_audit.verdict, "gather", clean)
+    monkeypatch.setattr(fmt_audit.repair.selfcheck, "gather", clean)
+    assert ScanConfig().selection == "auto"
+    verdict = None if check is None else VerdictConfig(method=check)
+    run = lambda: repair(SAMPLES / "badnets_op13.onnx", DATA, RepairConfig(FineTuneConfig(epochs=0)),  # noqa: E731
+                         ScanConfig(samples=32), check=verdict)
+    if check == "combined":
+        report = run().report
+        assert report.source == "trace" and report.evidence["settings"]["selection"] == "trace"
+        assert report.self_check["status"] == "not found"
+    else:
+        with pytest.raises(PerChannelTest):
+            run()
+    with pytest.raises(PerChannelTest):
+        scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=8))
+
+
 def test_stamp_or_perturbation_stamps_a_seeded_half_of_the_copies():
     """Half the unlearning copies (a seeded coin per image) are the clean image with one of the trace's reversed
     triggers stamped in, the others the perturbation's copy. The draws are the measured method's

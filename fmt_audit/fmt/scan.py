@@ -18,7 +18,7 @@ from fmt_audit.data import Dataset, Preprocessing, check_seed, load_data
 from fmt_audit.errors import ConfigError, FmtAuditError
 from fmt_audit.fmt.memory import MemoryPlan, available_memory, graph_cost, peak_memory_mib, plan_memory
 from fmt_audit.fmt.scores import ChannelScores
-from fmt_audit.fmt.selection import SELECTIONS, select
+from fmt_audit.fmt.selection import AUTO_SELECTION, SELECTIONS, resolve_selection, select
 from fmt_audit.model.graph import ConvLayer, image_input, nonfinite_weights, opset_version
 from fmt_audit.model.loading import LoadedModel, load_model
 from fmt_audit.report.json_report import LayerResult, ScanReport
@@ -51,7 +51,7 @@ class ScanConfig:
     steps: int = 5
     gain: float = 10.0
     score: str = "shift"
-    selection: str = "outlier"
+    selection: str = AUTO_SELECTION     # a scan: outlier; a repair: trace where it can (resolve_selection)
     outlier_threshold: float = 3.5
     calibration_drop: float = 0.25
     skip_layers: str | None = None
@@ -124,8 +124,9 @@ PRESETS: dict[str, dict] = {
     "paper": {"mode": "gradient", "eps": 0.06, "alpha": 0.02, "steps": 1, "score": "accuracy",
               "selection": "kmeans"},
     "default": {},
-    # iterated FMT: the gradient method with a calibrated eps, 5 steps and class-shift scores
-    "gradient": {"mode": "gradient"},
+    # iterated FMT: the gradient method with a calibrated eps, 5 steps and class-shift scores (a per-channel
+    # test: its repair removes what the test flags, not the trace)
+    "gradient": {"mode": "gradient", "selection": "outlier"},
 }
 
 
@@ -330,6 +331,7 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     of ``data``; ``references``: trained reference networks to reuse (a fleet on one data file).
     """
     config = config or ScanConfig()
+    config = replace(config, selection=resolve_selection(config.selection, traceable=False))
     if config.selection == "trace":
         from fmt_audit.fmt.trace import require_combined
 

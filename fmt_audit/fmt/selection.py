@@ -15,6 +15,9 @@ nothing to separate — and flag nothing there, saying so.
 
 ``trace`` is not a per-layer rule: the scan flags the channels that carry the verdict's reversed trigger
 (:mod:`fmt_audit.fmt.trace`), whatever the layer scores say; the scores are still computed and reported.
+
+``auto`` (the default) is resolved by the run (:func:`resolve_selection`): ``trace`` for a repair that
+chooses its own channels and checks itself with the ``combined`` verdict, ``outlier`` elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SELECTIONS = ("kmeans", "outlier", "trace")
+AUTO_SELECTION = "auto"
+SELECTIONS = (AUTO_SELECTION, "kmeans", "outlier", "trace")
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
@@ -97,6 +101,19 @@ def robust_z(values: np.ndarray, samples: int | None = None) -> np.ndarray:
 
 def _z(values: np.ndarray, median: float, mad: float, noise: float) -> np.ndarray:
     return (values - median) / max(MAD_TO_SIGMA * mad, noise, 1e-12)
+
+
+def resolve_selection(selection: str, traceable: bool) -> str:
+    """The rule ``selection`` stands for: ``auto`` is ``trace`` where the run can trace (``traceable``: a repair
+    that removes channels it chooses itself, with the ``combined`` verdict as its check), else ``outlier``.
+
+    The trace became the default repair's selection when it beat the per-channel test followed by the same
+    unlearning on held-out models (docs/research/set-selection.md, the head-to-head); a scan keeps the
+    per-channel test unless asked (``--selection trace``).
+    """
+    if selection != AUTO_SELECTION:
+        return selection
+    return "trace" if traceable else "outlier"
 
 
 def select(scores: np.ndarray, rule: str, seed: int = 0, threshold: float = 3.5,

@@ -47,6 +47,7 @@ from fmt_audit.data import Dataset, load_data
 from fmt_audit.errors import ConfigError, RepairError, UnsupportedModelError, first_line
 from fmt_audit.fmt.gradient import FeatureMapPerturbation
 from fmt_audit.fmt.scan import ScanConfig, calibrated_eps
+from fmt_audit.fmt.selection import resolve_selection
 from fmt_audit.model.graph import (
     ChannelSet,
     ImageInput,
@@ -216,9 +217,10 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     this model, or a ``{layer: [channels]}`` map; ``None`` runs a scan with
     ``scan_config`` on the training part of the data first (with ``selection="trace"``:
     the ``combined`` verdict and its trace only, and the unlearning radius calibrated here,
-    as for given channels). ``data`` may be ``None`` for the data-free ``clp``. ``progress`` is
-    passed to the removal (a scan's channels, the trace's stages, ANP's masks, i-BAU's rounds) and
-    told of the self-check and its verdicts' stages;
+    as for given channels; the default ``auto`` is ``trace`` where ``check`` is the ``combined`` verdict, the
+    per-channel ``outlier`` test otherwise: :func:`fmt_audit.fmt.selection.resolve_selection`). ``data`` may
+    be ``None`` for the data-free ``clp``. ``progress`` is passed to the removal (a scan's channels, the
+    trace's stages, ANP's masks, i-BAU's rounds) and told of the self-check and its verdicts' stages;
     ``on_epoch`` gets each epoch's record. ``check``: the verdict that checks the repair
     (:mod:`fmt_audit.repair.selfcheck`) on the model as given and the repaired one, on the same images (the
     training split's sample where the removal ran that verdict itself, ``selection="trace"``; else all the data);
@@ -227,8 +229,11 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
     across processes); ``None``: trained once for this repair.
     """
     config = config or RepairConfig()
-    scan_config = scan_config or ScanConfig()
     method = METHODS[config.method]
+    # selection "auto": the trace where this repair chooses its channels and checks itself with combined
+    traceable = method.takes_channels and flagged is None and check is not None and check.method == "combined"
+    scan_config = scan_config or ScanConfig()
+    scan_config = replace(scan_config, selection=resolve_selection(scan_config.selection, traceable))
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     broken = nonfinite_weights(loaded.proto.graph)
