@@ -11,6 +11,9 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 * ``trace + stamp unlearning`` (pre-registered in docs/research/repair-stamp-unlearning.md): ``trace +
   unlearning`` with half of the unlearning copies the clean images stamped with one of the trace's reversed
   triggers (true labels) instead of feature-map perturbations;
+* ``trace + targeted stamp unlearning`` and ``trace + stamp-only unlearning`` (pre-registered in
+  docs/research/repair-targeted-unlearning.md): ``trace + stamp unlearning`` whose feature-map copies are kept
+  only where they send the model to the traced class (else the clean image), or never;
 * ``trace + unlearning (self-checked)`` (docs/research/repair-self-check.md): the product's own path, ``fmt-audit
   repair --selection trace`` with its self-check: the verdict and trace run inside the repair, then the verdict
   on the repaired model, and where it still finds the backdoor the one stronger setting; the row keeps the
@@ -57,7 +60,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
            "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning",
-           "trace + stamp unlearning", "trace + unlearning (self-checked)", "trace + unlearning (re-traced)")
+           "trace + stamp unlearning", "trace + unlearning (self-checked)", "trace + unlearning (re-traced)",
+           "trace + targeted stamp unlearning", "trace + stamp-only unlearning")
+# docs/research/repair-targeted-unlearning.md: which feature-map copies the stamp unlearning keeps
+KEPT_COPIES = {"trace + stamp unlearning": "all", "trace + targeted stamp unlearning": "targeted",
+               "trace + stamp-only unlearning": "none"}
 # trace + stamp unlearning: the share of the unlearning copies that carry a reversed trigger (fixed before any row)
 STAMP_SHARE = 0.5
 # trace + distilled unlearning: the clean images' loss is (1 - weight) x cross-entropy + weight x T^2 x KL from the
@@ -260,6 +267,8 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + distilled unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + stamp unlearning": lambda: (trace_flagged, unlearn, "trace"),
+        "trace + targeted stamp unlearning": lambda: (trace_flagged, unlearn, "trace"),
+        "trace + stamp-only unlearning": lambda: (trace_flagged, unlearn, "trace"),
         # the repair finds its own channels (verdict and trace on the training split), as the CLI does
         SELF_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         RETRACED: lambda: (trace_flagged, unlearn, "trace, and the repaired model's where the backdoor may persist"),
@@ -294,7 +303,9 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
             result = traced_anew()
             keep_stamps(result, result.flagged == trace_flagged)
         with np.load(stamps_path) as saved:
-            return list(zip(saved["masks"], saved["patterns"])), bool(saved["reproduced"])
+            # a file written before 9ff9cef does not say (the stamp study's development rows used such files)
+            reproduced = bool(saved["reproduced"]) if "reproduced" in saved.files else "not recorded"
+            return list(zip(saved["masks"], saved["patterns"])), reproduced
 
     def staged() -> dict:
         """Which method the staged rule picks on this cell, and why."""
@@ -331,7 +342,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                    "same as": "trace + unlearning (nothing traced)"})
             continue
         extra_row, pairs = {}, []
-        if method == "trace + stamp unlearning":
+        if method in KEPT_COPIES:
             pairs, reproduced = stamps()
             extra_row = {"stamps": len(pairs), "trace reproduced": reproduced}
             if reproduced is False:     # stamps of another trace than the cut's: not the registered method
@@ -343,15 +354,18 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                 write({**rows()["trace + unlearning"], "method": method, **extra_row,
                        "same as": "trace + unlearning (no reversed trigger)"})
                 continue
+        copies = {"kept": 0, "made": 0}
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
         checking = method == SELF_CHECKED
         with distillation(method == "trace + distilled unlearning", loaded, preprocessing), \
-                stamp_unlearning(pairs):
+                stamp_unlearning(pairs, KEPT_COPIES.get(method, "all"), found["target_class"], copies):
             result = repair(loaded, data, settings, replace(scan_config, selection="trace") if checking else
                             scan_config, flagged=flagged, check=check if checking else None)
         if checking:
             extra_row = {"self-check": self_check_row(result.report.self_check)}
+        if KEPT_COPIES.get(method, "all") != "all":
+            extra_row["feature-map copies kept"] = copies
         if method == RETRACED:
             result, extra_row = retraced(result, flagged)
         if args.keep_models:
@@ -412,10 +426,13 @@ def distillation(on: bool, loaded, preprocessing):
 
 
 @contextlib.contextmanager
-def stamp_unlearning(pairs: list):
+def stamp_unlearning(pairs: list, keep: str = "all", target: int | None = None, copies: dict | None = None):
     """Within it (``pairs`` of reversed-trigger mask and pattern, numpy), the repair's unlearning copies are for
     ``STAMP_SHARE`` of the images (drawn per image, seeded) the clean image with one of the stamps (drawn per
-    image), in place of its feature-map perturbation; both are trained with the true label."""
+    image), in place of its feature-map perturbation; both are trained with the true label. ``keep``: which
+    feature-map copies stay (``all``; ``targeted``: those the model under repair predicts as ``target`` while it
+    does not predict it for the clean image; ``none``), the others replaced by their clean image; ``copies``
+    counts the feature-map copies made and kept (docs/research/repair-targeted-unlearning.md)."""
     if not pairs:
         yield
         return
@@ -435,8 +452,24 @@ def stamp_unlearning(pairs: list):
             self.stamp_rng = np.random.default_rng([seed, len(pairs)])
 
         def __call__(self, x):
-            out = super().__call__(x)
+            out = x.clone() if keep == "none" else super().__call__(x)
             rows = np.flatnonzero(self.stamp_rng.random(len(x)) < STAMP_SHARE)
+            if keep != "all":
+                unstamped = torch.from_numpy(np.setdiff1d(np.arange(len(x)), rows)).to(x.device)
+                kept = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+                if keep == "targeted" and len(unstamped):
+                    module = self.classifier.module
+                    training = module.training
+                    module.eval()
+                    with torch.no_grad():
+                        predicted = self.classifier(torch.cat([x[unstamped], out[unstamped]])).argmax(1)
+                    module.train(training)
+                    clean, copy = predicted[:len(unstamped)], predicted[len(unstamped):]
+                    kept[unstamped] = (copy == target) & (clean != target)
+                dropped = ~kept
+                out[dropped] = x[dropped]
+                copies["made"] += len(unstamped)
+                copies["kept"] += int(kept.sum())
             which = torch.from_numpy(self.stamp_rng.integers(0, len(pairs), len(rows)))
             if len(rows):
                 index = torch.from_numpy(rows).to(x.device)
