@@ -146,6 +146,34 @@ def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verd
         scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=8))
 
 
+def test_compare_repairs_with_fmt_as_repair_does_by_default(monkeypatch):
+    """``compare``'s ``fmt`` is the default repair: the ``combined`` verdict's class traced (stubbed clean here:
+    nothing removed), no per-channel test; ``--preset gradient`` keeps its per-channel test."""
+    import fmt_audit.fmt.scan
+    import fmt_audit.verdict
+    from fmt_audit.repair.comparison import compare
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.verdict.base import Verdict
+
+    class PerChannelTest(Exception):
+        pass
+
+    def per_channel_test(*args, **kwargs):
+        raise PerChannelTest
+
+    monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", per_channel_test)
+    monkeypatch.setattr(fmt_audit.verdict, "gather",
+                        lambda inputs, config: Verdict(config.method, 0.1, "clean", 3, 0.5, "stub"))
+    common = (SAMPLES / "badnets_op13.onnx", DATA, SAMPLES / "test.npz")
+    comparison = compare(*common, methods=["fmt"], config=RepairConfig(FineTuneConfig(epochs=0)))
+    (outcome,) = comparison.outcomes
+    assert outcome.error is None and outcome.repair.source == "trace" and outcome.repair.flagged_count == 0
+    assert outcome.repair.self_check is None
+    with pytest.raises(PerChannelTest):
+        compare(*common, methods=["fmt"], config=RepairConfig(FineTuneConfig(epochs=0)),
+                scan_config=ScanConfig.from_preset("gradient", samples=8))
+
+
 def test_stamp_or_perturbation_stamps_a_seeded_half_of_the_copies():
     """Half the unlearning copies (a seeded coin per image) are the clean image with one of the trace's reversed
     triggers stamped in, the others the perturbation's copy. The draws are the measured method's

@@ -105,7 +105,8 @@ def _z(values: np.ndarray, median: float, mad: float, noise: float) -> np.ndarra
 
 def resolve_selection(selection: str, traceable: bool) -> str:
     """The rule ``selection`` stands for: ``auto`` is ``trace`` where the run can trace (``traceable``: a repair
-    that removes channels it chooses itself, with the ``combined`` verdict as its check), else ``outlier``.
+    that removes channels it chooses itself, with the ``combined`` verdict as its check, or ``compare``'s
+    ``fmt``), else ``outlier``.
 
     The trace became the default repair's selection when it beat the per-channel test followed by the same
     unlearning on held-out models (docs/research/set-selection.md, the head-to-head); a scan keeps the

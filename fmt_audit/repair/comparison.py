@@ -21,6 +21,7 @@ import onnx
 from fmt_audit.data import Dataset, load_data
 from fmt_audit.errors import ConfigError, FmtAuditError, first_line
 from fmt_audit.fmt.scan import ScanConfig
+from fmt_audit.fmt.selection import resolve_selection
 from fmt_audit.model.graph import classifier_graph
 from fmt_audit.model.loading import LoadedModel, load_model
 from fmt_audit.repair.config import RepairConfig
@@ -92,9 +93,13 @@ def compare(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Da
             scan_config: ScanConfig | None = None,
             on_method: Callable[[str], None] | None = None) -> Comparison:
     """Repair ``model`` with each of ``methods`` on the clean ``data`` and measure each result on ``test``
-    (and, with ``poisoned`` and ``target``, the attack). ``on_method(name)`` is called as each starts."""
+    (and, with ``poisoned`` and ``target``, the attack). ``on_method(name)`` is called as each starts.
+
+    ``fmt`` is the default repair: its channels (selection ``auto``) are the trace of the ``combined`` verdict's
+    class, found at the verdict's defaults; no self-check runs (compare measures with the attack instead)."""
     config = config or RepairConfig()
     scan_config = scan_config or ScanConfig()
+    scan_config = replace(scan_config, selection=resolve_selection(scan_config.selection, traceable=True))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got "
