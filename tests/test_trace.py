@@ -106,21 +106,18 @@ def test_a_trace_repair_removes_nothing_where_the_verdict_names_no_class(monkeyp
     assert "The verdict the channels were traced from" in page and "nothing flagged" in page
 
 
-@pytest.mark.parametrize("check", ["combined", "margin", None])
-def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verdict(monkeypatch, check):
-    """``auto``, the default selection: a repair that chooses its own channels and checks itself with the
-    ``combined`` verdict traces them (no per-channel test); with another verdict, or none, it runs the
-    per-channel outlier test as before, and so does a scan."""
+class PerChannelTest(Exception):
+    """Raised where the per-channel test would run (``per_channel_test_refused``)."""
+
+
+@pytest.fixture
+def per_channel_test_refused(monkeypatch):
+    """The per-channel test raises :class:`PerChannelTest`; every verdict is a stubbed ``clean`` (so a trace
+    flags nothing): which selection ran, and nothing slow."""
     import fmt_audit.fmt.scan
     import fmt_audit.repair.selfcheck
     import fmt_audit.verdict
-    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
-    from fmt_audit.repair.pipeline import repair
-    from fmt_audit.verdict import VerdictConfig
     from fmt_audit.verdict.base import Verdict
-
-    class PerChannelTest(Exception):
-        pass
 
     def per_channel_test(*args, **kwargs):
         raise PerChannelTest
@@ -131,6 +128,17 @@ def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verd
     monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", per_channel_test)
     monkeypatch.setattr(fmt_audit.verdict, "gather", clean)
     monkeypatch.setattr(fmt_audit.repair.selfcheck, "gather", clean)
+
+
+@pytest.mark.parametrize("check", ["combined", "margin", None])
+def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verdict(per_channel_test_refused, check):
+    """``auto``, the default selection: a repair that chooses its own channels and checks itself with the
+    ``combined`` verdict traces them (no per-channel test); with another verdict, or none, it runs the
+    per-channel outlier test as before, and so does a scan."""
+    from fmt_audit.repair.config import FineTuneConfig, RepairConfig
+    from fmt_audit.repair.pipeline import repair
+    from fmt_audit.verdict import VerdictConfig
+
     assert ScanConfig().selection == "auto"
     verdict = None if check is None else VerdictConfig(method=check)
     run = lambda: repair(SAMPLES / "badnets_op13.onnx", DATA, RepairConfig(FineTuneConfig(epochs=0)),  # noqa: E731
@@ -146,24 +154,12 @@ def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verd
         scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=8))
 
 
-def test_compare_repairs_with_fmt_as_repair_does_by_default(monkeypatch):
+def test_compare_repairs_with_fmt_as_repair_does_by_default(per_channel_test_refused):
     """``compare``'s ``fmt`` is the default repair: the ``combined`` verdict's class traced (stubbed clean here:
     nothing removed), no per-channel test; ``--preset gradient`` keeps its per-channel test."""
-    import fmt_audit.fmt.scan
-    import fmt_audit.verdict
     from fmt_audit.repair.comparison import compare
     from fmt_audit.repair.config import FineTuneConfig, RepairConfig
-    from fmt_audit.verdict.base import Verdict
 
-    class PerChannelTest(Exception):
-        pass
-
-    def per_channel_test(*args, **kwargs):
-        raise PerChannelTest
-
-    monkeypatch.setattr(fmt_audit.fmt.scan, "score_layers", per_channel_test)
-    monkeypatch.setattr(fmt_audit.verdict, "gather",
-                        lambda inputs, config: Verdict(config.method, 0.1, "clean", 3, 0.5, "stub"))
     common = (SAMPLES / "badnets_op13.onnx", DATA, SAMPLES / "test.npz")
     comparison = compare(*common, methods=["fmt"], config=RepairConfig(FineTuneConfig(epochs=0)))
     (outcome,) = comparison.outcomes
