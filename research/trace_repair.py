@@ -354,17 +354,17 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
                 write({**rows()["trace + unlearning"], "method": method, **extra_row,
                        "same as": "trace + unlearning (no reversed trigger)"})
                 continue
-        copies = {"kept": 0, "made": 0}
+        keep, copies = KEPT_COPIES.get(method, "all"), {"kept": 0, "made": 0}
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
         checking = method == SELF_CHECKED
         with distillation(method == "trace + distilled unlearning", loaded, preprocessing), \
-                stamp_unlearning(pairs, KEPT_COPIES.get(method, "all"), found["target_class"], copies):
+                stamp_unlearning(pairs, keep, found["target_class"], copies):
             result = repair(loaded, data, settings, replace(scan_config, selection="trace") if checking else
                             scan_config, flagged=flagged, check=check if checking else None)
         if checking:
             extra_row = {"self-check": self_check_row(result.report.self_check)}
-        if KEPT_COPIES.get(method, "all") != "all":
+        if keep != "all":
             extra_row["feature-map copies kept"] = copies
         if method == RETRACED:
             result, extra_row = retraced(result, flagged)
