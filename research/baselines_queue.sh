@@ -4,21 +4,28 @@
 # (docs/research/repair-stamp-unlearning.md: replica 1 of each cell, same defender data, split, seed and
 # evaluation as its rows), then that study's clean twin on CIFAR-10 (reported, decides nothing). A measurement:
 # no method is chosen by it. Run from main with the project's environment active; resumable (trace_repair.py
-# skips the cell/method pairs already in the results).
+# skips the cell/method pairs already in the results). A cell not in the cache is retrained first
+# (research/cpu_matrix.sh; one-thread CPU training gives the same ONNX file, checked against the sha256 in
+# benchmarks/results/matrix_cpu.json). Cells given as arguments run in that order (two lanes on two cores:
+# run the script twice with disjoint cells); none given: all of them.
 #   bash research/baselines_queue.sh
+#   bash research/baselines_queue.sh gtsrb-preact18q-badnets-p10-r1 cifar10-plaincnn-lowfreq-p10-r1 &
+#   bash research/baselines_queue.sh cifar10-plaincnn-badnets-p10-r1 cifar10-plaincnn-clean-r1 &
 #   PYTHONPATH=research python research/trace_repair_table.py research/results/trace_repair_stamp-heldout.jsonl
 . "$(dirname "$0")/matrix_state.sh"
-cd "$(dirname "$0")/../benchmarks" || exit 1
-run() {   # cell methods [--clean]
-  exported "$1" || { echo "$1: not exported" >&2; return; }
-  PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$1" --tag stamp-heldout --methods "$2" $3
-}
+here="$(cd "$(dirname "$0")" && pwd)"
 B="ANP,i-BAU"
-for cell in mnist-lenet-badnets-p10-r1 mnist-lenet-blended-p10-r1 mnist-lenet-wanet-p10-r1 \
-    mnist-plaincnn-badnets-p10-r1 gtsrb-preact18q-badnets-p10-r1; do
-  run "$cell" "$B"
-done
-run cifar10-plaincnn-clean-r1 "trace + unlearning,trace + stamp unlearning,fine-tuning only" --clean
-for cell in cifar10-plaincnn-badnets-p10-r1 cifar10-plaincnn-lowfreq-p10-r1 cifar10-plaincnn-inputaware-p10-r1; do
-  run "$cell" "$B"
+cells=("$@")
+[ ${#cells[@]} -gt 0 ] || cells=(mnist-lenet-badnets-p10-r1 mnist-lenet-blended-p10-r1 mnist-lenet-wanet-p10-r1
+  mnist-plaincnn-badnets-p10-r1 gtsrb-preact18q-badnets-p10-r1 cifar10-plaincnn-clean-r1
+  cifar10-plaincnn-badnets-p10-r1 cifar10-plaincnn-lowfreq-p10-r1 cifar10-plaincnn-inputaware-p10-r1)
+for cell in "${cells[@]}"; do
+  exported "$cell" || bash "$here/cpu_matrix.sh" "$cell"
+  exported "$cell" || { echo "$cell: not exported" >&2; continue; }
+  case "$cell" in
+    *-clean-r*) methods="trace + unlearning,trace + stamp unlearning,fine-tuning only"; clean=--clean ;;
+    *) methods="$B"; clean= ;;
+  esac
+  (cd "$here/../benchmarks" && PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$cell" \
+    --tag stamp-heldout --methods "$methods" $clean)
 done

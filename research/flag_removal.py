@@ -1,15 +1,18 @@
 """Removal only, no fine-tuning: what the trace's channels and the per-channel default scan's flags carry
-(docs/research/scan-trace-default.md, pre-registered before any row).
+(docs/research/scan-trace-default.md, pre-registered before any row; ``--h2h``: the head-to-head of
+docs/research/scan-trace-h2h.md, its own rows and rule).
 
 Per model (a benchmark case), on its test images through ONNX Runtime with masks at 0: as given; the trace's
 channels removed (the repair's cached trace, ``trace_train_seed0.json``, written by ``trace_repair.py``); as many
 random channels per layer (seed 0); the same for the default scan's flags where one is cached
-(``scan_default_n256_seed0_*.json``). Rows go to ``research/results/flag_removal.jsonl`` as they come; a model
-already there is skipped. ``--summary`` applies the page's rule to the rows.
+(``scan_default_n256_seed0_*.json``). Rows go to ``research/results/flag_removal.jsonl`` (``--h2h``:
+``flag_removal_h2h.jsonl``) as they come; a model already there is skipped. ``--summary`` applies the page's
+rule to the rows.
 
     cd benchmarks && PYTHONPATH=..:.:../research OMP_NUM_THREADS=1 python ../research/flag_removal.py \\
         matrix:cifar10-vgg-badnets-p01 ...
     python research/flag_removal.py --summary
+    python research/flag_removal.py --summary --h2h
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "flag_removal.jsonl"
+H2H_RESULTS = RESULTS.with_name("flag_removal_h2h.jsonl")
 # the rule's figures (docs/research/scan-trace-default.md)
 CUT_POINTS, SHARE_OF_MODELS, TOOK, CHANNEL_TARGET = 0.5, 0.8, 0.9, 0.05
 NOT_COUNTED = {"matrix cifar10-preact18q-inputaware-p10 (cpu)"}     # its removal-only row was read before
+# docs/research/scan-trace-h2h.md: the per-channel flags may out-cut the trace by this much on at most one model
+H2H_MARGIN, H2H_EXCEPTIONS = 0.2, 1
 
 
 def removal_row(case) -> dict:
@@ -56,10 +62,10 @@ def removal_row(case) -> dict:
             "default scan": cut(ScanReport.read(scans[-1]).flagged) if scans else None}
 
 
-def summary() -> None:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+def summary(results: Path, h2h: bool) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     counted = [r for r in rows if r["model"] not in NOT_COUNTED and r["ASR"] is not None and r["ASR"] >= TOOK]
-    print("| model | ASR as given | trace: flagged (share) | ASR cut | random | default scan: flagged | ASR cut | "
+    print("| model | ASR as given | trace: flagged (share) | ASR after | random | default scan: flagged | ASR after | "
           "random |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, d = r["trace"], r["default scan"]
@@ -76,25 +82,54 @@ def summary() -> None:
           f"needs >= {SHARE_OF_MODELS:.0%}): {'met' if len(cut) >= SHARE_OF_MODELS * len(counted) else 'not met'}")
     print(f"(2) more than random wherever something is flagged: {'met' if not beaten else f'not met: {beaten}'}")
     print(f"reported: of the cut ones, {len(small)} at <= 5% of the channels")
+    if h2h:
+        head_to_head(counted)
+
+
+def head_to_head(counted: list[dict]) -> None:
+    """docs/research/scan-trace-h2h.md's rule: the trace against the per-channel flags, model by model."""
+    paired = [r for r in counted if r["default scan"] is not None]
+    if len(paired) < len(counted):
+        print(f"not decided: {len(counted) - len(paired)} counted models lack the per-channel scan's row")
+        return
+
+    def cut(row: dict, flags: str) -> float:
+        return row["ASR"] - row[flags]["ASR"]
+
+    trace_cuts = sum(cut(r, "trace") >= CUT_POINTS for r in paired)
+    scan_cuts = sum(cut(r, "default scan") >= CUT_POINTS for r in paired)
+    worse = [r["model"] for r in paired if cut(r, "default scan") - cut(r, "trace") >= H2H_MARGIN]
+    first, second = trace_cuts > scan_cuts, len(worse) <= H2H_EXCEPTIONS
+    print(f"\nhead to head over {len(paired)}: (1) cut by >= 50 points: trace on {trace_cuts}, per-channel on "
+          f"{scan_cuts}: {'met' if first else 'not met'}; (2) per-channel 20+ points ahead on {len(worse)} "
+          f"(at most {H2H_EXCEPTIONS}){': ' + ', '.join(worse) if worse else ''}: {'met' if second else 'not met'}")
+    scan_beaten = [r["model"] for r in paired if r["default scan"]["flagged"]
+                   and r["default scan"]["ASR"] >= r["default scan"]["random ASR"]]
+    print(f"reported: per-channel flags no better than random on {len(scan_beaten)}; per-channel flags cut 50 "
+          f"points on {scan_cuts / len(paired):.0%}")
+    decision = "the trace becomes scan's default" if first and second else "scan keeps the per-channel test"
+    print(f"decision: {decision}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*")
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--h2h", action="store_true", help="docs/research/scan-trace-h2h.md: its rows and rule")
     args = parser.parse_args()
+    results = H2H_RESULTS if args.h2h else RESULTS
     if args.summary:
-        summary()
+        summary(results, args.h2h)
         return
     from cases import cases
 
-    done = {json.loads(line)["model"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    done = {json.loads(line)["model"] for line in results.read_text().splitlines()} if results.exists() else set()
     for case in (c for name in args.models for c in cases(name)):
         if case.label in done:
             continue
         row = removal_row(case)
         print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as handle:
+        with results.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
 

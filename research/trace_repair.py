@@ -5,6 +5,8 @@ For each backdoored matrix cell, on the same defender data, split, seed and fine
 
 * the ``combined`` verdict on the training split, then the trace (``fmt_audit.fmt.trace``) of its class;
 * ``trace removal only`` (no fine-tuning), ``trace + fine-tuning``, ``trace + unlearning``;
+* ``default removal only``: the per-channel default scan's flags removed, no fine-tuning
+  (docs/research/scan-trace-h2h.md);
 * ``unlearning only`` and ``fine-tuning only`` (no channel removed);
 * ``default + unlearning``: today's default repair (the per-channel scan at N = 256, then unlearning);
 * ``i-BAU`` and ``ANP``: ``repair --method ibau|anp`` at their references' defaults (no fine-tuning);
@@ -58,10 +60,10 @@ from cases import cases
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REACTIVATION_SHARE = 0.01
-METHODS = ("trace removal only", "trace + fine-tuning", "trace + unlearning", "unlearning only",
-           "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP", "trace + distilled unlearning",
-           "trace + stamp unlearning", "trace + unlearning (self-checked)", "trace + unlearning (re-traced)",
-           "trace + targeted stamp unlearning", "trace + stamp-only unlearning")
+METHODS = ("trace removal only", "default removal only", "trace + fine-tuning", "trace + unlearning",
+           "unlearning only", "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP",
+           "trace + distilled unlearning", "trace + stamp unlearning", "trace + unlearning (self-checked)",
+           "trace + unlearning (re-traced)", "trace + targeted stamp unlearning", "trace + stamp-only unlearning")
 # docs/research/repair-targeted-unlearning.md: which feature-map copies the stamp unlearning keeps
 KEPT_COPIES = {"trace + stamp unlearning": "all", "trace + targeted stamp unlearning": "targeted",
                "trace + stamp-only unlearning": "none"}
@@ -263,6 +265,10 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
 
     plans = {
         "trace removal only": lambda: (trace_flagged, RepairConfig(FineTuneConfig(epochs=0)), "trace"),
+        # docs/research/scan-trace-h2h.md: the per-channel default scan's flags alone (its scan cached for
+        # research/flag_removal.py beside the trace)
+        "default removal only": lambda: (lambda flags, name: (flags, RepairConfig(FineTuneConfig(epochs=0)), name))(
+            *default_flags()),
         "trace + fine-tuning": lambda: (trace_flagged, tune_only, "trace"),
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + distilled unlearning": lambda: (trace_flagged, unlearn, "trace"),
@@ -377,7 +383,9 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         after = measured(result.model)
         m = after.metrics
         seconds = time.perf_counter() - started
-        if twin and method == RETRACED:
+        if method.endswith("removal only"):
+            extra = {}      # nothing was trained: no re-activation, no verdict after
+        elif twin and method == RETRACED:
             extra = {}      # its row holds the verdict on the repaired model already
         elif twin:    # the self-check's question: does the verdict call the repaired model clean?
             checked = result.report.self_check["after"] if checking else \
@@ -385,7 +393,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
             extra = {"verdict after": {"verdict": checked["verdict"], "class": checked["target_class"],
                                        "suspicion": checked["suspicion"]}}
         else:
-            extra = reactivated(result.model) if method != "trace removal only" else {}
+            extra = reactivated(result.model)
         write({"model": case.label, "method": method, "flags from": source,
                "removed": sum(map(len, result.report.flagged.values())), "ACC": round(m.acc, 4),
                "ASR": rounded(m.asr), "RA": rounded(m.ra), "DER": rounded(after.der),
