@@ -5,6 +5,8 @@ against the issue's targets. Markdown on stdout; reads only the jsonl files.
     python research/trace_repair_table.py research/results/trace_repair_heldout.jsonl
     python research/trace_repair_table.py research/results/trace_repair_dev.jsonl --methods "trace + unlearning,i-BAU"
     python research/trace_repair_table.py research/results/trace_repair_twins.jsonl --gated   # clean twins
+    python research/trace_repair_table.py research/results/trace_repair_stamp-*.jsonl \
+         --methods "trace + stamp unlearning"
 
 ``--self-check`` tables the rows of ``trace + unlearning (self-checked)`` (docs/research/repair-self-check.md):
 the self-check's word against the final model's ASR, and the same cell's ``trace + unlearning`` row from the
@@ -185,14 +187,17 @@ def self_checks(cells: dict[str, dict[str, dict]], against: dict[str, dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("rows", type=Path)
+    parser.add_argument("rows", type=Path, nargs="+", help="jsonl files; a later file's row replaces an earlier one")
     parser.add_argument("--methods", default=None, help="comma-separated, in this order (default: every method)")
     parser.add_argument("--gated", action="store_true", help="add the rule of docs/research/repair-gating.md")
     parser.add_argument("--self-check", action="store_true", help="the self-check's word against the truth")
     parser.add_argument("--against", type=Path, nargs="*", default=[],
                         help="with --self-check: files holding the same cells' trace + unlearning rows")
     args = parser.parse_args()
-    cells = latest_rows(args.rows)
+    cells: dict[str, dict[str, dict]] = defaultdict(dict)
+    for path in args.rows:
+        for cell, rows in latest_rows(path).items():
+            cells[cell].update(rows)
     if args.self_check:
         against: dict[str, dict[str, dict]] = defaultdict(dict)
         for path in args.against:
