@@ -82,7 +82,9 @@ def cached_json(path: Path, make):
     if path.exists():
         return json.loads(path.read_text())
     value = make()
-    path.write_text(json.dumps(value))
+    partial = path.with_suffix(".partial")     # whole or absent: another queue may read it at any time
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
     return value
 
 
