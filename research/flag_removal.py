@@ -57,7 +57,7 @@ def removal_row(case) -> dict:
 
     trace = json.loads((folder / "trace_train_seed0.json").read_text())
     scans = sorted(folder.glob("scan_default_n256_seed0_*.json"))
-    return {"model": case.label, "channels": total, "ACC": acc, "ASR": asr,
+    return {"model": case.label, "onnx sha256": loaded.sha256[:16], "channels": total, "ACC": acc, "ASR": asr,
             "trace stop": trace.get("stop"), "trace": cut(trace["flagged"]),
             "default scan": cut(ScanReport.read(scans[-1]).flagged) if scans else None}
 

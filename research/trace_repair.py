@@ -175,6 +175,13 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
     folder = Path(case.model).parent
     facts = json.loads((folder / "facts.json").read_text())
     loaded = load_model(case.model)
+    # which model a row is of: a cell retrained on the CPU in another session is not always the same file
+    # (gtsrb-preact18q-badnets-p10-r1 was not, fifteenth session), and rows compared must share a model
+    unnamed, digest = write, loaded.sha256[:16]
+
+    def write(row: dict) -> None:
+        unnamed({**row, "onnx sha256": digest})
+
     preprocessing = Preprocessing(case.mean, case.std)
     data = load_npz(case.defender)
     config = RepairConfig(FineTuneConfig(epochs=args.epochs, seed=args.seed), unlearn=True)
