@@ -28,6 +28,9 @@ CUT_POINTS, SHARE_OF_MODELS, TOOK, CHANNEL_TARGET = 0.5, 0.8, 0.9, 0.05
 NOT_COUNTED = {"matrix cifar10-preact18q-inputaware-p10 (cpu)"}     # its removal-only row was read before
 # docs/research/scan-trace-h2h.md: the per-channel flags may out-cut the trace by this much on at most one model
 H2H_MARGIN, H2H_EXCEPTIONS = 0.2, 1
+H2H_MODELS = [f"matrix {cell}-p10-r2 (cpu)" for cell in (
+    "mnist-lenet-badnets", "mnist-lenet-blended", "mnist-lenet-wanet", "mnist-plaincnn-badnets",
+    "gtsrb-preact18q-badnets", "cifar10-plaincnn-badnets", "cifar10-plaincnn-lowfreq", "cifar10-plaincnn-inputaware")]
 
 
 def removal_row(case) -> dict:
@@ -65,14 +68,21 @@ def removal_row(case) -> dict:
 def summary(results: Path, h2h: bool) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     counted = [r for r in rows if r["model"] not in NOT_COUNTED and r["ASR"] is not None and r["ASR"] >= TOOK]
+    twins: list[str] = []
     print("| model | ASR as given | trace: flagged (share) | ASR after | random | default scan: flagged | ASR after | "
           "random |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, d = r["trace"], r["default scan"]
+        if r["ASR"] is None:    # a clean twin: what each flags and the accuracy left (scan-trace-h2h.md)
+            scan_text = f"{d['flagged']} flagged, ACC {d['ACC']:.1%}" if d else "–"
+            twins.append(f"- {r['model']} (clean twin, ACC {r['ACC']:.1%}): trace {t['flagged']} flagged, "
+                         f"ACC {t['ACC']:.1%}; per-channel {scan_text}")
+            continue
         default = (f"{d['flagged']} ({d['share']:.1%}) | {d['ASR']:.1%} | {d['random ASR']:.1%}" if d else "– | – | –")
         note = "" if r in counted else " (not counted)"
         print(f"| {r['model']}{note} | {r['ASR']:.1%} | {t['flagged']} ({t['share']:.1%}) | {t['ASR']:.1%} | "
               f"{t['random ASR']:.1%} | {default} |")
+    print("\n".join(["", *twins]) if twins else "", end="\n" if twins else "")
     if not counted:
         return
     cut = [r for r in counted if r["ASR"] - r["trace"]["ASR"] >= CUT_POINTS]
@@ -83,11 +93,15 @@ def summary(results: Path, h2h: bool) -> None:
     print(f"(2) more than random wherever something is flagged: {'met' if not beaten else f'not met: {beaten}'}")
     print(f"reported: of the cut ones, {len(small)} at <= 5% of the channels")
     if h2h:
-        head_to_head(counted)
+        head_to_head(counted, rows)
 
 
-def head_to_head(counted: list[dict]) -> None:
+def head_to_head(counted: list[dict], rows: list[dict]) -> None:
     """docs/research/scan-trace-h2h.md's rule: the trace against the per-channel flags, model by model."""
+    missing = sorted(set(H2H_MODELS) - {r["model"] for r in rows})
+    if missing:
+        print(f"\nnot decided yet: no row of {len(missing)} of the {len(H2H_MODELS)} models ({', '.join(missing)})")
+        return
     paired = [r for r in counted if r["default scan"] is not None]
     if len(paired) < len(counted):
         print(f"not decided: {len(counted) - len(paired)} counted models lack the per-channel scan's row")
@@ -124,7 +138,7 @@ def main() -> None:
     from cases import cases
 
     done = {json.loads(line)["model"] for line in results.read_text().splitlines()} if results.exists() else set()
-    for case in (c for name in args.models for c in cases(name)):
+    for case in (c for name in args.models for c in cases(name, clean=True)):    # twins: ACC only
         if case.label in done:
             continue
         row = removal_row(case)
