@@ -107,7 +107,8 @@ def data_options(help: str = DATA_HELP, required: bool = True) -> OptionGroup:
 SCAN = OptionGroup(
     "Channel scan",
     opt("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
-        help="default: mask mode, class-shift scores, outlier rule; gradient: iterated FMT with a calibrated eps; "
+        help="default: mask mode, class-shift scores, the trace's flags; gradient: iterated FMT with a calibrated eps, "
+             "outlier rule; "
              "paper: the published method (eps 0.06, one step, accuracy, 2-means)."),
     opt("--mode", type=click.Choice(MODES), default=None,
         help="mask: remove/amplify/invert each channel, forward passes only (ONNX Runtime); gradient: adversarial "
@@ -121,8 +122,8 @@ SCAN = OptionGroup(
         help="What selection ranks: class shift or accuracy drop.  [default: shift]"),
     opt("--selection", type=click.Choice(SELECTIONS), default=None,
         help="outlier: robust z-score within each layer; kmeans: the paper's 2-means rule; trace: the channels that "
-             "carry the combined verdict's reversed trigger (repair: no per-channel test); auto: trace in a repair "
-             "that chooses its channels with the combined verdict, outlier otherwise (scan).  [default: auto]"),
+             "carry the combined verdict's reversed trigger (repair: no per-channel test); auto: trace with the "
+             "combined verdict (where a repair chooses its own channels), outlier otherwise.  [default: auto]"),
     opt("--skip-layers", default=None, help="Regular expression of Conv node names not to test."),
     opt("--max-memory", default=None, metavar="SIZE",
         help="Working memory for the scan's batches, e.g. 512M or 4G (of the GPU with --device cuda); batch sizes "

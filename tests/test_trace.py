@@ -134,7 +134,7 @@ def per_channel_test_refused(monkeypatch):
 def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verdict(per_channel_test_refused, check):
     """``auto``, the default selection: a repair that chooses its own channels and checks itself with the
     ``combined`` verdict traces them (no per-channel test); with another verdict, or none, it runs the
-    per-channel outlier test as before, and so does a scan."""
+    per-channel outlier test as before."""
     from fmt_audit.repair.config import FineTuneConfig, RepairConfig
     from fmt_audit.repair.pipeline import repair
     from fmt_audit.verdict import VerdictConfig
@@ -150,8 +150,27 @@ def test_the_default_repair_traces_where_it_checks_itself_with_the_combined_verd
     else:
         with pytest.raises(PerChannelTest):
             run()
-    with pytest.raises(PerChannelTest):
-        scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=8))
+
+
+@pytest.mark.parametrize("verdict", ["combined", "margin", None])
+def test_the_default_scan_flags_the_trace_where_the_combined_verdict_runs(monkeypatch, verdict):
+    """``auto`` in a scan: with the ``combined`` verdict (the default) its flags are the trace's (stubbed clean
+    here: nothing traced, nothing flagged, and the per-channel test's scores still reported); with another
+    verdict, or none, the per-channel outlier test flags."""
+    import fmt_audit.fmt.scan
+    from fmt_audit.verdict import VerdictConfig
+    from fmt_audit.verdict.base import Verdict
+
+    monkeypatch.setattr(fmt_audit.fmt.scan, "gather_verdict",
+                        lambda inputs, config: Verdict(config.method, 0.1, "clean", 3, 0.5, "stub"))
+    config = None if verdict is None else VerdictConfig(method=verdict)
+    report = scan(SAMPLES / "badnets_op13.onnx", DATA, ScanConfig(samples=8), verdict=config)
+    assert report.config["selection"] == ("trace" if verdict == "combined" else "outlier")
+    assert all(layer.scores for layer in report.layers)     # the per-channel test ran either way
+    if verdict == "combined":
+        assert report.flagged_count == 0 and report.trace == {"skipped": "the verdict is not suspicious"}
+    else:
+        assert report.trace is None
 
 
 def test_compare_repairs_with_fmt_as_repair_does_by_default(per_channel_test_refused):

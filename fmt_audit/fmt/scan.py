@@ -51,7 +51,7 @@ class ScanConfig:
     steps: int = 5
     gain: float = 10.0
     score: str = "shift"
-    selection: str = AUTO_SELECTION     # a scan: outlier; a repair: trace where it can (resolve_selection)
+    selection: str = AUTO_SELECTION     # trace where the combined verdict runs, else outlier (resolve_selection)
     outlier_threshold: float = 3.5
     calibration_drop: float = 0.25
     skip_layers: str | None = None
@@ -331,7 +331,9 @@ def scan(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Datas
     of ``data``; ``references``: trained reference networks to reuse (a fleet on one data file).
     """
     config = config or ScanConfig()
-    config = replace(config, selection=resolve_selection(config.selection, traceable=False))
+    # auto traces where the combined verdict runs (docs/research/scan-trace-h2h.md)
+    traceable = verdict is not None and verdict.method == "combined"
+    config = replace(config, selection=resolve_selection(config.selection, traceable))
     if config.selection == "trace":
         from fmt_audit.fmt.trace import require_combined
 

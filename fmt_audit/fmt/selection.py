@@ -16,8 +16,9 @@ nothing to separate — and flag nothing there, saying so.
 ``trace`` is not a per-layer rule: the scan flags the channels that carry the verdict's reversed trigger
 (:mod:`fmt_audit.fmt.trace`), whatever the layer scores say; the scores are still computed and reported.
 
-``auto`` (the default) is resolved by the run (:func:`resolve_selection`): ``trace`` for a repair that
-chooses its own channels and checks itself with the ``combined`` verdict, ``outlier`` elsewhere.
+``auto`` (the default) is resolved by the run (:func:`resolve_selection`): ``trace`` for a scan with the
+``combined`` verdict and for a repair that chooses its own channels and checks itself with it, ``outlier``
+elsewhere.
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ def _z(values: np.ndarray, median: float, mad: float, noise: float) -> np.ndarra
 
 
 def resolve_selection(selection: str, traceable: bool) -> str:
-    """The rule ``selection`` stands for: ``auto`` is ``trace`` where the run can trace (``traceable``: a repair
-    that removes channels it chooses itself, with the ``combined`` verdict as its check, or ``compare``'s
-    ``fmt``), else ``outlier``.
+    """The rule ``selection`` stands for: ``auto`` is ``trace`` where the run can trace (``traceable``: a scan
+    whose verdict is ``combined``, a repair that removes channels it chooses itself with the ``combined``
+    verdict as its check, or ``compare``'s ``fmt``), else ``outlier``.
 
     The trace became the default repair's selection when it beat the per-channel test followed by the same
-    unlearning on held-out models (docs/research/set-selection.md, the head-to-head); a scan keeps the
-    per-channel test unless asked (``--selection trace``).
+    unlearning on held-out models (docs/research/set-selection.md), and the default scan's when its channels
+    alone took out more of the backdoor than the per-channel test's flags on new models
+    (docs/research/scan-trace-h2h.md).
     """
     if selection != AUTO_SELECTION:
         return selection
