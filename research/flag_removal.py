@@ -82,7 +82,8 @@ def summary(results: Path, h2h: bool) -> None:
         note = "" if r in counted else " (not counted)"
         print(f"| {r['model']}{note} | {r['ASR']:.1%} | {t['flagged']} ({t['share']:.1%}) | {t['ASR']:.1%} | "
               f"{t['random ASR']:.1%} | {default} |")
-    print("\n".join(["", *twins]) if twins else "", end="\n" if twins else "")
+    if twins:
+        print("\n" + "\n".join(twins))
     if not counted:
         return
     cut = [r for r in counted if r["ASR"] - r["trace"]["ASR"] >= CUT_POINTS]
