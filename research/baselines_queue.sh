@@ -5,8 +5,8 @@
 # evaluation as its rows), then that study's clean twin on CIFAR-10 (reported, decides nothing). A measurement:
 # no method is chosen by it. Run from main with the project's environment active; resumable (trace_repair.py
 # skips the cell/method pairs already in the results). A cell not in the cache is retrained first
-# (research/cpu_matrix.sh; one-thread CPU training gives the same ONNX file, checked against the sha256 in
-# benchmarks/results/matrix_cpu.json). Cells given as arguments run in that order (two lanes on two cores:
+# (research/cpu_matrix.sh), which does not always give the same ONNX file (the rows name their model's sha256:
+# compare methods only on rows of one model, benchmarks/results/matrix_cpu.json the one measured). Cells given as arguments run in that order (two lanes on two cores:
 # run the script twice with disjoint cells); none given: all of them.
 #   bash research/baselines_queue.sh
 #   bash research/baselines_queue.sh gtsrb-preact18q-badnets-p10-r1 cifar10-plaincnn-lowfreq-p10-r1 &

@@ -272,12 +272,16 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         (folder / name).write_text(report.to_json())
         return report.flagged, name
 
+    def default_plan(settings):
+        """The per-channel default scan's flags, ``settings``, and the scan file they come from."""
+        flags, name = default_flags()
+        return flags, settings, name
+
     plans = {
         "trace removal only": lambda: (trace_flagged, RepairConfig(FineTuneConfig(epochs=0)), "trace"),
         # docs/research/scan-trace-h2h.md: the per-channel default scan's flags alone (its scan cached for
         # research/flag_removal.py beside the trace)
-        "default removal only": lambda: (lambda flags, name: (flags, RepairConfig(FineTuneConfig(epochs=0)), name))(
-            *default_flags()),
+        "default removal only": lambda: default_plan(RepairConfig(FineTuneConfig(epochs=0))),
         "trace + fine-tuning": lambda: (trace_flagged, tune_only, "trace"),
         "trace + unlearning": lambda: (trace_flagged, unlearn, "trace"),
         "trace + distilled unlearning": lambda: (trace_flagged, unlearn, "trace"),
@@ -289,7 +293,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         RETRACED: lambda: (trace_flagged, unlearn, "trace, and the repaired model's where the backdoor may persist"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
-        "default + unlearning": lambda: (lambda flags, name: (flags, unlearn, name))(*default_flags()),
+        "default + unlearning": lambda: default_plan(unlearn),
         # the field's defenses at their references' defaults, on the same data and split
         "i-BAU": lambda: (None, RepairConfig(config.fine_tune, method="ibau"), "none"),
         "ANP": lambda: (None, RepairConfig(config.fine_tune, method="anp"), "anp"),

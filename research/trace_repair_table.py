@@ -50,6 +50,15 @@ def latest_rows(path: Path) -> dict[str, dict[str, dict]]:
     return cells
 
 
+def merged_rows(paths: list[Path]) -> dict[str, dict[str, dict]]:
+    """:func:`latest_rows` of several files, a later file's row of a cell and method replacing an earlier one's."""
+    cells: dict[str, dict[str, dict]] = defaultdict(dict)
+    for path in paths:
+        for cell, rows in latest_rows(path).items():
+            cells[cell].update(rows)
+    return cells
+
+
 GATED = "gated"
 
 
@@ -194,16 +203,9 @@ def main() -> None:
     parser.add_argument("--against", type=Path, nargs="*", default=[],
                         help="with --self-check: files holding the same cells' trace + unlearning rows")
     args = parser.parse_args()
-    cells: dict[str, dict[str, dict]] = defaultdict(dict)
-    for path in args.rows:
-        for cell, rows in latest_rows(path).items():
-            cells[cell].update(rows)
+    cells = merged_rows(args.rows)
     if args.self_check:
-        against: dict[str, dict[str, dict]] = defaultdict(dict)
-        for path in args.against:
-            for cell, rows in latest_rows(path).items():
-                against[cell].update(rows)
-        print("\n".join(self_checks(cells, against)))
+        print("\n".join(self_checks(cells, merged_rows(args.against))))
         return
     if args.gated:
         add_gated(cells)
