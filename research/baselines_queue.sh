@@ -12,9 +12,12 @@
 #   bash research/baselines_queue.sh gtsrb-preact18q-badnets-p10-r1 cifar10-plaincnn-lowfreq-p10-r1 &
 #   bash research/baselines_queue.sh cifar10-plaincnn-badnets-p10-r1 cifar10-plaincnn-clean-r1 &
 #   PYTHONPATH=research python research/trace_repair_table.py research/results/trace_repair_stamp-heldout.jsonl
+# TAG names the rows' file (default stamp-heldout); docs/research/repair-vs-anp-ibau.md runs replica 2:
+#   TAG=baselines-r2 bash research/baselines_queue.sh cifar10-plaincnn-badnets-p10-r2 ...
 . "$(dirname "$0")/matrix_state.sh"
 here="$(cd "$(dirname "$0")" && pwd)"
 B="ANP,i-BAU"
+tag="${TAG:-stamp-heldout}"
 cells=("$@")
 [ ${#cells[@]} -gt 0 ] || cells=(mnist-lenet-badnets-p10-r1 mnist-lenet-blended-p10-r1 mnist-lenet-wanet-p10-r1
   mnist-plaincnn-badnets-p10-r1 gtsrb-preact18q-badnets-p10-r1 cifar10-plaincnn-clean-r1
@@ -27,5 +30,5 @@ for cell in "${cells[@]}"; do
     *) methods="$B"; clean= ;;
   esac
   (cd "$here/../benchmarks" && PYTHONPATH=..:. OMP_NUM_THREADS=1 python ../research/trace_repair.py "matrix:$cell" \
-    --tag stamp-heldout --methods "$methods" $clean)
+    --tag "$tag" --methods "$methods" $clean)
 done
