@@ -13,7 +13,9 @@ fresh process, appended to CACHE/verdict_matrix.jsonl as it comes (a rerun skips
 ``--from trace-caches`` summarises another population the same way: the verdicts ``research/trace_repair.py``
 caches beside each cell it repaired (``verdict_combined_train_seed0.json``: the same verdict on 256 images of the
 cell's 1,800-image training split), which covers the cells retrained on the CPU and their replicas (``-rN``);
-written to results/verdict_matrix_trace_caches.json.
+written to results/verdict_matrix_trace_caches.json. The cache does not outlive its machine, so the rows already
+in that file are kept and the cache adds the cells they lack (a cell retrained under a name already there is
+another model: the first one measured keeps the row, as benchmarks/results/matrix_cpu.json keeps its entry).
 """
 
 from __future__ import annotations
@@ -87,12 +89,14 @@ def _share(hits: list[bool]) -> float | None:
     return round(sum(hits) / len(hits), 3) if hits else None
 
 
-def trace_cache_rows(seed: int = 0) -> list[dict]:
-    """``one_cell``'s rows from the verdicts research/trace_repair.py cached beside the cells (no timing kept)."""
-    rows = []
+def trace_cache_rows(seed: int = 0, kept: Path | None = None) -> list[dict]:
+    """``one_cell``'s rows from the verdicts research/trace_repair.py cached beside the cells (no timing kept),
+    after the rows of ``kept`` (an earlier summary's file), whose cells the cache does not replace."""
+    rows = json.loads(kept.read_text())["rows"] if kept is not None and kept.exists() else []
+    known = {r["cell"] for r in rows}
     for folder in sorted(MATRIX.glob("*")):
         cached = folder / f"verdict_combined_train_seed{seed}.json"
-        if not cached.exists():
+        if not cached.exists() or folder.name in known:
             continue
         facts, found = json.loads((folder / "facts.json").read_text()), json.loads(cached.read_text())
         rows.append({"cell": folder.name, "attack": facts["attack"], "target": facts.get("target"),
@@ -155,7 +159,8 @@ def main() -> None:
     elif args.command == "run":
         run(args.what)
     elif args.source == "trace-caches":
-        summary(trace_cache_rows(), "verdict_matrix_trace_caches")
+        summary(trace_cache_rows(kept=HERE / "results" / "verdict_matrix_trace_caches.json"),
+                "verdict_matrix_trace_caches")
     else:
         summary()
 
