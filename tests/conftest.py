@@ -30,11 +30,14 @@ QUICK_VERDICT = VerdictConfig(method="margin", **QUICK_MARGIN)
 
 def quick_combined(monkeypatch) -> None:
     """The combined verdict at a sliver of its default effort (a third of the trigger search's steps on half
-    its images, a shorter ladder, references trained 150 steps of 400): the same code path, quicker."""
+    its images, a shorter ladder, references trained 150 steps of 400, one warp budget of 20 steps): the same
+    code path, quicker."""
     import fmt_audit.verdict.combined
-    from fmt_audit.verdict.config import CleanseConfig, ReferenceConfig, UniversalConfig
+    from fmt_audit.verdict.config import CleanseConfig, ReferenceConfig, UniversalConfig, WarpConfig
 
     monkeypatch.setattr(VerdictConfig, "cleanse", lambda self: CleanseConfig(steps=100, images=16, seed=self.seed))
+    monkeypatch.setattr(VerdictConfig, "warp", lambda self: WarpConfig(budgets=(0.5,), steps=20, images=16,
+                                                                       seed=self.seed))
     monkeypatch.setattr(VerdictConfig, "universal", lambda self: UniversalConfig(images=16, steps=8, seed=self.seed))
     monkeypatch.setattr(fmt_audit.verdict.combined, "ReferenceConfig", lambda: ReferenceConfig(steps=150))
 

@@ -154,6 +154,9 @@ def test_the_verdict_tells_its_stages_and_counts_the_trigger_search(monkeypatch)
     assert stages.index("combined verdict") < stages.index("trigger search") < stages.index("universal ladder")
     rungs = [step for step in stages if step.startswith("universal ladder (the rung at budget ")]
     assert rungs and stages.index("universal ladder") < stages.index(rungs[0])
-    assert stages.index(rungs[-1]) < stages.index("reference networks") < stages.index("smooth images")
+    assert stages.index(rungs[-1]) < stages.index("reference networks") < stages.index("warp search")
+    assert stages.index("warp search") < stages.index("smooth images")
+    # the warp search by its steps: one budget of 20 steps (quick_combined), every class in one chunk
+    assert [(done, total) for step, done, total in seen if step == "warp search"] == [(k, 20) for k in range(21)]
     after = seen[stages.index("combined verdict"):]     # the channels before it count channels
-    assert all(total == 0 for step, _, total in after if step != "trigger search")
+    assert all(total == 0 for step, _, total in after if step not in ("trigger search", "warp search"))

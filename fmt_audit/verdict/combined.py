@@ -11,11 +11,17 @@
   over the next, :data:`LEAD_CUT` counting as 1. A natural attractor, which clean networks share, loses its
   lead; a backdoor's target keeps it.
 
-The larger of the two, ``v``, names the class. Two checks on that class: do the two tests name the same
+* The **warp lead** (:mod:`fmt_audit.verdict.evidence.warp`): per class, the share of held-out images of the
+  other classes that one smooth flow field of at most half a pixel (then one pixel) warps there; the largest
+  share's lead over the next, :data:`WARP_CUT` counting as 1. A warping trigger (WaNet) is neither a patch nor
+  an additive perturbation, and both tests above miss it; a clean network is not moved by a sub-pixel warp.
+
+The larger of the first two, ``v``, names the class. Two checks on that class: do the two tests name the same
 class, and is it the class smooth random images fall into most (:mod:`fmt_audit.verdict.evidence.smooth`)?
 Each check that agrees multiplies ``v`` by ``sqrt(AGREEMENT)``, each that does not divides it; a check
 without its evidence is left out. The suspicion is ``v / (v + 1)``, ``suspicious`` from 0.5. Where one test
-has no evidence the other decides alone, and the basis says so.
+has no evidence the other decides alone, and the basis says so. Where the warp lead over its cut is larger
+than ``v`` after the checks, it decides, and names its class.
 
 Fixed before the held-out tests (docs/research/verdict.md): ROC-AUC 0.908 on 114 models it was not developed
 on (FPR 0.09, TPR 0.70 at 0.5). Needs labelled data; costs a trigger search, a universal ladder, three small
@@ -36,6 +42,7 @@ from fmt_audit.verdict.config import ReferenceConfig, VerdictConfig
 RATIO_CUT = 2.5     # the median class's mask this many times the smallest's counts as 1
 LEAD_CUT = 0.35     # the untransferred lead that counts as 1
 AGREEMENT = 1.5     # v's factor between a check on the class named that agrees and one that does not
+WARP_CUT = 0.35     # the warp lead that counts as 1
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,15 @@ class TransferFigures:
     basis: str = "untransferred universal-perturbation test"
 
 
+@dataclass(frozen=True)
+class WarpFigures:
+    """The warp search's budgets (pixels) and, per budget, every class's held-out success."""
+
+    budgets: Sequence[float]
+    success: Sequence[Sequence[float]]
+    basis: str = "warp search"
+
+
 class CombinedMethod(VerdictMethod):
     name = "combined"
     threshold = 0.5     # v / (v + 1) at v = 1: one of the two tests at its cut
@@ -76,6 +92,7 @@ class CombinedMethod(VerdictMethod):
         from fmt_audit.verdict.evidence.smooth import smooth_shares
         from fmt_audit.verdict.evidence.transfer import transfer_to_references
         from fmt_audit.verdict.evidence.universal import universal_ladder
+        from fmt_audit.verdict.evidence.warp import warp_search
 
         loaded, dataset = inputs.loaded, inputs.dataset
         image = loaded.image_input
@@ -110,9 +127,19 @@ class CombinedMethod(VerdictMethod):
                  "verdict's images", *notes]))
         except FmtAuditError as error:
             transfer = str(error)
+        warp: WarpFigures | str
+        search_warp = config.warp()
+        try:
+            found_warp = warp_search(classifier, dataset, classes, search_warp,
+                                     lambda done, total: tell("warp search", done, total))
+            warp = WarpFigures(found_warp.budgets, found_warp.success, "; ".join(
+                [f"warp search, {search_warp.steps} steps per budget, {found_warp.images} images per class to fit, "
+                 f"at least {found_warp.held_out} held out", *notes]))
+        except FmtAuditError as error:
+            warp = str(error)
         tell("smooth images", 0, 0)
         shares = smooth_shares(classifier, (image.channels, image.height, image.width), classes)
-        return combined_verdict(triggers, transfer, [round(float(s), 6) for s in shares])
+        return combined_verdict(triggers, transfer, [round(float(s), 6) for s in shares], warp)
 
     def evidence(self, verdict: dict) -> str:
         parts = []
@@ -128,6 +155,14 @@ class CombinedMethod(VerdictMethod):
                          f"{verdict['success'][-1][top]:.0%} of held-out images to it, {ordered[0]:.0%} beyond what "
                          f"it moves there in {len(verdict['reference_success'])} reference networks trained on the "
                          f"verdict's images; the next class {ordered[1]:.0%} (counts from {LEAD_CUT:.0%})")
+        if "warp_lead" in verdict:
+            top = verdict["warp_class"]
+            leads = [sorted(row)[-1] - sorted(row)[-2] for row in verdict["warp_success"]]
+            rung = int(np.argmax(leads))
+            row = verdict["warp_success"][rung]
+            parts.append(f"class {top}'s smooth warp (at most {verdict['warp_budgets'][rung]:g} px) sends "
+                         f"{row[top]:.0%} of held-out images to it, the next class {sorted(row)[-2]:.0%} (counts from "
+                         f"{WARP_CUT:.0%})" + (": it decides" if verdict.get("decided_by") == "warp" else ""))
         if "agreement_factor" in verdict:
             checks = []
             if "tests_agree" in verdict:
@@ -152,6 +187,14 @@ class CombinedMethod(VerdictMethod):
                 f"sends there in the model, less the share it moves there in {len(verdict['reference_success'])} "
                 "small clean networks trained on the same images. A backdoor's target keeps its lead; a natural "
                 "attractor loses it.", verdict["untransferred"], "held-out share beyond the references'"))
+        if verdict.get("warp_success"):
+            leads = [sorted(row)[-1] - sorted(row)[-2] for row in verdict["warp_success"]]
+            rung = int(np.argmax(leads))
+            shown.append(ClassFigure(
+                "Warp search", "For each class, the share of held-out images that one smooth flow field of at most "
+                f"{verdict['warp_budgets'][rung]:g} pixel warps there. A warping trigger's target takes nearly all of "
+                "them; a clean model is hardly moved by a sub-pixel warp.", verdict["warp_success"][rung],
+                "held-out share warped there"))
         if verdict.get("smooth_shares"):
             shown.append(ClassFigure(
                 "Smooth-input test", "For each class, the share of smooth random images (coarse noise upsampled, "
@@ -230,10 +273,27 @@ def _transfer_part(transfer: TransferFigures) -> tuple[dict, str | None, int, fl
     return figures, None, top, lead
 
 
+def _warp_part(warp: WarpFigures) -> tuple[dict, str | None, int, float]:
+    """The warp search's figures as reports carry them, why they are no evidence (None: they are), and the
+    class with the largest lead over the next at any budget, with that lead."""
+    if len(warp.budgets) != len(warp.success) or not len(warp.budgets):
+        raise ValueError(f"one row of success per budget: {len(warp.budgets)} budgets, {len(warp.success)} rows")
+    success = np.asarray(warp.success, dtype=float)
+    figures: dict = {"warp_budgets": [float(b) for b in warp.budgets],
+                     "warp_success": [[round(float(v), 6) for v in row] for row in success]}
+    if success.ndim != 2 or success.shape[1] < 3 or not np.isfinite(success).all():
+        return figures, "needs the held-out success of at least 3 classes", -1, 0.0
+    ordered = np.sort(success, axis=1)
+    leads = ordered[:, -1] - ordered[:, -2]
+    rung = int(leads.argmax())
+    return figures, None, int(success[rung].argmax()), round(float(leads[rung]), 6)
+
+
 def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures | str,
-                     smooth: Sequence[float] | None = None) -> Verdict:
+                     smooth: Sequence[float] | None = None, warp: WarpFigures | str | None = None) -> Verdict:
     """The ``combined`` verdict from the trigger search's figures and the untransferred test's (each: or a
-    reason there are none) and, optionally, the share of smooth random images each class takes."""
+    reason there are none), optionally the share of smooth random images each class takes, and optionally
+    the warp search's figures (or a reason there are none)."""
     over, bases, named, figures = [], [], {}, {}
     if isinstance(transfer, TransferFigures):
         part, why, top, lead = _transfer_part(transfer)
@@ -260,9 +320,25 @@ def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures |
             bases.insert(0, f"no trigger search ({triggers.basis}: {why})")
     else:
         bases.insert(0, f"no trigger search ({triggers})")
+    warped = None       # the warp lead over its cut, and its class
+    if isinstance(warp, WarpFigures):
+        part, why, warp_top, warp_lead = _warp_part(warp)
+        figures |= part
+        if why is None:
+            warped = (warp_lead / WARP_CUT, warp_top)
+            bases.append(warp.basis)
+            figures |= {"warp_lead": warp_lead, "warp_class": warp_top}
+        else:
+            bases.append(f"no warp search ({warp.basis}: {why})")
+    elif warp is not None:
+        bases.append(f"no warp search ({warp})")
     basis = "; ".join(bases)
-    if not over:
+    if not over and warped is None:
         return COMBINED.inconclusive(basis)
+    if not over:
+        value, top = warped
+        figures["decided_by"] = "warp"
+        return COMBINED.decided(round(float(value / (value + 1)), 6), top, basis, figures)
     value, top = max(over, key=lambda pair: pair[0])
     checks = {}
     if len(named) == 2:
@@ -277,6 +353,9 @@ def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures |
         factor = AGREEMENT ** (0.5 * sum(1 if agrees else -1 for agrees in checks.values()))
         value *= factor
         figures |= {**checks, "agreement_factor": round(float(factor), 6)}
+    if warped is not None and warped[0] > value:
+        value, top = warped
+        figures["decided_by"] = "warp"
     suspicion = 1.0 if np.isinf(value) else round(float(value / (value + 1)), 6)
     return COMBINED.decided(suspicion, top, basis, figures)
 

@@ -72,6 +72,9 @@ class VerdictConfig:
     def cleanse(self) -> CleanseConfig:
         return CleanseConfig(seed=self.seed)
 
+    def warp(self) -> WarpConfig:
+        return WarpConfig(seed=self.seed)
+
 
 @dataclass(frozen=True)
 class MarginConfig:
@@ -133,6 +136,28 @@ class CleanseConfig:
                                          "batch": self.batch})
         _positive("the trigger search", {"lr": self.lr, "cost": self.cost})
         _share("the trigger search", "level", self.level)
+
+
+@dataclass(frozen=True)
+class WarpConfig:
+    """How :func:`fmt_audit.verdict.evidence.warp.warp_search` looks for each class's smooth warp trigger."""
+
+    budgets: tuple[float, ...] = (0.5, 1.0)    # the largest displacement, in pixels, of each search
+    grid: int = 4           # control points per side of the flow field (WaNet's k)
+    steps: int = 100        # Adam steps per budget; every class is optimised at once
+    lr: float = 0.1         # Adam step size on the displacements' tanh arguments
+    images: int = 32        # images of other classes each class's field is fitted on
+    seed: int = 0
+    batch: int = 512        # images in one forward pass
+
+    def __post_init__(self):
+        if not self.budgets:
+            raise ConfigError("the warp search needs at least one budget; got none")
+        _positive("the warp search", {"budget": min(self.budgets), "lr": self.lr})
+        _at_least("the warp search", {"grid": self.grid, "steps": self.steps, "images": self.images,
+                                      "batch": self.batch}, 1)
+        if self.grid < 2:
+            raise ConfigError(f"the warp search's grid must be at least 2 points a side; got {self.grid}")
 
 
 @dataclass(frozen=True)
