@@ -25,7 +25,7 @@ def measure(spec: str, done: set[str], results: Path = RESULTS) -> None:
     from fmt_audit.backends.torch.logits import logit_classifier
     from fmt_audit.data import Preprocessing, load_data
     from fmt_audit.model.loading import load_model
-    from fmt_audit.verdict.combined import WARP_CUT, WarpFigures, _warp_part
+    from fmt_audit.verdict.combined import WARP_CUT, warp_lead
     from fmt_audit.verdict.config import VerdictConfig, WarpConfig
     from fmt_audit.verdict.evidence.warp import warp_search
 
@@ -42,11 +42,11 @@ def measure(spec: str, done: set[str], results: Path = RESULTS) -> None:
         classifier, classes, _ = logit_classifier(loaded.proto, loaded.image_input, Preprocessing(case.mean, case.std),
                                                   "cpu", None, "warp search")
         found = warp_search(classifier, data, classes, WarpConfig(seed=verdict.seed))
-        _, why, top, lead = _warp_part(WarpFigures(found.budgets, found.success))
+        _, top, lead = warp_lead(found.success)
         facts = json.loads((case.model.parent / "facts.json").read_text())
         row = {"model": case.label, "family": spec.split(":")[0], "attack": facts["attack"],
                "target": case.target, "asr": facts.get("asr"), "success": found.success, "lead": lead,
-               "class": top, "over the cut": lead >= WARP_CUT, "why no evidence": why,
+               "class": top, "over the cut": lead >= WARP_CUT,
                "time s": round(time.time() - started, 1)}
         results.parent.mkdir(exist_ok=True)
         with results.open("a") as out:

@@ -157,8 +157,7 @@ class CombinedMethod(VerdictMethod):
                          f"verdict's images; the next class {ordered[1]:.0%} (counts from {LEAD_CUT:.0%})")
         if "warp_lead" in verdict:
             top = verdict["warp_class"]
-            leads = [sorted(row)[-1] - sorted(row)[-2] for row in verdict["warp_success"]]
-            rung = int(np.argmax(leads))
+            rung, _, _ = warp_lead(verdict["warp_success"])
             row = verdict["warp_success"][rung]
             parts.append(f"class {top}'s smooth warp (at most {verdict['warp_budgets'][rung]:g} px) sends "
                          f"{row[top]:.0%} of held-out images to it, the next class {sorted(row)[-2]:.0%} (counts from "
@@ -188,8 +187,7 @@ class CombinedMethod(VerdictMethod):
                 "small clean networks trained on the same images. A backdoor's target keeps its lead; a natural "
                 "attractor loses it.", verdict["untransferred"], "held-out share beyond the references'"))
         if verdict.get("warp_success"):
-            leads = [sorted(row)[-1] - sorted(row)[-2] for row in verdict["warp_success"]]
-            rung = int(np.argmax(leads))
+            rung, _, _ = warp_lead(verdict["warp_success"])
             shown.append(ClassFigure(
                 "Warp search", "For each class, the share of held-out images that one smooth flow field of at most "
                 f"{verdict['warp_budgets'][rung]:g} pixel warps there. A warping trigger's target takes nearly all of "
@@ -283,10 +281,18 @@ def _warp_part(warp: WarpFigures) -> tuple[dict, str | None, int, float]:
                      "warp_success": [[round(float(v), 6) for v in row] for row in success]}
     if success.ndim != 2 or success.shape[1] < 3 or not np.isfinite(success).all():
         return figures, "needs the held-out success of at least 3 classes", -1, 0.0
-    ordered = np.sort(success, axis=1)
+    _, top, lead = warp_lead(success)
+    return figures, None, top, lead
+
+
+def warp_lead(success: Sequence[Sequence[float]]) -> tuple[int, int, float]:
+    """Of the warp search's ``[budget][class]`` held-out success: the budget where the leading class's lead over
+    the next is largest, that class, and its lead."""
+    values = np.asarray(success, dtype=float)
+    ordered = np.sort(values, axis=1)
     leads = ordered[:, -1] - ordered[:, -2]
     rung = int(leads.argmax())
-    return figures, None, int(success[rung].argmax()), round(float(leads[rung]), 6)
+    return rung, int(values[rung].argmax()), round(float(leads[rung]), 6)
 
 
 def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures | str,
