@@ -1,4 +1,4 @@
-"""``combined`` (the default): two families of evidence, each over its own cut, checked on the class they name.
+"""``combined`` (the default): three families of evidence, each over its own cut, checked on the class they name.
 
 * The trigger search's **mask ratio** (:mod:`fmt_audit.verdict.evidence.cleanse`, Neural Cleanse's
   optimisation): how many times smaller the smallest class's reversed mask is than the median class's; a
@@ -10,22 +10,23 @@
   less the share it moves there in small clean networks trained on the same images; the largest share's lead
   over the next, :data:`LEAD_CUT` counting as 1. A natural attractor, which clean networks share, loses its
   lead; a backdoor's target keeps it.
-
 * The **warp lead** (:mod:`fmt_audit.verdict.evidence.warp`): per class, the share of held-out images of the
-  other classes that one smooth flow field of at most half a pixel (then one pixel) warps there; the largest
-  share's lead over the next, :data:`WARP_CUT` counting as 1. A warping trigger (WaNet) is neither a patch nor
-  an additive perturbation, and both tests above miss it; a clean network is not moved by a sub-pixel warp.
+  other classes that one smooth flow field of at most half a pixel per component (then one pixel) warps
+  there; at the budget where it is largest, the leading share's lead over the next, :data:`WARP_CUT` counting
+  as 1. A warping trigger (WaNet) is neither a patch nor an additive perturbation, and both tests above miss
+  it; a clean network is hardly moved by so small a warp, and where it is, to several classes.
 
 The larger of the first two, ``v``, names the class. Two checks on that class: do the two tests name the same
 class, and is it the class smooth random images fall into most (:mod:`fmt_audit.verdict.evidence.smooth`)?
 Each check that agrees multiplies ``v`` by ``sqrt(AGREEMENT)``, each that does not divides it; a check
 without its evidence is left out. The suspicion is ``v / (v + 1)``, ``suspicious`` from 0.5. Where one test
 has no evidence the other decides alone, and the basis says so. Where the warp lead over its cut is larger
-than ``v`` after the checks, it decides, and names its class.
+than ``v`` after the checks (or neither test has evidence), it decides, and names its class; the checks are
+not applied to it (docs/research/verdict-warp.md).
 
 Fixed before the held-out tests (docs/research/verdict.md): ROC-AUC 0.908 on 114 models it was not developed
-on (FPR 0.09, TPR 0.70 at 0.5). Needs labelled data; costs a trigger search, a universal ladder, three small
-reference networks and 1024 forward passes.
+on (FPR 0.09, TPR 0.70 at 0.5), before the warp search joined. Needs labelled data; costs a trigger search, a
+universal ladder, three small reference networks, a warp search and 1024 forward passes.
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ class WarpFigures:
 
 class CombinedMethod(VerdictMethod):
     name = "combined"
-    threshold = 0.5     # v / (v + 1) at v = 1: one of the two tests at its cut
+    threshold = 0.5     # v / (v + 1) at v = 1: one of the tests at its cut
     needs_data = True
     summary = ("a trigger search and a universal perturbation's lead beyond what transfers to clean reference "
-               "networks, checked on the class they name; the best result on held-out models")
+               "networks, checked on the class they name, and a smooth-warp search; the best result on held-out "
+               "models")
 
     def gather(self, inputs: VerdictInputs, config: VerdictConfig) -> Verdict:
         if inputs.dataset is None:
@@ -159,9 +161,11 @@ class CombinedMethod(VerdictMethod):
             top = verdict["warp_class"]
             rung, _, _ = warp_lead(verdict["warp_success"])
             row = verdict["warp_success"][rung]
-            parts.append(f"class {top}'s smooth warp (at most {verdict['warp_budgets'][rung]:g} px) sends "
-                         f"{row[top]:.0%} of held-out images to it, the next class {sorted(row)[-2]:.0%} (counts from "
-                         f"{WARP_CUT:.0%})" + (": it decides" if verdict.get("decided_by") == "warp" else ""))
+            parts.append(f"class {top}'s smooth warp (each component at most {verdict['warp_budgets'][rung]:g} pixel, "
+                         f"the budget with the largest lead) sends {row[top]:.0%} of held-out images of other classes "
+                         f"to it, the next class {sorted(row)[-2]:.0%}: a lead of {100 * verdict['warp_lead']:.0f} "
+                         f"points (counts from {100 * WARP_CUT:.0f})"
+                         + (", and decides" if verdict.get("decided_by") == "warp" else ""))
         if "agreement_factor" in verdict:
             checks = []
             if "tests_agree" in verdict:
@@ -170,7 +174,9 @@ class CombinedMethod(VerdictMethod):
             if "smooth_class" in verdict:
                 share = verdict["smooth_shares"][verdict["smooth_class"]]
                 checks.append(f"smooth random images favour class {verdict['smooth_class']} ({share:.0%} of them)")
-            parts.append(f"{' and '.join(checks)}: x{verdict['agreement_factor']:.3g}")
+            parts.append(f"{' and '.join(checks)}: x{verdict['agreement_factor']:.3g}"
+                         + (" (on the other tests' class, which the warp outweighs)"
+                            if verdict.get("decided_by") == "warp" else ""))
         return "; ".join(parts)
 
     def figures(self, verdict: dict) -> list[ClassFigure]:
@@ -189,9 +195,10 @@ class CombinedMethod(VerdictMethod):
         if verdict.get("warp_success"):
             rung, _, _ = warp_lead(verdict["warp_success"])
             shown.append(ClassFigure(
-                "Warp search", "For each class, the share of held-out images that one smooth flow field of at most "
-                f"{verdict['warp_budgets'][rung]:g} pixel warps there. A warping trigger's target takes nearly all of "
-                "them; a clean model is hardly moved by a sub-pixel warp.", verdict["warp_success"][rung],
+                "Warp search", "For each class, the share of held-out images of the other classes that one smooth "
+                f"flow field (each component at most {verdict['warp_budgets'][rung]:g} pixel: the budget where the "
+                "leading class is furthest ahead) warps there. A warping trigger's target takes nearly all of them; "
+                "a clean model is hardly moved by so small a warp.", verdict["warp_success"][rung],
                 "held-out share warped there"))
         if verdict.get("smooth_shares"):
             shown.append(ClassFigure(
@@ -328,12 +335,11 @@ def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures |
         bases.insert(0, f"no trigger search ({triggers})")
     warped = None       # the warp lead over its cut, and its class
     if isinstance(warp, WarpFigures):
-        part, why, warp_top, warp_lead = _warp_part(warp)
-        figures |= part
+        part, why, warp_top, lead_of_warp = _warp_part(warp)
         if why is None:
-            warped = (warp_lead / WARP_CUT, warp_top)
+            warped = (lead_of_warp / WARP_CUT, warp_top)
             bases.append(warp.basis)
-            figures |= {"warp_lead": warp_lead, "warp_class": warp_top}
+            figures |= part | {"warp_lead": lead_of_warp, "warp_class": warp_top}
         else:
             bases.append(f"no warp search ({warp.basis}: {why})")
     elif warp is not None:
@@ -341,11 +347,7 @@ def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures |
     basis = "; ".join(bases)
     if not over and warped is None:
         return COMBINED.inconclusive(basis)
-    if not over:
-        value, top = warped
-        figures["decided_by"] = "warp"
-        return COMBINED.decided(round(float(value / (value + 1)), 6), top, basis, figures)
-    value, top = max(over, key=lambda pair: pair[0])
+    value, top = max(over, key=lambda pair: pair[0]) if over else (0.0, -1)   # none: the warp decides alone
     checks = {}
     if len(named) == 2:
         checks["tests_agree"] = named["cleanse"] == named["untransferred"]
@@ -354,12 +356,13 @@ def combined_verdict(triggers: TriggerFigures | str, transfer: TransferFigures |
         if shares.ndim != 1 or len(shares) <= top or not np.isfinite(shares).all():
             raise ValueError(f"one finite smooth-image share per class, at least {top + 1}; got {list(shares)}")
         figures |= {"smooth_shares": [round(float(v), 6) for v in shares], "smooth_class": int(shares.argmax())}
-        checks["smooth_agrees"] = int(shares.argmax()) == top
+        if over:
+            checks["smooth_agrees"] = int(shares.argmax()) == top
     if checks:
         factor = AGREEMENT ** (0.5 * sum(1 if agrees else -1 for agrees in checks.values()))
         value *= factor
         figures |= {**checks, "agreement_factor": round(float(factor), 6)}
-    if warped is not None and warped[0] > value:
+    if warped is not None and (not over or warped[0] > value):
         value, top = warped
         figures["decided_by"] = "warp"
     suspicion = 1.0 if np.isinf(value) else round(float(value / (value + 1)), 6)

@@ -142,9 +142,9 @@ class CleanseConfig:
 class WarpConfig:
     """How :func:`fmt_audit.verdict.evidence.warp.warp_search` looks for each class's smooth warp trigger."""
 
-    budgets: tuple[float, ...] = (0.5, 1.0)    # the largest displacement, in pixels, of each search
+    budgets: tuple[float, ...] = (0.5, 1.0)    # each search's largest displacement per component, in pixels
     grid: int = 4           # control points per side of the flow field (WaNet's k)
-    steps: int = 100        # Adam steps per budget; every class is optimised at once
+    steps: int = 100        # Adam steps per budget, for each chunk of classes fitted together
     lr: float = 0.1         # Adam step size on the displacements' tanh arguments
     images: int = 32        # images of other classes each class's field is fitted on
     seed: int = 0
@@ -153,11 +153,10 @@ class WarpConfig:
     def __post_init__(self):
         if not self.budgets:
             raise ConfigError("the warp search needs at least one budget; got none")
-        _positive("the warp search", {"budget": min(self.budgets), "lr": self.lr})
-        _at_least("the warp search", {"grid": self.grid, "steps": self.steps, "images": self.images,
-                                      "batch": self.batch}, 1)
-        if self.grid < 2:
-            raise ConfigError(f"the warp search's grid must be at least 2 points a side; got {self.grid}")
+        object.__setattr__(self, "budgets", tuple(self.budgets))    # a list would leave the config unhashable
+        _positive("the warp search", {"lr": self.lr, **{f"budget {b!r}": b for b in self.budgets}})
+        _at_least("the warp search", {"steps": self.steps, "images": self.images, "batch": self.batch})
+        _at_least("the warp search", {"grid (points a side)": self.grid}, 2)
 
 
 @dataclass(frozen=True)

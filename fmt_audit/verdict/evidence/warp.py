@@ -53,8 +53,13 @@ class Warp:
     """Bounded smooth flow fields on images of one size: ``fields(arguments)`` gives the displacements in
     pixels of a ``[K, 2, grid, grid]`` tensor of unbounded arguments, ``apply(images, displacement)`` warps."""
 
-    def __init__(self, height: int, width: int, budget: float, device: torch.device | str = "cpu"):
-        self.height, self.width, self.budget = height, width, budget
+    def __init__(self, height: int, width: int, budget: float, device: torch.device | str = "cpu", grid: int = 4):
+        self.height, self.width, self.budget, self.grid = height, width, budget, grid
+        # bicubic upsampling of the lattice as one fixed linear map, [grid * grid, H * W], applied by a matrix
+        # product: differentiating F.interpolate's bicubic mode on CUDA is not deterministic (atomic adds)
+        points = torch.eye(grid * grid).reshape(grid * grid, 1, grid, grid)
+        self.upsample = F.interpolate(points, size=(height, width), mode="bicubic", align_corners=True).reshape(
+            grid * grid, height * width).to(device)
         rows, cols = torch.meshgrid(torch.linspace(-1, 1, height, device=device),
                                     torch.linspace(-1, 1, width, device=device), indexing="ij")
         self.identity = torch.stack((cols, rows), -1)[None]                 # grid_sample's (x, y) order
@@ -62,13 +67,16 @@ class Warp:
         self.scale = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], device=device)
 
     def fields(self, arguments: torch.Tensor) -> torch.Tensor:
-        smooth = F.interpolate(self.budget * torch.tanh(arguments), size=(self.height, self.width), mode="bicubic",
-                               align_corners=True)
-        return smooth.clamp(-self.budget, self.budget)     # bicubic overshoots its points by up to a half
+        points = (self.budget * torch.tanh(arguments)).flatten(2)               # [K, 2, grid * grid]
+        smooth = (points @ self.upsample).unflatten(2, (self.height, self.width))
+        # between its points the bicubic curve overshoots them (by up to ~85% of the budget where neighbours
+        # alternate): the clamp keeps every component inside the budget
+        return smooth.clamp(-self.budget, self.budget)
 
     def apply(self, images: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
         """``images`` [N, C, H, W] warped by one displacement ``[2, H, W]`` (pixels)."""
         grid = self.identity + displacement.permute(1, 2, 0)[None] * self.scale
+        # differentiated for the grid only (the images need no gradient): no atomic adds on CUDA
         return F.grid_sample(images, grid.expand(len(images), -1, -1, -1), mode="bilinear", padding_mode="border",
                              align_corners=True)
 
@@ -93,7 +101,7 @@ def warp_search(classifier: BridgedClassifier, dataset: Dataset, classes: int, c
         progress(0, total)
     success, fields = [], []
     for budget in config.budgets:
-        warp = Warp(height, width, budget, device)
+        warp = Warp(height, width, budget, device, config.grid)
         # a small random start: at zero every class's gradient starts from the same unwarped images
         arguments = 0.1 * torch.randn((classes, 2, config.grid, config.grid), generator=generator)
         kept = torch.zeros((classes, 2, height, width), device=device)
