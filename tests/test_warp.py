@@ -119,7 +119,7 @@ def test_the_warp_search_runs_its_classes_in_chunks_as_in_one():
 
 
 def _digits_with_a_warp_trigger(seed: int = 0):
-    """A small CNN trained on scikit-learn's digits (16x16, as the samples) with 10% of its training images
+    """A small CNN trained on scikit-learn's digits (16x16, as the samples) with 20% of its training images
     warped by one fixed smooth field (WaNet's recipe: a 4x4 lattice upsampled; at most a pixel) and
     relabelled 0, exported to ONNX; and held-out digits."""
     import torch.nn as nn
@@ -137,7 +137,7 @@ def _digits_with_a_warp_trigger(seed: int = 0):
     trigger = Warp(16, 16, 1.0).fields(lattice * 3)[0]     # at most a pixel
     warp = Warp(16, 16, 1.0)
     xt, yt = x[train].clone(), y[train].clone()
-    poisoned = torch.randperm(len(train), generator=generator)[:130]
+    poisoned = torch.randperm(len(train), generator=generator)[:260]
     xt[poisoned], yt[poisoned] = warp.apply(xt[poisoned], trigger), 0
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
