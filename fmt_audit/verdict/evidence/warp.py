@@ -54,7 +54,7 @@ class Warp:
     pixels of a ``[K, 2, grid, grid]`` tensor of unbounded arguments, ``apply(images, displacement)`` warps."""
 
     def __init__(self, height: int, width: int, budget: float, device: torch.device | str = "cpu", grid: int = 4):
-        self.height, self.width, self.budget, self.grid = height, width, budget, grid
+        self.height, self.width, self.budget = height, width, budget
         # bicubic upsampling of the lattice as one fixed linear map, [grid * grid, H * W], applied by a matrix
         # product: differentiating F.interpolate's bicubic mode on CUDA is not deterministic (atomic adds)
         points = torch.eye(grid * grid).reshape(grid * grid, 1, grid, grid)
