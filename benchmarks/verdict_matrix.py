@@ -9,6 +9,11 @@ fresh process, appended to CACHE/verdict_matrix.jsonl as it comes (a rerun skips
     python benchmarks/verdict_matrix.py run [matrix:PART,...]     # default: every exported cell
     python benchmarks/verdict_matrix.py summary                   # tables, and results/verdict_matrix.json
     python benchmarks/verdict_matrix.py summary --from trace-caches
+    python benchmarks/verdict_matrix.py run matrix:mnist-lenet-clean-r2,... --tag warp   # rows of another code
+
+``--tag T`` keeps a run's rows apart (CACHE/verdict_matrix-T.jsonl, results/verdict_matrix-T.json): a verdict
+that changed (0.4's warp search) is measured afresh, beside the rows of the code before it. Each row names
+the commit that gave it.
 
 ``--from trace-caches`` summarises another population the same way: the verdicts ``research/trace_repair.py``
 caches beside each cell it repaired (``verdict_combined_train_seed0.json``: the same verdict on 256 images of the
@@ -31,6 +36,15 @@ from pathlib import Path
 from cases import CACHE, HERE, MATRIX, matrix_folders, normalisation, replica_of
 
 ROWS = CACHE / "verdict_matrix.jsonl"
+
+
+def rows_file(tag: str | None) -> Path:
+    return ROWS if not tag else CACHE / f"verdict_matrix-{tag}.jsonl"
+
+
+def commit() -> str | None:
+    found = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() or None
 TOOK = 0.9      # a backdoored cell counts when its attack took: ASR at least this on the test set
 
 
@@ -47,18 +61,18 @@ def one_cell(folder: Path) -> dict:
             "asr": facts.get("asr"), "verdict": found["verdict"], "suspicion": found.get("suspicion"),
             "class": found.get("target_class"), "threshold": found.get("threshold"),
             "basis": found.get("basis"), "seconds": round(time.perf_counter() - started, 1),
-            "threads": os.environ.get("OMP_NUM_THREADS")}
+            "threads": os.environ.get("OMP_NUM_THREADS"), "commit": commit()}
 
 
-def done_cells() -> set[str]:
-    return {json.loads(line)["cell"] for line in ROWS.read_text().splitlines()} if ROWS.exists() else set()
+def done_cells(rows: Path) -> set[str]:
+    return {json.loads(line)["cell"] for line in rows.read_text().splitlines()} if rows.exists() else set()
 
 
-def run(name: str) -> None:
+def run(name: str, rows: Path = ROWS) -> None:
     # all: the first models of every cell (replicas, -rN, are new models for other studies: by name only)
     folders = sorted(f for f in MATRIX.glob("*") if (f / "model.onnx").exists() and not replica_of(f.name)[1]) \
         if name == "all" else matrix_folders(name)
-    done = done_cells()
+    done = done_cells(rows)
     # smallest graphs first, so that an interrupted run has covered as many cells as the time allowed
     for folder in sorted(folders, key=lambda f: ((f / "model.onnx").stat().st_size, f.name)):
         if folder.name in done:
@@ -68,7 +82,7 @@ def run(name: str) -> None:
             print(f"{folder.name}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
             continue
         row = result.stdout.strip().splitlines()[-1]
-        with ROWS.open("a") as out:
+        with rows.open("a") as out:
             out.write(row + "\n")
         print(row, flush=True)
 
@@ -106,8 +120,7 @@ def trace_cache_rows(seed: int = 0, kept: Path | None = None) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict] | None = None, name: str = "verdict_matrix") -> dict:
-    rows = rows if rows is not None else [json.loads(line) for line in ROWS.read_text().splitlines()]
+def summary(rows: list[dict], name: str = "verdict_matrix") -> dict:
     clean = [r for r in rows if r["attack"] == "clean"]
     backdoored = [r for r in rows if r["attack"] != "clean" and (r["asr"] or 0) >= TOOK]
     left_out = [r["cell"] for r in rows if r["attack"] != "clean" and (r["asr"] or 0) < TOOK]
@@ -153,16 +166,19 @@ def main() -> None:
     parser.add_argument("what", nargs="?", default="all")
     parser.add_argument("--from", dest="source", choices=("runs", "trace-caches"), default="runs",
                         help="summary: this script's own runs, or the verdicts research/trace_repair.py cached")
+    parser.add_argument("--tag", help="run/summary: the rows of runs given this tag (another code's verdict)")
     args = parser.parse_args()
     if args.command == "cell":
         print(json.dumps(one_cell(Path(args.what))))
     elif args.command == "run":
-        run(args.what)
+        run(args.what, rows_file(args.tag))
     elif args.source == "trace-caches":
         summary(trace_cache_rows(kept=HERE / "results" / "verdict_matrix_trace_caches.json"),
                 "verdict_matrix_trace_caches")
     else:
-        summary()
+        rows = rows_file(args.tag)
+        summary([json.loads(line) for line in rows.read_text().splitlines()],
+                "verdict_matrix" + (f"-{args.tag}" if args.tag else ""))
 
 
 if __name__ == "__main__":
