@@ -120,6 +120,17 @@ def warp_search(classifier: BridgedClassifier, dataset: Dataset, classes: int, c
                       min(len(h) for h in held), np.stack(fields))
 
 
+def fit_field(classifier: BridgedClassifier, x: torch.Tensor, fit: np.ndarray, target: int, budget: float,
+              config: WarpConfig, seed: int = 0) -> tuple[Warp, torch.Tensor]:
+    """``target``'s best flow field of at most ``budget`` pixels a component (``[2, H, W]``, pixels) fitted on
+    the images ``x[fit]`` (of other classes) from a small random start drawn with ``seed``, and the
+    :class:`Warp` that applies it (``classifier`` frozen)."""
+    warp = Warp(*x.shape[2:], budget, x.device, config.grid)
+    start = 0.1 * torch.randn((1, 2, config.grid, config.grid), generator=torch.Generator().manual_seed(seed))
+    fields = _fit(classifier, warp, x, [fit], [target], start.to(x.device), config, lambda step: None)
+    return warp, fields[0]
+
+
 def _fit(classifier: BridgedClassifier, warp: Warp, x: torch.Tensor, picks: list[np.ndarray], chunk: list[int],
          start: torch.Tensor, config: WarpConfig, progress: Callable[[int], None]) -> torch.Tensor:
     """The displacement fields ``[len(chunk), 2, H, W]`` (pixels) of ``chunk``'s classes after ``config.steps``
