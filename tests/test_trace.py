@@ -286,3 +286,31 @@ def test_a_trace_repair_unlearns_with_the_traces_reversed_triggers(monkeypatch, 
         assert isinstance(used[0], FeatureMapPerturbation)
         assert unlearning["stamps"] == 0 and "stamp_share" not in unlearning
         assert "reversed trigger" not in report.format_text().split("unlearning")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("decided_by", ["warp", None])
+def test_the_trace_follows_the_trigger_that_decided(monkeypatch, decided_by):
+    """Where the warp search decided, the warp is traced, at the budget where its class led and against the
+    other classes' best share there; elsewhere the reversed stamp, against the other classes' median mask."""
+    import fmt_audit.fmt.trace as trace_module
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.data import Preprocessing, load_npz
+    from fmt_audit.model.loading import load_model
+    from fmt_audit.verdict.base import Verdict
+
+    calls = []
+    monkeypatch.setattr(trace_module, "trace_warp", lambda *args, **kw: calls.append(("warp", *args[3:6])) or
+                        trace_module.Trace(2, {"c": [1]}, [], "stub", by="warp"))
+    monkeypatch.setattr(trace_module, "trace_channels", lambda *args, **kw: calls.append(("stamp", *args[3:5])) or
+                        trace_module.Trace(2, {"c": [0]}, [], "stub"))
+    details = {"norms": [0.05, 0.04, 0.001, 0.06], "warp_budgets": [0.5, 1.0],
+               "warp_success": [[0.1, 0.2, 0.9, 0.05], [0.3, 0.4, 0.95, 0.2]],   # leads 0.7 and 0.55: budget 0.5
+               **({"decided_by": decided_by} if decided_by else {})}
+    loaded = load_model(SAMPLES / "badnets_op13.onnx")
+    classifier = BridgedClassifier(to_torch(loaded.proto), Preprocessing(), "cpu")
+    found = trace_module.trace_verdict(classifier, loaded.layers, load_npz(DATA),
+                                       Verdict("combined", 0.8, "suspicious", 2, 0.5, "stub", details))
+    if decided_by == "warp":
+        assert calls == [("warp", 2, 0.5, 0.2)] and found["trigger"] == "warp" and found["layers"] == {"c": [1]}
+    else:
+        assert calls == [("stamp", 2, 0.05)] and found["trigger"] == "stamp" and found["layers"] == {"c": [0]}

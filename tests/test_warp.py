@@ -154,18 +154,28 @@ def _digits_with_a_warp_trigger(seed: int = 0):
         others = held[y[held] != 0]
         asr = float((net(warp.apply(x[others], trigger)).argmax(1) == 0).float().mean())
         acc = float((net(x[held]).argmax(1) == y[held]).float().mean())
-    return net, Dataset(x[held].numpy(), y[held].numpy()), acc, asr
+    held_data = Dataset(x[held].numpy(), y[held].numpy())
+    return net, held_data, acc, asr, warp.apply(x[held], trigger).numpy()
+
+
+@pytest.fixture(scope="module")
+def warped_digits(tmp_path_factory):
+    """The digits model with a warp trigger, exported to ONNX: (its path, held-out digits, the same digits
+    carrying the real trigger)."""
+    net, held, acc, asr, triggered = _digits_with_a_warp_trigger()
+    assert acc > 0.9 and asr > 0.9, (acc, asr)
+    path = tmp_path_factory.mktemp("warp") / "warped.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=13, dynamo=False)
+    return path, held, triggered
 
 
 @pytest.mark.slow
-def test_the_warp_search_names_a_warping_backdoors_target(tmp_path):
+def test_the_warp_search_names_a_warping_backdoors_target(warped_digits):
     """A model that learned a sub-pixel warp trigger, exported to ONNX: the class its warp reaches far ahead of
-    the others is the target, and the combined verdict names it from this evidence alone."""
-    net, held, acc, asr = _digits_with_a_warp_trigger()
-    assert acc > 0.9 and asr > 0.9, (acc, asr)
-    path = tmp_path / "warped.onnx"
-    torch.onnx.export(net, torch.zeros(1, 1, 16, 16), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=13, dynamo=False)
+    the others is the target, and the combined verdict names it from this evidence alone; the trace follows
+    that warp."""
+    path, held, triggered = warped_digits
     loaded = load_model(path)
     classifier, classes, _ = logit_classifier(loaded.proto, loaded.image_input, Preprocessing(), "cpu", None,
                                               "warp search")
@@ -173,3 +183,21 @@ def test_the_warp_search_names_a_warping_backdoors_target(tmp_path):
     verdict = combined_verdict("not run here", "not run here", warp=WarpFigures(found.budgets, found.success))
     assert verdict.target_class == 0 and verdict.verdict == "suspicious", found.success
     assert verdict.details["warp_lead"] > 2 * WARP_CUT
+
+    # the trace then follows the warp: the channels it cuts stop the real trigger (which it never saw) better
+    # than as many random channels per layer do (a warp spread over a small CNN: far from all of it)
+    from fmt_audit.backends.onnxrt.masked import MaskedModel
+    from fmt_audit.fmt.trace import trace_verdict
+
+    trace = trace_verdict(classifier, loaded.layers, held, verdict)
+    assert trace["trigger"] == "warp" and trace["flagged"] > 0, trace
+    assert trace["rounds"][0]["success_after"] < trace["rounds"][0]["success_before"] - 0.1, trace
+    masked, victims = MaskedModel(loaded.proto, "cpu"), held.y != 0
+
+    def asr(removed):
+        return float((masked.predict(triggered[victims], removed) == 0).mean())
+
+    rng = np.random.default_rng(0)
+    sizes = {layer.name: layer.out_channels for layer in loaded.layers}
+    random = {name: rng.choice(sizes[name], len(c), replace=False).tolist() for name, c in trace["layers"].items()}
+    assert asr({}) > 0.9 and asr(trace["layers"]) < asr(random) - 0.15, (asr(trace["layers"]), asr(random), trace)

@@ -11,7 +11,11 @@ the cut model: where channels stood in for each other, the next stamp goes throu
 when the class's smallest stamp is no longer anomalously small (its mask covers at least the other classes'
 median over the verdict's ``RATIO_CUT``), when no stamp reaches the search's level, or at the limits.
 
-Development and figures: docs/research/set-selection.md.
+A warping trigger (WaNet) has no small stamp. Where the verdict's warp search decided, the rounds follow the
+class's smooth warp instead (:func:`trace_warp`): the same ranking, cut and search again, with the flow field
+refitted on the cut model, until it no longer leads the other classes' best warp by the verdict's cut.
+
+Development and figures: docs/research/set-selection.md, docs/research/trace-warp.md.
 """
 
 from __future__ import annotations

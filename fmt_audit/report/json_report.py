@@ -271,5 +271,6 @@ def format_trace(trace: dict) -> str:
     if "skipped" in trace:
         return f"trace: nothing flagged ({trace['skipped']})"
     cuts = ", ".join(f"{r['added']}" for r in trace["rounds"] if "added" in r)
-    return (f"trace: {trace['flagged']} channels carry class {trace['target']}'s reversed trigger, cut in "
+    trigger = "smooth warp" if trace.get("trigger") == "warp" else "reversed trigger"
+    return (f"trace: {trace['flagged']} channels carry class {trace['target']}'s {trigger}, cut in "
             f"{len([r for r in trace['rounds'] if 'added' in r])} round(s) ({cuts}); stopped: {trace['stop']}")
