@@ -36,6 +36,7 @@ from pathlib import Path
 from cases import CACHE, HERE, MATRIX, matrix_folders, normalisation, replica_of
 
 ROWS = CACHE / "verdict_matrix.jsonl"
+TOOK = 0.9      # a backdoored cell counts when its attack took: ASR at least this on the test set
 
 
 def rows_file(tag: str | None) -> Path:
@@ -45,7 +46,6 @@ def rows_file(tag: str | None) -> Path:
 def commit() -> str | None:
     found = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return found.stdout.strip() or None
-TOOK = 0.9      # a backdoored cell counts when its attack took: ASR at least this on the test set
 
 
 def one_cell(folder: Path) -> dict:
