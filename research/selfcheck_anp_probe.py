@@ -38,15 +38,7 @@ def perturbed_shares(loaded, preprocessing, sample, clean, eps: float, steps: in
     freeze(classifier)
     modules = classifier.bridge.channel_modules
     generator = torch.Generator().manual_seed(seed)
-    widths = {}
-    with torch.no_grad():       # each channel module's width, from one image
-        seen = {}
-        handles = [m.register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out.shape[1]))
-                   for n, m in modules.items()]
-        classifier(torch.from_numpy(np.ascontiguousarray(sample.x[:1])))
-        for handle in handles:
-            handle.remove()
-        widths = dict(seen)
+    widths = {layer.name: layer.out_channels for layer in loaded.layers}     # the channels the masks sit on
     d = {n: ((torch.rand(w, generator=generator) * 2 - 1) * eps).requires_grad_(True) for n, w in widths.items()}
     handles = [m.register_forward_hook(lambda _m, _i, out, n=n: out * (1 + d[n]).view(1, -1, 1, 1))
                for n, m in modules.items() if n in d]
