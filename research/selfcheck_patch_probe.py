@@ -43,28 +43,25 @@ def patch_success(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, 
     for i, (r, c) in enumerate(spots):
         masks[i, :, r:r + size, c:c + size] = 1
 
-    def placed(images: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        """Every image with every spot's patch: [spots * images, C, H, W] (spot-major)."""
-        full = torch.stack([F.pad(patch[i], (c, width - size - c, r, height - size - r))
-                            for i, (r, c) in enumerate(spots)])
-        return (images[None] * (1 - masks[:, None]) + full[:, None] * masks[:, None]).flatten(0, 1)
+    def stamped(images: torch.Tensor, patch: torch.Tensor, i: int) -> torch.Tensor:
+        """``images`` with ``patch`` ([C, size, size]) at spot ``i``."""
+        r, c = spots[i]
+        return images * (1 - masks[i]) + F.pad(patch, (c, width - size - c, r, height - size - r)) * masks[i]
 
     optimiser = torch.optim.Adam([content], lr=0.1)
     x_fit = x[fit]
     target = torch.full((len(spots) * len(fit),), label)
     for _ in range(steps):
-        loss = F.cross_entropy(as_logits(classifier(placed(x_fit, torch.sigmoid(content)))), target)
+        patches = torch.sigmoid(content)
+        batch = torch.cat([stamped(x_fit, patches[i], i) for i in range(len(spots))])   # spot-major
+        loss = F.cross_entropy(as_logits(classifier(batch)), target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     with torch.inference_mode():
-        x_held = x[held]
-        hits = []
-        for i in range(len(spots)):
-            r, c = spots[i]
-            full = F.pad(torch.sigmoid(content[i]), (c, width - size - c, r, height - size - r))
-            one = x_held * (1 - masks[i]) + full * masks[i]
-            hits.append(float((classifier(one).argmax(1) == label).float().mean()))
+        patches, x_held = torch.sigmoid(content), x[held]
+        hits = [float((classifier(stamped(x_held, patches[i], i)).argmax(1) == label).float().mean())
+                for i in range(len(spots))]
     best = int(np.argmax(hits))
     return hits[best], spots[best]
 
