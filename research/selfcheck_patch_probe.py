@@ -31,6 +31,7 @@ def patch_success(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, 
     """The best grid position's success into ``label`` on ``x[held]`` and where it is (row, column)."""
     import torch
     import torch.nn.functional as F
+    from selfcheck_probe import predicted
 
     from fmt_audit.backends.torch.logits import as_logits
 
@@ -39,14 +40,13 @@ def patch_success(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, 
     spots = [(r, c) for r in rows for c in columns]     # the last row and column too: the borders are covered
     generator = torch.Generator().manual_seed(seed)
     content = torch.randn((len(spots), channels, size, size), generator=generator).requires_grad_(True)
-    masks = torch.zeros((len(spots), 1, height, width))
-    for i, (r, c) in enumerate(spots):
-        masks[i, :, r:r + size, c:c + size] = 1
 
     def stamped(images: torch.Tensor, patch: torch.Tensor, i: int) -> torch.Tensor:
         """``images`` with ``patch`` ([C, size, size]) at spot ``i``."""
         r, c = spots[i]
-        return images * (1 - masks[i]) + F.pad(patch, (c, width - size - c, r, height - size - r)) * masks[i]
+        out = images.clone()
+        out[:, :, r:r + size, c:c + size] = patch
+        return out
 
     optimiser = torch.optim.Adam([content], lr=0.1)
     x_fit = x[fit]
@@ -60,7 +60,7 @@ def patch_success(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, 
         optimiser.step()
     with torch.inference_mode():
         patches, x_held = torch.sigmoid(content), x[held]
-        hits = [float((classifier(stamped(x_held, patches[i], i)).argmax(1) == label).float().mean())
+        hits = [float((predicted(classifier, stamped(x_held, patches[i], i)) == label).mean())
                 for i in range(len(spots))]
     best = int(np.argmax(hits))
     return hits[best], spots[best]
@@ -70,8 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cell", help="matrix:CELL (one backdoored cell)")
     parser.add_argument("--repaired", required=True, help="the repaired model: a file name in the cell's folder")
-    parser.add_argument("--size", type=int, default=6)
-    parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--size", type=int, default=4)     # the rows of the page: 4 x 4, stride 2
+    parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--images", type=int, default=16, help="fit images per class searched")
     parser.add_argument("--classes", default="all", help="'all', 'target' or a list: 0,3")
