@@ -27,8 +27,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def patch_success(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, size: int, stride: int,
-                  steps: int, seed: int) -> tuple[float, tuple[int, int]]:
-    """The best grid position's success into ``label`` on ``x[held]`` and where it is (row, column)."""
+                  steps: int, seed: int, coarse: int | None = None, keep: int = 8,
+                  ) -> tuple[float, tuple[int, int], np.ndarray]:
+    """The best grid position's success into ``label`` on ``x[held]``, where it is (row, column) and its
+    content ([C, size, size], in [0, 1]). ``coarse``: after that many steps only the ``keep`` positions of
+    lowest loss go on (a fifth of the cost at 5 of 30 steps on a 225-position grid); ``None``: all of them."""
     import torch
     import torch.nn.functional as F
     from selfcheck_probe import predicted
@@ -41,29 +44,34 @@ def patch_success(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, 
     generator = torch.Generator().manual_seed(seed)
     content = torch.randn((len(spots), channels, size, size), generator=generator).requires_grad_(True)
 
-    def stamped(images: torch.Tensor, patch: torch.Tensor, i: int) -> torch.Tensor:
-        """``images`` with ``patch`` ([C, size, size]) at spot ``i``."""
-        r, c = spots[i]
+    def stamped(images: torch.Tensor, patch: torch.Tensor, spot: tuple[int, int]) -> torch.Tensor:
+        """``images`` with ``patch`` ([C, size, size]) at ``spot``."""
+        r, c = spot
         out = images.clone()
         out[:, :, r:r + size, c:c + size] = patch
         return out
 
     optimiser = torch.optim.Adam([content], lr=0.1)
     x_fit = x[fit]
-    target = torch.full((len(spots) * len(fit),), label)
-    for _ in range(steps):
+    for step in range(steps):
         patches = torch.sigmoid(content)
-        batch = torch.cat([stamped(x_fit, patches[i], i) for i in range(len(spots))])   # spot-major
-        loss = F.cross_entropy(as_logits(classifier(batch)), target)
+        batch = torch.cat([stamped(x_fit, patches[i], spot) for i, spot in enumerate(spots)])   # spot-major
+        target = torch.full((len(batch),), label)
+        losses = F.cross_entropy(as_logits(classifier(batch)), target, reduction="none")
         optimiser.zero_grad()
-        loss.backward()
+        losses.mean().backward()
         optimiser.step()
+        if coarse is not None and step + 1 == coarse and len(spots) > keep:
+            kept = torch.argsort(losses.detach().view(len(spots), len(fit)).mean(1))[:keep].tolist()
+            spots = [spots[i] for i in kept]
+            content = content.detach()[kept].clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([content], lr=0.1)
     with torch.inference_mode():
         patches, x_held = torch.sigmoid(content), x[held]
-        hits = [float((predicted(classifier, stamped(x_held, patches[i], i)) == label).mean())
-                for i in range(len(spots))]
+        hits = [float((predicted(classifier, stamped(x_held, patches[i], spot)) == label).mean())
+                for i, spot in enumerate(spots)]
     best = int(np.argmax(hits))
-    return hits[best], spots[best]
+    return hits[best], spots[best], patches[best].numpy()
 
 
 def main() -> None:
@@ -103,7 +111,7 @@ def main() -> None:
         for label in classes:
             others = np.flatnonzero(y != label)
             started = time.perf_counter()
-            success, spot = patch_success(classifier, x, others[:args.images], others[args.images:], label,
+            success, spot, _ = patch_success(classifier, x, others[:args.images], others[args.images:], label,
                                           args.size, args.stride, args.steps, args.seed)
             seconds = round(time.perf_counter() - started)
             figures[str(label)] = {"success": round(success, 4), "spot": spot, "s": seconds}
