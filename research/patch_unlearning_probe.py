@@ -14,7 +14,7 @@ a 4 x 4 patch searched on a grid reached 98.6% into the target, at the real trig
    its unlearning copies stamped with the target's best patch at its place, true labels: the real trigger's ASR
    and clean accuracy before and after, on the cell's test images.
 
-Rows go to ``research/results/patch_unlearning_probe.jsonl``.
+Rows go to ``research/results/patch_unlearning_probe.jsonl`` (``-TAG`` before ``.jsonl`` with ``--tag``).
 
     cd benchmarks && PYTHONPATH=..:.:../research OMP_NUM_THREADS=1 python ../research/patch_unlearning_probe.py \\
         matrix:cifar10-plaincnn-badnets-p10-r3 --repaired repaired_patch-dev-a_trace-unlearning-self-checked.onnx
@@ -71,6 +71,7 @@ def main() -> None:
                         help="search the repaired model or, for reference, the model as given (no try then)")
     parser.add_argument("--target-only", action="store_true", help="search the target alone (no evidence)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="rows to patch_unlearning_probe-TAG.jsonl")
     args = parser.parse_args()
 
     import torch
@@ -129,7 +130,8 @@ def main() -> None:
         trainable.module.eval()
         row["try_acc"], row["try_asr"] = accuracy_and_asr(trainable, pair)
     print(json.dumps(row), flush=True)
-    with (RESULTS / "patch_unlearning_probe.jsonl").open("a") as handle:
+    name = f"patch_unlearning_probe-{args.tag}.jsonl" if args.tag else "patch_unlearning_probe.jsonl"
+    with (RESULTS / name).open("a") as handle:
         handle.write(json.dumps(row) + "\n")
 
 
