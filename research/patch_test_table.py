@@ -75,3 +75,7 @@ def clauses(rows: list[dict], variant: str) -> None:
     print(f"2. backdoors that did not stay: fired on {len(alarms)} of {len(gone)} (needs <= 10%)")
     print(f"3. the try where it fired on a stayed backdoor: <= 10% ASR on {len(cut)} of {len(fixed)} (needs >= 80%),"
           f" mean ACC change {'–' if change is None else f'{100 * change:+.2f}'} (needs >= -1.5)")
+
+
+if __name__ == "__main__":
+    main()
