@@ -197,7 +197,11 @@ def test_the_warp_search_names_a_warping_backdoors_target(warped_digits):
     def asr(removed):
         return float((masked.predict(triggered[victims], removed) == 0).mean())
 
+    # as many random channels per layer, five draws averaged: one draw's ASR moves by several points between
+    # machines (the model is trained here; float sums differ by CPU), the mean much less
     rng = np.random.default_rng(0)
     sizes = {layer.name: layer.out_channels for layer in loaded.layers}
-    random = {name: rng.choice(sizes[name], len(c), replace=False).tolist() for name, c in trace["layers"].items()}
-    assert asr({}) > 0.9 and asr(trace["layers"]) < asr(random) - 0.15, (asr(trace["layers"]), asr(random), trace)
+    draws = [{name: rng.choice(sizes[name], len(c), replace=False).tolist() for name, c in trace["layers"].items()}
+             for _ in range(5)]
+    random = float(np.mean([asr(draw) for draw in draws]))
+    assert asr({}) > 0.9 and asr(trace["layers"]) < random - 0.1, (asr(trace["layers"]), random, trace)
