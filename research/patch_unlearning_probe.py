@@ -72,13 +72,16 @@ def main() -> None:
     parser.add_argument("--target-only", action="store_true", help="search the target alone (no evidence)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="rows to patch_unlearning_probe-TAG.jsonl")
+    parser.add_argument("--hold-removed", action="store_true",
+                        help="the try holds the repaired model's removed channels (all-zero filters) at zero, as "
+                             "the library's pipeline does (fmt_audit/repair/pipeline.py); not the registered try")
     args = parser.parse_args()
 
     import torch
     from selfcheck_patch_probe import patch_success
     from selfcheck_probe import given_and_repaired
 
-    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, channels_held_at_zero, to_torch
     from fmt_audit.backends.torch.logits import freeze
     from fmt_audit.data import load_npz
     from fmt_audit.repair.config import FineTuneConfig, RepairConfig
@@ -121,11 +124,19 @@ def main() -> None:
         pattern[:, spot[0]:spot[0] + size, spot[1]:spot[1] + size] = torch.from_numpy(content)
         train, holdout = load_npz(case.defender).split(RepairConfig().holdout, seed=args.seed)
         tuning = FineTuneConfig(epochs=args.epochs, seed=args.seed)
-        trainable = BridgedClassifier(to_torch(pair.repaired.classifier), pair.preprocessing, "cpu")
+        bridge = to_torch(pair.repaired.classifier)
+        trainable = BridgedClassifier(bridge, pair.preprocessing, "cpu")
         flip, _ = flip_decision(trainable, train, tuning.flip)
+        removed = {layer.name: [c for c in range(layer.out_channels)
+                                if not bridge.conv_weights(layer.name).weight[c].any()]
+                   for layer in pair.repaired.layers} if args.hold_removed else {}
+        if args.hold_removed:
+            row["held"] = sum(map(len, removed.values()))
         started = time.perf_counter()
-        fine_tune(trainable, train, tuning, flip, holdout,
-                  perturb=StampOrPerturbation(lambda batch: batch, [(mask, pattern)], STAMP_SHARE, seed=args.seed))
+        with channels_held_at_zero(bridge.channel_modules, removed):
+            fine_tune(trainable, train, tuning, flip, holdout,
+                      perturb=StampOrPerturbation(lambda batch: batch, [(mask, pattern)], STAMP_SHARE,
+                                                  seed=args.seed))
         row["try_s"] = round(time.perf_counter() - started)
         trainable.module.eval()
         row["try_acc"], row["try_asr"] = accuracy_and_asr(trainable, pair)
