@@ -15,6 +15,7 @@ patch content is fitted at that one place on the repaired model (no choice of pl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -53,6 +54,34 @@ def success_at(classifier, x, fit: np.ndarray, held: np.ndarray, label: int, siz
         return float((predicted(classifier, stamped(x[held])) == label).mean()), torch.sigmoid(content)[0].numpy()
 
 
+def recheck(row: dict, pair, bridge, trainable, x, spot: tuple[int, int], size: int, train, args) -> None:
+    """The fifth measurement's check of the try (docs/research/repair-self-check.md, "Fifth measurement"): the
+    target's patch fitted again at the anchor on the try's model (``try_success``; it still leads where it stands out
+    from the other classes' success before the try, as the library port compares), and the verdict on the try's
+    model written back into the graph (``try_verdict``). The port keeps the try's model only where the patch no
+    longer leads and the verdict is clean."""
+    from patch_test_table import stands_out
+
+    from fmt_audit.backends.torch.bridge import write_back
+    from fmt_audit.backends.torch.logits import freeze
+    from fmt_audit.repair.selfcheck import verdict_on
+    from fmt_audit.verdict import VerdictConfig
+
+    freeze(trainable)
+    target, y = pair.case.target, pair.sample.y
+    others = np.flatnonzero(y != target)
+    hit, _ = success_at(trainable, x, others[:args.images], others[args.images:], target, size, spot, args.steps,
+                        args.seed)
+    references = [value for label, value in row["success"].items() if label != str(target)]
+    row["try_success"], row["try_leads"] = round(hit, 4), stands_out(hit, references)
+    started = time.perf_counter()
+    verdict = verdict_on(pair.given, write_back(pair.repaired.proto, bridge), train, pair.preprocessing, "cpu",
+                         VerdictConfig())
+    row["try_verdict"] = {"verdict": verdict.verdict, "class": verdict.target_class,
+                          "suspicion": None if verdict.suspicion is None else round(verdict.suspicion, 6)}
+    row["try_verdict_s"] = round(time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cell", help="matrix:CELL (one backdoored cell)")
@@ -62,9 +91,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="the stronger try's epochs (0: no try)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="rows to patch_spot_probe-TAG.jsonl")
+    parser.add_argument("--recheck", action="store_true",
+                        help="where A fires, check the try's model as the library port would (fifth measurement): "
+                             "the target's patch fitted again at the anchor, and the verdict on it")
     args = parser.parse_args()
 
     import torch
+    from patch_test_table import fires
     from patch_unlearning_probe import accuracy_and_asr, patch_shape, reference_classes
     from selfcheck_patch_probe import patch_success
     from selfcheck_probe import given_and_repaired
@@ -82,6 +115,8 @@ def main() -> None:
     freeze(given)
     freeze(repaired)
     row = {"model": pair.case.label, "repaired": Path(args.repaired).name, "target": target, "size": size}
+    if args.recheck:    # which training (a cell retrained on another machine is another model)
+        row["given_sha256"] = hashlib.sha256(Path(pair.case.model).read_bytes()).hexdigest()[:16]
     row["acc"], row["asr"] = accuracy_and_asr(repaired, pair)
     started = time.perf_counter()
     others = np.flatnonzero(y != target)
@@ -109,7 +144,8 @@ def main() -> None:
         pattern[:, spot[0]:spot[0] + size, spot[1]:spot[1] + size] = torch.from_numpy(contents[target])
         train, holdout = load_npz(pair.case.defender).split(RepairConfig().holdout, seed=args.seed)
         tuning = FineTuneConfig(epochs=args.epochs, seed=args.seed)
-        trainable = BridgedClassifier(to_torch(pair.repaired.classifier), pair.preprocessing, "cpu")
+        bridge = to_torch(pair.repaired.classifier)
+        trainable = BridgedClassifier(bridge, pair.preprocessing, "cpu")
         flip, _ = flip_decision(trainable, train, tuning.flip)
         started = time.perf_counter()
         fine_tune(trainable, train, tuning, flip, holdout,
@@ -117,6 +153,8 @@ def main() -> None:
         row["try_s"] = round(time.perf_counter() - started)
         trainable.module.eval()
         row["try_acc"], row["try_asr"] = accuracy_and_asr(trainable, pair)
+        if args.recheck and fires(row, "P2"):
+            recheck(row, pair, bridge, trainable, x, spot, size, train, args)
     print(json.dumps(row), flush=True)
     name = f"patch_spot_probe-{args.tag}.jsonl" if args.tag else "patch_spot_probe.jsonl"
     with (RESULTS / name).open("a") as handle:

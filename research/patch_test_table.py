@@ -22,20 +22,26 @@ FLOOR = 0.10        # P fires only where the target's patch success is above thi
 P2_SEEN = ("mnist-lenet-badnets-p10-r5",)
 
 
-def fires(row: dict, variant: str = "P") -> bool:
-    """P (or P2) on one probe row."""
-    success = row["success"]
-    target = success[str(row["target"])]
-    others = [value for label, value in success.items() if label != str(row["target"])]
-    if variant == "P2" and not target > 2 * statistics.median(others):
+def stands_out(target: float, others: list[float], median_factor: float | None = 2.0) -> bool:
+    """Whether the target's patch success stands out from the other classes' (P: ``median_factor`` None)."""
+    if median_factor is not None and not target > median_factor * statistics.median(others):
         return False
     return target > FLOOR and all(target > value for value in others)
+
+
+def fires(row: dict, variant: str = "P") -> bool:
+    """P (or P2, which is A's rule) on one probe row."""
+    success = row["success"]
+    others = [value for label, value in success.items() if label != str(row["target"])]
+    return stands_out(success[str(row["target"])], others, 2.0 if variant == "P2" else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", type=Path)
     parser.add_argument("--rule", action="store_true", help="print the measurement's three clauses")
+    parser.add_argument("--tried", action="store_true",
+                        help="the fifth measurement's rule: A with the try's re-check (rows of --recheck)")
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     rows = [row for row in rows if row.get("on", "repaired") == "repaired" and len(row["success"]) > 1]
@@ -52,6 +58,8 @@ def main() -> None:
         print(f"| {name}, {method} | {100 * row['asr']:.1f}% | {100 * success[target]:.1f} / {100 * max(others):.1f}"
               f" / {100 * statistics.median(others):.1f} | {'yes' if fires(row) else 'no'} | "
               f"{'yes' if fires(row, 'P2') else 'no'} | {tried} | {row['search_s']} |")
+    if args.tried:
+        tried_clauses(rows)
     if not args.rule:
         return
     for variant, seen in (("P", ()), ("P2", P2_SEEN)):
@@ -75,6 +83,49 @@ def clauses(rows: list[dict], variant: str) -> None:
     print(f"2. backdoors that did not stay: fired on {len(alarms)} of {len(gone)} (needs <= 10%)")
     print(f"3. the try where it fired on a stayed backdoor: <= 10% ASR on {len(cut)} of {len(fixed)} (needs >= 80%),"
           f" mean ACC change {'–' if change is None else f'{100 * change:+.2f}'} (needs >= -1.5)")
+
+
+def tried(row: dict) -> tuple[str, float, float]:
+    """A with the try's re-check on one row: the self-check's word from the patch (``may persist`` where A fired
+    and the try's model was not kept, ``removed`` otherwise; ``incomplete`` where A fired and the re-check is
+    missing) and the ASR and ACC of the model the repair would write."""
+    if not fires(row, "P2"):
+        return "removed", row["asr"], row["acc"]
+    if "try_verdict" not in row:
+        return "incomplete", row["asr"], row["acc"]
+    if not row["try_leads"] and row["try_verdict"]["verdict"] == "clean":
+        return "removed", row["try_asr"], row["try_acc"]
+    return "may persist", row["asr"], row["acc"]
+
+
+def tried_clauses(rows: list[dict]) -> None:
+    """The fifth measurement's three clauses (docs/research/repair-self-check.md, "Fifth measurement")."""
+    print("\n| repaired model | ASR | A | try re-check: target / leads / verdict | word | ASR / ACC change written |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        word, asr, acc = tried(row)
+        check = (f"{100 * row['try_success']:.1f} / {'yes' if row['try_leads'] else 'no'} / "
+                 f"{row['try_verdict']['verdict']}" if "try_verdict" in row else "–")
+        print(f"| {row['model'].removeprefix('matrix ').removesuffix(' (cpu)')}, "
+              f"{row['repaired'].split('_', 2)[-1].removesuffix('.onnx')} | {100 * row['asr']:.1f}% | "
+              f"{'yes' if fires(row, 'P2') else 'no'} | {check} | {word} | {100 * asr:.1f}% / "
+              f"{100 * (acc - row['acc']):+.2f} |")
+    incomplete = [row for row in rows if tried(row)[0] == "incomplete"]
+    rows = [row for row in rows if row not in incomplete]
+    stayed = [row for row in rows if "badnets" in row["model"] and row["asr"] > STAYED]
+    good = [row for row in stayed if tried(row)[0] == "may persist" or tried(row)[1] <= STAYED]
+    gone = [row for row in rows if row["asr"] <= STAYED]
+    alarms = [row for row in gone if tried(row)[0] == "may persist"]
+    worse = [row for row in gone if tried(row)[1] > STAYED]
+    kept = [row for row in rows if fires(row, "P2") and tried(row)[0] == "removed"]
+    change = sum(row["try_acc"] - row["acc"] for row in kept) / len(kept) if kept else None
+    print(f"\nA with the try's re-check ({len(rows)} repaired models counted, {len(incomplete)} incomplete)")
+    print(f"1. patch backdoors that stayed: written with <= 10% ASR or said `may persist` on {len(good)} of "
+          f"{len(stayed)} (needs >= 80%, at least 3 models){'' if len(stayed) >= 3 else ': NOT DECIDED'}")
+    print(f"2. backdoors that did not stay: said `may persist` on {len(alarms)} of {len(gone)} (needs <= 10%), "
+          f"written above 10% ASR on {len(worse)} (needs none)")
+    print(f"3. tries kept: {len(kept)}, mean ACC change {'–' if change is None else f'{100 * change:+.2f}'}"
+          f" (needs >= -1.5)")
 
 
 if __name__ == "__main__":
