@@ -20,6 +20,8 @@ STAYED = 0.10       # the backdoor stayed where the repaired model's ASR is abov
 FLOOR = 0.10        # P fires only where the target's patch success is above this
 # models whose rows were read before P2 was written: not counted for P2
 P2_SEEN = ("mnist-lenet-badnets-p10-r5",)
+# the repairs' rows (the model as given: ASR, the verdict's class), for the fifth measurement's exclusions
+REPAIRS = Path(__file__).resolve().parent / "results" / "trace_repair_patch-test.jsonl"
 
 
 def stands_out(target: float, others: list[float], median_factor: float | None = 2.0) -> bool:
@@ -98,6 +100,23 @@ def tried(row: dict) -> tuple[str, float, float]:
     return "may persist", row["asr"], row["acc"]
 
 
+def exclusion(row: dict, repairs: Path = REPAIRS) -> str | None:
+    """Why a row of the fifth measurement is not counted (its rule's exclusions, from the repair rows of the same
+    training, matched by the given model's sha256): ``None`` where it counts."""
+    if "given_sha256" not in row:
+        return "no sha256 of the model as given"
+    same = [json.loads(line) for line in repairs.read_text().splitlines() if row["given_sha256"] in line]
+    given = next((r for r in same if r["method"] == "none"), None)
+    verdicts = {r["verdict"]["class"] for r in same if "verdict" in r}
+    if given is None or not verdicts:
+        return "no repair rows of this training"
+    if given["ASR"] < 0.90:
+        return f"ASR as given {100 * given['ASR']:.1f}% (under 90%)"
+    if verdicts != {row["target"]}:
+        return f"the verdict named {sorted(verdicts)}, not the target {row['target']}"
+    return None
+
+
 def tried_clauses(rows: list[dict]) -> None:
     """The fifth measurement's three clauses (docs/research/repair-self-check.md, "Fifth measurement")."""
     print("\n| repaired model | ASR | A | try re-check: target / leads / verdict | word | ASR / ACC change written |")
@@ -111,7 +130,11 @@ def tried_clauses(rows: list[dict]) -> None:
               f"{'yes' if fires(row, 'P2') else 'no'} | {check} | {word} | {100 * asr:.1f}% / "
               f"{100 * (acc - row['acc']):+.2f} |")
     incomplete = [row for row in rows if tried(row)[0] == "incomplete"]
-    rows = [row for row in rows if row not in incomplete]
+    excluded = {id(row): why for row in rows if (why := exclusion(row))}
+    for row in rows:
+        if id(row) in excluded:
+            print(f"not counted: {row['model']}, {row['repaired']}: {excluded[id(row)]}")
+    rows = [row for row in rows if row not in incomplete and id(row) not in excluded]
     stayed = [row for row in rows if "badnets" in row["model"] and row["asr"] > STAYED]
     good = [row for row in stayed if tried(row)[0] == "may persist" or tried(row)[1] <= STAYED]
     gone = [row for row in rows if row["asr"] <= STAYED]
