@@ -100,12 +100,12 @@ def tried(row: dict) -> tuple[str, float, float]:
     return "may persist", row["asr"], row["acc"]
 
 
-def exclusion(row: dict, repairs: Path = REPAIRS) -> str | None:
-    """Why a row of the fifth measurement is not counted (its rule's exclusions, from the repair rows of the same
+def exclusion(row: dict, repairs: list[dict]) -> str | None:
+    """Why a row of the fifth measurement is not counted (its rule's exclusions, from ``repairs``' rows of the same
     training, matched by the given model's sha256): ``None`` where it counts."""
     if "given_sha256" not in row:
         return "no sha256 of the model as given"
-    same = [json.loads(line) for line in repairs.read_text().splitlines() if row["given_sha256"] in line]
+    same = [r for r in repairs if r.get("onnx sha256") == row["given_sha256"]]
     given = next((r for r in same if r["method"] == "none"), None)
     verdicts = {r["verdict"]["class"] for r in same if "verdict" in r}
     if given is None or not verdicts:
@@ -129,12 +129,16 @@ def tried_clauses(rows: list[dict]) -> None:
               f"{row['repaired'].split('_', 2)[-1].removesuffix('.onnx')} | {100 * row['asr']:.1f}% | "
               f"{'yes' if fires(row, 'P2') else 'no'} | {check} | {word} | {100 * asr:.1f}% / "
               f"{100 * (acc - row['acc']):+.2f} |")
-    incomplete = [row for row in rows if tried(row)[0] == "incomplete"]
-    excluded = {id(row): why for row in rows if (why := exclusion(row))}
+    repairs = [json.loads(line) for line in REPAIRS.read_text().splitlines() if line.strip()]
+    counted, incomplete = [], 0
     for row in rows:
-        if id(row) in excluded:
-            print(f"not counted: {row['model']}, {row['repaired']}: {excluded[id(row)]}")
-    rows = [row for row in rows if row not in incomplete and id(row) not in excluded]
+        if why := exclusion(row, repairs):
+            print(f"not counted: {row['model']}, {row['repaired']}: {why}")
+        elif tried(row)[0] == "incomplete":
+            incomplete += 1
+        else:
+            counted.append(row)
+    rows = counted
     stayed = [row for row in rows if "badnets" in row["model"] and row["asr"] > STAYED]
     good = [row for row in stayed if tried(row)[0] == "may persist" or tried(row)[1] <= STAYED]
     gone = [row for row in rows if row["asr"] <= STAYED]
@@ -142,7 +146,7 @@ def tried_clauses(rows: list[dict]) -> None:
     worse = [row for row in gone if tried(row)[1] > STAYED]
     kept = [row for row in rows if fires(row, "P2") and tried(row)[0] == "removed"]
     change = sum(row["try_acc"] - row["acc"] for row in kept) / len(kept) if kept else None
-    print(f"\nA with the try's re-check ({len(rows)} repaired models counted, {len(incomplete)} incomplete)")
+    print(f"\nA with the try's re-check ({len(rows)} repaired models counted, {incomplete} incomplete)")
     print(f"1. patch backdoors that stayed: written with <= 10% ASR or said `may persist` on {len(good)} of "
           f"{len(stayed)} (needs >= 80%, at least 3 models){'' if len(stayed) >= 3 else ': NOT DECIDED'}")
     print(f"2. backdoors that did not stay: said `may persist` on {len(alarms)} of {len(gone)} (needs <= 10%), "
