@@ -50,12 +50,21 @@ def latest_rows(path: Path) -> dict[str, dict[str, dict]]:
     return cells
 
 
+def trained_as(rows: dict[str, dict]) -> str | None:
+    """The sha256 prefix of the model as given that a cell's rows name (older rows name none)."""
+    return next((row["onnx sha256"] for row in rows.values() if row.get("onnx sha256")), None)
+
+
 def merged_rows(paths: list[Path]) -> dict[str, dict[str, dict]]:
-    """:func:`latest_rows` of several files, a later file's row of a cell and method replacing an earlier one's."""
+    """:func:`latest_rows` of several files, a later file's row of a cell and method replacing an earlier one's.
+    A cell trained again (on a machine without the cache) is another model: where both name their sha256 and
+    they differ, the later one is kept apart as ``CELL [SHA]``."""
     cells: dict[str, dict[str, dict]] = defaultdict(dict)
     for path in paths:
         for cell, rows in latest_rows(path).items():
-            cells[cell].update(rows)
+            sha, earlier = trained_as(rows), trained_as(cells.get(cell, {}))
+            key = f"{cell} [{sha[:8]}]" if sha and earlier and sha != earlier else cell
+            cells[key].update(rows)
     return cells
 
 
@@ -125,7 +134,7 @@ def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]
             parts = cell_parts(cell)
             pair = (rows["none"], rows[method])
             groups["all"].append(pair)
-            for key in ("attack", "network", "poisoning"):
+            for key in ("dataset", "attack", "network", "poisoning"):
                 groups[f"{key} {parts[key]}"].append(pair)
         for group, pairs in sorted(groups.items(), key=lambda item: (item[0] != "all", item[0])):
             change = statistics.fmean(100 * (row["ACC"] - given["ACC"]) for given, row in pairs)
