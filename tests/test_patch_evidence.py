@@ -98,7 +98,7 @@ def test_the_anchored_evidence_leads_on_an_unrepaired_backdoor_and_not_on_the_cl
         evidence = patch_evidence(classifier, classifier, sample, TARGET, classes, seed=0)
         figures[name] = evidence.to_dict()
         again = patch_evidence(None, classifier, sample, TARGET, classes, seed=0, before=evidence)
-        assert again.to_dict() == {**figures[name], "seconds": again.to_dict()["seconds"]}   # same seed, same fit
+        assert again.to_dict() == figures[name] and again.seconds > 0      # same seed, same fit; its time apart
     backdoor = figures["badnets"]
     assert backdoor["leads"] is True and backdoor["success"] > 0.5 and len(backdoor["references"]) == 9, backdoor
     assert backdoor["spot"][0] + 2 > 10 and backdoor["spot"][1] + 2 > 10     # the trigger's rows and columns: 13..15
