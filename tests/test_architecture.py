@@ -15,7 +15,8 @@ LIBRARY, CLI = ROOT / "fmt_audit", ROOT / "cli"
 # function (so that `import fmt_audit`, `--help` and `inspect` load none of them)
 AT_MODULE_LEVEL = {
     "torch": ("fmt_audit.backends.torch", "fmt_audit.fmt.gradient", "fmt_audit.fmt.trace", "fmt_audit.repair.finetune",
-              "fmt_audit.repair.ibau", "fmt_audit.repair.pipeline", "fmt_audit.repair.pruning",
+              "fmt_audit.repair.ibau", "fmt_audit.repair.patch_evidence", "fmt_audit.repair.pipeline",
+              "fmt_audit.repair.pruning",
               "fmt_audit.verdict.evidence"),
     "onnx2torch": (),
     "onnxruntime": (),

@@ -147,6 +147,8 @@ class RepairConfig:
     unlearn_steps: int = 5
     # half the unlearning copies stamped with the trace's reversed triggers (--selection trace, where it found any)
     unlearn_stamps: bool = True
+    # the self-check also searches a small patch into the class the verdict named (fmt_audit.repair.patch_evidence)
+    patch_check: bool = True
     method: str = "fmt"
     prune_drop: float = 0.05       # fp: the clean-accuracy drop at which pruning stops
     clp_u: float = 3.0             # clp: channels above mean + u * std of their layer's bounds are pruned
@@ -178,13 +180,15 @@ def repair_config(seed: int = 0, method: str = "fmt", epochs: int = 10, lr: floa
                   allow_regrowth: bool = False, unlearn: bool | None = None, unlearn_eps: float | str = "auto",
                   holdout: float = 0.1, prune_drop: float = 0.05, clp_u: float = 3.0, anp_eps: float = 0.4,
                   anp_tradeoff: float = 0.2, anp_iterations: int = 2000, anp_threshold: float = 0.2,
-                  ibau_rounds: int = 5, ibau_lr: float = 0.001, unlearn_stamps: bool = True) -> RepairConfig:
+                  ibau_rounds: int = 5, ibau_lr: float = 0.001, unlearn_stamps: bool = True,
+                  patch_check: bool = True) -> RepairConfig:
     """A :class:`RepairConfig` from the flat options of ``fmt-audit repair`` (and of a fleet manifest's
     models): the fine-tuning settings among them, the learning rate decaying to min(1e-4, ``lr``)."""
     return RepairConfig(FineTuneConfig(epochs=epochs, lr=lr, final_lr=min(1e-4, lr), batch_size=batch_size,
                                        augment=augment, flip=flip, seed=seed),
                         allow_regrowth=allow_regrowth, holdout=holdout, unlearn=unlearn, unlearn_eps=unlearn_eps,
-                        unlearn_stamps=unlearn_stamps, method=method, prune_drop=prune_drop, clp_u=clp_u,
+                        unlearn_stamps=unlearn_stamps, patch_check=patch_check, method=method,
+                        prune_drop=prune_drop, clp_u=clp_u,
                         anp=AnpConfig(eps=anp_eps, tradeoff=anp_tradeoff, iterations=anp_iterations,
                                       threshold=anp_threshold),
                         ibau=IbauConfig(rounds=ibau_rounds, lr=ibau_lr))

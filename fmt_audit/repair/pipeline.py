@@ -64,7 +64,8 @@ from fmt_audit.repair.config import RepairConfig
 from fmt_audit.repair.finetune import STAMP_SHARE, EpochRecord, StampOrPerturbation, fine_tune, flip_decision
 from fmt_audit.repair.methods.base import RepairInputs, RepairMethod
 from fmt_audit.repair.methods.registry import METHODS, TAKE_CHANNELS
-from fmt_audit.repair.selfcheck import ESCALATION, SelfCheck, status_of, verdict_on
+from fmt_audit.repair.patch_evidence import TRY_EPOCHS as PATCH_TRY_EPOCHS
+from fmt_audit.repair.selfcheck import ESCALATION, PATCH_ESCALATION, SelfCheck, patch_on, status_of, verdict_on
 from fmt_audit.report.json_report import RepairReport, ScanReport
 from fmt_audit.verdict import VerdictConfig
 from fmt_audit.verdict.evidence.transfer import ReferenceCache
@@ -311,6 +312,8 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                              expect_zero=not config.allow_regrowth, scores=loaded.scores)
 
     self_check = None
+    notes: list[str] = []       # what the self-check could not do, for the report's warnings
+    patch_seconds = 0.0
     with hold:
         history = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
                             progress=on_epoch, perturb=perturb) if tuning.epochs else []
@@ -335,29 +338,63 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                            told("model as given")).to_dict()
             after = verdict_on(loaded, repaired, checked_on, preprocessing, device, check, references,
                                told("repaired")).to_dict()
+            # where the verdict named a class on the model as given: does a small patch still lead into it?
+            named = before.get("target_class") if before.get("verdict") == "suspicious" else None
+            patch = None
+            if named is not None and config.patch_check:
+                if progress:
+                    progress("self-check: patch search", 0, 0)
+                patch, skipped = patch_on(loaded, repaired, checked_on, preprocessing, device, check, named)
+                if skipped:
+                    notes.append(f"self-check: no patch search ({skipped})")
+                patch_seconds += patch.seconds if patch else 0.0
             escalation = None
-            if status_of(after) == "may persist" and method.escalates and tuning.epochs:
-                # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
-                eps = 2 * unlearning["eps"] if unlearning.get("eps") else \
-                    unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)[0]
-                stronger = FeatureMapPerturbation(classifier, loaded.layers, eps, eps / 3, config.unlearn_steps,
-                                                  seed=tuning.seed + 1)
+            if status_of(after, before, patch and patch.to_dict()) == "may persist" and method.escalates \
+                    and tuning.epochs:
                 state = {key: value.clone() for key, value in bridge.module.state_dict().items()}
-                more = fine_tune(classifier, train, tuning, flip, holdout if len(holdout) else None,
+                patch_try = patch is not None and patch.leads
+                if patch_try:
+                    # once, stronger: the patch that leads stamped into half of the copies, true labels, for
+                    # PATCH_TRY_EPOCHS of the repair's recipe (the removed channels still held at zero)
+                    stamp = patch.target.stamp(train.x.shape[1:])
+                    stronger = StampOrPerturbation(lambda batch: batch, [stamp], STAMP_SHARE, seed=tuning.seed)
+                    tuning_try = replace(tuning, epochs=PATCH_TRY_EPOCHS)
+                    flip_try, _ = flip_decision(classifier, train, tuning_try.flip)     # of the repaired model
+                    try_flip = {"flip": flip_try}
+                    setting, eps = f"{PATCH_ESCALATION}, {PATCH_TRY_EPOCHS} epochs", None
+                else:
+                    # once, stronger: unlearning at twice the radius (at the calibrated one where it was off)
+                    eps = 2 * unlearning["eps"] if unlearning.get("eps") else \
+                        unlearning_eps(config, scan_report or flagged, loaded, train, scan_config)[0]
+                    stronger = FeatureMapPerturbation(classifier, loaded.layers, eps, eps / 3, config.unlearn_steps,
+                                                      seed=tuning.seed + 1)
+                    tuning_try, flip_try, setting = tuning, flip, f"{ESCALATION} (eps {eps:.4g})"
+                    try_flip = {}
+                more = fine_tune(classifier, train, tuning_try, flip_try, holdout if len(holdout) else None,
                                  progress=on_epoch, perturb=stronger)
                 candidate, candidate_verification = written_and_verified()
                 tried = verdict_on(loaded, candidate, checked_on, preprocessing, device, check, references,
                                    told("stronger try")).to_dict()
-                kept = tried["verdict"] == "clean"
-                escalation = {"setting": f"{ESCALATION} (eps {eps:.4g})", "eps": eps, "stamps": 0, "after": tried,
+                # the target fitted again at the anchor, against the other classes' success before the try
+                patch_tried, skipped = (None, None) if patch is None else patch_on(
+                    loaded, candidate, checked_on, preprocessing, device, check, named, patch)
+                if skipped:
+                    notes.append(f"self-check: no patch search on the stronger try's model ({skipped})")
+                patch_seconds += patch_tried.seconds if patch_tried else 0.0
+                # kept only where both checks pass (a patch that could not be fitted again passes nothing)
+                kept = tried["verdict"] == "clean" and (patch is None or (patch_tried is not None
+                                                                          and not patch_tried.leads))
+                escalation = {"setting": setting, "eps": eps, "stamps": 1 if patch_try else 0, **try_flip,
+                              "after": tried, "patch": patch_tried.to_dict() if patch_tried else None,
                               "kept": kept, "accuracy": measure()}
                 if kept:
-                    repaired, verification, after = candidate, candidate_verification, tried
+                    repaired, verification, after, patch = candidate, candidate_verification, tried, patch_tried
                     history += more
                     accuracy["after"] = escalation["accuracy"]
                 else:
                     bridge.module.load_state_dict(state)
-            self_check = SelfCheck(status_of(after, before), before, after, escalation)
+            patch_figures = patch.to_dict() if patch else None
+            self_check = SelfCheck(status_of(after, before, patch_figures), before, after, escalation, patch_figures)
     steps = tuning.epochs * tuning.steps_per_epoch(len(train))
     batch_size = tuning.batch_for(len(train))
     warnings = []
@@ -367,13 +404,15 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
                         "or more --epochs gives it more")
     if evidence and evidence.get("warning"):
         warnings.append(f"{method.name}: {evidence['warning']}")
+    warnings += notes
     report = RepairReport(
         model={"path": str(loaded.path), "sha256": loaded.sha256, "class_output": loaded.scores},
         config={"method": method.name, **asdict(tuning), "allow_regrowth": config.allow_regrowth,
                 "holdout": config.holdout, "tolerance": config.tolerance, "device_used": device,
                 "placement": {**placement.to_dict(), "onnxruntime": verification["ort_device"]},
-                **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning, "steps": steps,
-                "batch_size_used": batch_size, "scan": scan_report.config if scan_report else None,
+                **preprocessing.to_dict(), "flip_decision": flip_info, "unlearning": unlearning,
+                "patch_check": config.patch_check, "steps": steps, "batch_size_used": batch_size,
+                "scan": scan_report.config if scan_report else None,
                 **method.settings(config)},
         flagged=removed, source=source, channels_total=sum(layer.out_channels for layer in loaded.layers),
         data={"images": len(dataset) if dataset is not None else 0, "train": len(train), "holdout": len(holdout),
@@ -383,6 +422,7 @@ def repair(model: str | os.PathLike | LoadedModel, data: str | os.PathLike | Dat
         timing={"scan_s": round(scanned - started, 3), "fine_tune_s": round(trained - scanned - (own_s or 0.0), 3),
                 **({f"{method.name}_s": round(own_s, 3)} if own_s is not None else {}),
                 "self_check_s": round(time.perf_counter() - checked_from, 3) if self_check else None,
+                "patch_check_s": round(patch_seconds, 3) if patch_seconds else None,
                 "total_s": round(time.perf_counter() - started, 3)},
         method=method.name, evidence=evidence, self_check=self_check.to_dict() if self_check else None,
     )

@@ -257,11 +257,20 @@ def format_self_check(check: dict) -> str:
         named = f", class {verdict['target_class']}" if verdict["verdict"] == "suspicious" else ""
         return f"{verdict['verdict']} (suspicion {verdict['suspicion']:.2f}{named})"
 
+    def patch_said(patch: dict) -> str:
+        compared = ("" if patch["best_other"] is None else
+                    f" (other classes at most {patch['best_other']:.1%}, median {patch['median_other']:.1%})")
+        return (f"a {patch['size']}x{patch['size']} patch sends {patch['success']:.1%} into class {patch['target']}"
+                f"{compared}: {'leads' if patch['leads'] else 'does not lead'}")
+
     lines = [f"self-check   {check['status']}: {check['after']['method']} verdict on the repaired model "
              f"{said(check['after'])}; on the model as given {said(check['before'])}"]
+    if check.get("patch"):
+        lines.append(f"             {patch_said(check['patch'])}")
     escalation = check.get("escalation")
     if escalation:
-        lines.append(f"             tried {escalation['setting']}: {said(escalation['after'])}"
+        patch = f"; {patch_said(escalation['patch'])}" if escalation.get("patch") else ""
+        lines.append(f"             tried {escalation['setting']}: {said(escalation['after'])}{patch}"
                      f"{' (kept)' if escalation['kept'] else ' (not kept: no better)'}")
     return "\n".join(lines)
 

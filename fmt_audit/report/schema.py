@@ -44,7 +44,8 @@ REPAIR = {
     "warnings": [str],
     "timing": {"total_s": NUMBER},
 }
-SELF_CHECK = {"status": str, "before": (dict, type(None)), "after": VERDICT, "escalation": (dict, type(None))}
+SELF_CHECK = {"status": str, "before": (dict, type(None)), "after": VERDICT, "escalation": (dict, type(None)),
+              "patch": (dict, type(None))}
 METRICS = {"acc": NUMBER, "asr": OPTIONAL_NUMBER, "ra": OPTIONAL_NUMBER, "clean_images": int, "attack_images": int}
 EVALUATION = {
     "schema_version": int, "kind": str,

@@ -72,7 +72,7 @@ class RepairMethod(ABC):
     without_fine_tuning: str = ""   # why it ends without fine-tuning, for the text summary
     takes_channels: bool = False    # accepts the channels to remove from the caller (a scan report)
     compared: bool = True           # in `compare` when the methods are not named
-    escalates: bool = False         # the self-check may retry it stronger (repair.selfcheck.ESCALATION)
+    escalates: bool = False         # the self-check may retry it stronger (repair.selfcheck: *ESCALATION)
 
     @abstractmethod
     def removal(self, inputs: RepairInputs) -> Removal:
