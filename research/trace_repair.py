@@ -416,14 +416,21 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
 
 
 def self_check_row(check: dict) -> dict:
-    """What a row keeps of a repair report's self-check: its word, the verdicts, the stronger try."""
+    """What a row keeps of a repair report's self-check: its word, the verdicts, the patch check (0.4.0), the
+    stronger try."""
     def brief(verdict: dict | None) -> dict | None:
         return verdict and {"verdict": verdict["verdict"], "class": verdict["target_class"],
                             "suspicion": verdict["suspicion"]}
+
+    def patch(figures: dict | None) -> dict | None:
+        return figures and {key: figures[key] for key in ("target", "spot", "success", "best_other", "median_other",
+                                                          "leads")}
     escalation = check["escalation"]
     return {"status": check["status"], "before": brief(check["before"]), "after": brief(check["after"]),
+            "patch": patch(check.get("patch")),
             "escalation": escalation and {"setting": escalation["setting"], "kept": escalation["kept"],
-                                          "after": brief(escalation["after"]), "holdout ACC": escalation["accuracy"]}}
+                                          "after": brief(escalation["after"]), "patch": patch(escalation.get("patch")),
+                                          "holdout ACC": escalation["accuracy"]}}
 
 
 @contextlib.contextmanager
