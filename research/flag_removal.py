@@ -6,8 +6,8 @@ Per model (a benchmark case), on its test images through ONNX Runtime with masks
 channels removed (the repair's cached trace, ``trace_train_seed0.json``, written by ``trace_repair.py``); as many
 random channels per layer (seed 0); the same for the default scan's flags where one is cached
 (``scan_default_n256_seed0_*.json``). Rows go to ``research/results/flag_removal.jsonl`` (``--h2h``:
-``flag_removal_h2h.jsonl``) as they come; a model already there is skipped. ``--summary`` applies the page's
-rule to the rows.
+``flag_removal_h2h.jsonl``; ``--tag TAG``: ``flag_removal_TAG.jsonl``) as they come; a model already there is
+skipped. ``--summary`` applies the page's rule to the rows.
 
     cd benchmarks && PYTHONPATH=..:.:../research OMP_NUM_THREADS=1 python ../research/flag_removal.py \\
         matrix:cifar10-vgg-badnets-p01 ...
@@ -131,8 +131,9 @@ def main() -> None:
     parser.add_argument("models", nargs="*")
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--h2h", action="store_true", help="docs/research/scan-trace-h2h.md: its rows and rule")
+    parser.add_argument("--tag", help="rows in results/flag_removal_TAG.jsonl (another study's models)")
     args = parser.parse_args()
-    results = H2H_RESULTS if args.h2h else RESULTS
+    results = H2H_RESULTS if args.h2h else RESULTS.with_name(f"flag_removal_{args.tag}.jsonl") if args.tag else RESULTS
     if args.summary:
         summary(results, args.h2h)
         return

@@ -121,9 +121,10 @@ def per_cell(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]
     return lines
 
 
-def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]:
+def averages(cells: dict[str, dict[str, dict]], methods: list[str], only_took: bool = False) -> list[str]:
     """Per method and group: cells, mean ACC change, mean and largest ASR, mean RA / ACC as given, mean DER,
-    mean re-activated ASR. Only cells with a measured model as given (the ``none`` row) count."""
+    mean re-activated ASR. Only cells with a measured model as given (the ``none`` row) count; with
+    ``only_took``, only those whose attack took (ASR as given at least :data:`TOOK`)."""
     lines = ["| method | group | cells | ACC change | ASR mean | ASR max | RA / clean ACC | DER | ASR re-activated |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
@@ -131,6 +132,8 @@ def averages(cells: dict[str, dict[str, dict]], methods: list[str]) -> list[str]
         for cell, rows in sorted(cells.items()):
             if method not in rows or "none" not in rows or rows["none"]["ASR"] is None:
                 continue    # clean twins (no ASR) are summarised apart
+            if only_took and rows["none"]["ASR"] < TOOK:
+                continue
             parts = cell_parts(cell)
             pair = (rows["none"], rows[method])
             groups["all"].append(pair)
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated, in this order (default: every method)")
     parser.add_argument("--gated", action="store_true", help="add the rule of docs/research/repair-gating.md")
     parser.add_argument("--self-check", action="store_true", help="the self-check's word against the truth")
+    parser.add_argument("--only-took", action="store_true",
+                        help="averages only over cells whose attack took (ASR as given >= 90%%)")
     parser.add_argument("--against", type=Path, nargs="*", default=[],
                         help="with --self-check: files holding the same cells' trace + unlearning rows")
     args = parser.parse_args()
@@ -222,7 +227,11 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else found
     print("\n".join(per_cell(cells, methods)))
     print()
-    print("\n".join(averages(cells, methods)))
+    print("\n".join(averages(cells, methods, args.only_took)))
+    untaken = sorted(cell for cell, rows in cells.items()
+                     if rows.get("none", {}).get("ASR") is not None and rows["none"]["ASR"] < TOOK)
+    if args.only_took and untaken:
+        print(f"\nNot counted (attack did not take, ASR as given < {100 * TOOK:.0f}%): {', '.join(untaken)}")
     if any(rows.get("none", {}).get("ASR", 0) is None for rows in cells.values()):
         print()
         print("\n".join(twins(cells, methods)))
