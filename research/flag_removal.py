@@ -59,10 +59,38 @@ def removal_row(case) -> dict:
                 "random ASR": rs}
 
     trace = json.loads((folder / "trace_train_seed0.json").read_text())
+    verdict = json.loads((folder / "verdict_combined_train_seed0.json").read_text())
+    if verdict.get("decided_by") == "warp":
+        # the repair follows the warp where it decided (trace_verdict, 0.4.0); trace_repair.py's cached trace
+        # (trace_channels) follows the reversed stamp: the repair's channels are traced again, as it does
+        trace = cached_warp_trace(case, loaded, verdict, folder / "trace_warp_train_seed0.json")
     scans = sorted(folder.glob("scan_default_n256_seed0_*.json"))
     return {"model": case.label, "onnx sha256": loaded.sha256[:16], "channels": total, "ACC": acc, "ASR": asr,
             "trace stop": trace.get("stop"), "trace": cut(trace["flagged"]),
             "default scan": cut(ScanReport.read(scans[-1]).flagged) if scans else None}
+
+
+def cached_warp_trace(case, loaded, found: dict, path: Path) -> dict:
+    """The repair's trace where the verdict's warp decided: ``trace_verdict`` on the repair's training split
+    (seed 0), as ``fmt_audit.repair.methods.fmt`` runs it; cached beside the cell."""
+    if path.exists():
+        return json.loads(path.read_text())
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.data import Preprocessing, load_npz
+    from fmt_audit.fmt.scan import ScanConfig, scanned_layers
+    from fmt_audit.fmt.trace import trace_verdict
+    from fmt_audit.repair.config import RepairConfig
+    from fmt_audit.verdict.base import Verdict
+
+    keys = ("method", "suspicion", "verdict", "target_class", "threshold", "basis")
+    verdict = Verdict(*(found[k] for k in keys), details={k: v for k, v in found.items() if k not in keys})
+    train, _ = load_npz(case.defender).split(RepairConfig().holdout, seed=0)
+    preprocessing = Preprocessing(case.mean, case.std)
+    traced = trace_verdict(BridgedClassifier(to_torch(loaded.proto), preprocessing, "cpu"),
+                           scanned_layers(loaded, ScanConfig(seed=0, mean=case.mean, std=case.std)), train, verdict)
+    trace = {"flagged": traced.get("layers", {}), "stop": traced.get("stop", traced.get("skipped"))}
+    path.write_text(json.dumps(trace))
+    return trace
 
 
 def summary(results: Path, h2h: bool) -> None:
