@@ -63,7 +63,8 @@ REACTIVATION_SHARE = 0.01
 METHODS = ("trace removal only", "default removal only", "trace + fine-tuning", "trace + unlearning",
            "unlearning only", "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP",
            "trace + distilled unlearning", "trace + stamp unlearning", "trace + unlearning (self-checked)",
-           "trace + unlearning (re-traced)", "trace + targeted stamp unlearning", "trace + stamp-only unlearning")
+           "trace + unlearning (re-traced)", "trace + targeted stamp unlearning", "trace + stamp-only unlearning",
+           "trace + distilled unlearning (self-checked)")
 # docs/research/repair-targeted-unlearning.md: which feature-map copies the stamp unlearning keeps
 KEPT_COPIES = {"trace + stamp unlearning": "all", "trace + targeted stamp unlearning": "targeted",
                "trace + stamp-only unlearning": "none"}
@@ -75,6 +76,8 @@ DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
 # staged: the cut is kept when the verdict then finds nothing and the holdout lost at most this much accuracy
 STAGED_ACC_DROP = 0.02
 SELF_CHECKED = "trace + unlearning (self-checked)"
+# docs/research/repair-distillation.md, third test: the repair that ships with the distilled clean loss
+DISTILLED_CHECKED = "trace + distilled unlearning (self-checked)"
 RETRACED = "trace + unlearning (re-traced)"
 
 
@@ -290,6 +293,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         "trace + stamp-only unlearning": lambda: (trace_flagged, unlearn, "trace"),
         # the repair finds its own channels (verdict and trace on the training split), as the CLI does
         SELF_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
+        DISTILLED_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         RETRACED: lambda: (trace_flagged, unlearn, "trace, and the repaired model's where the backdoor may persist"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
@@ -376,8 +380,8 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         keep, copies = KEPT_COPIES.get(method, "all"), {"kept": 0, "made": 0}
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
-        checking = method == SELF_CHECKED
-        with distillation(method == "trace + distilled unlearning", loaded, preprocessing), \
+        checking = method in (SELF_CHECKED, DISTILLED_CHECKED)
+        with distillation(method in ("trace + distilled unlearning", DISTILLED_CHECKED), loaded, preprocessing), \
                 stamp_unlearning(pairs, keep, found["target_class"], copies):
             result = repair(loaded, data, settings, replace(scan_config, selection="trace") if checking else
                             scan_config, flagged=flagged, check=check if checking else None)
