@@ -18,7 +18,8 @@ the commit that gave it.
 ``--from trace-caches`` summarises another population the same way: the verdicts ``research/trace_repair.py``
 caches beside each cell it repaired (``verdict_combined_train_seed0.json``: the same verdict on 256 images of the
 cell's 1,800-image training split), which covers the cells retrained on the CPU and their replicas (``-rN``);
-written to results/verdict_matrix_trace_caches.json. The cache does not outlive its machine, so the rows already
+written to results/verdict_matrix_trace_caches.json (``--tag warp``: only the verdicts with the warp search, 0.4.0
+on, to results/verdict_matrix_trace_caches-warp.json). The cache does not outlive its machine, so the rows already
 in that file are kept and the cache adds the cells they lack (a cell retrained under a name already there is
 another model: the first one measured keeps the row, as benchmarks/results/matrix_cpu.json keeps its entry).
 """
@@ -105,9 +106,10 @@ def _share(hits: list[bool]) -> float | None:
     return round(sum(hits) / len(hits), 3) if hits else None
 
 
-def trace_cache_rows(seed: int = 0, kept: Path | None = None) -> list[dict]:
+def trace_cache_rows(seed: int = 0, kept: Path | None = None, warp_only: bool = False) -> list[dict]:
     """``one_cell``'s rows from the verdicts research/trace_repair.py cached beside the cells (no timing kept),
-    after the rows of ``kept`` (an earlier summary's file), whose cells the cache does not replace."""
+    after the rows of ``kept`` (an earlier summary's file), whose cells the cache does not replace.
+    ``warp_only``: only the verdicts with the warp search (0.4.0 on), whose figures carry ``warp_budgets``."""
     rows = json.loads(kept.read_text())["rows"] if kept is not None and kept.exists() else []
     known = {r["cell"] for r in rows}
     for folder in sorted(MATRIX.glob("*")):
@@ -115,6 +117,8 @@ def trace_cache_rows(seed: int = 0, kept: Path | None = None) -> list[dict]:
         if not cached.exists() or folder.name in known:
             continue
         facts, found = json.loads((folder / "facts.json").read_text()), json.loads(cached.read_text())
+        if warp_only and "warp_budgets" not in found:
+            continue
         rows.append({"cell": folder.name, "attack": facts["attack"], "target": facts.get("target"),
                      "asr": facts.get("asr"), "verdict": found["verdict"], "suspicion": found.get("suspicion"),
                      "class": found.get("target_class"), "threshold": found.get("threshold"),
@@ -176,8 +180,9 @@ def main() -> None:
     elif args.command == "run":
         run(args.what, rows_file(args.tag))
     elif args.source == "trace-caches":
-        summary(trace_cache_rows(kept=HERE / "results" / "verdict_matrix_trace_caches.json"),
-                "verdict_matrix_trace_caches")
+        # --tag warp: the verdicts with the warp search only, kept apart from the rows of the code before it
+        name = "verdict_matrix_trace_caches" + (f"-{args.tag}" if args.tag else "")
+        summary(trace_cache_rows(kept=HERE / "results" / f"{name}.json", warp_only=args.tag == "warp"), name)
     else:
         rows = rows_file(args.tag)
         summary([json.loads(line) for line in rows.read_text().splitlines()],
