@@ -64,7 +64,7 @@ METHODS = ("trace removal only", "default removal only", "trace + fine-tuning", 
            "unlearning only", "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP",
            "trace + distilled unlearning", "trace + stamp unlearning", "trace + unlearning (self-checked)",
            "trace + unlearning (re-traced)", "trace + targeted stamp unlearning", "trace + stamp-only unlearning",
-           "trace + distilled unlearning (self-checked)")
+           "trace + distilled unlearning (self-checked)", "trace + universal unlearning (self-checked)")
 # docs/research/repair-targeted-unlearning.md: which feature-map copies the stamp unlearning keeps
 KEPT_COPIES = {"trace + stamp unlearning": "all", "trace + targeted stamp unlearning": "targeted",
                "trace + stamp-only unlearning": "none"}
@@ -79,6 +79,11 @@ SELF_CHECKED = "trace + unlearning (self-checked)"
 # docs/research/repair-distillation.md, third test: the repair that ships with the distilled clean loss
 DISTILLED_CHECKED = "trace + distilled unlearning (self-checked)"
 RETRACED = "trace + unlearning (re-traced)"
+# docs/research/repair-universal-unlearning.md: the shipped repair, a share of every unlearning copy being the clean
+# image plus the named class's universal perturbation (fitted once on the model as given at the budget where the
+# verdict's ladder stopped); share, images and steps fixed before any row
+UNIVERSAL_CHECKED = "trace + universal unlearning (self-checked)"
+UNIVERSAL_SHARE, UNIVERSAL_IMAGES, UNIVERSAL_STEPS = 0.25, 256, 100
 
 
 def cached_json(path: Path, make):
@@ -294,6 +299,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         # the repair finds its own channels (verdict and trace on the training split), as the CLI does
         SELF_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         DISTILLED_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
+        UNIVERSAL_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         RETRACED: lambda: (trace_flagged, unlearn, "trace, and the repaired model's where the backdoor may persist"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
@@ -380,13 +386,18 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         keep, copies = KEPT_COPIES.get(method, "all"), {"kept": 0, "made": 0}
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
-        checking = method in (SELF_CHECKED, DISTILLED_CHECKED)
+        checking = method in (SELF_CHECKED, DISTILLED_CHECKED, UNIVERSAL_CHECKED)
+        universal: dict = {}
         with distillation(method in ("trace + distilled unlearning", DISTILLED_CHECKED), loaded, preprocessing), \
+                universal_unlearning(method == UNIVERSAL_CHECKED, loaded, train, preprocessing, found, args.seed,
+                                     universal), \
                 stamp_unlearning(pairs, keep, found["target_class"], copies):
             result = repair(loaded, data, settings, replace(scan_config, selection="trace") if checking else
                             scan_config, flagged=flagged, check=check if checking else None)
         if checking:
             extra_row = {"self-check": self_check_row(result.report.self_check)}
+        if universal:
+            extra_row["universal"] = universal
         if keep != "all":
             extra_row["feature-map copies kept"] = copies
         if method == RETRACED:
@@ -454,6 +465,60 @@ def distillation(on: bool, loaded, preprocessing):
     freeze(teacher)
     with mock.patch.object(pipeline, "fine_tune", functools.partial(pipeline.fine_tune,
                                                                     clean_loss=distilled_from(teacher))):
+        yield
+
+
+@contextlib.contextmanager
+def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, seed: int, figures: dict):
+    """Within it (``on``, where the verdict named a class), every fine-tuning of the repair that unlearns (the
+    repair's and the stronger try's) has, for ``UNIVERSAL_SHARE`` of its images (a seeded coin per image), the
+    clean image plus the named class's universal perturbation as its copy (true label), in place of the copy it
+    had: fitted once on the model as given, ``UNIVERSAL_IMAGES`` training images of other classes, ``UNIVERSAL_STEPS``
+    projected steps, at the verdict ladder's last budget. ``figures``: the budget and its success on as many other
+    held-out training images."""
+    if not on or found.get("verdict") != "suspicious" or found.get("target_class") is None:
+        yield
+        return
+    import functools
+    from unittest import mock
+
+    import torch
+
+    import fmt_audit.repair.pipeline as pipeline
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import freeze
+    from fmt_audit.verdict.evidence.universal import _fit
+
+    target = int(found["target_class"])
+    budget = float(found["budgets"][-1])
+    given = BridgedClassifier(to_torch(loaded.classifier), preprocessing, "cpu")
+    freeze(given)
+    others = np.random.default_rng(seed).permutation(np.flatnonzero(train.y != target))
+    fit, held = others[:UNIVERSAL_IMAGES], others[UNIVERSAL_IMAGES:2 * UNIVERSAL_IMAGES]
+    x = torch.from_numpy(np.ascontiguousarray(train.x))
+    radius = budget * float(np.prod(train.x.shape[1:])) ** 0.5
+    started = time.perf_counter()
+    delta = _fit(given, x, [fit], [target], torch.zeros((1, *train.x.shape[1:])), radius, UNIVERSAL_STEPS)[0]
+    with torch.no_grad():
+        reached = float((given((x[held] + delta).clamp(0, 1)).argmax(1) == target).float().mean())
+    figures.update({"budget": budget, "success held out": round(reached, 4), "held out": len(held),
+                    "fit s": round(time.perf_counter() - started, 1)})
+
+    class Universal:
+        def __init__(self, perturbation):
+            self.perturbation, self.rng = perturbation, np.random.default_rng([seed, 7])
+
+        def __call__(self, images):
+            out = self.perturbation(images).clone()
+            rows = torch.from_numpy(np.flatnonzero(self.rng.random(len(images)) < UNIVERSAL_SHARE))
+            if len(rows):
+                out[rows] = (images[rows] + delta.to(images.device)).clamp(0, 1)
+            return out
+
+    def tuned(*args, perturb=None, fine_tune=pipeline.fine_tune, **kwargs):
+        return fine_tune(*args, perturb=Universal(perturb) if perturb is not None else None, **kwargs)
+
+    with mock.patch.object(pipeline, "fine_tune", functools.partial(tuned)):
         yield
 
 
