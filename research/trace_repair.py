@@ -64,7 +64,8 @@ METHODS = ("trace removal only", "default removal only", "trace + fine-tuning", 
            "unlearning only", "fine-tuning only", "default + unlearning", "staged", "i-BAU", "ANP",
            "trace + distilled unlearning", "trace + stamp unlearning", "trace + unlearning (self-checked)",
            "trace + unlearning (re-traced)", "trace + targeted stamp unlearning", "trace + stamp-only unlearning",
-           "trace + distilled unlearning (self-checked)", "trace + universal unlearning (self-checked)")
+           "trace + distilled unlearning (self-checked)", "trace + universal unlearning (self-checked)",
+           "trace + re-fitted universal unlearning (self-checked)")
 # docs/research/repair-targeted-unlearning.md: which feature-map copies the stamp unlearning keeps
 KEPT_COPIES = {"trace + stamp unlearning": "all", "trace + targeted stamp unlearning": "targeted",
                "trace + stamp-only unlearning": "none"}
@@ -84,6 +85,10 @@ RETRACED = "trace + unlearning (re-traced)"
 # verdict's ladder stopped); share, images and steps fixed before any row
 UNIVERSAL_CHECKED = "trace + universal unlearning (self-checked)"
 UNIVERSAL_SHARE, UNIVERSAL_IMAGES, UNIVERSAL_STEPS = 0.25, 256, 100
+# development variant: the perturbation fitted again on the model under repair at each epoch's start, from the
+# last one, REFIT_STEPS steps (i-BAU's view: the perturbation the repaired model still answers to)
+UNIVERSAL_REFITTED = "trace + re-fitted universal unlearning (self-checked)"
+REFIT_STEPS = 20
 
 
 def cached_json(path: Path, make):
@@ -300,6 +305,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         SELF_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         DISTILLED_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
         UNIVERSAL_CHECKED: lambda: (None, unlearn, "the repair's own trace"),
+        UNIVERSAL_REFITTED: lambda: (None, unlearn, "the repair's own trace"),
         RETRACED: lambda: (trace_flagged, unlearn, "trace, and the repaired model's where the backdoor may persist"),
         "unlearning only": lambda: ({}, unlearn, "none"),
         "fine-tuning only": lambda: ({}, tune_only, "none"),
@@ -386,11 +392,11 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
         keep, copies = KEPT_COPIES.get(method, "all"), {"kept": 0, "made": 0}
         started = time.perf_counter()
         flagged, settings, source = plans[method]()
-        checking = method in (SELF_CHECKED, DISTILLED_CHECKED, UNIVERSAL_CHECKED)
+        checking = method in (SELF_CHECKED, DISTILLED_CHECKED, UNIVERSAL_CHECKED, UNIVERSAL_REFITTED)
         universal: dict = {}
         with distillation(method in ("trace + distilled unlearning", DISTILLED_CHECKED), loaded, preprocessing), \
-                universal_unlearning(method == UNIVERSAL_CHECKED, loaded, train, preprocessing, found, args.seed,
-                                     universal), \
+                universal_unlearning(method in (UNIVERSAL_CHECKED, UNIVERSAL_REFITTED), loaded, train, preprocessing,
+                                     found, args.seed, universal, refit=method == UNIVERSAL_REFITTED), \
                 stamp_unlearning(pairs, keep, found["target_class"], copies):
             result = repair(loaded, data, settings, replace(scan_config, selection="trace") if checking else
                             scan_config, flagged=flagged, check=check if checking else None)
@@ -469,7 +475,8 @@ def distillation(on: bool, loaded, preprocessing):
 
 
 @contextlib.contextmanager
-def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, seed: int, figures: dict):
+def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, seed: int, figures: dict,
+                         refit: bool = False):
     """Within it (``on``, where the verdict named a class), every fine-tuning of the repair that unlearns (the
     repair's and the stronger try's) has, for ``UNIVERSAL_SHARE`` of its images (a seeded coin per image), the
     clean image plus the named class's universal perturbation as its copy (true label), in place of the copy it
@@ -505,21 +512,42 @@ def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, se
                     "fit s": round(time.perf_counter() - started, 1)})
 
     class Universal:
-        def __init__(self, perturbation):
+        def __init__(self, perturbation, student=None, every: int = 0):
             self.perturbation, self.rng = perturbation, np.random.default_rng([seed, 7])
+            self.student, self.every, self.calls, self.delta = student, every, 0, delta
 
         def __call__(self, images):
+            if self.student is not None and self.calls % self.every == 0:
+                module = self.student.module
+                training = module.training
+                module.eval()
+                start = self.delta[None].to(images.device)
+                self.delta = _fit(self.student, x.to(images.device), [fit], [target], start, radius, REFIT_STEPS)[0]
+                with torch.no_grad():
+                    now = (self.student((x[held].to(images.device) + self.delta).clamp(0, 1)).argmax(1) == target)
+                refits.append(round(float(now.float().mean()), 4))
+                module.train(training)
+            self.calls += 1
+            delta_now = self.delta
             out = self.perturbation(images).clone()
             rows = torch.from_numpy(np.flatnonzero(self.rng.random(len(images)) < UNIVERSAL_SHARE))
             if len(rows):
-                out[rows] = (images[rows] + delta.to(images.device)).clamp(0, 1)
+                out[rows] = (images[rows] + delta_now.to(images.device)).clamp(0, 1)
             return out
 
-    def tuned(*args, perturb=None, fine_tune=pipeline.fine_tune, **kwargs):
-        return fine_tune(*args, perturb=Universal(perturb) if perturb is not None else None, **kwargs)
+    refits: list[float] = []
+
+    def tuned(classifier, train_set, config, *args, perturb=None, fine_tune=pipeline.fine_tune, **kwargs):
+        wrapped = None
+        if perturb is not None:
+            wrapped = Universal(perturb, classifier, config.steps_per_epoch(len(train_set))) if refit else \
+                Universal(perturb)
+        return fine_tune(classifier, train_set, config, *args, perturb=wrapped, **kwargs)
 
     with mock.patch.object(pipeline, "fine_tune", functools.partial(tuned)):
         yield
+    if refit:
+        figures["success before each re-fit"] = refits
 
 
 @contextlib.contextmanager
