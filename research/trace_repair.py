@@ -486,7 +486,6 @@ def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, se
     if not on or found.get("verdict") != "suspicious" or found.get("target_class") is None:
         yield
         return
-    import functools
     from unittest import mock
 
     import torch
@@ -528,11 +527,10 @@ def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, se
                 refits.append(round(float(now.float().mean()), 4))
                 module.train(training)
             self.calls += 1
-            delta_now = self.delta
             out = self.perturbation(images).clone()
             rows = torch.from_numpy(np.flatnonzero(self.rng.random(len(images)) < UNIVERSAL_SHARE))
             if len(rows):
-                out[rows] = (images[rows] + delta_now.to(images.device)).clamp(0, 1)
+                out[rows] = (images[rows] + self.delta.to(images.device)).clamp(0, 1)
             return out
 
     refits: list[float] = []
@@ -544,9 +542,9 @@ def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, se
                 Universal(perturb)
         return fine_tune(classifier, train_set, config, *args, perturb=wrapped, **kwargs)
 
-    with mock.patch.object(pipeline, "fine_tune", functools.partial(tuned)):
+    with mock.patch.object(pipeline, "fine_tune", tuned):
         yield
-    if refit:
+    if refit:       # the repair's fine-tuning's re-fits, then the stronger try's where one ran
         figures["success before each re-fit"] = refits
 
 
