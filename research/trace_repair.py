@@ -91,6 +91,17 @@ UNIVERSAL_REFITTED = "trace + re-fitted universal unlearning (self-checked)"
 REFIT_STEPS = 20
 
 
+def frozen(model, preprocessing):
+    """``model`` (an ONNX graph) converted afresh, on pixel-space images, eval mode and no parameter gradients: a
+    copy that the repair's fine-tuning does not touch."""
+    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
+    from fmt_audit.backends.torch.logits import freeze
+
+    classifier = BridgedClassifier(to_torch(model), preprocessing, "cpu")
+    freeze(classifier)
+    return classifier
+
+
 def cached_json(path: Path, make):
     if path.exists():
         return json.loads(path.read_text())
@@ -174,7 +185,6 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
     import onnx
 
     from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.backends.torch.logits import freeze
     from fmt_audit.data import Dataset, Preprocessing, load_npz
     from fmt_audit.fmt.scan import ScanConfig, scan
     from fmt_audit.fmt.trace import TraceConfig, trace_channels, trace_verdict, untraceable
@@ -237,8 +247,7 @@ def one_case(case, args, done: set, write, wanted: list[str]) -> None:
     verdict_s = time.perf_counter() - started
 
     def traced_anew(found=found, loaded=loaded, train=train, preprocessing=preprocessing):
-        classifier = BridgedClassifier(to_torch(loaded.proto), preprocessing, "cpu")
-        freeze(classifier)
+        classifier = frozen(loaded.proto, preprocessing)
         norms = np.asarray(found["norms"], dtype=float)
         target = int(found["target_class"])
         return trace_channels(classifier, loaded.layers, train, target,
@@ -464,11 +473,8 @@ def distillation(on: bool, loaded, preprocessing):
     from unittest import mock
 
     import fmt_audit.repair.pipeline as pipeline
-    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.backends.torch.logits import freeze
 
-    teacher = BridgedClassifier(to_torch(loaded.classifier), preprocessing, "cpu")
-    freeze(teacher)
+    teacher = frozen(loaded.classifier, preprocessing)
     with mock.patch.object(pipeline, "fine_tune", functools.partial(pipeline.fine_tune,
                                                                     clean_loss=distilled_from(teacher))):
         yield
@@ -491,14 +497,11 @@ def universal_unlearning(on: bool, loaded, train, preprocessing, found: dict, se
     import torch
 
     import fmt_audit.repair.pipeline as pipeline
-    from fmt_audit.backends.torch.bridge import BridgedClassifier, to_torch
-    from fmt_audit.backends.torch.logits import freeze
     from fmt_audit.verdict.evidence.universal import _fit
 
     target = int(found["target_class"])
     budget = float(found["budgets"][-1])
-    given = BridgedClassifier(to_torch(loaded.classifier), preprocessing, "cpu")
-    freeze(given)
+    given = frozen(loaded.classifier, preprocessing)
     others = np.random.default_rng(seed).permutation(np.flatnonzero(train.y != target))
     fit, held = others[:UNIVERSAL_IMAGES], others[UNIVERSAL_IMAGES:2 * UNIVERSAL_IMAGES]
     x = torch.from_numpy(np.ascontiguousarray(train.x))
