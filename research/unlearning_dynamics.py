@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--recalibrate", action="store_true",
                         help="after the repair, also measure with BatchNorm's running statistics recomputed from "
                              "the clean training split alone")
+    parser.add_argument("--average-from", type=int, default=0, metavar="EPOCH",
+                        help="also measure, after each epoch from EPOCH on, the uniform average of the weights (and "
+                             "buffers) at the ends of epochs EPOCH..now (a tail average, as SWA's), the training "
+                             "itself untouched")
     args = parser.parse_args()
 
     import torch
@@ -80,6 +84,7 @@ def main() -> None:
         victims = case.test.y != case.target
         triggered = torch.from_numpy(np.ascontiguousarray(case.triggered[: min(args.images, int(victims.sum()))]))
     epochs, finals = [], []
+    average: dict = {}
 
     def watched(classifier, *a, progress=None, **k):
         def told(record):
@@ -87,6 +92,9 @@ def main() -> None:
             classifier.module.eval()
             row = {"epoch": record.epoch, "lr": round(record.lr, 6), "holdout": record.holdout_accuracy,
                    **measure(classifier, test_x, test_y, triggered, case.target)}
+            if args.average_from and record.epoch >= args.average_from:
+                row["averaged"] = averaged(classifier, average, record.epoch - args.average_from + 1,
+                                           lambda: measure(classifier, test_x, test_y, triggered, case.target))
             classifier.module.train(training)
             epochs.append(row)
             print(json.dumps(row), flush=True)
@@ -109,7 +117,9 @@ def main() -> None:
         recalibrated["recalibrated"] = measure(classifier, test_x, test_y, triggered, case.target)
         print(json.dumps(recalibrated), flush=True)
     row = {"model": case.label, "method": args.method, "removed": sum(map(len, flagged.values())),
-           "stamps": len(pairs), "eps": eps, "images": args.images, "holdout ACC": result.report.accuracy,
+           "stamps": len(pairs), "eps": eps,
+           **({"average from": args.average_from} if args.average_from else {}),
+           "images": args.images, "holdout ACC": result.report.accuracy,
            "epochs": epochs, **({"BatchNorm": recalibrated} if recalibrated else {}),
            "time s": round(time.perf_counter() - started, 1)}
     with (RESULTS / "unlearning_dynamics.jsonl").open("a") as handle:
@@ -122,6 +132,27 @@ def measure(classifier, test_x, test_y, triggered, target) -> dict:
     row = {"ACC": round(float((predicted(classifier, test_x) == test_y).mean()), 4)}
     if triggered is not None:
         row["ASR"] = round(float((predicted(classifier, triggered) == target).mean()), 4)
+    return row
+
+
+def averaged(classifier, average: dict, count: int, measured) -> dict:
+    """``average`` (name -> tensor) moved to the uniform mean of the ``count`` states it has seen, this one
+    included; ``measured()`` with the averaged state loaded, then the trained state put back."""
+    import torch
+
+    state = {name: value.detach().clone() for name, value in classifier.module.state_dict().items()}
+    for name, value in state.items():
+        if not torch.is_floating_point(value):
+            average[name] = value
+        elif count == 1 or name not in average:
+            average[name] = value.clone()
+        else:
+            average[name] += (value - average[name]) / count
+    training = classifier.module.training
+    classifier.module.load_state_dict(average)
+    row = measured()
+    classifier.module.load_state_dict(state)
+    classifier.module.train(training)
     return row
 
 
