@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import fmean as mean
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEW, SHIPPED = "trace + re-fitted universal unlearning (self-checked)", "trace + unlearning (self-checked)"
@@ -42,7 +43,6 @@ def main() -> None:
     low = [table[c] for c in LOW if c in table]
     other = [table[c] for c in OTHER if c in table]
     complete = len(low) == len(LOW) and len(other) == len(OTHER)
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
     lower = sum(t["new"][1] < t["shipped"][1] for t in low)
     one = mean([t["new"][1] for t in low]) < mean([t["shipped"][1] for t in low]) and lower >= 3
     two = all(t["new"][1] <= t["shipped"][1] + 1 for t in other)
