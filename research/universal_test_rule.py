@@ -44,14 +44,14 @@ def main() -> None:
     other = [table[c] for c in OTHER if c in table]
     complete = len(low) == len(LOW) and len(other) == len(OTHER)
     lower = sum(t["new"][1] < t["shipped"][1] for t in low)
-    one = mean([t["new"][1] for t in low]) < mean([t["shipped"][1] for t in low]) and lower >= 3
+    low_new, low_old = mean([t["new"][1] for t in low]), mean([t["shipped"][1] for t in low])
+    one = low_new < low_old and lower >= 3
     two = all(t["new"][1] <= t["shipped"][1] + 1 for t in other)
     three = all(not (t["new"][1] > 10 and t["shipped"][1] <= 10) for t in low + other)
     acc_old, acc_new = mean([t["shipped"][0] for t in low + other]), mean([t["new"][0] for t in low + other])
     four = acc_new >= acc_old - 0.5
     print(f"models with both rows: {len(low)} of {len(LOW)} low-frequency, {len(other)} of {len(OTHER)} other")
-    print(f"(1) low-frequency mean ASR {mean([t['new'][1] for t in low]):.2f} against "
-          f"{mean([t['shipped'][1] for t in low]):.2f}, lower on {lower} of {len(low)}: {one}")
+    print(f"(1) low-frequency mean ASR {low_new:.2f} against {low_old:.2f}, lower on {lower} of {len(low)}: {one}")
     print(f"(2) no other model more than 1 point higher: {two}")
     print(f"(3) none above 10% where the shipped repair was at or below: {three}")
     print(f"(4) mean ACC change {acc_new:.2f} against {acc_old:.2f} (at most 0.5 worse): {four}")
